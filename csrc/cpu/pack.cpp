@@ -1,0 +1,51 @@
+// Code packing for the pyquant format: z (levels 0..3, [N, K]) <-> codes ([N, K/4] uint8),
+// code = 64*z0 + 16*z1 + 4*z2 + z3. Exposed so the build path of pyquant._C is exercised by tests.
+#include <torch/extension.h>
+
+namespace pyquant {
+
+torch::Tensor pack_codes(const torch::Tensor& z) {
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) % 4 == 0, "z must be 2-D [N, K] with K % 4 == 0");
+  TORCH_CHECK_TYPE(z.scalar_type() == torch::kUInt8, "z must be uint8");
+  auto zc = z.contiguous();
+  const int64_t n = zc.size(0), k4 = zc.size(1) / 4;
+  auto codes = torch::empty({n, k4}, zc.options());
+  const uint8_t* src = zc.data_ptr<uint8_t>();
+  uint8_t* dst = codes.data_ptr<uint8_t>();
+  bool bad = false;
+#pragma omp parallel for reduction(|| : bad)
+  for (int64_t i = 0; i < n * k4; ++i) {
+    const uint8_t* q = src + 4 * i;
+    bad = bad || ((q[0] | q[1] | q[2] | q[3]) > 3);
+    dst[i] = static_cast<uint8_t>((q[0] << 6) | (q[1] << 4) | (q[2] << 2) | q[3]);
+  }
+  TORCH_CHECK_VALUE(!bad, "z must hold values in 0..3");
+  return codes;
+}
+
+torch::Tensor unpack_codes(const torch::Tensor& codes) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8");
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K/4]");
+  auto cc = codes.contiguous();
+  const int64_t n = cc.size(0), k4 = cc.size(1);
+  auto z = torch::empty({n, 4 * k4}, cc.options());
+  const uint8_t* src = cc.data_ptr<uint8_t>();
+  uint8_t* dst = z.data_ptr<uint8_t>();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n * k4; ++i) {
+    const uint8_t c = src[i];
+    dst[4 * i + 0] = c >> 6;
+    dst[4 * i + 1] = (c >> 4) & 3;
+    dst[4 * i + 2] = (c >> 2) & 3;
+    dst[4 * i + 3] = c & 3;
+  }
+  return z;
+}
+
+}  // namespace pyquant
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyquant CPU kernels";
+  m.def("pack_codes", &pyquant::pack_codes, "pack levels [N, K] uint8 into codes [N, K/4]");
+  m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
+}
