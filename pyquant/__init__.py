@@ -1,0 +1,22 @@
+"""pyquant: 2-bit affine-codebook quantization for PyTorch, with CPU, Triton and CUDA kernels.
+
+    import pyquant
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2))   # swap nn.Linear -> QuantLinear in place
+    pyquant.save_quantized(model, "ckpt/")                     # model.safetensors + quantization_config.json
+    pyquant.load_quantized(skeleton, "ckpt/")
+    pyquant.bits_per_weight(model)
+"""
+import torch  # noqa: F401  (the C++ extension needs torch loaded first)
+
+from . import kernels
+from .format import FORMAT_VERSION, PackedWeight, dequantize
+from .io import load_quantized, save_quantized
+from .nn import QuantLinear, bits_per_weight, quantize_model
+from .quantizers import QuantConfig, RTNConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "bits_per_weight",
+    "dequantize", "kernels", "load_quantized", "quantize_model", "save_quantized",
+]

@@ -1,0 +1,130 @@
+"""Checkpoints: a directory with ``model.safetensors`` (plain packed tensors,
+every other parameter and buffer as is) and ``quantization_config.json``
+(format version, and per quantized layer its method, shapes and Hadamard
+blocks — in the spirit of Hugging Face's ``quantization_config``).
+
+Saving builds the directory under a temporary name beside the target and
+renames it into place, so an interrupted save never leaves a half checkpoint
+under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .format import FORMAT_VERSION
+from .nn import QuantLinear, quantized_layers, set_submodule
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "quantization_config.json"
+FORMAT_NAME = "pyquant-affine-int2-d4"
+
+
+def _layer_entry(layer: QuantLinear) -> dict:
+    return {"method": layer.method, "in_features": layer.in_features, "out_features": layer.out_features,
+            "bias": layer.bias is not None, "had_in": layer.had_in, "had_out": layer.had_out,
+            "seed": layer.seed, "su_dtype": str(layer.su.dtype).removeprefix("torch."),
+            "sv_dtype": str(layer.sv.dtype).removeprefix("torch.")}
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (with its ``QuantLinear`` layers) to the directory ``path``.
+
+    An existing ``path`` is replaced only if it is an empty directory or a
+    pyquant checkpoint (holds nothing but the two checkpoint files).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("model has no QuantLinear layers: quantize it first (pyquant.quantize_model)")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or set(os.listdir(path)) - {WEIGHTS_NAME, CONFIG_NAME}):
+        raise ValueError(f"path {str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"quant_method": "pyquant", "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+              "layers": {fqn: _layer_entry(m) for fqn, m in layers.items()},
+              "modules_not_converted": sorted(getattr(model, "pyquant_skipped", {}))}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """Read and check ``quantization_config.json`` of a checkpoint directory."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise ValueError(f"{str(path)!r} is not a pyquant checkpoint: {f.name} is missing")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{cfg_file} does not describe a {FORMAT_NAME} checkpoint")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unknown format_version {config.get('format_version')!r} in {cfg_file}; "
+                         f"this pyquant reads version {FORMAT_VERSION}")
+    if not isinstance(config.get("layers"), dict):
+        raise ValueError(f"{cfg_file} has no 'layers' table")
+    return config
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized` into ``model``, the
+    unquantized skeleton of the same architecture; swaps ``QuantLinear`` in and
+    returns ``model``. Raises ``ValueError`` for a checkpoint that is truncated,
+    of an unknown version, or from another model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = read_config(path)
+    for fqn, entry in config["layers"].items():
+        try:
+            linear = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"checkpoint is from another model: it quantizes {fqn!r}, which this model lacks") from None
+        if isinstance(linear, QuantLinear):
+            raise ValueError(f"model is already quantized at {fqn!r}; pass the unquantized skeleton")
+        shape = (entry["out_features"], entry["in_features"])
+        if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
+            raise ValueError(f"checkpoint is from another model: {fqn!r} is {linear!r} here but "
+                             f"a Linear {shape[1]}->{shape[0]} in the checkpoint")
+        layer = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], had_in=entry["had_in"],
+                            had_out=entry["had_out"], scale_dtype=getattr(torch, entry["su_dtype"]),
+                            method=entry["method"], seed=entry["seed"], device=linear.weight.device)
+        layer.sv = layer.sv.to(getattr(torch, entry["sv_dtype"]))
+        set_submodule(model, fqn, layer)
+    try:
+        load_model(model, str(Path(path) / WEIGHTS_NAME), strict=True)
+    except SafetensorError as e:
+        raise ValueError(f"{Path(path) / WEIGHTS_NAME} is truncated or corrupt: {e}") from e
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches from load_state_dict
+        raise ValueError(f"checkpoint does not match this model: {e}") from e
+    for fqn, layer in quantized_layers(model).items():
+        try:
+            layer.packed.validate()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
+    model.pyquant_skipped = {name: "not converted" for name in config.get("modules_not_converted", [])}
+    return model

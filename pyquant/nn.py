@@ -1,0 +1,201 @@
+"""``QuantLinear`` and the one-call model swap ``quantize_model``."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import kernels
+from .format import PackedWeight, dequantize, stored_bytes
+from .quantizers import QuantConfig, RTNConfig
+
+log = logging.getLogger(__name__)
+
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PACKED_TENSORS = ("codes", "A", "b", "su", "sv", "w_scale")
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement of ``nn.Linear`` holding a 2-bit packed weight.
+
+    Shape constraints: ``in_features % 4 == 0`` (one code byte per 4 inputs);
+    ``had_in`` / ``had_out`` are 0 or powers of two dividing ``in_features`` /
+    ``out_features``. Input: any ``[..., in_features]`` fp32/fp16/bf16 tensor on
+    the layer's device; output has the input's dtype.
+
+    After a forward, ``last_backend`` and ``last_backend_reason`` say which
+    kernel ran and why (see :func:`pyquant.kernels.explain`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, had_in: int = 0,
+                 had_out: int = 0, scale_dtype: torch.dtype = torch.float16, method: str = "unknown",
+                 seed: int | None = None, device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if in_features % 4:
+            raise ValueError(f"in_features must be divisible by 4, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.had_in, self.had_out, self.method, self.seed = had_in, had_out, method, seed
+        self.register_buffer("codes", torch.zeros(out_features, in_features // 4, dtype=torch.uint8, device=device))
+        self.register_buffer("A", torch.eye(4, device=device))
+        self.register_buffer("b", torch.full((4,), -1.5, device=device))
+        self.register_buffer("su", torch.ones(in_features, dtype=scale_dtype, device=device))
+        self.register_buffer("sv", torch.ones(out_features, dtype=scale_dtype, device=device))
+        self.register_buffer("w_scale", torch.ones((), device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.last_backend: str | None = None
+        self.last_backend_reason: str | None = None
+        self._kernel_cache: dict = {}
+        self.packed.validate()
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Wrap a validated :class:`PackedWeight` (and an optional fp bias of shape ``[N]``)."""
+        pw.validate()
+        if bias is not None and tuple(bias.shape) != (pw.out_features,):
+            raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
+        layer = cls(pw.in_features, pw.out_features, bias is not None, had_in=pw.had_in, had_out=pw.had_out,
+                    scale_dtype=pw.su.dtype, method=pw.method, seed=pw.seed, device=pw.codes.device)
+        if pw.sv.dtype != pw.su.dtype:
+            layer.sv = layer.sv.to(pw.sv.dtype)
+        with torch.no_grad():
+            for name in _PACKED_TENSORS:
+                getattr(layer, name).copy_(getattr(pw, name))
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig | None = None) -> "QuantLinear":
+        """Quantize one ``nn.Linear`` with a data-free method (default ``RTNConfig(bits=2)``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if linear.in_features % 4:
+            raise ValueError(f"linear.in_features must be divisible by 4, got {linear.in_features}")
+        config = RTNConfig() if config is None else config
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a pyquant QuantConfig, got {type(config).__name__}")
+        pw = config.quantize_weight(linear.weight.detach().cpu()).to(linear.weight.device)
+        return cls.from_packed(pw, linear.bias)
+
+    # ---- views --------------------------------------------------------
+    @property
+    def packed(self) -> PackedWeight:
+        """The layer's tensors as a :class:`PackedWeight` (views, no copy)."""
+        return PackedWeight(self.codes, self.A, self.b, self.su, self.sv, self.w_scale,
+                            had_in=self.had_in, had_out=self.had_out, seed=self.seed, method=self.method)
+
+    def dequantize(self) -> nn.Linear:
+        """An fp32 ``nn.Linear`` with the dense weight this layer applies."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.codes.device)
+        with torch.no_grad():
+            lin.weight.copy_(dequantize(self.packed))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def stored_bytes(self) -> int:
+        return stored_bytes(self.packed)
+
+    def invalidate(self) -> None:
+        """Drop kernel-side repacked copies; call after changing the tensors in place."""
+        self._kernel_cache.clear()
+
+    # ---- forward ------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"input dtype must be one of {_INPUT_DTYPES}, got {x.dtype}")
+        if x.device != self.codes.device:
+            raise ValueError(f"input is on {x.device} but the layer is on {self.codes.device}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        bias = None if self.bias is None else self.bias
+        y, self.last_backend, self.last_backend_reason = kernels.linear(x2d, self.packed, bias, self._kernel_cache)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate()  # device/dtype moves make cached repacks stale
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"method={self.method}, had_in={self.had_in}, had_out={self.had_out}")
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Every ``nn.Linear`` whose ``in_features`` is divisible by 4."""
+    return isinstance(module, nn.Linear) and module.in_features % 4 == 0
+
+
+def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                   calibration_data: Iterable | None = None, progress: bool = True) -> nn.Module:
+    """Quantize the selected ``nn.Linear`` layers of ``model`` in place and return it.
+
+    ``filter_fn(module, fqn) -> bool`` picks layers among the ``nn.Linear``
+    modules (default: ``in_features % 4 == 0``). Linear layers that are not
+    taken are left as they are and listed in ``model.pyquant_skipped``
+    (fqn -> reason). ``calibration_data`` is an iterable of model inputs (a
+    tensor, passed as ``model(x)``, or a dict, passed as ``model(**x)``), used
+    by methods that need activations.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a pyquant QuantConfig (e.g. pyquant.RTNConfig()), got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
+    targets, skipped = {}, {}
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            skipped[fqn] = "excluded by filter_fn"
+        elif module.in_features % 4:
+            skipped[fqn] = f"in_features={module.in_features} is not divisible by 4"
+        else:
+            targets[fqn] = module
+    if skipped:
+        log.info("pyquant: left %d linear layers unquantized: %s", len(skipped), skipped)
+
+    def swap(fqn: str, pw: PackedWeight) -> QuantLinear:
+        linear = targets[fqn]
+        layer = QuantLinear.from_packed(pw.to(linear.weight.device), linear.bias)
+        set_submodule(model, fqn, layer)
+        return layer
+
+    config.apply(model, targets, calibration_data, swap, progress=progress)
+    model.pyquant_skipped = skipped
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight over the quantized layers: all stored bytes
+    (codes, codebook, scales, block sizes) * 8 / number of weights; biases,
+    which stay in full precision as in ``nn.Linear``, are not counted."""
+    layers = list(quantized_layers(model).values()) if not isinstance(model, QuantLinear) else [model]
+    if not layers:
+        raise ValueError("model has no QuantLinear layers")
+    total = sum(m.stored_bytes() for m in layers)
+    return total * 8 / sum(m.in_features * m.out_features for m in layers)
