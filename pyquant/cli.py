@@ -1,0 +1,157 @@
+"""``python -m pyquant demo | quantize | eval | bench``."""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .evaluation import batches, compare_embeddings, embed, encoder_filter, load_minilm
+from .io import load_quantized, save_quantized
+from .nn import bits_per_weight, quantize_model, quantized_layers
+from .sentences import split_sentences
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(method: str):
+    """The quantizer config for a method name; ``best`` = the best method this install has."""
+    from . import quantizers
+
+    if method == "best":
+        method = "unisvq" if hasattr(quantizers, "UniSVQConfig") else "rtn"
+    if method == "rtn":
+        return quantizers.RTNConfig(bits=2)
+    if method == "unisvq" and hasattr(quantizers, "UniSVQConfig"):
+        return quantizers.UniSVQConfig()
+    raise SystemExit(f"error: unknown or unavailable method {method!r}")
+
+
+def _throughput(model, tokenizer, sentences, batch_size, repeats=2) -> float:
+    """Sentences per second encoding ``sentences`` (best of ``repeats``)."""
+    embed(model, tokenizer, sentences[:batch_size], batch_size)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        embed(model, tokenizer, sentences, batch_size)
+        best = min(best, time.perf_counter() - t0)
+    return len(sentences) / best
+
+
+def demo(args) -> int:
+    torch.manual_seed(0)
+    print(f"pyquant demo: all-MiniLM-L6-v2 (bundled) -> 2-bit, backends available: {kernels.available_backends()}")
+    model, tokenizer = load_minilm()
+    calibration, heldout = split_sentences(args.calibration, args.sentences)
+    print(f"[1/5] {args.sentences} held-out real sentences, {args.calibration} for calibration (disjoint)")
+    reference = embed(model, tokenizer, heldout, progress=True, desc="fp32 embeddings")
+
+    config = _config(args.method)
+    print(f"[2/5] quantizing the encoder's nn.Linear layers with {config.method}: {config}")
+    qmodel = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    quantize_model(qmodel, config, filter_fn=encoder_filter, calibration_data=batches(tokenizer, calibration))
+    fit_s = time.perf_counter() - t0
+    layers = quantized_layers(qmodel)
+    quantized = embed(qmodel, tokenizer, heldout, progress=True, desc="2-bit embeddings")
+    quality = compare_embeddings(reference, quantized)
+    backend = next(iter(layers.values())).last_backend
+    print(f"      layers swapped: {len(layers)} (left as is: {sorted(qmodel.pyquant_skipped) or 'none'})")
+    print(f"      bits per weight: {bits_per_weight(qmodel):.3f} (all stored bytes; fp32 = 32)")
+    print(f"      fit time: {fit_s:.1f} s; kernel backend: {backend}")
+    print(f"      embedding cosine to fp32 over {len(heldout)} held-out sentences: mean {quality['mean_cos']:.4f}, "
+          f"5th pct {quality['p5_cos']:.4f}; top-10 neighbour overlap {quality['top10_overlap']:.3f}")
+
+    if not args.no_speed:
+        print("[3/5] encode speed (sentences/s, real sentences, same process, side by side)")
+        for bs, sents in ((1, heldout[:24]), (32, heldout[:128])):
+            fp = _throughput(model, tokenizer, sents, bs)
+            q = _throughput(qmodel, tokenizer, sents, bs)
+            print(f"      batch {bs:>2}: fp32 {fp:8.1f}   2-bit {q:8.1f}   ratio {q / fp:.2f}x")
+
+    out = Path(args.out)
+    save_quantized(qmodel, out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"[4/5] checkpoint saved to {out.resolve()} ({size / 2**20:.1f} MiB)")
+
+    skeleton, _ = load_minilm()
+    reloaded = load_quantized(skeleton, out)
+    again = embed(reloaded, tokenizer, heldout, progress=True, desc="reloaded embeddings")
+    same = torch.equal(again, quantized)
+    print(f"[5/5] reloaded from the checkpoint: outputs identical to before saving: {same}")
+    return 0 if same else 1
+
+
+def quantize_cmd(args) -> int:
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.model == "minilm":
+        model, tokenizer = load_minilm()
+    else:
+        model, tokenizer = AutoModel.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
+    calibration, _ = split_sentences(args.calibration, 0)
+    quantize_model(model, _config(args.method), calibration_data=batches(tokenizer, calibration))
+    path = save_quantized(model, args.out)
+    print(f"{len(quantized_layers(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
+    return 0
+
+
+def eval_cmd(args) -> int:
+    model, tokenizer = load_minilm()
+    _, heldout = split_sentences(args.calibration, args.sentences)
+    reference = embed(model, tokenizer, heldout, progress=True, desc="fp32")
+    qmodel = load_quantized(load_minilm()[0], args.checkpoint)
+    quality = compare_embeddings(reference, embed(qmodel, tokenizer, heldout, progress=True, desc="quantized"))
+    print({"bits_per_weight": round(bits_per_weight(qmodel), 4), **{k: round(v, 4) for k, v in quality.items()}})
+    return 0
+
+
+def bench_cmd(args) -> int:
+    suite = ROOT / "benchmarks" / "suite.py"
+    if not suite.is_file():
+        raise SystemExit("error: benchmarks/suite.py not found (run from a source checkout)")
+    sys.argv = [str(suite), *args.rest]
+    runpy.run_path(str(suite), run_name="__main__")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="quantize the bundled MiniLM to 2 bits; quality, speed, save/reload")
+    p.add_argument("--method", default="best", help="best | unisvq | rtn (default: best available)")
+    p.add_argument("--sentences", type=int, default=256, help="held-out sentences for quality (>= 200)")
+    p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
+    p.add_argument("--out", default="pyquant_out/minilm-2bit", help="checkpoint directory")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("quantize", help="quantize a Hugging Face model directory (or 'minilm') and save it")
+    p.add_argument("model", help="model directory, or 'minilm' for the bundled model")
+    p.add_argument("--method", default="best", help="best | unisvq | rtn")
+    p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.set_defaults(func=quantize_cmd)
+
+    p = sub.add_parser("eval", help="embedding quality of a MiniLM checkpoint against fp32")
+    p.add_argument("checkpoint")
+    p.add_argument("--sentences", type=int, default=512)
+    p.add_argument("--calibration", type=int, default=128, help="sentences to skip (the calibration split)")
+    p.set_defaults(func=eval_cmd)
+
+    p = sub.add_parser("bench", help="run the benchmark suite (benchmarks/suite.py); extra args pass through")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bench_cmd)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "sentences", 200) < 10:
+        parser.error("--sentences must be at least 10")
+    return args.func(args)

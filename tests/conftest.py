@@ -1,0 +1,37 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from pyquant.format import PackedWeight
+
+
+def random_packed(n: int, k: int, *, hadamard: bool = True, seed: int = 0, scale_dtype=torch.float32,
+                  device="cpu") -> PackedWeight:
+    """A PackedWeight with random codes, codebook and scales (not a quantized weight: a format test case)."""
+    from pyquant.hadamard import default_block
+
+    g = torch.Generator().manual_seed(seed)
+    return PackedWeight(
+        codes=torch.randint(0, 256, (n, k // 4), generator=g, dtype=torch.uint8),
+        A=torch.randn(4, 4, generator=g), b=torch.randn(4, generator=g),
+        su=(torch.randn(k, generator=g).abs() + 0.5).to(scale_dtype) * torch.where(torch.rand(k, generator=g) < 0.5, -1, 1).to(scale_dtype),
+        sv=(torch.rand(n, generator=g) + 0.5).to(scale_dtype),
+        w_scale=torch.tensor(0.05),
+        had_in=default_block(k) if hadamard else 0, had_out=default_block(n) if hadamard else 0,
+    ).validate().to(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from pyquant.evaluation import load_minilm
+
+    return load_minilm()

@@ -1,0 +1,137 @@
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pyquant
+from pyquant import io as pio
+
+
+class Net(nn.Module):
+    def __init__(self, width=64):
+        super().__init__()
+        self.up = nn.Linear(32, width)
+        self.norm = nn.LayerNorm(width)
+        self.down = nn.Linear(width, 16, bias=False)
+        self.odd = nn.Linear(16, 5)  # quantizable too (K=16), odd N
+
+    def forward(self, x):
+        return self.odd(self.down(self.norm(self.up(x))))
+
+
+def quantized_net(seed=0, width=64):
+    torch.manual_seed(seed)
+    return pyquant.quantize_model(Net(width), pyquant.RTNConfig(), progress=False)
+
+
+def test_save_load_forward_bit_identical(tmp_path):
+    model = quantized_net()
+    x = torch.randn(4, 32)
+    y = model(x)
+    path = pyquant.save_quantized(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(path)) == ["model.safetensors", "quantization_config.json"]
+    torch.manual_seed(123)
+    loaded = pyquant.load_quantized(Net(), path)
+    assert isinstance(loaded.up, pyquant.QuantLinear)
+    assert torch.equal(loaded(x), y)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_config_json_is_readable(tmp_path):
+    path = pyquant.save_quantized(quantized_net(), tmp_path / "ckpt")
+    config = json.loads((path / "quantization_config.json").read_text())
+    assert config["format_version"] == pyquant.FORMAT_VERSION
+    assert config["quant_method"] == "pyquant"
+    assert set(config["layers"]) == {"up", "down", "odd"}
+    assert all(entry["method"] == "rtn" for entry in config["layers"].values())
+    assert config["layers"]["up"]["had_in"] == 32
+
+
+def test_save_overwrites_a_checkpoint_but_not_other_directories(tmp_path):
+    path = pyquant.save_quantized(quantized_net(0), tmp_path / "ckpt")
+    model = quantized_net(1)
+    pyquant.save_quantized(model, path)
+    x = torch.randn(2, 32)
+    assert torch.equal(pyquant.load_quantized(Net(), path)(x), model(x))
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        pyquant.save_quantized(model, other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    good = quantized_net(0)
+    path = pyquant.save_quantized(good, tmp_path / "ckpt")
+
+    def crash(model, filename, *a, **k):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pio, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pyquant.save_quantized(quantized_net(1), path)
+    with pytest.raises(KeyboardInterrupt):
+        pyquant.save_quantized(quantized_net(1), tmp_path / "fresh")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp dirs, no half 'fresh'
+    x = torch.randn(2, 32)
+    assert torch.equal(pyquant.load_quantized(Net(), path)(x), good(x))  # old checkpoint intact
+
+
+def test_truncated_checkpoint_is_rejected(tmp_path):
+    path = pyquant.save_quantized(quantized_net(), tmp_path / "ckpt")
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    for cut in (len(data) // 2, 20):
+        f.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            pyquant.load_quantized(Net(), path)
+
+
+def test_checkpoint_from_another_model_is_rejected(tmp_path):
+    path = pyquant.save_quantized(quantized_net(width=64), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="another model"):
+        pyquant.load_quantized(Net(width=128), path)  # same names, other shapes
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(32, 64)
+
+    with pytest.raises(ValueError, match="another model"):
+        pyquant.load_quantized(Other(), path)  # missing names
+
+    class Bigger(Net):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="does not match"):
+        pyquant.load_quantized(Bigger(), path)  # same quantized layers, extra parameters
+
+
+def test_unknown_format_version_is_rejected(tmp_path):
+    path = pyquant.save_quantized(quantized_net(), tmp_path / "ckpt")
+    cfg = path / "quantization_config.json"
+    config = json.loads(cfg.read_text())
+    config["format_version"] = 99
+    cfg.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version"):
+        pyquant.load_quantized(Net(), path)
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pyquant.load_quantized(Net(), path)
+    with pytest.raises(ValueError, match="missing"):
+        pyquant.load_quantized(Net(), tmp_path / "nowhere")
+
+
+def test_save_requires_a_quantized_model(tmp_path):
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        pyquant.save_quantized(Net(), tmp_path / "x")
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        pyquant.bits_per_weight(Net())

@@ -1,0 +1,129 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyquant
+from pyquant import kernels
+
+from conftest import random_packed, rel_err
+
+CPU_BACKENDS = [b for b in kernels.available_backends() if b in ("cpu", "torch")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [384, 1536, 4096])
+@pytest.mark.parametrize("hadamard", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_dequantize_linear(backend, k, hadamard, bias):
+    n = 97 if k == 4096 else 131  # odd N
+    pw = random_packed(n, k, hadamard=hadamard, seed=k + hadamard)
+    layer = pyquant.QuantLinear.from_packed(pw, torch.randn(n) if bias else None)
+    dense = layer.dequantize()
+    for x in (torch.randn(7, k), torch.randn(2, 3, k)):  # 2-D and 3-D
+        with kernels.force_backend(backend):
+            y = layer(x)
+        assert layer.last_backend == backend
+        assert y.shape == (*x.shape[:-1], n) and y.dtype == torch.float32
+        ref = F.linear(x.double(), dense.weight.double(), None if dense.bias is None else dense.bias.double())
+        assert rel_err(y, ref) < 1e-5
+
+
+def test_from_linear_rtn_is_a_good_approximation():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    q = pyquant.QuantLinear.from_linear(lin, pyquant.RTNConfig(hadamard=False))
+    # uniform weights on a uniform 4-level grid: relative error about 1/(2*sqrt(3)*1.5) ~ 0.2-0.3
+    assert rel_err(q.dequantize().weight, lin.weight) < 0.3
+    assert torch.equal(q.bias, lin.bias)
+    back = q.dequantize()
+    assert isinstance(back, nn.Linear) and back.weight.shape == lin.weight.shape
+
+
+def test_hadamard_rtn_beats_plain_rtn_on_real_weights(minilm):
+    model, _ = minilm
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense",
+                 "encoder.layer.5.output.dense"):
+        lin = model.get_submodule(name)
+        errs = [rel_err(pyquant.QuantLinear.from_linear(lin, pyquant.RTNConfig(hadamard=h)).dequantize().weight,
+                        lin.weight) for h in (True, False)]
+        assert errs[0] < errs[1], (name, errs)
+
+
+def test_last_backend_and_explain():
+    layer = pyquant.QuantLinear.from_packed(random_packed(8, 16))
+    x = torch.randn(2, 16)
+    layer(x)
+    info = kernels.explain(x, layer.packed)
+    assert info[layer.last_backend] == "selected"
+    assert info["torch"] in ("selected", "usable")
+    with kernels.force_backend("torch"):
+        layer(x)
+        assert layer.last_backend == "torch" and layer.last_backend_reason == "forced"
+    with pytest.raises(ValueError, match="backend"):
+        with kernels.force_backend("tpu"):
+            pass
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    layer = pyquant.QuantLinear.from_packed(random_packed(8, 16))
+    monkeypatch.setenv("PYQUANT_BACKEND", "cuda")  # no CUDA tensors here
+    with pytest.raises(ValueError, match="cuda"):
+        layer(torch.randn(2, 16))
+    monkeypatch.setenv("PYQUANT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PYQUANT_BACKEND"):
+        layer(torch.randn(2, 16))
+
+
+# ---- bad input ------------------------------------------------------------
+def test_from_linear_rejects_in_features_not_divisible_by_4():
+    with pytest.raises(ValueError, match="in_features"):
+        pyquant.QuantLinear.from_linear(nn.Linear(10, 8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_from_linear_rejects_non_finite_weights(bad):
+    lin = nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pyquant.QuantLinear.from_linear(lin)
+
+
+def test_from_linear_rejects_wrong_types():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        pyquant.QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(TypeError, match="QuantConfig"):
+        pyquant.QuantLinear.from_linear(nn.Linear(8, 4), config="rtn")
+    with pytest.raises(ValueError, match="bits"):
+        pyquant.RTNConfig(bits=3)
+
+
+def test_forward_rejects_bad_inputs():
+    layer = pyquant.QuantLinear.from_packed(random_packed(8, 16))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.ones(2, 16, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.ones(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 16\]"):
+        layer(torch.ones(2, 12))
+    with pytest.raises(ValueError, match="is on meta"):
+        layer(torch.ones(2, 16, device="meta"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([1.0] * 16)
+
+
+def test_bf16_and_fp16_inputs_keep_their_dtype():
+    layer = pyquant.QuantLinear.from_packed(random_packed(24, 64))
+    x = torch.randn(3, 64)
+    ref = layer(x)
+    for dt in (torch.bfloat16, torch.float16):
+        y = layer(x.to(dt))
+        assert y.dtype == dt and rel_err(y.float(), ref) < 2e-2
+
+
+def test_non_contiguous_input():
+    layer = pyquant.QuantLinear.from_packed(random_packed(24, 64))
+    x = torch.randn(64, 6).T  # non-contiguous [6, 64]
+    assert not x.is_contiguous()
+    assert rel_err(layer(x), layer(x.contiguous())) == 0.0
