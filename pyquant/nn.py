@@ -117,8 +117,7 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features).contiguous()
-        bias = None if self.bias is None else self.bias
-        y, self.last_backend, self.last_backend_reason = kernels.linear(x2d, self.packed, bias, self._kernel_cache)
+        y, self.last_backend, self.last_backend_reason = kernels.linear(x2d, self.packed, self.bias, self._kernel_cache)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
