@@ -1,0 +1,625 @@
+"""UniSVQ: Hessian-aware 2-bit vector quantization with a learned affine codebook.
+
+Per layer (``W`` ``[N, K]``, calibration Hessian ``H = E[x xᵀ]``):
+
+1. Incoherence: rows are normalised by their RMS (kept in ``sv``), random signs
+   are drawn on both sides (kept in ``su``/``sv``) and both sides are rotated by
+   the blockwise Hadamard transform. The rotated weight ``Wr`` is near-Gaussian,
+   and its Hessian ``Hr = H_in S H S H_in`` is normalised to unit mean diagonal
+   and damped (``+ damp * I``).
+2. Rounding: block LDLQ with a block of 4 columns (one code vector). With
+   ``Hr = M D Mᵀ`` (``M`` unit block-lower-triangular, ``D`` block-diagonal),
+   vectors are chosen from the last column block to the first, each the exact
+   best of all 256 codewords in the metric ``D_j`` for the target ``W_j`` plus
+   the feedback of the error already made on later columns; the proxy loss
+   ``tr(ΔW Hr ΔWᵀ)`` is then ``Σ_j η_j D_j η_jᵀ`` of the per-vector errors.
+   Refinement passes follow: block coordinate descent, each vector set to the
+   exact best codeword given all the others (the loss never increases).
+3. Codebook: with the codes fixed, ``w_scale * (A z + b)`` is linear in its 20
+   parameters, so the ``Hr``-weighted least-squares ``A``, ``b`` come from a
+   20×20 system; codes and codebook alternate (each step lowers the loss).
+   ``A`` starts as ``Q/√1.25``, ``b = −1.5·Q·1/√1.25`` (``Q`` random
+   orthogonal): the uniform 2-bit grid, rotated, with unit-variance codewords.
+
+Per model (:meth:`UniSVQConfig.apply`): the transformer blocks are found
+generically (the repeated children of a ``ModuleList``) and processed in
+order, each fed the outputs of the already-quantized blocks before it: its
+layers' Hessians are collected on those inputs, the layers are quantized and
+swapped in, and the block is fine-tuned (``su``, ``sv``, ``A``, ``b``,
+``w_scale`` of its layers and its norms; codes frozen; Adam; early stopping on
+held-out calibration batches) to minimise the MSE between its output and the
+full-precision block's output on the same inputs. Selected layers outside the
+blocks are quantized last, from Hessians of the full-precision model.
+
+References: QuIP# (LDLQ, incoherence) and the UniSVQ release (AI9Stars/UniSVQ).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import calibration as cal
+from ..format import PackedWeight, code_vectors, codebook, dequantize
+from ..hadamard import blockwise_hadamard, default_block, random_signs
+from .base import QuantConfig, SwapFn, check_weight
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "UniSVQConfig",
+    "nearest_codeword",
+    "block_ldl",
+    "ldlq",
+    "refine",
+    "fit_codebook",
+    "proxy_loss",
+    "rotate_weight",
+    "round_to_nearest",
+    "find_blocks",
+]
+
+_VEC = 4
+_CHUNK = 32  # vectors per lazy-update chunk (128 columns) in LDLQ / refinement
+_GRID_VAR = 1.25  # variance of the levels z - 1.5, z in 0..3
+
+
+# --------------------------------------------------------------------------
+# Per-layer math
+# --------------------------------------------------------------------------
+
+def nearest_codeword(w: torch.Tensor, cb: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the codeword nearest to each row of ``w`` (``[M, 4]``) among
+    ``cb`` (``[C, 4]``): ``argmin (w − c) G (w − c)ᵀ = argmax 2 w G cᵀ − c G cᵀ``
+    with ``G`` the symmetric positive-definite ``metric`` (identity when None:
+    ``argmax 2 w·cᵀ − ‖c‖²``). Exact: every codeword is scored."""
+    if w.dim() != 2 or w.shape[1] != cb.shape[1] or cb.dim() != 2:
+        raise ValueError(f"w must be [M, {cb.shape[-1]}] and cb [C, d], got {tuple(w.shape)} and {tuple(cb.shape)}")
+    cg = cb if metric is None else cb @ metric
+    norms = (cg * cb).sum(1)
+    return torch.addmm(-norms, w, 2 * cg.T).argmax(1)
+
+
+def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: the expected squared output error for inputs with ``E[x xᵀ] = H``."""
+    d = (w.double() - w_hat.double())
+    return float(((d @ h.double()) * d).sum())
+
+
+def block_ldl(h: torch.Tensor, block: int = _VEC) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Ṁ, D)`` with ``h = (I + Ṁ) D (I + Ṁ)ᵀ``: ``Ṁ`` ``[K, K]`` strictly
+    block-lower-triangular (zero diagonal blocks), ``D`` ``[K/block, block, block]``
+    the diagonal blocks. From the Cholesky factor ``h = L Lᵀ``: ``I + Ṁ = L B⁻¹``,
+    ``D_j = B_j B_jᵀ`` with ``B_j`` the diagonal blocks of ``L``."""
+    k = h.shape[0]
+    nb = k // block
+    lo = torch.linalg.cholesky(h.double())
+    idx = torch.arange(nb)
+    diag = lo.reshape(nb, block, nb, block)[idx, :, idx, :]  # [nb, block, block], lower-triangular
+    m = torch.einsum("knp,npq->knq", lo.reshape(k, nb, block), torch.linalg.inv(diag)).reshape(k, k)
+    m.reshape(nb, block, nb, block)[idx, :, idx, :] = 0
+    return m, diag @ diag.transpose(1, 2)
+
+
+def ldlq(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Block LDLQ: codes ``[N, K/4]`` (long) of ``w`` ``[N, K]`` in codebook ``cb``
+    ``[256, 4]`` for Hessian ``h`` (symmetric positive-definite)."""
+    n, k = w.shape
+    nb = k // _VEC
+    mdot, dblk = block_ldl(h)
+    mdot, dblk = mdot.to(w.dtype), dblk.to(w.dtype)
+    codes = torch.empty(n, nb, dtype=torch.long)
+    delta = torch.zeros_like(w)  # W − Ŵ on the columns done so far (later columns first)
+    for c_end in range(nb, 0, -_CHUNK):
+        c_start = max(0, c_end - _CHUNK)
+        s, e = c_start * _VEC, c_end * _VEC
+        # Feedback from the already-quantized columns beyond this chunk, in one product.
+        outer = delta[:, e:] @ mdot[e:, s:e] if e < k else torch.zeros(n, e - s, dtype=w.dtype)
+        for j in range(c_end - 1, c_start - 1, -1):
+            a, b = j * _VEC, (j + 1) * _VEC
+            target = w[:, a:b] + outer[:, a - s:b - s] + delta[:, b:e] @ mdot[b:e, a:b]
+            z = nearest_codeword(target, cb, dblk[j])
+            codes[:, j] = z
+            delta[:, a:b] = w[:, a:b] - cb[z]
+    return codes
+
+
+def refine(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, codes: torch.Tensor, passes: int) -> torch.Tensor:
+    """Block coordinate descent on ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: each vector in turn
+    becomes the exact best codeword with all others fixed (the best ``c`` for
+    ``2 (Ŵ_j H_jj + G_j)·c − c H_jj cᵀ``, ``G = (W − Ŵ) H``). Never increases the loss."""
+    if passes <= 0:
+        return codes
+    n, k = w.shape
+    nb = k // _VEC
+    codes = codes.clone()
+    idx = torch.arange(nb)
+    hjj = h.reshape(nb, _VEC, nb, _VEC)[idx, :, idx, :].contiguous()  # [nb, 4, 4]
+    hjj_inv = torch.linalg.inv(hjj.double()).to(w.dtype)
+    for _ in range(passes):
+        w_hat = cb[codes].reshape(n, k)
+        g = (w - w_hat) @ h  # recomputed each pass so float rounding cannot drift
+        changed_any = False
+        for c_start in range(0, nb, _CHUNK):
+            c_end = min(nb, c_start + _CHUNK)
+            s, e = c_start * _VEC, c_end * _VEC
+            moved = torch.zeros(n, e - s, dtype=w.dtype)  # Ŵ_new − Ŵ_old in this chunk
+            for j in range(c_start, c_end):
+                a, b = j * _VEC, (j + 1) * _VEC
+                old = w_hat[:, a:b]
+                lin = old @ hjj[j] + g[:, a:b]
+                z = nearest_codeword(lin @ hjj_inv[j], cb, hjj[j])
+                changed = z != codes[:, j]
+                if not changed.any():
+                    continue
+                changed_any = True
+                d = cb[z] - old
+                codes[:, j] = z
+                w_hat[:, a:b] = cb[z]
+                moved[:, a - s:b - s] = d
+                g[:, s:e] -= d @ h[a:b, s:e]  # keep this chunk's gradient exact
+            if e - s and moved.any():  # the rest of G, lazily, once per chunk
+                if s:
+                    g[:, :s] -= moved @ h[s:e, :s]
+                if e < k:
+                    g[:, e:] -= moved @ h[s:e, e:]
+        if not changed_any:
+            break
+    return codes
+
+
+def fit_codebook(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', b')`` minimising ``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` over the affine codebook
+    ``Ŵ[n, 4j:4j+4] = A' z_nj + b'`` for fixed codes (weighted least squares:
+    ``Ŵ`` is linear in the 20 parameters). Returned in float64."""
+    n, k = w.shape
+    nb = k // _VEC
+    z = code_vectors()[codes]  # [N, nb, 4] levels
+    feats = torch.cat([z.permute(2, 0, 1), torch.ones(1, n, nb)], 0)  # [5, N, nb]: z0..z3, 1
+    ff = torch.einsum("qnj,snl->qsjl", feats, feats).double()  # [5, 5, nb, nb]
+    hb = h.double().reshape(nb, _VEC, nb, _VEC)
+    gram = torch.einsum("jplr,qsjl->pqrs", hb, ff).reshape(20, 20)
+    wh = (w @ h).reshape(n, nb, _VEC).double()
+    rhs = torch.einsum("njp,qnj->pq", wh, feats.double()).reshape(20)
+    ridge = 1e-9 * gram.diagonal().mean() * torch.eye(20, dtype=torch.float64)
+    theta = torch.linalg.lstsq(gram + ridge, rhs.unsqueeze(1)).solution.reshape(_VEC, 5)
+    return theta[:, :4].contiguous(), theta[:, 4].contiguous()
+
+
+def random_orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
+    """A ``d×d`` orthogonal matrix drawn uniformly (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def grid_codebook(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = Q/√1.25``, ``b = −1.5·Q·1/√1.25``: the uniform 2-bit grid rotated by ``Q``, unit-variance levels."""
+    a = q / math.sqrt(_GRID_VAR)
+    return a, -1.5 * (a @ torch.ones(_VEC))
+
+
+def rotate_weight(weight: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, had_in: int, had_out: int) -> torch.Tensor:
+    """``Wr = H_out diag(1/sv) W diag(1/su) H_in``: the weight in the basis where the
+    format stores it (so that ``dequantize`` of an exact ``Wr`` gives back ``W``)."""
+    w = weight.float() / sv.float()[:, None] / su.float()[None, :]
+    return blockwise_hadamard(blockwise_hadamard(w, had_in, dim=1), had_out, dim=0)
+
+
+def rotate_hessian(h: torch.Tensor, su: torch.Tensor, had_in: int) -> torch.Tensor:
+    """``Hr = H_in diag(su) H diag(su) H_in`` (float64): ``E[x' x'ᵀ]`` of ``x' = H_in(su ⊙ x)``."""
+    s = su.double()
+    hr = h.double() * s[:, None] * s[None, :]
+    return blockwise_hadamard(blockwise_hadamard(hr, had_in, dim=1), had_in, dim=0)
+
+
+def round_to_nearest(weight: torch.Tensor, like: PackedWeight) -> PackedWeight:
+    """``weight`` rounded vector by vector to the nearest codeword of ``like``'s
+    format (same ``su``, ``sv``, ``A``, ``b``, ``w_scale``, Hadamard blocks): the
+    Hessian-blind baseline LDLQ is compared against."""
+    w = check_weight(weight)
+    wr = rotate_weight(w, like.su, like.sv, like.had_in, like.had_out)
+    cb = like.w_scale.float() * codebook(like.A.float(), like.b.float())
+    z = nearest_codeword(wr.reshape(-1, _VEC), cb).reshape(w.shape[0], -1)
+    return PackedWeight(z.to(torch.uint8), like.A.clone(), like.b.clone(), like.su.clone(),
+                        like.sv.clone(), like.w_scale.clone(), like.had_in, like.had_out, like.seed,
+                        method="nearest").validate()
+
+
+def _check_hessian(hessian, k: int) -> torch.Tensor | None:
+    if hessian is None:
+        return None
+    if not isinstance(hessian, torch.Tensor) or not hessian.is_floating_point():
+        raise TypeError(f"hessian must be a floating-point tensor, got {getattr(hessian, 'dtype', type(hessian))}")
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian must have shape ({k}, {k}) for in_features={k}, got {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian holds NaN or Inf values")
+    return hessian.detach().double().cpu()
+
+
+# --------------------------------------------------------------------------
+# Per-model helpers
+# --------------------------------------------------------------------------
+
+def find_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, list[nn.Module]]:
+    """``(name, blocks)``: the ``ModuleList`` of same-class children that holds
+    the most target layers (the transformer blocks, e.g. ``BertLayer``,
+    ``LlamaDecoderLayer``); ``("", [])`` when there is none."""
+    best: tuple[int, str, list] = (0, "", [])
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
+            prefix = f"{name}." if name else ""
+            n = sum(f.startswith(prefix) for f in targets)
+            if n > best[0]:
+                best = (n, name, list(mod))
+    return best[1], best[2]
+
+
+def _hidden(out):
+    """The hidden state of a block's output (a tensor, or the first item of a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
+
+
+class _BlockInput:
+    """One calibration batch as a block sees it: its call arguments, with the
+    hidden state swappable, and the batch's token mask."""
+
+    def __init__(self, args: tuple, kwargs: dict, mask: torch.Tensor | None):
+        self.args, self.kwargs, self.mask = args, dict(kwargs), mask
+        if args:
+            self.key = None
+        elif "hidden_states" in kwargs:
+            self.key = "hidden_states"
+        else:
+            self.key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            if self.key is None:
+                raise TypeError("the transformer block was called without a tensor argument")
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.key is None else self.kwargs[self.key]
+
+    def with_hidden(self, x: torch.Tensor) -> "_BlockInput":
+        if self.key is None:
+            return _BlockInput((x, *self.args[1:]), self.kwargs, self.mask)
+        return _BlockInput((), {**self.kwargs, self.key: x}, self.mask)
+
+    def __call__(self, block: nn.Module) -> torch.Tensor:
+        return _hidden(block(*self.args, **self.kwargs))
+
+
+class _StopForward(Exception):
+    """Ends a calibration forward once the first block's input is captured."""
+
+
+class _TrainableQuant(nn.Module):
+    """Differentiable stand-in for a ``QuantLinear`` during fine-tuning: the
+    layer output from the format's reference math (:func:`format.dequantize`)
+    with ``su``, ``sv``, ``w_scale`` as learned gains on their quantized values
+    (so one learning rate fits scales of any magnitude) and ``A``, ``b`` as
+    parameters; codes and bias frozen."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        self.q = [q]  # a list, so the QuantLinear is not registered as a child
+        self.gu = nn.Parameter(torch.ones(q.in_features, device=q.codes.device))
+        self.gv = nn.Parameter(torch.ones(q.out_features, device=q.codes.device))
+        self.gs = nn.Parameter(torch.ones((), device=q.codes.device))
+        self.A = nn.Parameter(q.A.detach().float().clone())
+        self.b = nn.Parameter(q.b.detach().float().clone())
+        self.su0, self.sv0, self.ws0 = q.su.detach().float(), q.sv.detach().float(), q.w_scale.detach().float()
+
+    def packed(self) -> PackedWeight:
+        q = self.q[0]
+        return PackedWeight(q.codes, self.A, self.b, self.su0 * self.gu, self.sv0 * self.gv, self.ws0 * self.gs,
+                            had_in=q.had_in, had_out=q.had_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.q[0].bias is None else self.q[0].bias.detach().float()
+        return F.linear(x.float(), dequantize(self.packed()), bias).to(x.dtype)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Store the learned values into the QuantLinear (in its storage dtypes)."""
+        q, pw = self.q[0], self.packed()
+        for name in ("A", "b", "su", "sv", "w_scale"):
+            buf = getattr(q, name)
+            buf.copy_(getattr(pw, name).detach().to(buf.dtype))
+        q.invalidate()
+
+
+def _set_child(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _masked_mse(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over real tokens (padding excluded when the mask fits ``[B, T]``)."""
+    err = (y.float() - target.float()).square()
+    if mask is not None and err.dim() == 3 and tuple(err.shape[:2]) == tuple(mask.shape):
+        m = mask.to(err.device, err.dtype).unsqueeze(-1)
+        return (err * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
+    return err.mean()
+
+
+# --------------------------------------------------------------------------
+# The config
+# --------------------------------------------------------------------------
+
+@dataclass
+class UniSVQConfig(QuantConfig):
+    """UniSVQ: 2-bit affine-codebook vector quantization fitted with calibration data.
+
+    Args:
+        damp: damping added to the diagonal of the unit-mean-diagonal Hessian.
+        hadamard_block: largest Hadamard block (a power of two).
+        refine_passes: coordinate-descent passes after LDLQ (and after each codebook update).
+        codebook_iters: rounds of (least-squares ``A``, ``b``, ``w_scale``; re-assign codes).
+        finetune: block-wise fine-tuning after each block is quantized.
+        ft_epochs: most fine-tuning epochs over the training calibration batches.
+        ft_lr: Adam learning rate of the ``su``/``sv``/``w_scale`` gains and ``A``, ``b``.
+        ft_norm_lr: Adam learning rate of the block's norm weights and biases.
+        ft_patience: epochs without a better held-out loss before stopping.
+        ft_holdout: share of the calibration batches held out for early stopping
+            (at least one batch; with a single batch, the training batch is used).
+        seed: seed of the random signs, codebook rotations and batch order.
+        scale_dtype: storage dtype of ``su``/``sv`` (float16 or float32).
+    """
+
+    damp: float = 0.01
+    hadamard_block: int = 128
+    refine_passes: int = 3
+    codebook_iters: int = 2
+    finetune: bool = True
+    ft_epochs: int = 4
+    ft_lr: float = 1e-3
+    ft_norm_lr: float = 1e-4
+    ft_patience: int = 1
+    ft_holdout: float = 0.125
+    seed: int = 0
+    scale_dtype: torch.dtype = torch.float16
+    method = "unisvq"
+
+    def __post_init__(self):
+        checks = (("damp", self.damp >= 0), ("refine_passes", self.refine_passes >= 0),
+                  ("codebook_iters", self.codebook_iters >= 0), ("ft_epochs", self.ft_epochs >= 0),
+                  ("ft_lr", self.ft_lr >= 0), ("ft_norm_lr", self.ft_norm_lr >= 0),
+                  ("ft_patience", self.ft_patience >= 1), ("ft_holdout", 0 < self.ft_holdout < 1))
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"UniSVQConfig.{name} is out of range: {getattr(self, name)!r}")
+        if not isinstance(self.hadamard_block, int) or self.hadamard_block < 4 or self.hadamard_block & (self.hadamard_block - 1):
+            raise ValueError(f"UniSVQConfig.hadamard_block must be a power of two >= 4, got {self.hadamard_block!r}")
+        if self.scale_dtype not in (torch.float16, torch.float32):
+            raise TypeError(f"UniSVQConfig.scale_dtype must be torch.float16 or torch.float32, got {self.scale_dtype}")
+
+    # ---- one layer ----------------------------------------------------
+    def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None = None,
+                        seed: int | None = None) -> PackedWeight:
+        """Quantize one ``[N, K]`` weight with its input Hessian ``E[x xᵀ]``
+        (``[K, K]``; None: identity, i.e. plain nearest rounding with a fitted codebook)."""
+        w = check_weight(weight).cpu()
+        n, k = w.shape
+        h = _check_hessian(hessian, k)
+        seed = self.seed if seed is None else seed
+        gen = torch.Generator().manual_seed(seed)
+        had_in, had_out = default_block(k, self.hadamard_block), default_block(n, self.hadamard_block)
+        s_in, s_out = random_signs(k, gen), random_signs(n, gen)
+        row_rms = w.square().mean(dim=1).sqrt()
+        row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
+        # su/sv as stored, so that the fit sees exactly the scales the layer will apply.
+        su = _storage(s_in, self.scale_dtype)
+        sv = _storage(s_out * row_rms, self.scale_dtype)
+        wr = rotate_weight(w, su, sv, had_in, had_out)
+        if h is None:
+            hr = torch.eye(k, dtype=torch.float64)
+        else:
+            hr = rotate_hessian(h, su, had_in)
+            hr = hr / hr.diagonal().mean().clamp_min(1e-30)
+        hr = (hr + self.damp * torch.eye(k, dtype=torch.float64)).float()
+
+        a, b = grid_codebook(random_orthogonal(_VEC, gen))
+        # Start at the scale that suits a unit-variance grid on a Gaussian; the codebook fit corrects it.
+        w0 = float(wr.square().mean().sqrt()) / 0.9
+        a, b = (w0 * a).double(), (w0 * b).double()  # the codebook including its scale, until the end
+        cb = codebook(a, b).float()
+        codes = refine(wr, hr, cb, ldlq(wr, hr, cb), self.refine_passes)
+        loss = proxy_loss(wr, cb[codes].reshape(n, k), hr)
+        for _ in range(self.codebook_iters):
+            a2, b2 = fit_codebook(wr, hr, codes)
+            cb2 = codebook(a2, b2).float()
+            loss2 = proxy_loss(wr, cb2[codes].reshape(n, k), hr)
+            if not loss2 < loss:  # numerically no better: keep what we have
+                break
+            a, b, cb = a2, b2, cb2
+            codes = refine(wr, hr, cb, codes, max(1, self.refine_passes))
+            loss = proxy_loss(wr, cb[codes].reshape(n, k), hr)
+        # Stored: a codebook with unit-RMS codewords, its size in w_scale.
+        w_scale = codebook(a, b).square().mean().sqrt().clamp_min(1e-30)
+        return PackedWeight(
+            codes=codes.to(torch.uint8),  # a codeword's index is its packed byte (format.code_vectors order)
+            A=(a / w_scale).float(), b=(b / w_scale).float(), su=su, sv=sv, w_scale=w_scale.float().reshape(()),
+            had_in=had_in, had_out=had_out, seed=seed, method=self.method,
+            extra={"proxy_loss_rotated": loss},
+        ).validate()
+
+    # ---- a whole model ------------------------------------------------
+    def apply(self, model: nn.Module, targets: dict[str, nn.Linear], calibration_data: Iterable | None,
+              swap: SwapFn, progress: bool = True) -> None:
+        data = cal.materialize(calibration_data)
+        if not targets:
+            return
+        block_name, blocks = find_blocks(model, targets)
+        prefixes = [f"{block_name}.{i}." if block_name else f"{i}." for i in range(len(blocks))]
+        in_block = [[f for f in targets if f.startswith(p)] for p in prefixes]
+        leftovers = {f: m for f, m in targets.items() if not any(f.startswith(p) for p in prefixes)}
+        if self.finetune and not blocks:
+            log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
+
+        # Pass 1 (full precision): the first block's inputs, and Hessians of layers outside the blocks.
+        inputs, h_left = self._first_pass(model, blocks[0] if blocks else None, leftovers, data, progress)
+
+        was_training = model.training
+        model.eval()
+        try:
+            n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
+            for i, block in enumerate(tqdm(blocks, desc="unisvq blocks", disable=not progress)):
+                names = {f: targets[f] for f in in_block[i]}
+                if not names:
+                    inputs = self._advance(block, inputs)
+                    continue
+                hess, targets_fp = self._block_hessians(block, names, inputs, want_outputs=self.finetune)
+                layers = {}
+                for fqn in tqdm(list(names), desc=f"block {i} layers", leave=False, disable=not progress):
+                    layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
+                if self.finetune and self.ft_epochs > 0:
+                    self._finetune(model, block, layers, inputs, targets_fp, n_hold, i, progress)
+                del targets_fp
+                inputs = self._advance(block, inputs)
+            for fqn in tqdm(list(leftovers), desc="unisvq other layers", disable=not progress or not leftovers):
+                swap(fqn, self.quantize_weight(leftovers[fqn].weight, h_left.pop(fqn), seed=self._seed(fqn)))
+        finally:
+            model.train(was_training)
+
+    def _seed(self, fqn: str) -> int:
+        """A per-layer seed: layers get independent signs, and a layer's result
+        does not depend on which other layers are selected."""
+        return (self.seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**31)
+
+    @torch.no_grad()
+    def _first_pass(self, model, first_block, leftovers, data, progress):
+        inputs: list[_BlockInput] = []
+        state = {"mask": None}
+
+        def capture(module, args, kwargs):
+            inputs.append(_BlockInput(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                      kwargs, state["mask"]))
+            if not leftovers:
+                raise _StopForward
+
+        handle = first_block.register_forward_pre_hook(capture, with_kwargs=True) if first_block is not None else None
+        try:
+            with cal.HessianCollector(leftovers) as col:
+                for i, batch in enumerate(tqdm(data, desc="unisvq calibration", leave=False, disable=not progress)):
+                    state["mask"] = col.mask = cal.batch_mask(batch)
+                    col.batch_index = i
+                    try:
+                        cal.run_model(model, batch, i)
+                    except _StopForward:
+                        pass
+                    col._last = None
+                    if first_block is not None and len(inputs) != i + 1:
+                        raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not reach "
+                                                   "its first transformer block")
+                h_left = col.hessians() if leftovers else {}
+        finally:
+            if handle is not None:
+                handle.remove()
+        for i, inp in enumerate(inputs):
+            if not torch.isfinite(inp.hidden).all():
+                raise cal.CalibrationError(f"calibration_data[{i}]: the input of the first transformer block "
+                                           "holds NaN or Inf values")
+        return inputs, h_left
+
+    @torch.no_grad()
+    def _block_hessians(self, block, names, inputs, want_outputs):
+        local = dict(names)
+        outs = []
+        with cal.HessianCollector(local) as col:
+            for i, inp in enumerate(inputs):
+                col.mask, col.batch_index = inp.mask, i
+                y = inp(block)
+                col._last = None
+                if want_outputs:
+                    outs.append(y.detach())
+            return col.hessians(), outs
+
+    @torch.no_grad()
+    def _advance(self, block, inputs):
+        out = []
+        for i, inp in enumerate(inputs):
+            y = inp(block).detach()
+            if not torch.isfinite(y).all():
+                raise FloatingPointError(f"unisvq: block output on calibration batch {i} holds NaN or Inf")
+            out.append(inp.with_hidden(y))
+        return out
+
+    def _finetune(self, model, block, layers, inputs, targets_fp, n_hold, index, progress):
+        """Adam on the block's quantization scales, codebooks and norms, codes
+        frozen, early-stopped on held-out batches. The model is left consistent
+        (QuantLinears back in place, best values written) even when interrupted."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + index)
+        order = torch.randperm(len(inputs), generator=gen).tolist()
+        hold, train = (order[:n_hold], order[n_hold:]) if n_hold else (order, order)
+        norms = [m for m in block.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+                 or type(m).__name__.lower().endswith(("layernorm", "rmsnorm"))]
+        norm_params = [p for m in norms for p in m.parameters(recurse=False)]
+        wrappers = {fqn: _TrainableQuant(q) for fqn, q in layers.items()}
+        flags = {p: p.requires_grad for p in block.parameters()}
+        best_norms = [p.detach().clone() for p in norm_params]
+        best_wrap = {f: {k: v.detach().clone() for k, v in w.state_dict().items()} for f, w in wrappers.items()}
+        try:
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for fqn, wrap in wrappers.items():
+                _set_child(model, fqn, wrap)
+            for p in norm_params:
+                p.requires_grad_(True)
+            groups = [{"params": [p for w in wrappers.values() for p in w.parameters()], "lr": self.ft_lr}]
+            if norm_params:
+                groups.append({"params": norm_params, "lr": self.ft_norm_lr})
+            opt = torch.optim.Adam(groups)
+
+            def held_out_loss() -> float:
+                with torch.no_grad():
+                    return sum(float(_masked_mse(inputs[i](block), targets_fp[i], inputs[i].mask)) for i in hold) / len(hold)
+
+            best = held_out_loss()
+            start, bad = best, 0
+            bar = tqdm(range(self.ft_epochs), desc=f"block {index} fine-tune", leave=False, disable=not progress)
+            for epoch in bar:
+                for i in torch.randperm(len(train), generator=gen).tolist():
+                    j = train[i]
+                    loss = _masked_mse(inputs[j](block), targets_fp[j], inputs[j].mask)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                val = held_out_loss()
+                bar.set_postfix(val=f"{val:.3g}", start=f"{start:.3g}")
+                if val < best:
+                    best, bad = val, 0
+                    best_norms = [p.detach().clone() for p in norm_params]
+                    best_wrap = {f: {k: v.detach().clone() for k, v in w.state_dict().items()} for f, w in wrappers.items()}
+                else:
+                    bad += 1
+                    if bad >= self.ft_patience:
+                        break
+            log.info("unisvq block %d: held-out MSE %.4g -> %.4g", index, start, best)
+        finally:
+            with torch.no_grad():
+                for p, v in zip(norm_params, best_norms):
+                    p.copy_(v)
+                for fqn, wrap in wrappers.items():
+                    wrap.load_state_dict(best_wrap[fqn])
+                    wrap.write_back()
+                    _set_child(model, fqn, layers[fqn])
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+
+
+def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that keeps it finite and non-zero, else fp32."""
+    c = t.to(dtype)
+    return c if torch.isfinite(c).all() and bool((c != 0).eq(t != 0).all()) else t.float()
+
