@@ -1,6 +1,6 @@
 // Code packing for the pyquant format: z (levels 0..3, [N, K]) <-> codes ([N, K/4] uint8),
 // code = 64*z0 + 16*z1 + 4*z2 + z3. Exposed so the build path of pyquant._C is exercised by tests.
-#include <torch/extension.h>
+#include "ops.h"
 
 namespace pyquant {
 
@@ -43,9 +43,3 @@ torch::Tensor unpack_codes(const torch::Tensor& codes) {
 }
 
 }  // namespace pyquant
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pyquant CPU kernels";
-  m.def("pack_codes", &pyquant::pack_codes, "pack levels [N, K] uint8 into codes [N, K/4]");
-  m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
-}

@@ -1,0 +1,78 @@
+// The contract between the generic driver (qlinear.cpp) and the ISA-specific inner kernels
+// (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
+//
+// Plain C++ only: the ISA files compile their bodies under `#pragma GCC target(...)`, so nothing
+// inline with external linkage (torch headers, std templates) may be shared with them, or the
+// linker could keep an AVX-512 copy of it for code that runs on any CPU.
+//
+// What the kernels compute. Per token m the driver has transformed the activations
+// (xt = per-4-chunk A^T H_in(su * x), see pyquant/format.py) and the kernels produce, per output
+// row n, the unsigned INT2 dot product  sum_k z[n, k] * xt[m, k]  where z[n, 4j + i] is the i-th
+// 2-bit field of code byte codes[n, j] (z0 in the two high bits).
+//
+// Two activation encodings ("modes"):
+//  - int:   xt is rounded to 16-bit fixed point per token, q = round(xt / s) with |q| <= kQMax,
+//           and split q = 256 * hi + lo with hi in [-127, 127], lo in [-128, 127]. The kernels
+//           return the exact integer  V = 256 * sum z*hi + sum z*lo  (int64), so every ISA and
+//           every blocking gives bit-identical results; u8 x s8 products are what VNNI's vpdpbusd
+//           (and AVX2's vpmaddubsw) multiply.
+//  - float: xt stays fp32; the kernels return the fp32 dot product.
+//
+// Activation layouts (per token, K padded with zeros to G * 256 elements, G = ceil(K4 / 64)):
+//  - plane:   for group g (code bytes 64g .. 64g+63), plane i (0..3), lane p (0..63) the element
+//             xt[256 g + 4 p + i], i.e. lane p lines up with code byte 64g + p and plane i with
+//             its i-th 2-bit field. int mode: [G][hi planes 0..3, lo planes 0..3][64] int8
+//             (512 bytes per group); float mode: [G][4][64] fp32.
+//  - natural: int mode only, [hi: G*256][lo: G*256] int8 in element order, for the GEMM that
+//             broadcasts the 4 bytes of one chunk against 16 rows.
+#pragma once
+
+#include <cstdint>
+
+namespace pyquant {
+namespace cpu {
+
+constexpr int64_t kGroupCodes = 64;              // code bytes per group
+constexpr int64_t kGroupElems = 4 * kGroupCodes; // activations per group
+constexpr int32_t kQMax = 127 * 256;             // int mode: |q| <= kQMax keeps hi in [-127, 127]
+// int32 lane accumulators are folded into int64 at least every kBlockGroups groups:
+// per lane 6096 per group (4 planes x 4 products x 3 x 127), times 256 for hi, times 16 lanes
+// at the horizontal sum: 32 groups -> 8.0e8 < 2^31.
+constexpr int64_t kBlockGroups = 32;
+
+struct IntArgs {
+  const uint8_t* codes;  // [N, K4]
+  int64_t N, K4, G;
+  const int8_t* act;     // [M][act_stride] in the layout the kernel expects
+  int64_t act_stride;    // bytes per token (G * 512)
+  int64_t M;
+  int64_t* out;          // [M, N]: 256 * sum z*hi + sum z*lo
+};
+
+struct FloatArgs {
+  const uint8_t* codes;  // [N, K4]
+  int64_t N, K4, G;
+  const float* act;      // [M][G * 256] plane layout
+  int64_t M;
+  float* out;            // [M, N]
+};
+
+// Each kernel computes rows [n0, n1) for all M tokens; the driver threads over row ranges
+// whose n0 is a multiple of kRowTile.
+constexpr int64_t kRowTile = 32;
+// The AVX-512 GEMV kernels keep up to this many tokens in registers; above it the driver uses
+// the cache-blocked GEMM.
+constexpr int64_t kGemvMaxTokens = 8;
+
+void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
+void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);
+
+void int_plane_avx2(const IntArgs& a, int64_t n0, int64_t n1);
+void float_plane_avx2(const FloatArgs& a, int64_t n0, int64_t n1);
+
+void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1);
+void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1);  // natural layout
+void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1);
+
+}  // namespace cpu
+}  // namespace pyquant

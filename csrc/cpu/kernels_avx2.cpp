@@ -1,0 +1,164 @@
+// AVX2 + FMA kernels (Haswell and later, Zen). Same plane layout and same exact integers as the
+// AVX-512 GEMV; without VNNI the u8 x s8 products go through vpmaddubsw (pairs into int16:
+// at most 2 * 3 * 128, no saturation), four planes are summed in int16 (at most 3072) and
+// vpmaddwd widens them to int32, scaling the hi sums by 256 on the way.
+// Used for every batch size: token blocks of up to 4 reuse each unpacked group of codes.
+#include <immintrin.h>
+
+#include "kernel_api.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace pyquant {
+namespace cpu {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The code bytes of group g of a row; a partial last group is copied into zero-padded `tmp`
+// (AVX2 has no masked byte loads, and reading past the row could leave the tensor).
+inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
+  const int64_t left = K4 - g * kGroupCodes;
+  if (left >= kGroupCodes) return row + g * kGroupCodes;
+  for (int64_t i = 0; i < kGroupCodes; ++i) tmp[i] = i < left ? row[g * kGroupCodes + i] : 0;
+  return tmp;
+}
+
+template <int R, int MT>
+void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
+  const __m256i three = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i x256 = _mm256_set1_epi16(256);
+  alignas(32) uint8_t tmp[R][kGroupCodes];
+  const int8_t* acts[MT];
+  for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.act_stride;
+  int64_t total[R][MT] = {};
+  for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
+    const int64_t g1 = imin(a.G, g0 + kBlockGroups);
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int half = 0; half < 2; ++half) {
+        __m256i z[R][4];
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* src = group_codes(a.codes + (n + r) * a.K4, a.K4, g, tmp[r]) + 32 * half;
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          z[r][0] = _mm256_and_si256(_mm256_srli_epi16(c, 6), three);
+          z[r][1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), three);
+          z[r][2] = _mm256_and_si256(_mm256_srli_epi16(c, 2), three);
+          z[r][3] = _mm256_and_si256(c, three);
+        }
+        for (int t = 0; t < MT; ++t) {
+          const int8_t* ap = acts[t] + g * 512 + 32 * half;
+          __m256i ah[4], al[4];
+          for (int i = 0; i < 4; ++i) {
+            ah[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 64 * i));
+            al[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 256 + 64 * i));
+          }
+          for (int r = 0; r < R; ++r) {
+            __m256i sh = _mm256_maddubs_epi16(z[r][0], ah[0]);
+            __m256i sl = _mm256_maddubs_epi16(z[r][0], al[0]);
+            for (int i = 1; i < 4; ++i) {
+              sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(z[r][i], ah[i]));
+              sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(z[r][i], al[i]));
+            }
+            acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_add_epi32(_mm256_madd_epi16(sh, x256), _mm256_madd_epi16(sl, ones)));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < MT; ++t) {
+        // 8 int32 lanes -> one sum (the bound of kBlockGroups holds for the total).
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[r][t]), _mm256_extracti128_si256(acc[r][t], 1));
+        const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        const __m128i s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1));
+        total[r][t] += _mm_cvtsi128_si32(s1);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n + r] = total[r][t];
+}
+
+template <int R, int MT>
+void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0);
+  for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0);
+}
+
+template <int MT>
+void float_plane_row(const FloatArgs& a, int64_t n, int64_t m0) {
+  const __m256 lut = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);  // vpermps reads the low 3 index bits
+  alignas(32) uint8_t tmp[kGroupCodes];
+  const uint8_t* row = a.codes + n * a.K4;
+  const float* acts[MT];
+  for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.G * kGroupElems;
+  __m256 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < a.G; ++g) {
+    const uint8_t* src = group_codes(row, a.K4, g, tmp);
+    for (int q = 0; q < 8; ++q) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q)));
+      const __m256 z0 = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(c, 6));
+      const __m256 z1 = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(c, 4));
+      const __m256 z2 = _mm256_permutevar8x32_ps(lut, _mm256_srli_epi32(c, 2));
+      const __m256 z3 = _mm256_permutevar8x32_ps(lut, c);
+      const int64_t off = g * kGroupElems + 8 * q;
+      for (int t = 0; t < MT; ++t) {
+        const float* p = acts[t] + off;
+        acc[t][0] = _mm256_fmadd_ps(z0, _mm256_loadu_ps(p), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(z1, _mm256_loadu_ps(p + 64), acc[t][1]);
+        acc[t][0] = _mm256_fmadd_ps(z2, _mm256_loadu_ps(p + 128), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(z3, _mm256_loadu_ps(p + 192), acc[t][1]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    const __m256 s = _mm256_add_ps(acc[t][0], acc[t][1]);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+    a.out[(m0 + t) * a.N + n] = _mm_cvtss_f32(s4);
+  }
+}
+
+}  // namespace
+
+void int_plane_avx2(const IntArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+    const int64_t t1 = imin(n1, t0 + kRowTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+      switch (imin(4, a.M - m0)) {
+        case 1: int_plane_rows<4, 1>(a, t0, t1, m0); break;
+        case 2: int_plane_rows<2, 2>(a, t0, t1, m0); break;
+        case 3: int_plane_rows<1, 3>(a, t0, t1, m0); break;
+        default: int_plane_rows<1, 4>(a, t0, t1, m0); break;
+      }
+    }
+  }
+}
+
+void float_plane_avx2(const FloatArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+    const int64_t t1 = imin(n1, t0 + kRowTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+      const int64_t mt = imin(4, a.M - m0);
+      for (int64_t n = t0; n < t1; ++n) {
+        switch (mt) {
+          case 1: float_plane_row<1>(a, n, m0); break;
+          case 2: float_plane_row<2>(a, n, m0); break;
+          case 3: float_plane_row<3>(a, n, m0); break;
+          default: float_plane_row<4>(a, n, m0); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyquant
+
+#pragma GCC pop_options

@@ -1,0 +1,326 @@
+// AVX-512 kernels (F, BW, VL, DQ and VNNI: Ice Lake, Sapphire Rapids, Zen 4 and later).
+// Only called after the driver has checked the CPU (see qlinear.cpp); compiled for that ISA
+// with a target pragma because setup.py builds every file with the same portable flags.
+//
+// GEMV (int mode, 1-8 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
+// and masking gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and
+// vpdpbusd multiplies them as u8 x s8 with no further unpacking. Several rows share each
+// activation load. The 16 int32 lanes are summed once per 32 groups.
+//
+// GEMM (int mode, more tokens, natural layout): a tile of 32 rows x 256 chunks is unpacked once
+// into dwords holding the 4 levels of one code (lanes = rows), then reused by every token: each
+// vpdpbusd multiplies 16 rows by one broadcast 4-byte chunk of activations, so accumulator
+// lanes are output rows and no horizontal sums are needed.
+#include <immintrin.h>
+
+#include "kernel_api.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace pyquant {
+namespace cpu {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Valid code bytes of group g (the last group of a row may be partial; masked-off bytes load
+// as code 0, level 0, and meet zero-padded activations anyway).
+inline __mmask64 group_mask(int64_t K4, int64_t g) {
+  const int64_t left = K4 - g * kGroupCodes;
+  return left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+}
+
+// ------------------------------------------------------------------ int GEMV, plane layout
+
+template <int I>
+inline __m512i level_plane(__m512i c) {  // the I-th 2-bit field of every byte
+  const __m512i three = _mm512_set1_epi8(3);
+  if constexpr (I == 3) return _mm512_and_si512(c, three);
+  else return _mm512_and_si512(_mm512_srli_epi16(c, 6 - 2 * I), three);
+}
+
+template <int R, int MT, int I>
+inline void plane_step(const __m512i (&c)[R], const int8_t* const (&acts)[MT], int64_t goff,
+                       __m512i (&hi)[R][MT], __m512i (&lo)[R][MT]) {
+  __m512i z[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) z[r] = level_plane<I>(c[r]);
+#pragma GCC unroll 8
+  for (int t = 0; t < MT; ++t) {
+    const __m512i ah = _mm512_loadu_si512(acts[t] + goff + I * 64);
+    const __m512i al = _mm512_loadu_si512(acts[t] + goff + 256 + I * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      hi[r][t] = _mm512_dpbusd_epi32(hi[r][t], z[r], ah);
+      lo[r][t] = _mm512_dpbusd_epi32(lo[r][t], z[r], al);
+    }
+  }
+}
+
+// R rows starting at n, MT tokens starting at m0.
+template <int R, int MT>
+void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = a.codes + (n + r) * a.K4;
+  const int8_t* acts[MT];
+  for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.act_stride;
+  int64_t total[R][MT] = {};
+  for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
+    const int64_t g1 = imin(a.G, g0 + kBlockGroups);
+    __m512i hi[R][MT], lo[R][MT];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) hi[r][t] = lo[r][t] = _mm512_setzero_si512();
+    for (int64_t g = g0; g < g1; ++g) {
+      const __mmask64 mask = group_mask(a.K4, g);
+      __m512i c[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) c[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + g * kGroupCodes);
+      const int64_t goff = g * 512;
+      plane_step<R, MT, 0>(c, acts, goff, hi, lo);
+      plane_step<R, MT, 1>(c, acts, goff, hi, lo);
+      plane_step<R, MT, 2>(c, acts, goff, hi, lo);
+      plane_step<R, MT, 3>(c, acts, goff, hi, lo);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t)
+        total[r][t] += _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r][t], 8), lo[r][t]));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n + r] = total[r][t];
+}
+
+template <int R, int MT>
+void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0);
+  for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0);
+}
+
+// Rows per block for MT tokens: 2 * R * MT accumulators plus R code and R level registers
+// must fit in the 32 zmm registers.
+void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
+  switch (mt) {
+    case 1: int_plane_rows<4, 1>(a, n0, n1, m0); break;
+    case 2: int_plane_rows<4, 2>(a, n0, n1, m0); break;
+    case 3: int_plane_rows<2, 3>(a, n0, n1, m0); break;
+    case 4: int_plane_rows<2, 4>(a, n0, n1, m0); break;
+    case 5: int_plane_rows<1, 5>(a, n0, n1, m0); break;
+    case 6: int_plane_rows<1, 6>(a, n0, n1, m0); break;
+    case 7: int_plane_rows<1, 7>(a, n0, n1, m0); break;
+    default: int_plane_rows<1, 8>(a, n0, n1, m0); break;
+  }
+}
+
+// ------------------------------------------------------------------ int GEMM, natural layout
+
+constexpr int64_t kChunkBlock = 256;  // chunks (1024 activations) per K block: a 32 KB tile
+constexpr int64_t kTokenBlock = 64;   // tokens per block: 64 x 256 x 8 B = 128 KB of activations
+constexpr int kMicroTokens = 6;       // 6 tokens x 2 row halves x (hi, lo) = 24 accumulators
+
+// Every dword lane holds one code byte c; returns the dword with bytes (z0, z1, z2, z3),
+// z0 = c >> 6 in the lowest byte, so it pairs with activation 4j + 0 in vpdpbusd.
+inline __m512i expand_code(__m512i d) {
+  const __m512i t = _mm512_ternarylogic_epi32(_mm512_srli_epi32(d, 6), _mm512_slli_epi32(d, 4),
+                                              _mm512_slli_epi32(d, 14), 0xFE);  // a | b | c
+  return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(d, 24), _mm512_set1_epi32(0x03030303),
+                                   0xA8);  // (a | b) & c
+}
+
+// In-register transpose of a 16 x 16 dword matrix (v[r] lane c -> v[c] lane r).
+inline void transpose16(__m512i (&v)[16]) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4k + q], 128-bit lane L: rows 4k..4k+3 of column 4L + q
+    u[4 * k + 0] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512i a = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44);
+    const __m512i b = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
+    v[q] = _mm512_shuffle_i32x4(a, c, 0x88);
+    v[4 + q] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    v[8 + q] = _mm512_shuffle_i32x4(b, d, 0x88);
+    v[12 + q] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// buf[j][h][r] (dwords): the levels of code codes[16 h + r, j0 + j] for the `rows` valid rows
+// of the tile starting at `codes`; missing rows are code 0, which contributes nothing.
+void unpack_tile(const uint8_t* codes, int64_t K4, int64_t rows, int64_t j0, int64_t jn, uint32_t* buf) {
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t jb = 0; jb < jn; jb += 16) {
+      const int64_t cnt = imin(16, jn - jb);
+      const __mmask16 mask = static_cast<__mmask16>((1u << cnt) - 1);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t row = h * 16 + r;
+        const __m128i bytes = row < rows ? _mm_maskz_loadu_epi8(mask, codes + row * K4 + j0 + jb)
+                                         : _mm_setzero_si128();
+        v[r] = expand_code(_mm512_cvtepu8_epi32(bytes));
+      }
+      transpose16(v);
+      for (int64_t j = 0; j < cnt; ++j) _mm512_store_si512(buf + ((jb + j) * 2 + h) * 16, v[j]);
+    }
+  }
+}
+
+// Adds 16 int32 lanes to out[0..valid) as int64.
+inline void add_rows(int64_t* out, __m512i v, int valid) {
+  const __m512i v0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+  const __m512i v1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
+  const __mmask8 m0 = valid >= 8 ? 0xFF : static_cast<__mmask8>((1u << valid) - 1);
+  const __mmask8 m1 = valid >= 16 ? 0xFF : valid <= 8 ? 0 : static_cast<__mmask8>((1u << (valid - 8)) - 1);
+  _mm512_mask_storeu_epi64(out, m0, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m0, out), v0));
+  if (m1) _mm512_mask_storeu_epi64(out + 8, m1, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m1, out + 8), v1));
+}
+
+// MT tokens x 32 rows over jn chunks. act points at token m's hi bytes of chunk j0; its lo bytes
+// are lo_off further on. out points at out[m, t0].
+template <int MT>
+void gemm_micro(const uint32_t* w, int64_t jn, const int8_t* act, int64_t stride, int64_t lo_off,
+                int64_t* out, int64_t N, int rows) {
+  __m512i hi[MT][2], lo[MT][2];
+#pragma GCC unroll 8
+  for (int t = 0; t < MT; ++t) hi[t][0] = hi[t][1] = lo[t][0] = lo[t][1] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < jn; ++j) {
+    const __m512i w0 = _mm512_load_si512(w + j * 32);
+    const __m512i w1 = _mm512_load_si512(w + j * 32 + 16);
+#pragma GCC unroll 8
+    for (int t = 0; t < MT; ++t) {
+      const int8_t* p = act + t * stride + 4 * j;
+      const __m512i ah = _mm512_broadcastd_epi32(_mm_loadu_si32(p));
+      const __m512i al = _mm512_broadcastd_epi32(_mm_loadu_si32(p + lo_off));
+      hi[t][0] = _mm512_dpbusd_epi32(hi[t][0], w0, ah);
+      hi[t][1] = _mm512_dpbusd_epi32(hi[t][1], w1, ah);
+      lo[t][0] = _mm512_dpbusd_epi32(lo[t][0], w0, al);
+      lo[t][1] = _mm512_dpbusd_epi32(lo[t][1], w1, al);
+    }
+  }
+  // Per lane at most 256 chunks x 4 x 3 x 127 for hi: 256 * that + lo stays below 2^31.
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 2; ++h) {
+      const int valid = rows - 16 * h;
+      if (valid > 0)
+        add_rows(out + t * N + 16 * h, _mm512_add_epi32(_mm512_slli_epi32(hi[t][h], 8), lo[t][h]),
+                 valid > 16 ? 16 : valid);
+    }
+}
+
+// ------------------------------------------------------------------ float, plane layout
+
+// One row, MT tokens; two accumulators per token so consecutive FMAs do not wait on each other.
+template <int MT>
+void float_plane_row(const FloatArgs& a, int64_t n, int64_t m0) {
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);  // index & 3
+  const uint8_t* row = a.codes + n * a.K4;
+  const float* acts[MT];
+  for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.G * kGroupElems;
+  __m512 acc[MT][2];
+#pragma GCC unroll 8
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.G; ++g) {
+    for (int q = 0; q < 4; ++q) {
+      const int64_t left = a.K4 - g * kGroupCodes - 16 * q;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row + g * kGroupCodes + 16 * q));
+      // vpermps reads only the low 4 index bits, so (c >> s) needs no mask.
+      const __m512 z0 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 6), lut);
+      const __m512 z1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);
+      const __m512 z2 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 2), lut);
+      const __m512 z3 = _mm512_permutexvar_ps(c, lut);
+      const int64_t off = g * kGroupElems + 16 * q;
+#pragma GCC unroll 8
+      for (int t = 0; t < MT; ++t) {
+        const float* p = acts[t] + off;
+        acc[t][0] = _mm512_fmadd_ps(z0, _mm512_loadu_ps(p), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(z1, _mm512_loadu_ps(p + 64), acc[t][1]);
+        acc[t][0] = _mm512_fmadd_ps(z2, _mm512_loadu_ps(p + 128), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(z3, _mm512_loadu_ps(p + 192), acc[t][1]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <int MT>
+void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  for (int64_t n = n0; n < n1; ++n) float_plane_row<MT>(a, n, m0);
+}
+
+}  // namespace
+
+void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
+  // Row tiles outer so a tile's codes stay in cache while token blocks of 8 pass over them.
+  for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+    const int64_t t1 = imin(n1, t0 + kRowTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kGemvMaxTokens) int_plane_tokens(a, t0, t1, m0, imin(kGemvMaxTokens, a.M - m0));
+  }
+}
+
+void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
+  alignas(64) uint32_t buf[kChunkBlock * 32];
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) a.out[m * a.N + n] = 0;
+  const int64_t lo_off = a.G * kGroupElems;
+  for (int64_t mb = 0; mb < a.M; mb += kTokenBlock) {
+    const int64_t mend = imin(a.M, mb + kTokenBlock);
+    for (int64_t j0 = 0; j0 < a.K4; j0 += kChunkBlock) {
+      const int64_t jn = imin(kChunkBlock, a.K4 - j0);
+      for (int64_t t0 = n0; t0 < n1; t0 += 32) {
+        const int rows = static_cast<int>(imin(32, n1 - t0));
+        unpack_tile(a.codes + t0 * a.K4, a.K4, rows, j0, jn, buf);
+        int64_t m = mb;
+        const int8_t* act0 = a.act + 4 * j0;
+        for (; m + kMicroTokens <= mend; m += kMicroTokens)
+          gemm_micro<kMicroTokens>(buf, jn, act0 + m * a.act_stride, a.act_stride, lo_off, a.out + m * a.N + t0, a.N, rows);
+        const int64_t left = mend - m;
+        const int8_t* act = act0 + m * a.act_stride;
+        int64_t* out = a.out + m * a.N + t0;
+        switch (left) {
+          case 1: gemm_micro<1>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
+          case 2: gemm_micro<2>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
+          case 3: gemm_micro<3>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
+          case 4: gemm_micro<4>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
+          case 5: gemm_micro<5>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
+void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+    const int64_t t1 = imin(n1, t0 + kRowTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
+      switch (imin(8, a.M - m0)) {
+        case 1: float_plane_rows<1>(a, t0, t1, m0); break;
+        case 2: float_plane_rows<2>(a, t0, t1, m0); break;
+        case 3: float_plane_rows<3>(a, t0, t1, m0); break;
+        case 4: float_plane_rows<4>(a, t0, t1, m0); break;
+        case 5: float_plane_rows<5>(a, t0, t1, m0); break;
+        case 6: float_plane_rows<6>(a, t0, t1, m0); break;
+        case 7: float_plane_rows<7>(a, t0, t1, m0); break;
+        default: float_plane_rows<8>(a, t0, t1, m0); break;
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyquant
+
+#pragma GCC pop_options

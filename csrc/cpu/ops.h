@@ -1,0 +1,31 @@
+// The operators pyquant._C exposes (bound to Python in module.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pyquant {
+
+// pack.cpp
+torch::Tensor pack_codes(const torch::Tensor& z);
+torch::Tensor unpack_codes(const torch::Tensor& codes);
+
+// qlinear.cpp
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                      const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                      const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
+                      const c10::optional<torch::Tensor>& bias, const std::string& isa,
+                      const std::string& mode, const std::string& algo);
+std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
+                                                               const torch::Tensor& A, const torch::Tensor& b,
+                                                               int64_t had_in);
+void set_isa(const std::string& name);
+std::string get_isa();
+std::vector<std::string> supported_isas();
+void set_mode(const std::string& name);
+std::string get_mode();
+
+}  // namespace pyquant

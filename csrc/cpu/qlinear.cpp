@@ -1,0 +1,355 @@
+// The CPU quantized linear layer: y = sv * H_out(w_scale * (z . xt + const)) + bias.
+//
+// Three threaded passes (at::parallel_for, i.e. torch's thread pool):
+//  1. per token, the fused activation transform: su * x, blockwise FWHT of H_in, per-4-chunk A^T,
+//     the per-token constant sum_j b . x'_j, and (int mode) rounding to 16-bit fixed point split
+//     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h);
+//  2. per range of output rows, the unsigned INT2 dot products on the ISA chosen at run time
+//     (AVX-512 VNNI, AVX2 or portable), GEMV for up to 8 tokens, cache-blocked GEMM above;
+//  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
+// Everything in this file is compiled for baseline x86-64, so passes 1 and 3 round identically
+// whatever kernel ran, and int mode gives bit-identical results on every ISA.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace pyquant {
+namespace {
+
+using cpu::kGroupCodes;
+using cpu::kGroupElems;
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Mode { kInt = 0, kFloat = 1 };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa best_isa() {
+  static const Isa best = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kScalar;
+  }();
+  return best;
+}
+
+std::atomic<int> g_isa{-1};  // -1: automatic (best_isa)
+std::atomic<int> g_mode{static_cast<int>(Mode::kInt)};
+
+Isa parse_isa(const std::string& name, const char* arg) {
+  if (name.empty()) return g_isa.load() < 0 ? best_isa() : static_cast<Isa>(g_isa.load());
+  Isa isa;
+  if (name == "auto") isa = best_isa();
+  else if (name == "scalar") isa = Isa::kScalar;
+  else if (name == "avx2") isa = Isa::kAvx2;
+  else if (name == "avx512") isa = Isa::kAvx512;
+  else TORCH_CHECK_VALUE(false, arg, " must be one of 'auto', 'scalar', 'avx2', 'avx512', got '", name, "'");
+  TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), arg, " '", name,
+                    "' is not supported by this CPU (best available: '", isa_name(best_isa()), "')");
+  return isa;
+}
+
+Mode parse_mode(const std::string& name) {
+  if (name.empty()) return static_cast<Mode>(g_mode.load());
+  if (name == "int") return Mode::kInt;
+  if (name == "float") return Mode::kFloat;
+  TORCH_CHECK_VALUE(false, "mode must be 'int' or 'float', got '", name, "'");
+  return Mode::kInt;
+}
+
+void check_block(int64_t block, int64_t dim, const char* name, const char* dim_name) {
+  TORCH_CHECK_VALUE(block >= 0 && (block == 0 || ((block & (block - 1)) == 0 && dim % block == 0)), name,
+                    " must be 0 or a power of two dividing ", dim_name, "=", dim, ", got ", block);
+}
+
+// A 1-D float vector of `n` elements as contiguous fp32 (fp16/bf16/fp32 accepted).
+torch::Tensor vector_f32(const torch::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
+  return t.to(torch::kFloat).contiguous();
+}
+
+// In-place unnormalized Walsh-Hadamard transform of every block of `h` elements of x[0..n).
+void fwht(float* x, int64_t n, int64_t h) {
+  for (int64_t base = 0; base < n; base += h)
+    for (int64_t len = 1; len < h; len <<= 1)
+      for (int64_t i = base; i < base + h; i += 2 * len)
+        for (int64_t j = i; j < i + len; ++j) {
+          const float a = x[j], b = x[j + len];
+          x[j] = a + b;
+          x[j + len] = a - b;
+        }
+}
+
+template <typename T>
+inline float to_f32(T v) { return static_cast<float>(v); }
+
+// xt (natural order, K floats) = per-4-chunk A^T H_in(su * x); returns sum_j b . x'_j.
+template <typename T>
+double transform_token(const T* x, const float* su, int64_t K, int64_t had, const float* A, const float* b, float* xt) {
+  for (int64_t k = 0; k < K; ++k) xt[k] = to_f32(x[k]) * su[k];
+  float scale = 1.f;
+  if (had > 1) {
+    fwht(xt, K, had);
+    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
+  }
+  double cst = 0.0;
+  for (int64_t j = 0; j < K / 4; ++j) {
+    float* c = xt + 4 * j;
+    const float p0 = c[0] * scale, p1 = c[1] * scale, p2 = c[2] * scale, p3 = c[3] * scale;
+    cst += static_cast<double>(b[0] * p0 + b[1] * p1 + b[2] * p2 + b[3] * p3);
+    for (int i = 0; i < 4; ++i) c[i] = p0 * A[i] + p1 * A[4 + i] + p2 * A[8 + i] + p3 * A[12 + i];
+  }
+  return cst;
+}
+
+// int mode: xt -> q = round(xt / s), |q| <= kQMax, split q = 256 hi + lo; returns s.
+float quantize_token(const float* xt, int64_t K, int64_t G, bool plane, int8_t* dst) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xt[k]));
+  const float inv = amax > 0.f ? static_cast<float>(cpu::kQMax) / amax : 0.f;
+  const float s = amax > 0.f ? amax / static_cast<float>(cpu::kQMax) : 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t e = 0; e < kGroupElems; ++e) {
+      const int64_t k = g * kGroupElems + e;
+      int32_t q = 0;
+      if (k < K) {
+        q = static_cast<int32_t>(std::nearbyint(xt[k] * inv));
+        q = std::min(std::max(q, -cpu::kQMax), cpu::kQMax);
+      }
+      const int32_t hi = (q + 128) >> 8;  // floor((q + 128) / 256): hi in [-127, 127]
+      const int32_t lo = q - 256 * hi;     // in [-128, 127]
+      if (plane) {
+        // element 4p + i of the group goes to plane i, lane p
+        const int64_t idx = g * 512 + (e & 3) * 64 + (e >> 2);
+        dst[idx] = static_cast<int8_t>(hi);
+        dst[idx + 256] = static_cast<int8_t>(lo);
+      } else {
+        dst[k] = static_cast<int8_t>(hi);
+        dst[G * kGroupElems + k] = static_cast<int8_t>(lo);
+      }
+    }
+  }
+  return s;
+}
+
+void planes_f32(const float* xt, int64_t K, int64_t G, float* dst) {
+  for (int64_t k = 0; k < G * kGroupElems; ++k) {
+    const int64_t g = k / kGroupElems, e = k % kGroupElems;
+    dst[g * kGroupElems + (e & 3) * 64 + (e >> 2)] = k < K ? xt[k] : 0.f;
+  }
+}
+
+struct Layer {
+  torch::Tensor codes, su, sv, bias;  // su, sv, bias: contiguous fp32 (bias may be undefined)
+  float A[16], b[4], w_scale;
+  int64_t N, K, K4, G, had_in, had_out;
+};
+
+Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
+                  const torch::Tensor& sv, const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
+                  const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
+  TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K/4], got shape ", codes.sizes());
+  TORCH_CHECK_VALUE(codes.is_contiguous(), "codes must be contiguous");
+  Layer L;
+  L.codes = codes;
+  L.N = codes.size(0);
+  L.K4 = codes.size(1);
+  L.K = 4 * L.K4;
+  L.G = (L.K4 + kGroupCodes - 1) / kGroupCodes;
+  TORCH_CHECK_VALUE(L.N > 0 && L.K4 > 0, "codes must be non-empty, got shape ", codes.sizes());
+  for (const auto& [t, name, shape] : {std::make_tuple(&A, "A", std::vector<int64_t>{4, 4}),
+                                       std::make_tuple(&b, "b", std::vector<int64_t>{4}),
+                                       std::make_tuple(&w_scale, "w_scale", std::vector<int64_t>{})}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == torch::kFloat, name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+    TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
+                      ", got ", t->sizes());
+  }
+  const auto Ac = A.contiguous();
+  const auto bc = b.contiguous();
+  for (int i = 0; i < 16; ++i) L.A[i] = Ac.data_ptr<float>()[i];
+  for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
+  L.w_scale = w_scale.item<float>();
+  L.su = vector_f32(su, L.K, "su");
+  L.sv = vector_f32(sv, L.N, "sv");
+  if (bias.has_value() && bias->defined()) L.bias = vector_f32(*bias, L.N, "bias");
+  check_block(had_in, L.K, "had_in", "K");
+  check_block(had_out, L.N, "had_out", "N");
+  L.had_in = had_in;
+  L.had_out = had_out;
+  return L;
+}
+
+void check_input(const torch::Tensor& x, const Layer& L) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == torch::kFloat || dt == torch::kBFloat16 || dt == torch::kHalf,
+                   "x must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == L.K, "x must have shape [M, ", L.K, "], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous (got strides ", x.strides(),
+                    "); call .contiguous() first");
+}
+
+// Pass 1 for token m: writes the kernel's activation layout, returns (scale, const).
+template <typename T>
+void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M, void* act, float* scale,
+                    double* cst) {
+  const float* su = L.su.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> xt(L.K);
+    for (int64_t m = m0; m < m1; ++m) {
+      cst[m] = transform_token(x + m * L.K, su, L.K, L.had_in, L.A, L.b, xt.data());
+      if (mode == Mode::kInt) {
+        scale[m] = quantize_token(xt.data(), L.K, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
+      } else {
+        scale[m] = 1.f;
+        planes_f32(xt.data(), L.K, L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
+      }
+    }
+  });
+}
+
+// Pass 3: y[m, n] = sv[n] * H_out(w_scale * (scale[m] * dot[m, n] + cst[m]))[n] + bias[n].
+template <typename T, typename D>
+void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, const double* cst, T* y) {
+  const float* sv = L.sv.data_ptr<float>();
+  const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+  const float out_scale = L.had_out > 1 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(L.had_out))) : 1.f;
+  const double ws = L.w_scale;
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(L.N);
+    for (int64_t m = m0; m < m1; ++m) {
+      const D* d = dot + m * L.N;
+      for (int64_t n = 0; n < L.N; ++n)
+        row[n] = static_cast<float>(ws * (static_cast<double>(scale[m]) * static_cast<double>(d[n]) + cst[m]));
+      if (L.had_out > 1) fwht(row.data(), L.N, L.had_out);
+      T* out = y + m * L.N;
+      for (int64_t n = 0; n < L.N; ++n) {
+        const float v = row[n] * out_scale * sv[n];
+        out[n] = static_cast<T>(bias ? v + bias[n] : v);
+      }
+    }
+  });
+}
+
+// Pass 2 over row tiles, split between threads.
+template <typename Args, typename Fn>
+void run_rows(const Args& args, int64_t N, Fn fn) {
+  const int64_t tiles = (N + cpu::kRowTile - 1) / cpu::kRowTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    fn(args, t0 * cpu::kRowTile, std::min(N, t1 * cpu::kRowTile));
+  });
+}
+
+template <typename T>
+void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bool gemm, torch::Tensor& y) {
+  const int64_t M = x.size(0);
+  const T* xp = x.data_ptr<T>();
+  std::vector<float> scale(M);
+  std::vector<double> cst(M);
+  if (mode == Mode::kInt) {
+    auto act = torch::empty({M, L.G * 512}, torch::kInt8);
+    auto dot = torch::empty({M, L.N}, torch::kLong);
+    prepare_tokens(xp, L, mode, /*plane=*/!gemm, M, act.data_ptr<int8_t>(), scale.data(), cst.data());
+    const cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<int8_t>(), L.G * 512, M,
+                            dot.data_ptr<int64_t>()};
+    if (gemm) run_rows(args, L.N, cpu::int_gemm_avx512);
+    else if (isa == Isa::kAvx512) run_rows(args, L.N, cpu::int_plane_avx512);
+    else if (isa == Isa::kAvx2) run_rows(args, L.N, cpu::int_plane_avx2);
+    else run_rows(args, L.N, cpu::int_plane_scalar);
+    finish_tokens(dot.data_ptr<int64_t>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+  } else {
+    auto act = torch::empty({M, L.G * kGroupElems}, torch::kFloat);
+    auto dot = torch::empty({M, L.N}, torch::kFloat);
+    prepare_tokens(xp, L, mode, /*plane=*/true, M, act.data_ptr<float>(), scale.data(), cst.data());
+    const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<float>(), M,
+                              dot.data_ptr<float>()};
+    if (isa == Isa::kAvx512) run_rows(args, L.N, cpu::float_plane_avx512);
+    else if (isa == Isa::kAvx2) run_rows(args, L.N, cpu::float_plane_avx2);
+    else run_rows(args, L.N, cpu::float_plane_scalar);
+    finish_tokens(dot.data_ptr<float>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+  }
+}
+
+}  // namespace
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                      const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                      const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
+                      const c10::optional<torch::Tensor>& bias, const std::string& isa_name_arg,
+                      const std::string& mode_name, const std::string& algo) {
+  const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias);
+  check_input(x, L);
+  const Isa isa = parse_isa(isa_name_arg, "isa");
+  const Mode mode = parse_mode(mode_name);
+  TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
+                    algo, "'");
+  const bool gemm_possible = mode == Mode::kInt && isa == Isa::kAvx512;
+  TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and isa 'avx512'");
+  const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > cpu::kGemvMaxTokens));
+  auto y = torch::empty({x.size(0), L.N}, x.options());
+  if (x.size(0) == 0) return y;
+  switch (x.scalar_type()) {
+    case torch::kFloat: qlinear_impl<float>(x, L, isa, mode, gemm, y); break;
+    case torch::kBFloat16: qlinear_impl<c10::BFloat16>(x, L, isa, mode, gemm, y); break;
+    default: qlinear_impl<c10::Half>(x, L, isa, mode, gemm, y); break;
+  }
+  return y;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
+                                                               const torch::Tensor& A, const torch::Tensor& b,
+                                                               int64_t had_in) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % 4 == 0 && x.size(1) > 0, "x must be 2-D [M, K] with K % 4 == 0, got ",
+                    x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  // Reuse the layer checks with a dummy one-row weight.
+  const auto codes = torch::zeros({1, K / 4}, torch::kUInt8);
+  const auto ones = torch::ones({1});
+  const Layer L = check_layer(codes, A, b, su, ones, torch::ones({}), had_in, 0, c10::nullopt);
+  check_input(x, L);
+  auto xt = torch::empty({M, K}, torch::kFloat);
+  auto cst = torch::empty({M}, torch::kDouble);
+  const auto xf = x.to(torch::kFloat);
+  for (int64_t m = 0; m < M; ++m)
+    cst.data_ptr<double>()[m] = transform_token(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, had_in, L.A,
+                                                L.b, xt.data_ptr<float>() + m * K);
+  return {xt, cst.to(torch::kFloat)};
+}
+
+void set_isa(const std::string& name) {
+  g_isa.store(name == "auto" ? -1 : static_cast<int>(parse_isa(name.empty() ? "auto" : name, "isa")));
+}
+std::string get_isa() { return isa_name(parse_isa("", "isa")); }
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= static_cast<int>(best_isa()); ++i) out.emplace_back(isa_name(static_cast<Isa>(i)));
+  return out;
+}
+void set_mode(const std::string& name) { g_mode.store(static_cast<int>(parse_mode(name.empty() ? "int" : name))); }
+std::string get_mode() { return static_cast<Mode>(g_mode.load()) == Mode::kInt ? "int" : "float"; }
+
+}  // namespace pyquant
