@@ -12,11 +12,11 @@ from . import kernels
 from .format import FORMAT_VERSION, PackedWeight, dequantize
 from .io import load_quantized, save_quantized
 from .nn import QuantLinear, bits_per_weight, quantize_model
-from .quantizers import QuantConfig, RTNConfig, UniSVQConfig
+from .quantizers import DAQConfig, QuantConfig, RTNConfig, UniSVQConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "UniSVQConfig", "bits_per_weight",
+    "DAQConfig", "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "UniSVQConfig", "bits_per_weight",
     "dequantize", "kernels", "load_quantized", "quantize_model", "save_quantized",
 ]

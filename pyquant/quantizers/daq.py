@@ -1,0 +1,392 @@
+"""DAQ, delta-aware quantization: quantize a post-trained weight with the scales
+that best keep what post-training changed.
+
+With ``dW = W_post - W_base`` and ``dW_hat = Q(W_post) - W_base``, plain absmax
+scales minimise nothing about ``dW``, and a small fine-tuning delta easily drowns
+in rounding noise. DAQ searches one scale multiplier per 128x128 block (or per
+row, or per tensor) — coarse grid 0.8..1.5 (5 points), then 10 points within
+±0.0875 of the best — and keeps a multiplier only when it strictly beats the
+plain scale on the chosen metric:
+
+* ``sign``: share of entries with ``|dW| > 1e-5`` whose sign ``dW_hat`` keeps
+  (a quantized delta of 0 counts as lost);
+* ``cosine``: cosine of ``dW`` and ``dW_hat``;
+* ``mse``: ``-||Q(W_post) - W_post||^2`` (the delta-blind baseline).
+
+Every candidate is scored on the dense tensor the deployed layer computes with
+(same codes, same stored scales, same dequantization code), never a proxy, and
+the chosen blocks of those scored tensors are what the layer ends up holding.
+
+Grids: ``fp8`` (e4m3 codes, fp32 block scales), ``int2``..``int8`` (symmetric
+levels, fp32 block scales) — both deployed as :class:`pyquant.fakequant.DequantLinear`
+— and ``pyquant2``, the project's packed 2-bit format (``QuantLinear``), where the
+search moves ``sv`` (``granularity="row"``, per-row scales, input-side Hadamard
+only) or ``w_scale`` (``granularity="tensor"``, Hadamard on both sides as in
+``RTNConfig``); a 128x128 block scale is not representable there.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fakequant import (DequantLinear, Grid, absmax_scales, block_shape, dequantize_codes, expand_scales,
+                         parse_grid, quantize_codes)
+from ..format import PackedWeight, dequantize, pack_codes
+from ..hadamard import blockwise_hadamard, default_block, random_signs
+from .base import QuantConfig, SwapFn, check_weight
+from .rtn import _GRID_A, _GRID_B, _fit_scale_dtype, _round_to_grid, _search_scale
+
+__all__ = ["DAQConfig", "DAQResult", "daq_quantize", "delta_metrics", "METRICS", "GRANULARITIES"]
+
+METRICS = ("sign", "cosine", "mse")
+GRANULARITIES = ("block", "row", "tensor")
+SIGN_THRESHOLD = 1e-5
+COARSE = (0.8, 1.5, 5)      # lo, hi, points
+FINE = (0.0875, 10)         # half-width around the coarse best, points
+
+
+# ---------------------------------------------------------------- metrics
+def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``[gr, gc, br*bc]`` view of ``x`` cut into blocks (zero-padded at the edges,
+    which no metric counts: a zero delta is below the sign threshold and adds nothing)."""
+    n, k = x.shape
+    gr, gc = -(-n // block[0]), -(-k // block[1])
+    x = F.pad(x, (0, gc * block[1] - k, 0, gr * block[0] - n))
+    return x.reshape(gr, block[0], gc, block[1]).permute(0, 2, 1, 3).reshape(gr, gc, -1)
+
+
+def _block_scores(metric: str, delta: torch.Tensor, deq: torch.Tensor, w_base: torch.Tensor, w_post: torch.Tensor,
+                  block: tuple[int, int]) -> torch.Tensor:
+    """Per-block score (higher is better; NaN where the metric is undefined)."""
+    if metric == "mse":
+        return -_blocks((deq - w_post).square(), block).sum(-1)
+    d, dq = _blocks(delta, block), _blocks(deq - w_base, block)
+    if metric == "sign":
+        mask = d.abs() > SIGN_THRESHOLD
+        kept = (torch.sign(dq) == torch.sign(d)) & mask
+        return kept.sum(-1) / mask.sum(-1)  # 0/0 = NaN: no delta here, nothing to choose by
+    dot, nd, nq = (d * dq).sum(-1), d.norm(dim=-1), dq.norm(dim=-1)
+    return torch.where(nq > 0, dot / (nd * nq), torch.zeros_like(dot)).masked_fill(nd == 0, float("nan"))
+
+
+def delta_metrics(w_post: torch.Tensor, w_base: torch.Tensor, deq: torch.Tensor) -> dict[str, float]:
+    """Whole-tensor sign-preservation rate, delta cosine and weight MSE of a quantized ``deq``
+    (``sign_n``: how many entries the sign rate is over)."""
+    d, dq = (w_post - w_base).double(), (deq.double() - w_base.double())
+    mask = d.abs() > SIGN_THRESHOLD
+    n = int(mask.sum())
+    sign = float(((torch.sign(dq) == torch.sign(d)) & mask).sum() / n) if n else float("nan")
+    nd, nq = d.norm().item(), dq.norm().item()
+    cos = (d * dq).sum().item() / (nd * nq) if nd > 0 and nq > 0 else float("nan")
+    return {"sign": sign, "sign_n": n, "cosine": cos, "mse": (deq.double() - w_post.double()).square().mean().item()}
+
+
+# ---------------------------------------------------------------- the search
+def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tuple[int, int], score: Callable,
+                    expand: Callable[[torch.Tensor], torch.Tensor], search: bool):
+    """Multipliers ``m`` (``shape_m``, one per block) maximising ``score(build(m))`` per block.
+
+    ``build(m)`` returns the deployed dense weight for multipliers ``m``;
+    ``expand`` broadcasts a per-block mask to the weight's shape. Returns the
+    best ``m`` and the dense weight assembled from the scored candidates.
+    """
+    best_m = torch.ones(shape_m)
+    best_w = build(best_m)
+    if not search:
+        return best_m, best_w
+    best_s = score(best_w)
+
+    def consider(m: torch.Tensor) -> None:
+        nonlocal best_m, best_w, best_s
+        w = build(m)
+        s = score(w)
+        better = s > best_s  # strict, and False wherever a score is NaN: the plain scale stays
+        best_m = torch.where(better, m, best_m)
+        best_s = torch.where(better, s, best_s)
+        best_w = torch.where(expand(better), w, best_w)
+
+    lo, hi, points = COARSE
+    for c in torch.linspace(lo, hi, points):
+        consider(torch.full(shape_m, float(c)))
+    half, points = FINE
+    centre = best_m.clone()
+    for off in torch.linspace(-half, half, points):
+        consider((centre + off).clamp_min(0.05))
+    return best_m, best_w
+
+
+@dataclass
+class DAQResult:
+    """One quantized weight: ``packed`` (grid ``pyquant2``) or ``codes`` + ``scales`` +
+    ``block`` (fp8 / int-n); ``scored``, the dense tensor the search scored for
+    the chosen scales (the deployed layer computes with exactly this);
+    ``multipliers`` per block; ``plain`` / ``chosen``: :func:`delta_metrics` of the
+    plain scales and of the chosen ones (``None`` without a base weight)."""
+
+    grid: str
+    scored: torch.Tensor
+    multipliers: torch.Tensor
+    packed: PackedWeight | None = None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    block: tuple[int, int] | None = None
+    plain: dict | None = None
+    chosen: dict | None = None
+
+
+def _check_options(grid: str, granularity: str, metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if grid == "pyquant2":
+        if granularity == "block":
+            raise ValueError("granularity='block' is not representable in the pyquant2 format (one scale per row "
+                             "in sv, one global w_scale); use granularity='row' or 'tensor'")
+    else:
+        parse_grid(grid)
+
+
+def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str = "fp8",
+                 granularity: str = "block", metric: str = "sign", block: int = 128, search: bool = True,
+                 hadamard: bool = True, hadamard_block: int = 128, seed: int = 0,
+                 scale_dtype: torch.dtype = torch.float16) -> DAQResult:
+    """Quantize ``w_post`` ``[N, K]`` on ``grid``, choosing scales that keep ``w_post - w_base``.
+
+    ``search=False`` (or ``w_base=None``) gives the plain scales: absmax for
+    fp8 / int-n, RTN's MSE-clipped scale for pyquant2 (bit-identical to
+    ``RTNConfig`` then). ``hadamard``, ``hadamard_block``, ``seed`` and
+    ``scale_dtype`` apply to pyquant2 only.
+    """
+    _check_options(grid, granularity, metric)
+    w = check_weight(w_post, "w_post") if grid == "pyquant2" else _check_dense(w_post, "w_post")
+    if w_base is not None:
+        wb = _check_dense(w_base, "w_base")
+        if wb.shape != w.shape:
+            raise ValueError(f"w_base has shape {tuple(wb.shape)} but w_post has {tuple(w.shape)}")
+    else:
+        wb, search = None, False
+    delta = None if wb is None else w - wb
+
+    if grid == "pyquant2":
+        build_rep, m_shape, blk = _pyquant2_builder(w, granularity, hadamard, hadamard_block, seed, scale_dtype)
+    else:
+        g = parse_grid(grid)
+        blk = block_shape(tuple(w.shape), granularity, block)
+        s0 = absmax_scales(w, g, blk)
+        m_shape = tuple(s0.shape)
+
+        def build_rep(m):
+            scales = s0 * m
+            full = expand_scales(scales, tuple(w.shape), blk)
+            codes = quantize_codes(w, full, g)
+            return (codes, scales), dequantize_codes(codes, full)
+
+    def score(deq):
+        return _block_scores(metric, delta, deq, wb, w, blk)
+
+    def expand(mask):
+        return expand_scales(mask, tuple(w.shape), blk)
+
+    m, scored = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, expand, search)
+    rep, _ = build_rep(m)
+    out = DAQResult(grid=grid, scored=scored, multipliers=m)
+    if grid == "pyquant2":
+        out.packed = rep
+    else:
+        out.codes, out.scales, out.block = rep[0], rep[1], blk
+    if wb is not None:
+        plain = scored if not search else build_rep(torch.ones(m_shape))[1]
+        out.plain, out.chosen = delta_metrics(w, wb, plain), delta_metrics(w, wb, scored)
+    return out
+
+
+def _check_dense(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return t.detach().float()
+
+
+def _pyquant2_builder(w: torch.Tensor, granularity: str, hadamard: bool, hadamard_block: int, seed: int,
+                      scale_dtype: torch.dtype):
+    """``(build(m) -> (PackedWeight, dense), multiplier shape, score block)`` for the packed format.
+
+    ``row``: per-row scale in ``sv`` (``w_scale = 1``), Hadamard on the input
+    side only, so rows stay independent and each row's multiplier is its own.
+    ``tensor``: RTNConfig's layout (row-RMS normalisation, random signs and
+    Hadamard on both sides, one global ``w_scale``) with a multiplier on ``w_scale``.
+    """
+    if scale_dtype not in (torch.float16, torch.float32):
+        raise TypeError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    n, k = w.shape
+    gen = torch.Generator().manual_seed(seed)
+    if granularity == "row":
+        had_in = default_block(k, hadamard_block) if hadamard else 0
+        su = random_signs(k, gen) if hadamard else torch.ones(k)
+        rotated = blockwise_hadamard(w * su[None, :], had_in, dim=1)
+        s0 = _search_scale(rotated, per_row=True)  # [N, 1]
+        # one storage dtype for every candidate, so the chosen rows can be assembled from the scored ones
+        probe = _fit_scale_dtype(torch.cat([s0 * COARSE[0] * 0.5, s0 * (COARSE[1] + FINE[0])]).reshape(-1), scale_dtype)
+        sv_dtype, su_stored = probe.dtype, _fit_scale_dtype(su, scale_dtype)
+
+        def build(m):
+            scale = s0 * m
+            pw = PackedWeight(codes=pack_codes(_round_to_grid(rotated, scale).to(torch.uint8)), A=_GRID_A.clone(),
+                              b=_GRID_B.clone(), su=su_stored, sv=scale.reshape(n).to(sv_dtype),
+                              w_scale=torch.tensor(1.0), had_in=had_in, had_out=0,
+                              seed=seed if hadamard else None, method="daq").validate()
+            return pw, dequantize(pw)
+
+        return build, (n, 1), (1, k)
+    # granularity == "tensor": the RTNConfig(hadamard=True) layout, or its non-Hadamard per-tensor analogue
+    had_in, had_out = (default_block(k, hadamard_block), default_block(n, hadamard_block)) if hadamard else (0, 0)
+    s_in, s_out = (random_signs(k, gen), random_signs(n, gen)) if hadamard else (torch.ones(k), torch.ones(n))
+    row_rms = w.square().mean(dim=1).sqrt()
+    row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
+    rotated = (w / row_rms[:, None]) * s_out[:, None] * s_in[None, :]
+    rotated = blockwise_hadamard(blockwise_hadamard(rotated, had_in, dim=1), had_out, dim=0)
+    s0 = _search_scale(rotated, per_row=False)  # [1, 1]
+    su, sv = _fit_scale_dtype(s_in, scale_dtype), _fit_scale_dtype(s_out * row_rms, scale_dtype)
+
+    def build(m):
+        scale = s0 * m
+        pw = PackedWeight(codes=pack_codes(_round_to_grid(rotated, scale).to(torch.uint8)), A=_GRID_A.clone(),
+                          b=_GRID_B.clone(), su=su, sv=sv, w_scale=scale.reshape(()).float(), had_in=had_in,
+                          had_out=had_out, seed=seed if hadamard else None, method="daq").validate()
+        return pw, dequantize(pw)
+
+    return build, (1, 1), (n, k)
+
+
+# ---------------------------------------------------------------- the config
+def _load_state(base) -> dict[str, torch.Tensor]:
+    if isinstance(base, nn.Module):
+        return {k: v.detach() for k, v in base.state_dict().items()}
+    if isinstance(base, Mapping):
+        return dict(base)
+    if isinstance(base, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        path = Path(base)
+        if path.is_dir() and (path / "model.safetensors").is_file():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise ValueError(f"DAQConfig.base: no safetensors file at {str(base)!r}")
+        return load_file(str(path))
+    raise TypeError(f"DAQConfig.base must be an nn.Module, a state dict or a safetensors path, got {type(base).__name__}")
+
+
+def _base_weight(state: Mapping[str, torch.Tensor], fqn: str, shape) -> torch.Tensor:
+    """``state[fqn + '.weight']``, or the one entry it ends with at a name boundary
+    (so a backbone's state dict serves a model that wraps the backbone)."""
+    key = f"{fqn}.weight"
+    if key not in state:
+        hits = [k for k in state if key.endswith("." + k)]
+        if len(hits) != 1:
+            raise ValueError(f"DAQConfig.base has no weight for layer {fqn!r} (looked for {key!r}"
+                             f"{'; ambiguous: ' + str(hits) if hits else ''})")
+        key = hits[0]
+    if tuple(state[key].shape) != tuple(shape):
+        raise ValueError(f"DAQConfig.base weight {key!r} has shape {tuple(state[key].shape)}, "
+                         f"the layer {fqn!r} has {tuple(shape)}: base is another model")
+    return state[key].detach().float().cpu()
+
+
+def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@dataclass
+class DAQConfig(QuantConfig):
+    """Delta-aware quantization (see the module docstring).
+
+    Args:
+        base: the model before post-training (module, state dict, or path to a
+            safetensors file / checkpoint directory); its weights are matched to
+            the quantized model's layers by name (a suffix match at a ``.``
+            boundary is accepted, e.g. a backbone for a model wrapping it).
+        metric: ``sign`` | ``cosine`` | ``mse``.
+        granularity: ``block`` (128x128) | ``row`` | ``tensor``.
+        grid: ``fp8`` | ``int2``..``int8`` | ``pyquant2``.
+        block: block edge for ``granularity="block"``.
+        search: False gives the plain scales (the absmax baseline) through the same path.
+        hadamard, hadamard_block, seed, scale_dtype: pyquant2 only (see ``RTNConfig``).
+
+    After :func:`pyquant.quantize_model`, ``model.pyquant_daq`` maps each layer
+    to its plain and chosen :func:`delta_metrics`.
+    """
+
+    base: Any = None
+    metric: str = "sign"
+    granularity: str = "block"
+    grid: str = "fp8"
+    block: int = 128
+    search: bool = True
+    hadamard: bool = True
+    hadamard_block: int = 128
+    seed: int = 0
+    scale_dtype: torch.dtype = torch.float16
+    method = "daq"
+
+    def __post_init__(self):
+        _check_options(self.grid, self.granularity, self.metric)
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"DAQConfig.block must be a positive int, got {self.block!r}")
+        if self.search and self.base is None:
+            raise ValueError("DAQConfig.base is required: the pre-trained model whose delta the search keeps "
+                             "(or search=False for plain scales)")
+        if self.base is not None and not isinstance(self.base, (nn.Module, Mapping, str, os.PathLike)):
+            raise TypeError(f"DAQConfig.base must be an nn.Module, a state dict or a path, got {type(self.base).__name__}")
+
+    def _quantize(self, weight: torch.Tensor, base_weight: torch.Tensor | None) -> DAQResult:
+        return daq_quantize(weight, base_weight, grid=self.grid, granularity=self.granularity, metric=self.metric,
+                            block=self.block, search=self.search, hadamard=self.hadamard,
+                            hadamard_block=self.hadamard_block, seed=self.seed, scale_dtype=self.scale_dtype)
+
+    def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None = None,
+                        base_weight: torch.Tensor | None = None) -> PackedWeight:
+        """Grid ``pyquant2`` only (the other grids are not the packed format: use
+        :func:`pyquant.quantize_model`, which swaps in ``DequantLinear``)."""
+        if self.grid != "pyquant2":
+            raise ValueError(f"grid {self.grid!r} does not produce a PackedWeight; use quantize_model or daq_quantize")
+        return self._quantize(weight, base_weight).packed
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Linear], calibration_data: Iterable | None,
+              swap: SwapFn, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        state = _load_state(self.base) if self.base is not None else None
+        report = {}
+        for fqn, linear in tqdm(list(targets.items()), desc="daq quantize", disable=not progress):
+            w = linear.weight.detach().cpu()
+            wb = None if state is None else _base_weight(state, fqn, w.shape)
+            res = self._quantize(w, wb)
+            if res.packed is not None:
+                swap(fqn, res.packed)
+            else:
+                dev = linear.weight.device
+                _set_submodule(model, fqn, DequantLinear(res.codes.to(dev), res.scales.to(dev), res.block, self.grid,
+                                                         linear.bias, method=self.method))
+            report[fqn] = {"plain": res.plain, "chosen": res.chosen,
+                           "multiplier_mean": res.multipliers.mean().item(),
+                           "blocks_changed": int((res.multipliers != 1).sum()), "blocks": res.multipliers.numel()}
+        model.pyquant_daq = report
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        base = self.base
+        out["base"] = str(base) if isinstance(base, (str, os.PathLike)) else (
+            None if base is None else f"<{type(base).__name__}>")
+        return out
