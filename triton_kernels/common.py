@@ -57,6 +57,17 @@ def interpreted() -> bool:
     return type(fwht).__name__ == "InterpretedFunction"
 
 
+def interpreter_problem() -> str | None:
+    """Why the interpreter cannot run these kernels, or None. Triton's own library
+    functions (``tl.sum``...) are decorated when ``triton`` is first imported: if
+    that happened before ``TRITON_INTERPRET=1`` was set, interpreted kernels fail
+    on them."""
+    if interpreted() and type(tl.sum).__name__ != "InterpretedFunction":
+        return ("triton was imported before TRITON_INTERPRET=1 was set, so its library functions are "
+                "compiled-mode: set TRITON_INTERPRET=1 before anything imports triton")
+    return None
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 
 import torch
@@ -31,11 +32,9 @@ MAX_GEMV_TOKENS = 16
 
 @functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # find_spec, not import: importing triton here would fix compiled mode for the
+    # whole process before a test or user could set TRITON_INTERPRET=1.
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpret_env() -> bool:
@@ -54,6 +53,12 @@ def _kernels_interpreted() -> bool:
     return interpreted()
 
 
+def _interpreter_problem() -> str | None:
+    from triton_kernels.common import interpreter_problem
+
+    return interpreter_problem()
+
+
 def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
     if not isinstance(x, torch.Tensor):
         return f"x is a {type(x).__name__}, not a tensor"
@@ -67,6 +72,8 @@ def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
             return "CPU tensor: Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
         if not _kernels_interpreted():
             return "CPU tensor: triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
+        if (problem := _interpreter_problem()) is not None:
+            return problem
     else:
         return f"device {x.device.type} is not supported"
     from triton_kernels.common import MAX_HADAMARD
