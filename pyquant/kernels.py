@@ -1,7 +1,9 @@
 """The one dispatcher: picks the backend that runs a ``QuantLinear`` forward.
 
-Order of preference: ``cuda > triton > cpu > torch`` (the torch reference is
-the fallback, never the default where a kernel takes the input). Each backend
+Order of preference, by the input's device: CUDA tensors ``cuda > triton >
+torch``; CPU tensors ``cpu > torch`` (Triton runs CPU tensors only in its
+interpreter, which is for tests: it is used there only when forced). The torch
+reference is the fallback, never the default where a kernel takes the input. Each backend
 lives in ``pyquant/backends/<name>.py`` and says itself whether it is built and
 whether it takes a given input (see ``pyquant.backends``).
 
@@ -25,6 +27,7 @@ from .format import PackedWeight
 log = logging.getLogger(__name__)
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"cuda": "cuda", "triton": "triton", "cpu": "cpu", "torch": "torch_ref"}
 _forced: str | None = None
 _loaded: dict[str, ModuleType | None] = {}
@@ -80,14 +83,20 @@ def _reason_not(name: str, x: torch.Tensor, pw: PackedWeight) -> str | None:
     return mod.supports(x, pw)
 
 
+def _order(x: torch.Tensor) -> tuple[str, ...]:
+    return _ORDER.get(x.device.type, ("torch",))
+
+
 def explain(x: torch.Tensor, pw: PackedWeight) -> dict[str, str]:
     """For each backend: ``"selected"``, ``"usable"`` or the reason it is not used."""
     forced = forced_backend()
     out, chosen = {}, None
+    order = (forced,) if forced is not None else _order(x)
     for name in BACKENDS:
         reason = _reason_not(name, x, pw)
-        if forced is not None and name != forced:
-            reason = reason or f"not forced (PYQUANT_BACKEND={forced})"
+        if name not in order:
+            reason = reason or (f"not forced (PYQUANT_BACKEND={forced})" if forced is not None
+                                else f"not used for {x.device.type} tensors unless forced")
         if reason is None and chosen is None:
             chosen, reason = name, "selected"
         out[name] = reason or "usable"
@@ -104,7 +113,7 @@ def select(x: torch.Tensor, pw: PackedWeight) -> tuple[str, str]:
             raise ValueError(f"backend {forced!r} was forced but cannot run this input: {reason}")
         return forced, "forced"
     skipped = []
-    for name in BACKENDS:
+    for name in _order(x):
         reason = _reason_not(name, x, pw)
         if reason is None:
             why = "preferred" if not skipped else "fallback; " + "; ".join(skipped)
