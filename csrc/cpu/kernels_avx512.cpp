@@ -33,6 +33,15 @@ inline __mmask64 group_mask(int64_t K4, int64_t g) {
 
 // ------------------------------------------------------------------ int GEMV, plane layout
 
+// The sums of the 16 int32 lanes of a, b, c and d, as 4 int32.
+inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 template <int I>
 inline __m512i level_plane(__m512i c) {  // the I-th 2-bit field of every byte
   const __m512i three = _mm512_set1_epi8(3);
@@ -58,9 +67,14 @@ inline void plane_step(const __m512i (&c)[R], const int8_t* const (&acts)[MT], i
   }
 }
 
-// R rows starting at n, MT tokens starting at m0.
+// Software prefetch distance of the GEMV: rows are short (1 KB at K = 4096) and read R at a time,
+// too short a stream for the hardware prefetcher to ramp up on its own.
+constexpr int64_t kPrefetchBytes = 8192;
+
+// R rows starting at n, MT tokens starting at m0; pf: prefetch distance in bytes, a multiple of
+// R * K4 so each line of the following row blocks is requested once.
 template <int R, int MT>
-void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
+void int_plane_block(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.codes + (n + r) * a.K4;
   const int8_t* acts[MT];
@@ -77,18 +91,30 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
       const __mmask64 mask = group_mask(a.K4, g);
       __m512i c[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) c[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + g * kGroupCodes);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + g * kGroupCodes + pf), _MM_HINT_T0);
+        c[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + g * kGroupCodes);
+      }
       const int64_t goff = g * 512;
       plane_step<R, MT, 0>(c, acts, goff, hi, lo);
       plane_step<R, MT, 1>(c, acts, goff, hi, lo);
       plane_step<R, MT, 2>(c, acts, goff, hi, lo);
       plane_step<R, MT, 3>(c, acts, goff, hi, lo);
     }
+    // 256 * hi + lo per lane, then the lane sums, four vectors at a time.
+    constexpr int kV = R * MT;
+    __m512i v[kV + 3];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int t = 0; t < MT; ++t)
-        total[r][t] += _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r][t], 8), lo[r][t]));
+      for (int t = 0; t < MT; ++t) v[r * MT + t] = _mm512_add_epi32(_mm512_slli_epi32(hi[r][t], 8), lo[r][t]);
+    for (int i = kV; i < kV + 3; ++i) v[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int i = 0; i < kV; i += 4) {
+      alignas(16) int32_t s[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(s), reduce4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+      for (int j = 0; j < 4 && i + j < kV; ++j) total[(i + j) / MT][(i + j) % MT] += s[j];
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n + r] = total[r][t];
@@ -96,23 +122,21 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
 
 template <int R, int MT>
 void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t step = R * a.K4, pf = step * ((kPrefetchBytes + step - 1) / step);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0);
-  for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0);
+  for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0, pf);
+  for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0, a.K4 * ((kPrefetchBytes + a.K4 - 1) / a.K4));
 }
 
 // Rows per block for MT tokens: 2 * R * MT accumulators plus R code and R level registers
-// must fit in the 32 zmm registers.
+// must fit in the 32 zmm registers. More than 4 tokens go in blocks of 4: with one row per block
+// every activation load would serve a single row, and 8 tokens' activations overflow L1.
 void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
   switch (mt) {
     case 1: int_plane_rows<4, 1>(a, n0, n1, m0); break;
     case 2: int_plane_rows<4, 2>(a, n0, n1, m0); break;
     case 3: int_plane_rows<2, 3>(a, n0, n1, m0); break;
-    case 4: int_plane_rows<2, 4>(a, n0, n1, m0); break;
-    case 5: int_plane_rows<1, 5>(a, n0, n1, m0); break;
-    case 6: int_plane_rows<1, 6>(a, n0, n1, m0); break;
-    case 7: int_plane_rows<1, 7>(a, n0, n1, m0); break;
-    default: int_plane_rows<1, 8>(a, n0, n1, m0); break;
+    default: int_plane_rows<2, 4>(a, n0, n1, m0); break;
   }
 }
 
@@ -120,7 +144,7 @@ void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int6
 
 constexpr int64_t kChunkBlock = 256;  // chunks (1024 activations) per K block: a 32 KB tile
 constexpr int64_t kTokenBlock = 64;   // tokens per block: 64 x 256 x 8 B = 128 KB of activations
-constexpr int kMicroTokens = 6;       // 6 tokens x 2 row halves x (hi, lo) = 24 accumulators
+constexpr int kMicroTokens = 4;       // 4 tokens x 2 row halves x (hi, lo) = 16 accumulators
 
 // Every dword lane holds one code byte c; returns the dword with bytes (z0, z1, z2, z3),
 // z0 = c >> 6 in the lowest byte, so it pairs with activation 4j + 0 in vpdpbusd.
@@ -188,8 +212,10 @@ inline void add_rows(int64_t* out, __m512i v, int valid) {
 
 // MT tokens x 32 rows over jn chunks. act points at token m's hi bytes of chunk j0; its lo bytes
 // are lo_off further on. out points at out[m, t0].
+// noinline: a function of its own gets the whole register file for its 4 * MT accumulators;
+// inlined into the tile loop GCC kept some of them in memory.
 template <int MT>
-void gemm_micro(const uint32_t* w, int64_t jn, const int8_t* act, int64_t stride, int64_t lo_off,
+__attribute__((noinline)) void gemm_micro(const uint32_t* w, int64_t jn, const int8_t* act, int64_t stride, int64_t lo_off,
                 int64_t* out, int64_t N, int rows) {
   __m512i hi[MT][2], lo[MT][2];
 #pragma GCC unroll 8
@@ -209,7 +235,11 @@ void gemm_micro(const uint32_t* w, int64_t jn, const int8_t* act, int64_t stride
     }
   }
   // Per lane at most 256 chunks x 4 x 3 x 127 for hi: 256 * that + lo stays below 2^31.
+  // (Fully unrolled: indexing the accumulators with run-time indices would make GCC keep a copy
+  // of them in memory and store it on every step of the loop above.)
+#pragma GCC unroll 8
   for (int t = 0; t < MT; ++t)
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const int valid = rows - 16 * h;
       if (valid > 0)
@@ -266,7 +296,7 @@ void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   // Row tiles outer so a tile's codes stay in cache while token blocks of 8 pass over them.
   for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
     const int64_t t1 = imin(n1, t0 + kRowTile);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kGemvMaxTokens) int_plane_tokens(a, t0, t1, m0, imin(kGemvMaxTokens, a.M - m0));
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) int_plane_tokens(a, t0, t1, m0, imin(4, a.M - m0));
   }
 }
 

@@ -15,10 +15,13 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_api.h"
+#include "transform.h"
 
 namespace pyquant {
 namespace {
@@ -89,74 +92,19 @@ torch::Tensor vector_f32(const torch::Tensor& t, int64_t n, const char* name) {
   return t.to(torch::kFloat).contiguous();
 }
 
-// In-place unnormalized Walsh-Hadamard transform of every block of `h` elements of x[0..n).
-void fwht(float* x, int64_t n, int64_t h) {
-  for (int64_t base = 0; base < n; base += h)
-    for (int64_t len = 1; len < h; len <<= 1)
-      for (int64_t i = base; i < base + h; i += 2 * len)
-        for (int64_t j = i; j < i + len; ++j) {
-          const float a = x[j], b = x[j + len];
-          x[j] = a + b;
-          x[j + len] = a - b;
-        }
-}
-
+// xt[0, K) = float(x) * su. bf16 widens by a shift, which the compiler vectorizes.
 template <typename T>
-inline float to_f32(T v) { return static_cast<float>(v); }
-
-// xt (natural order, K floats) = per-4-chunk A^T H_in(su * x); returns sum_j b . x'_j.
-template <typename T>
-double transform_token(const T* x, const float* su, int64_t K, int64_t had, const float* A, const float* b, float* xt) {
-  for (int64_t k = 0; k < K; ++k) xt[k] = to_f32(x[k]) * su[k];
-  float scale = 1.f;
-  if (had > 1) {
-    fwht(xt, K, had);
-    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
-  }
-  double cst = 0.0;
-  for (int64_t j = 0; j < K / 4; ++j) {
-    float* c = xt + 4 * j;
-    const float p0 = c[0] * scale, p1 = c[1] * scale, p2 = c[2] * scale, p3 = c[3] * scale;
-    cst += static_cast<double>(b[0] * p0 + b[1] * p1 + b[2] * p2 + b[3] * p3);
-    for (int i = 0; i < 4; ++i) c[i] = p0 * A[i] + p1 * A[4 + i] + p2 * A[8 + i] + p3 * A[12 + i];
-  }
-  return cst;
-}
-
-// int mode: xt -> q = round(xt / s), |q| <= kQMax, split q = 256 hi + lo; returns s.
-float quantize_token(const float* xt, int64_t K, int64_t G, bool plane, int8_t* dst) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xt[k]));
-  const float inv = amax > 0.f ? static_cast<float>(cpu::kQMax) / amax : 0.f;
-  const float s = amax > 0.f ? amax / static_cast<float>(cpu::kQMax) : 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t e = 0; e < kGroupElems; ++e) {
-      const int64_t k = g * kGroupElems + e;
-      int32_t q = 0;
-      if (k < K) {
-        q = static_cast<int32_t>(std::nearbyint(xt[k] * inv));
-        q = std::min(std::max(q, -cpu::kQMax), cpu::kQMax);
-      }
-      const int32_t hi = (q + 128) >> 8;  // floor((q + 128) / 256): hi in [-127, 127]
-      const int32_t lo = q - 256 * hi;     // in [-128, 127]
-      if (plane) {
-        // element 4p + i of the group goes to plane i, lane p
-        const int64_t idx = g * 512 + (e & 3) * 64 + (e >> 2);
-        dst[idx] = static_cast<int8_t>(hi);
-        dst[idx + 256] = static_cast<int8_t>(lo);
-      } else {
-        dst[k] = static_cast<int8_t>(hi);
-        dst[G * kGroupElems + k] = static_cast<int8_t>(lo);
-      }
+void scale_input(const T* x, const float* su, int64_t K, float* xt) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* raw = reinterpret_cast<const uint16_t*>(x);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(raw[k]) << 16;
+      float v;
+      std::memcpy(&v, &bits, 4);
+      xt[k] = v * su[k];
     }
-  }
-  return s;
-}
-
-void planes_f32(const float* xt, int64_t K, int64_t G, float* dst) {
-  for (int64_t k = 0; k < G * kGroupElems; ++k) {
-    const int64_t g = k / kGroupElems, e = k % kGroupElems;
-    dst[g * kGroupElems + (e & 3) * 64 + (e >> 2)] = k < K ? xt[k] : 0.f;
+  } else {
+    for (int64_t k = 0; k < K; ++k) xt[k] = static_cast<float>(x[k]) * su[k];
   }
 }
 
@@ -219,38 +167,35 @@ void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M
                     double* cst) {
   const float* su = L.su.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<float> xt(L.K);
+    std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
     for (int64_t m = m0; m < m1; ++m) {
-      cst[m] = transform_token(x + m * L.K, su, L.K, L.had_in, L.A, L.b, xt.data());
+      float amax;
+      scale_input(x + m * L.K, su, L.K, xt.data());
+      cst[m] = cpu::transform_activations(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
       if (mode == Mode::kInt) {
-        scale[m] = quantize_token(xt.data(), L.K, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
+        scale[m] = cpu::encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
       } else {
         scale[m] = 1.f;
-        planes_f32(xt.data(), L.K, L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
+        cpu::encode_float(xt.data(), L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
       }
     }
   });
 }
 
-// Pass 3: y[m, n] = sv[n] * H_out(w_scale * (scale[m] * dot[m, n] + cst[m]))[n] + bias[n].
+// Pass 3: y[m] = sv * H_out(w_scale * (scale[m] * dot[m] + cst[m])) + bias, in T.
 template <typename T, typename D>
 void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, const double* cst, T* y) {
   const float* sv = L.sv.data_ptr<float>();
   const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
-  const float out_scale = L.had_out > 1 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(L.had_out))) : 1.f;
-  const double ws = L.w_scale;
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> row(L.N);
     for (int64_t m = m0; m < m1; ++m) {
       const D* d = dot + m * L.N;
-      for (int64_t n = 0; n < L.N; ++n)
-        row[n] = static_cast<float>(ws * (static_cast<double>(scale[m]) * static_cast<double>(d[n]) + cst[m]));
-      if (L.had_out > 1) fwht(row.data(), L.N, L.had_out);
+      const double a = static_cast<double>(L.w_scale) * scale[m], c = static_cast<double>(L.w_scale) * cst[m];
+      for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
+      cpu::output_transform(row.data(), L.N, L.had_out, sv, bias);
       T* out = y + m * L.N;
-      for (int64_t n = 0; n < L.N; ++n) {
-        const float v = row[n] * out_scale * sv[n];
-        out[n] = static_cast<T>(bias ? v + bias[n] : v);
-      }
+      for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
     }
   });
 }
@@ -334,9 +279,12 @@ std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tens
   auto xt = torch::empty({M, K}, torch::kFloat);
   auto cst = torch::empty({M}, torch::kDouble);
   const auto xf = x.to(torch::kFloat);
-  for (int64_t m = 0; m < M; ++m)
-    cst.data_ptr<double>()[m] = transform_token(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, had_in, L.A,
-                                                L.b, xt.data_ptr<float>() + m * K);
+  for (int64_t m = 0; m < M; ++m) {
+    float amax;
+    float* row = xt.data_ptr<float>() + m * K;
+    scale_input(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, row);
+    cst.data_ptr<double>()[m] = cpu::transform_activations(row, K, had_in, L.A, L.b, &amax);
+  }
   return {xt, cst.to(torch::kFloat)};
 }
 
