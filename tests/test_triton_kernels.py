@@ -274,7 +274,8 @@ def test_triton_quantlinear_forward_uses_triton():
     assert layer.last_backend == "triton"
     ref = reference(x.reshape(6, 100).cpu(), pw.to("cpu"), bias.cpu()).reshape(2, 3, 37)
     assert rel_err(y, ref) < 1e-3
-    assert kernels.explain(x.reshape(6, 100), pw)["triton"] in ("selected", "usable")
+    with kernels.force_backend("triton"):
+        assert kernels.explain(x.reshape(6, 100), pw)["triton"] == "selected"
 
 
 def test_triton_zero_tokens():
@@ -451,23 +452,32 @@ def test_cuda_triton_linear_large(dtype, n, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_cuda_triton_every_tuning_candidate(dtype):
     """Autotuning may pick any config of the spaces: each one must be right on this GPU."""
+    from triton.runtime.errors import OutOfResources
+
     n, k = 1024, 2048
     pw = make_weight(n, k, had_in=128, had_out=128)
     w = dequantize(pw).double()
     _, sms = tb._device_info(torch.device(DEVICE))
+
+    def check(run, what):
+        # A config this GPU cannot launch (shared memory) is one the tuner skips too.
+        try:
+            y = run()
+        except OutOfResources:
+            return 0
+        assert rel_err(y, ref) < tolerance(dtype, ref), what
+        return 1
+
     for bucket in (1, 2, 4, 8, 16):
         x = randn(bucket, k, dtype, seed=bucket)
         ref = F.linear(x.double(), w)
-        for cfg in autotune.with_splits(autotune.gemv_space(bucket), n, k // 4, sms):
-            for det in (True, False):
-                y = tb.run_gemv(x, pw, None, cfg, det)
-                assert rel_err(y, ref) < tolerance(dtype, ref), (bucket, cfg, det)
+        ran = sum(check(lambda: tb.run_gemv(x, pw, None, cfg, det), (bucket, cfg, det))
+                  for cfg in autotune.with_splits(autotune.gemv_space(bucket), n, k // 4, sms) for det in (True, False))
+        assert ran > 0
     for bucket in (32, 64, 128, 512):
         x = randn(bucket, k, dtype, seed=bucket)
         ref = F.linear(x.double(), w)
-        for cfg in autotune.gemm_space(bucket):
-            y = tb.run_gemm(x, pw, None, cfg)
-            assert rel_err(y, ref) < tolerance(dtype, ref), (bucket, cfg)
+        assert sum(check(lambda: tb.run_gemm(x, pw, None, cfg), (bucket, cfg)) for cfg in autotune.gemm_space(bucket))
 
 
 @cuda_only

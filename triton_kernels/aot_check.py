@@ -104,9 +104,10 @@ def compile_all(archs=(80, 90), quick: bool = False, verbose: bool = True) -> li
                 ck = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=ce, attrs=attrs),
                                     target=GPUTarget("cuda", cc, 32), options=opts)
                 status = f"ok  {len(ck.asm['cubin'])} B cubin, {ck.metadata.shared} B smem"
-                # A kernel that needs more shared memory than the GPU has compiles but cannot launch.
+                # Compiles but cannot launch on this arch: the autotuner skips such a
+                # config there (it raises OutOfResources), so it is a note, not a failure.
                 if ck.metadata.shared > (232448 if cc >= 90 else 166912):
-                    raise RuntimeError(f"needs {ck.metadata.shared} B of shared memory")
+                    status = f"too big for sm_{cc}: {ck.metadata.shared} B shared memory (autotune skips it)"
             except Exception as e:  # report every failure, not just the first
                 status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 failures.append(f"sm_{cc} {name}: {status}")

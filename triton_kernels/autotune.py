@@ -53,8 +53,9 @@ def gemv_space(bucket: int) -> list[GemvConfig]:
     """Block shapes for the GEMV at ``bucket`` tokens (split-K is added by :func:`with_splits`).
 
     FMA configs keep the ``[BLOCK_N, BLOCK_K, BLOCK_M]`` accumulator at 8K fp32
-    values per 4 warps (64 registers a thread); ``tl.dot`` configs pad to 16 tokens
-    and pay off from a handful of tokens on.
+    values per 4 warps (64 registers a thread). ``tl.dot`` configs pad to 16 tokens;
+    they are offered at every bucket because they also spare the ALUs the per-weight
+    multiply-add, which can be the bottleneck of the FMA form even at one token.
     """
     out = []
     if bucket <= 8:
@@ -62,9 +63,8 @@ def gemv_space(bucket: int) -> list[GemvConfig]:
             bn = (8192 * warps // 4) // (bk * bucket)
             if 16 <= bn <= 256:
                 out.append(GemvConfig(block_n=bn, block_k=bk, num_warps=warps))
-    if bucket >= 4:
-        out += [GemvConfig(block_n=bn, block_k=bk, use_dot=True, num_warps=w)
-                for bn, bk, w in ((64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8))]
+    out += [GemvConfig(block_n=bn, block_k=bk, use_dot=True, num_warps=w)
+            for bn, bk, w in ((64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8))]
     return out
 
 
