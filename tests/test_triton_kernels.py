@@ -156,6 +156,10 @@ def test_triton_output_transform(n, had, with_const):
     assert rel_err(y, ref) < 1e-6
 
 
+# The tl.dot GEMV splits xt into two halves of the operand dtype: fp16 halves in
+# the interpreter (~22 mantissa bits), bf16 halves on a GPU (~16 bits).
+GEMV_TOL = 1e-5 if interpreted() else 1e-4
+
 GEMV_CONFIGS = [
     GemvConfig(block_n=16, block_k=64, split_k=1),
     GemvConfig(block_n=16, block_k=64, split_k=3),  # K4=25 not a multiple of the K step: masking
@@ -179,7 +183,7 @@ def test_triton_gemv_partials(m, cfg, deterministic):
         assert part.shape == (m, n)
         y = part
     ref = xt.cpu().double() @ unpack_codes(pw.codes.cpu()).double().T
-    assert rel_err(y, ref) < 1e-5
+    assert rel_err(y, ref) < GEMV_TOL
 
 
 @pytest.mark.parametrize("m", [17, 40])
@@ -249,11 +253,11 @@ def test_triton_reductions_deterministic_and_atomic(m, monkeypatch):
     assert torch.equal(det1, det2)  # bit-identical between runs
     atomic = tb.run_gemv(x, pw, None, cfg, deterministic=False)
     ref = reference(x.cpu(), pw.to("cpu"), None)
-    assert rel_err(det1, ref) < 1e-5 and rel_err(atomic, ref) < 1e-5
+    assert rel_err(det1, ref) < GEMV_TOL and rel_err(atomic, ref) < GEMV_TOL
     # The environment switch reaches the kernels; deterministic algorithms override it.
     monkeypatch.setenv("PYQUANT_TRITON_REDUCTION", "atomic")
     assert tb.reduction() == "atomic"
-    assert rel_err(triton_linear(x, pw), ref) < 1e-5
+    assert rel_err(triton_linear(x, pw), ref) < GEMV_TOL
     torch.use_deterministic_algorithms(True)
     try:
         assert tb.reduction() == "deterministic"
