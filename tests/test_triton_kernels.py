@@ -30,7 +30,7 @@ try:
     from triton_kernels import autotune
     from triton_kernels.common import interpreted
     from triton_kernels.gemm_dequant import GemmConfig, gemm_dequant
-    from triton_kernels.gemv_splitk import GemvConfig, gemv_partials, split_layout
+    from triton_kernels.gemv_splitk import GemvConfig, fuses_output, gemv_fused, gemv_partials, split_layout
     from triton_kernels.transform import input_transform, output_transform
 finally:
     if _prev_interpret is None:
@@ -184,6 +184,25 @@ def test_triton_gemv_partials(m, cfg, deterministic):
         y = part
     ref = xt.cpu().double() @ unpack_codes(pw.codes.cpu()).double().T
     assert rel_err(y, ref) < GEMV_TOL
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("had_out,use_dot", [(0, False), (16, False), (32, True)], ids=["nohad", "had16", "had32-dot"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_triton_gemv_fused_output(m, had_out, use_dot, with_bias):
+    n, k = (37 if had_out == 0 else 64), 100
+    pw = make_weight(n, k, had_in=4, had_out=had_out)
+    bias = randn(1, n, seed=7)[0] if with_bias else None
+    x = randn(m, k, seed=m)
+    cfg = GemvConfig(block_n=32, block_k=512, split_k=1, use_dot=use_dot)
+    assert fuses_output(k // 4, had_out, cfg)
+    y = tb.run_gemv(x, pw, bias, cfg, deterministic=True)
+    ref = reference(x.cpu(), pw.to("cpu"), None if bias is None else bias.cpu())
+    assert rel_err(y, ref) < GEMV_TOL
+    with pytest.raises(ValueError, match="one K split"):
+        xt, cpart = input_transform(x, pw.su, pw.A, pw.b, 4)
+        gemv_fused(xt, cpart, pw.codes, pw.w_scale, pw.sv, bias, had_out, torch.float32,
+                   dataclasses.replace(cfg, block_k=64, split_k=2))
 
 
 @pytest.mark.parametrize("m", [17, 40])

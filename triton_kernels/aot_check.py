@@ -46,17 +46,25 @@ def _variants(quick: bool):
                        key=lambda t: (t[0], str(t[1])))
     if quick:
         gemv_cfgs = [c for c in gemv_cfgs if c[0] in (1, 16)][:4]
-    for (mb, cfg), atomic in itertools.product(gemv_cfgs, (False, True)):
-        if quick and atomic and cfg.use_dot:
+    # Epilogues: deterministic partials, atomic partials, fused output (fp16 out, had_out 64).
+    for (mb, cfg), mode in itertools.product(gemv_cfgs, ("det", "atomic", "fused")):
+        if quick and mode != "fused" and cfg.use_dot:
             continue
         dots = ("bf16", "fp16") if cfg.use_dot else ("fp32",)
         for dd in dots[:1] if quick else dots:
-            sig = {"xt_ptr": "*fp32", "codes_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K4": "i32",
-                   "k4_per_split": "i32", "stride_xm": "i32", "stride_cn": "i32"}
+            fused = mode == "fused"
+            sig = {"xt_ptr": "*fp32", "codes_ptr": "*u8", "out_ptr": "*fp16" if fused else "*fp32",
+                   "cpart_ptr": "*fp32", "n_ctiles": "i32", "ws_ptr": "*fp32", "sv_ptr": "*fp16", "bias_ptr": "*fp16",
+                   "M": "i32", "N": "i32", "K4": "i32", "k4_per_split": "i32", "stride_xm": "i32",
+                   "stride_cn": "i32", "stride_om": "i32"}
             ce = {"BLOCK_M": gemv_splitk.block_m(mb, cfg), "BLOCK_N": cfg.block_n, "BLOCK_K4": cfg.block_k // 4,
                   "USE_DOT": cfg.use_dot, "DOT_DTYPE": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dd],
-                  "ATOMIC": atomic}
-            yield (f"gemv M<={mb} {cfg} atomic={atomic} dot={dd}", gv, sig, ce,
+                  "ATOMIC": mode == "atomic", "FUSE_OUT": fused, "CTILES": 32 if fused else 1,
+                  "HAS_HAD": fused, "LOG2_HAD": 6 if fused else 0, "HAD_SCALE": 0.125 if fused else 1.0,
+                  "HAS_BIAS": fused}
+            if fused and cfg.block_n < 64:
+                ce.update(HAS_HAD=False, LOG2_HAD=0, HAD_SCALE=1.0)
+            yield (f"gemv M<={mb} {cfg} {mode} dot={dd}", gv, sig, ce,
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     gm = gemm_dequant._gemm_kernel
     gemm_cfgs = sorted({c for mb in (32, 64, 128, 512) for c in autotune.gemm_space(mb)}, key=str)
@@ -77,7 +85,7 @@ def _variants(quick: bool):
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-_COUNTS = {"M", "n_split", "n_tiles", "n_ctiles"}  # token/split counts: any value
+_COUNTS = {"M", "n_split", "n_tiles", "n_ctiles", "stride_om"}  # token/split counts: any value
 
 
 def _fix_dtypes(ce: dict) -> dict:

@@ -19,6 +19,9 @@ Split-K over the second grid axis, with two reductions:
   order of additions not fixed, results may differ in the last bits run to run);
 - ``deterministic``: every split writes its own slice of ``[S, M, N]`` and the
   output pass sums them in split order (bit-identical between runs).
+
+With a single split (many output rows already fill the GPU) there is nothing to
+reduce and :func:`gemv_fused` applies the output transform in the epilogue.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import small_int_to_float, tl_dtype
+from .common import fwht, log2, next_pow2, small_int_to_float, tl_dtype
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,12 @@ class GemvConfig:
 
 @triton.jit
 def _gemv_kernel(
-    xt_ptr, codes_ptr, out_ptr,
-    M, N, K4, k4_per_split, stride_xm, stride_cn,
+    xt_ptr, codes_ptr, out_ptr, cpart_ptr, n_ctiles, ws_ptr, sv_ptr, bias_ptr,
+    M, N, K4, k4_per_split, stride_xm, stride_cn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, ATOMIC: tl.constexpr,
+    FUSE_OUT: tl.constexpr, CTILES: tl.constexpr, HAS_HAD: tl.constexpr, LOG2_HAD: tl.constexpr,
+    HAD_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 4 * BLOCK_K4
     pid_n = tl.program_id(0)
@@ -94,6 +99,22 @@ def _gemv_kernel(
             acc3 += zf[:, :, None] * xt[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)
+    if FUSE_OUT:
+        # One split and whole Hadamard blocks in this tile: finish the layer here
+        # (the output pass of transform.py, without its launch and round trip).
+        ct = tl.arange(0, CTILES)
+        const = tl.sum(tl.load(cpart_ptr + offs_m[:, None] * n_ctiles + ct[None, :],
+                               mask=m_mask[:, None] & (ct < n_ctiles)[None, :], other=0.0), axis=1)
+        y = (tl.trans(acc) + const[:, None]) * tl.load(ws_ptr)  # [BLOCK_M, BLOCK_N]
+        if HAS_HAD:
+            y = tl.reshape(fwht(tl.reshape(y, (BLOCK_M * BLOCK_N,)), BLOCK_M * BLOCK_N, LOG2_HAD),
+                           (BLOCK_M, BLOCK_N)) * HAD_SCALE
+        y = y * tl.load(sv_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+        return
     out_offs = offs_m[None, :] * N + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if ATOMIC:
@@ -115,17 +136,26 @@ def block_m(m: int, cfg: GemvConfig) -> int:
     return 16 if cfg.use_dot else max(1, 1 << (m - 1).bit_length())
 
 
+def fuses_output(k4: int, had_out: int, cfg: GemvConfig) -> bool:
+    """Whether :func:`gemv_fused` can finish the layer in the GEMV itself: a single
+    split (no cross-program reduction) and Hadamard blocks that fit in a tile."""
+    return split_layout(k4, cfg)[1] == 1 and had_out <= cfg.block_n
+
+
+def _check_shapes(xt: torch.Tensor, codes: torch.Tensor) -> None:
+    if xt.shape[0] > 16:
+        raise ValueError(f"gemv takes at most 16 tokens, got {xt.shape[0]}")
+    if xt.shape[1] != 4 * codes.shape[1]:
+        raise ValueError(f"xt has K={xt.shape[1]} but codes cover K={4 * codes.shape[1]}")
+
+
 def gemv_partials(xt: torch.Tensor, codes: torch.Tensor, cfg: GemvConfig, deterministic: bool = True,
                   dot_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``sum_k z[n, k] xt[m, k]`` for ``xt`` fp32 ``[M, K]`` (M <= 16) and ``codes``
     ``[N, K/4]``: fp32 ``[S, M, N]`` partials (deterministic) or ``[M, N]`` (atomic;
     also whenever a single split covers K). Sum over ``S`` gives the product."""
-    m, k = xt.shape
-    n, k4 = codes.shape
-    if m > 16:
-        raise ValueError(f"gemv takes at most 16 tokens, got {m}")
-    if k != 4 * k4:
-        raise ValueError(f"xt has K={k} but codes cover K={4 * k4}")
+    _check_shapes(xt, codes)
+    m, n, k4 = xt.shape[0], codes.shape[0], codes.shape[1]
     per, n_split = split_layout(k4, cfg)
     atomic = not deterministic and n_split > 1
     if atomic:
@@ -134,11 +164,36 @@ def gemv_partials(xt: torch.Tensor, codes: torch.Tensor, cfg: GemvConfig, determ
         out = torch.empty((n_split, m, n), device=xt.device, dtype=torch.float32)
     if m == 0 or n == 0:
         return out
-    grid = (triton.cdiv(n, cfg.block_n), n_split)
-    _gemv_kernel[grid](
-        xt, codes, out, m, n, k4, per, xt.stride(0), codes.stride(0),
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), n_split)](
+        xt, codes, out, out, 0, out, out, out, m, n, k4, per, xt.stride(0), codes.stride(0), 0,
         BLOCK_M=block_m(m, cfg), BLOCK_N=cfg.block_n, BLOCK_K4=cfg.block_k // 4,
         USE_DOT=cfg.use_dot, DOT_DTYPE=tl_dtype(dot_dtype), ATOMIC=atomic,
+        FUSE_OUT=False, CTILES=1, HAS_HAD=False, LOG2_HAD=0, HAD_SCALE=1.0, HAS_BIAS=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def gemv_fused(xt: torch.Tensor, cpart: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor,
+               sv: torch.Tensor, bias: torch.Tensor | None, had_out: int, out_dtype: torch.dtype,
+               cfg: GemvConfig, dot_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The whole layer after the input transform, in one launch:
+    ``sv * H_out(w_scale * (z @ xt + const)) + bias`` as ``[M, N]`` ``out_dtype``.
+    Needs :func:`fuses_output` (one split, ``had_out <= block_n``)."""
+    _check_shapes(xt, codes)
+    m, n, k4 = xt.shape[0], codes.shape[0], codes.shape[1]
+    if not fuses_output(k4, had_out, cfg):
+        raise ValueError(f"gemv_fused needs one K split and had_out <= block_n; got {cfg} with had_out={had_out}")
+    out = torch.empty((m, n), device=xt.device, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), 1)](
+        xt, codes, out, cpart, cpart.shape[1], w_scale, sv, bias if bias is not None else sv,
+        m, n, k4, k4, xt.stride(0), codes.stride(0), out.stride(0),
+        BLOCK_M=block_m(m, cfg), BLOCK_N=cfg.block_n, BLOCK_K4=cfg.block_k // 4,
+        USE_DOT=cfg.use_dot, DOT_DTYPE=tl_dtype(dot_dtype), ATOMIC=False,
+        FUSE_OUT=True, CTILES=next_pow2(cpart.shape[1]), HAS_HAD=had_out > 0, LOG2_HAD=log2(had_out),
+        HAD_SCALE=(had_out ** -0.5 if had_out else 1.0), HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -2,7 +2,7 @@
 
 - 1-16 tokens: fused activation transform (``su``, ``H_in``, ``A^T``, per-token
   constant) -> split-K INT2 GEMV -> output pass (split sum, ``w_scale``, ``H_out``,
-  ``sv``, bias).
+  ``sv``, bias); with a single split the GEMV finishes the layer itself.
 - more tokens: activation transform (``H_in(su * x)``) -> fused-dequant GEMM with
   the output transform in its epilogue (or in the output pass when a Hadamard
   block is wider than the tile).
@@ -64,6 +64,10 @@ def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
         return f"x is a {type(x).__name__}, not a tensor"
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
+    try:
+        _kernels_interpreted()
+    except Exception as e:  # a broken triton install: fall back, don't crash the dispatcher
+        return f"triton_kernels failed to import: {type(e).__name__}: {e}"
     if x.device.type == "cuda":
         if _kernels_interpreted():
             return "the Triton kernels were imported under TRITON_INTERPRET=1 (interpreter), not compiled for CUDA"
@@ -177,10 +181,12 @@ def _gemm_config(x, pw, run):
 
 def run_gemv(x, pw, bias, cfg, deterministic: bool) -> torch.Tensor:
     """The 1-16 token path with an explicit :class:`~triton_kernels.gemv_splitk.GemvConfig`."""
-    from triton_kernels.gemv_splitk import gemv_partials
+    from triton_kernels.gemv_splitk import fuses_output, gemv_fused, gemv_partials
     from triton_kernels.transform import input_transform, output_transform
 
     xt, cpart = input_transform(x, pw.su, pw.A, pw.b, pw.had_in)
+    if fuses_output(pw.codes.shape[1], pw.had_out, cfg):
+        return gemv_fused(xt, cpart, pw.codes, pw.w_scale, pw.sv, bias, pw.had_out, x.dtype, cfg, _gemv_dot_dtype(x))
     part = gemv_partials(xt, pw.codes, cfg, deterministic, _gemv_dot_dtype(x))
     return output_transform(part, pw.sv, bias, pw.had_out, x.dtype, cpart=cpart, w_scale=pw.w_scale)
 
