@@ -107,6 +107,21 @@ def test_results_are_identical_run_to_run(isa):
             assert torch.equal(run(x, pw, bias, isa=isa, mode=mode), first), (isa, mode, m)
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    pw = make_packed(300, 1536, hadamard=True, seed=4)
+    xs = [torch.randn(m, 1536) for m in (1, 5, 40)]
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append([run(x, pw, mode=mode) for x in xs for mode in ("int", "float")])
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
 def test_int_mode_error_is_far_inside_the_tolerance_and_float_mode_is_near_fp32():
     """The measurement behind int mode being the default: its error against the fp64 reference,
     next to float mode's, on heavy-tailed activations without a Hadamard transform to tame them."""

@@ -161,12 +161,15 @@ void check_input(const torch::Tensor& x, const Layer& L) {
                     "); call .contiguous() first");
 }
 
+// Passes 1 and 3 give each thread at least this many elements (torch's own grain size).
+constexpr int64_t kTokenGrain = 32768;
+
 // Pass 1 for token m: writes the kernel's activation layout, returns (scale, const).
 template <typename T>
 void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M, void* act, float* scale,
                     double* cst) {
   const float* su = L.su.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.K), [&](int64_t m0, int64_t m1) {
     std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
     for (int64_t m = m0; m < m1; ++m) {
       float amax;
@@ -187,7 +190,7 @@ template <typename T, typename D>
 void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, const double* cst, T* y) {
   const float* sv = L.sv.data_ptr<float>();
   const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.N), [&](int64_t m0, int64_t m1) {
     std::vector<float> row(L.N);
     for (int64_t m = m0; m < m1; ++m) {
       const D* d = dot + m * L.N;
@@ -200,18 +203,34 @@ void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, 
   });
 }
 
-// Pass 2 over row tiles, split between threads.
+// Below this many multiply-adds (N * K * M) one thread does pass 2: waking a second one costs
+// more than it saves (and much more on a machine busy with other work).
+constexpr int64_t kSerialWork = int64_t(1) << 21;
+
+// Pass 2 over row tiles. Threads take tiles from a shared counter rather than fixed halves, so
+// a thread that starts late (descheduled, or busy elsewhere) does less instead of holding up the
+// rest. Every row is still computed by one thread, in one fixed order: the split does not
+// change the result.
 template <typename Args, typename Fn>
-void run_rows(const Args& args, int64_t N, Fn fn) {
+void run_rows(const Args& args, int64_t N, int64_t work, Fn fn) {
   const int64_t tiles = (N + cpu::kRowTile - 1) / cpu::kRowTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    fn(args, t0 * cpu::kRowTile, std::min(N, t1 * cpu::kRowTile));
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || tiles <= 1 || work < kSerialWork) {
+    fn(args, 0, N);
+    return;
+  }
+  const int64_t grab = std::max<int64_t>(1, tiles / (8 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t0; (t0 = next.fetch_add(grab)) < tiles;)
+      fn(args, t0 * cpu::kRowTile, std::min(N, (t0 + grab) * cpu::kRowTile));
   });
 }
 
 template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bool gemm, torch::Tensor& y) {
   const int64_t M = x.size(0);
+  const int64_t work = L.N * L.K * M;
   const T* xp = x.data_ptr<T>();
   std::vector<float> scale(M);
   std::vector<double> cst(M);
@@ -221,10 +240,10 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
     prepare_tokens(xp, L, mode, /*plane=*/!gemm, M, act.data_ptr<int8_t>(), scale.data(), cst.data());
     const cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<int8_t>(), L.G * 512, M,
                             dot.data_ptr<int64_t>()};
-    if (gemm) run_rows(args, L.N, cpu::int_gemm_avx512);
-    else if (isa == Isa::kAvx512) run_rows(args, L.N, cpu::int_plane_avx512);
-    else if (isa == Isa::kAvx2) run_rows(args, L.N, cpu::int_plane_avx2);
-    else run_rows(args, L.N, cpu::int_plane_scalar);
+    if (gemm) run_rows(args, L.N, work, cpu::int_gemm_avx512);
+    else if (isa == Isa::kAvx512) run_rows(args, L.N, work, cpu::int_plane_avx512);
+    else if (isa == Isa::kAvx2) run_rows(args, L.N, work, cpu::int_plane_avx2);
+    else run_rows(args, L.N, work, cpu::int_plane_scalar);
     finish_tokens(dot.data_ptr<int64_t>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
   } else {
     auto act = torch::empty({M, L.G * kGroupElems}, torch::kFloat);
@@ -232,9 +251,9 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
     prepare_tokens(xp, L, mode, /*plane=*/true, M, act.data_ptr<float>(), scale.data(), cst.data());
     const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<float>(), M,
                               dot.data_ptr<float>()};
-    if (isa == Isa::kAvx512) run_rows(args, L.N, cpu::float_plane_avx512);
-    else if (isa == Isa::kAvx2) run_rows(args, L.N, cpu::float_plane_avx2);
-    else run_rows(args, L.N, cpu::float_plane_scalar);
+    if (isa == Isa::kAvx512) run_rows(args, L.N, work, cpu::float_plane_avx512);
+    else if (isa == Isa::kAvx2) run_rows(args, L.N, work, cpu::float_plane_avx2);
+    else run_rows(args, L.N, work, cpu::float_plane_scalar);
     finish_tokens(dot.data_ptr<float>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
   }
 }

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""CPU benchmark suite: pyquant's 2-bit kernels against torch's own CPU matmuls.
+
+    python benchmarks/suite.py [--quick]     (or: python -m pyquant bench [--quick])
+
+For every weight shape (in x out features) and batch size, in one process, side by side:
+
+- pyquant 2-bit        ``pyquant.backends.cpu`` (``pyquant._C.qlinear``), fp32 activations
+- F.linear fp32        dense fp32 weight
+- F.linear bf16        dense bf16 weight, bf16 activations
+- int4 (group 128)     ``torch._weight_int4pack_mm_for_cpu``, bf16 activations
+- int8                 ``torch._weight_int8pack_mm`` (per-channel scales), bf16 activations
+- floor                pyquant's stored bytes / the measured read bandwidth (the time just to
+                       stream the 2-bit weight from memory once)
+
+Methods are interleaved round by round (so load from other processes hits all of them alike)
+and each call takes the next of several distinct weights of the shape, so weights stream from
+memory rather than from cache: 16 per shape, fewer only for dense weights too large to hold 16
+of (the cycled set is then still >= 1 GiB, well above the last-level cache). Times are medians
+over rounds; ratios are speed-ups of pyquant (> 1: pyquant faster), and pyquant / floor.
+
+Writes ``benchmarks/results/cpu_{quick,full}.{json,md}`` with the machine's description.
+``bench_minilm`` adds MiniLM encode throughput (quantized vs fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import pyquant  # noqa: E402
+from pyquant.backends import cpu as cpu_backend  # noqa: E402
+from pyquant.format import PackedWeight, stored_bytes  # noqa: E402
+from pyquant.hadamard import default_block  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (384, 384), (384, 1536), (1536, 384)]
+BATCHES = [1, 2, 4, 8, 32, 128, 512]
+QUICK_SHAPES = [(4096, 4096), (384, 1536)]
+QUICK_BATCHES = [1, 8, 32, 128]
+N_WEIGHTS = 16
+DENSE_SET_BYTES = 1 << 30  # cap on one dense method's cycled set when 16 weights would not fit
+METHODS = ("pyquant", "fp32", "bf16", "int4", "int8")
+LABELS = {"pyquant": "pyquant 2-bit", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
+          "int4": "int4 g128", "int8": "int8"}
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ----------------------------------------------------------------------------- machine
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def measure_read_bandwidth(nbytes: int = 512 << 20, reps: int = 7) -> float:
+    """Read bandwidth in bytes/s: best of ``reps`` sums over a buffer far larger than the caches."""
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def machine_info() -> dict:
+    flags = set((_cpuinfo_field("flags") or "").split())
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()[0] if Path("/proc/meminfo").exists() else ""
+    return {
+        "cpu": _cpuinfo_field("model name") or platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "l3": l3.read_text().strip() if l3.exists() else None,
+        "memory": meminfo.split(":", 1)[-1].strip(),
+        "isa_flags": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                                      "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni"}),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "pyquant": pyquant.__version__,
+        "pyquant_isa": cpu_backend._C.get_isa(),
+        "pyquant_mode": cpu_backend._C.get_mode(),
+        "python": platform.python_version(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+# ----------------------------------------------------------------------------- weights
+
+def random_packed(k: int, n: int, seed: int = 0) -> PackedWeight:
+    """A random 2-bit weight (speed does not depend on the values) with the default Hadamard blocks."""
+    g = torch.Generator().manual_seed(seed)
+    return PackedWeight(
+        codes=torch.randint(0, 256, (n, k // 4), generator=g, dtype=torch.uint8),
+        A=torch.randn(4, 4, generator=g), b=torch.randn(4, generator=g),
+        su=torch.randn(k, generator=g).half(), sv=torch.rand(n, generator=g).half(), w_scale=torch.tensor(0.02),
+        had_in=default_block(k), had_out=default_block(n),
+    ).validate()
+
+
+def _copies(make, nbytes: int, cap: int | None = None) -> list:
+    """Distinct copies of one weight: 16, or as many as fit ``cap`` bytes (at least 2)."""
+    count = N_WEIGHTS if cap is None else max(2, min(N_WEIGHTS, cap // nbytes))
+    return [make() for _ in range(count)]
+
+
+def make_methods(k: int, n: int) -> dict:
+    """name -> (weights, fn(x, w), activation dtype)."""
+    pw = random_packed(k, n)
+    dense = torch.randn(n, k) / k**0.5
+    int4_base = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+    int4_sz = torch.rand(k // 128, n, 2).to(torch.bfloat16)
+    int8_base = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    int8_scales = torch.rand(n).to(torch.bfloat16)
+    bf16 = dense.to(torch.bfloat16)
+    methods = {
+        "pyquant": (_copies(lambda: PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale,
+                                                 had_in=pw.had_in, had_out=pw.had_out), stored_bytes(pw)),
+                    lambda x, w: cpu_backend.linear(x, w, None, {}), torch.float32),
+        "fp32": (_copies(dense.clone, dense.numel() * 4, DENSE_SET_BYTES), F.linear, torch.float32),
+        "bf16": (_copies(bf16.clone, bf16.numel() * 2, DENSE_SET_BYTES), F.linear, torch.bfloat16),
+        "int4": (_copies(int4_base.clone, int4_base.numel(), DENSE_SET_BYTES),
+                 lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w, 128, int4_sz), torch.bfloat16),
+        "int8": (_copies(int8_base.clone, int8_base.numel(), DENSE_SET_BYTES),
+                 lambda x, w: torch._weight_int8pack_mm(x, w, int8_scales), torch.bfloat16),
+    }
+    return methods, stored_bytes(pw)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def side_by_side(calls: dict, min_time: float, min_rounds: int = 3, max_rounds: int = 30) -> dict:
+    """``calls``: name -> fn() running one pass over that method's weights, returning the number
+    of calls made. Runs the passes interleaved, round by round; returns name -> seconds per call
+    (median and min over rounds)."""
+    samples = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up pass
+        fn()
+    t0 = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - t0 < min_time * len(calls) and rounds < max_rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            count = fn()
+            samples[name].append((time.perf_counter() - start) / count)
+        rounds += 1
+    return {name: {"median": statistics.median(s), "min": min(s), "rounds": len(s)} for name, s in samples.items()}
+
+
+def _pass(weights, fn, x):
+    def run():
+        for w in weights:
+            fn(x, w)
+        return len(weights)
+    return run
+
+
+@torch.inference_mode()
+def bench_shape(k: int, n: int, batches: list[int], bandwidth: float, min_time: float, progress) -> list[dict]:
+    methods, nbytes = make_methods(k, n)
+    rows = []
+    for m in batches:
+        x32 = torch.randn(m, k)
+        calls = {name: _pass(ws, fn, x32.to(dt)) for name, (ws, fn, dt) in methods.items()}
+        t = side_by_side(calls, min_time)
+        ms = {name: t[name]["median"] * 1e3 for name in METHODS}
+        floor_ms = nbytes / bandwidth * 1e3
+        rows.append({
+            "in": k, "out": n, "batch": m, "ms": ms,
+            "ms_min": {name: t[name]["min"] * 1e3 for name in METHODS},
+            "rounds": t["pyquant"]["rounds"],
+            "weights_cycled": {name: len(methods[name][0]) for name in METHODS},
+            "pyquant_bytes": nbytes, "floor_ms": floor_ms,
+            "speedup": {name: ms[name] / ms["pyquant"] for name in METHODS if name != "pyquant"},
+            "pyquant_over_floor": ms["pyquant"] / floor_ms,
+        })
+        progress.update(1)
+    return rows
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+@torch.inference_mode()
+def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, min_time: float = 2.0) -> list[dict]:
+    """MiniLM (all-MiniLM-L6-v2) encode throughput in sentences/s at ``seq_len`` tokens, fp32
+    against the same model with its encoder's Linear layers quantized to 2 bits (RTN), measured
+    side by side on real sentences padded or cut to exactly ``seq_len`` tokens."""
+    from pyquant.evaluation import encoder_filter, load_minilm, tokenize
+    from pyquant.sentences import split_sentences
+
+    model, tokenizer = load_minilm()
+    qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
+                                    progress=False)
+    layer = next(m for m in qmodel.modules() if isinstance(m, pyquant.QuantLinear))
+    _, sentences = split_sentences(0, max(batch_sizes))
+    out = []
+    for bs in batch_sizes:
+        batch = tokenize(tokenizer, sentences[:bs], max_length=seq_len, padding="max_length")
+        t = side_by_side({"fp32": lambda: (model(**batch), 1)[1], "pyquant": lambda: (qmodel(**batch), 1)[1]},
+                         min_time)
+        fp32, q = bs / t["fp32"]["median"], bs / t["pyquant"]["median"]
+        out.append({"batch": bs, "seq_len": seq_len, "fp32_sentences_per_s": fp32, "pyquant_sentences_per_s": q,
+                    "speedup": q / fp32, "backend": layer.last_backend, "rounds": t["fp32"]["rounds"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def markdown(report: dict) -> str:
+    mi = report["machine"]
+    lines = [
+        f"# pyquant CPU benchmark ({report['kind']}, {report['date']})", "",
+        f"- CPU: {mi['cpu']} — {mi['logical_cpus']} logical CPUs, {mi['torch_threads']} torch threads, "
+        f"L3 {mi['l3']}, memory {mi['memory']}",
+        f"- ISA flags: {', '.join(mi['isa_flags'])}; pyquant kernels: {mi['pyquant_isa']} ({mi['pyquant_mode']} mode); "
+        f"torch {mi['torch']} ({mi['torch_cpu_capability']})",
+        f"- measured read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s; load average at start "
+        f"{', '.join(f'{v:.1f}' for v in mi['load_average_start'])}, at end "
+        f"{', '.join(f'{v:.1f}' for v in report['load_average_end'])}",
+        "- times: median ms per call over interleaved rounds, each call on the next of 16 distinct weights "
+        "(fewer for dense weights over 64 MiB: see the JSON); speed-up = other / pyquant; floor = pyquant's "
+        "stored bytes / read bandwidth", "",
+    ]
+    by_shape: dict[tuple, list] = {}
+    for row in report["results"]:
+        by_shape.setdefault((row["in"], row["out"]), []).append(row)
+    for (k, n), rows in by_shape.items():
+        lines += [f"## {k} x {n} (in x out), {rows[0]['pyquant_bytes'] / 2**20:.2f} MiB stored at 2-bit", "",
+                  "| batch | " + " | ".join(f"{LABELS[m]} ms" for m in METHODS) + " | floor ms | "
+                  + " | ".join(f"x {m}" for m in METHODS[1:]) + " | pyquant / floor |",
+                  "|" + "---:|" * (2 * len(METHODS) + 2)]
+        for r in rows:
+            lines.append(f"| {r['batch']} | " + " | ".join(_fmt(r["ms"][m]) for m in METHODS)
+                         + f" | {_fmt(r['floor_ms'])} | " + " | ".join(f"{r['speedup'][m]:.2f}" for m in METHODS[1:])
+                         + f" | {r['pyquant_over_floor']:.2f} |")
+        lines.append("")
+    if report.get("minilm"):
+        lines += ["## MiniLM (all-MiniLM-L6-v2) encode, 2-bit RTN encoder vs fp32", "",
+                  "| batch | seq len | fp32 sentences/s | pyquant sentences/s | speed-up | backend |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        for r in report["minilm"]:
+            lines.append(f"| {r['batch']} | {r['seq_len']} | {r['fp32_sentences_per_s']:.1f} | "
+                         f"{r['pyquant_sentences_per_s']:.1f} | {r['speedup']:.2f} | {r['backend']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, batches {QUICK_BATCHES}")
+    p.add_argument("--min-time", type=float, default=None, help="seconds per method per row (default 0.3, quick 0.15)")
+    p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM end-to-end section")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
+    args = p.parse_args(argv)
+    if not cpu_backend.available():
+        raise SystemExit("error: pyquant._C is not built (pip install --no-build-isolation -e .)")
+    shapes, batches = (QUICK_SHAPES, QUICK_BATCHES) if args.quick else (SHAPES, BATCHES)
+    min_time = args.min_time if args.min_time is not None else (0.15 if args.quick else 0.3)
+    kind = "quick" if args.quick else "full"
+
+    report = {"kind": kind, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
+    report["read_bandwidth_gbs"] = measure_read_bandwidth() / 1e9
+    report["results"] = []
+    with tqdm(total=len(shapes) * len(batches), desc="cpu bench", unit="row") as progress:
+        for k, n in shapes:
+            progress.set_postfix_str(f"{k}x{n}")
+            report["results"] += bench_shape(k, n, batches, report["read_bandwidth_gbs"] * 1e9, min_time, progress)
+    if not args.no_minilm:
+        print("MiniLM end to end ...", file=sys.stderr)
+        report["minilm"] = bench_minilm(min_time=1.0 if args.quick else 2.0)
+    report["load_average_end"] = os.getloadavg()
+
+    md = markdown(report)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"cpu_{kind}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"cpu_{kind}.md").write_text(md + "\n")
+    print(f"wrote {args.out / f'cpu_{kind}.json'} and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
