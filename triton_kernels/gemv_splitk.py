@@ -8,15 +8,17 @@ registers and multiplied straight away.
 Two inner products, picked per config:
 
 - FMA (``USE_DOT=False``): fp32 multiply-adds into a ``[BLOCK_N, BLOCK_K, BLOCK_M]``
-  register accumulator, reduced over K once at the end; best for 1-4 tokens.
+  register accumulator, reduced over K once at the end; meant for 1-4 tokens
+  (the autotuner decides from timings).
 - ``tl.dot`` (``USE_DOT=True``): tokens padded to 16; levels are exact in fp16/bf16
   and ``xt`` is split into ``hi + lo`` halves of that dtype, so two tensor-core
   products give ~16 (bf16) or ~22 (fp16) mantissa bits with fp32 accumulation.
 
 Split-K over the second grid axis, with two reductions:
 
-- ``atomic``: every split ``atomic_add``s into one fp32 ``[M, N]`` buffer (fast,
-  order of additions not fixed, results may differ in the last bits run to run);
+- ``atomic``: every split ``atomic_add``s into one fp32 ``[M, N]`` buffer (no
+  partials to write and re-read, but the order of additions is not fixed: results
+  may differ in the last bits run to run);
 - ``deterministic``: every split writes its own slice of ``[S, M, N]`` and the
   output pass sums them in split order (bit-identical between runs).
 
