@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# One-shot GPU validation on a bare, offline GPU machine (torch with CUDA, nvcc, triton, pytest,
+# transformers already installed; nothing gets installed from the network).
+#
+#   OUT=./gpu_out bash benchmarks/gpu_check.sh        # OUT defaults to ./gpu_out
+#
+# Steps (each logged to $OUT/<step>.log; a failing step never stops the next one):
+#   env      GPU, driver, library versions
+#   build    pip install --no-build-isolation --no-deps -e .  (fallback: setup.py build_ext --inplace)
+#   import   pyquant._C_cuda loads and the backends the dispatcher sees
+#   tests    pytest -q tests -k "cuda or triton"
+#   e2e      benchmarks/decode_e2e.py --out $OUT
+#   suite    benchmarks/gpu_suite.py --out $OUT   (only if that file exists)
+# $OUT/summary.txt gets one line per step: name, exit code, seconds. The steps share a time budget
+# (GPU_CHECK_BUDGET seconds, default 540) so the whole run stays under the 10-minute device limit;
+# a step cut short by it exits 124.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET=${GPU_CHECK_BUDGET:-540}
+start=$(date +%s)
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  PY=.venv/bin/python
+else PY=python3
+fi
+
+: > "$OUT/summary.txt"
+echo "gpu_check: $(date -Is), python $PY, out $OUT, budget ${BUDGET}s" | tee -a "$OUT/summary.txt"
+
+# step NAME MAX_SECONDS CMD...: run CMD with a timeout of min(MAX_SECONDS, what is left of the budget).
+step() {
+  local name=$1 max=$2 rc t0 left lim
+  shift 2
+  t0=$(date +%s)
+  left=$(( BUDGET - (t0 - start) ))
+  lim=$(( max < left ? max : left ))
+  if [ "$lim" -le 5 ]; then
+    echo "$name rc=skipped (time budget spent)" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
+  echo "== $name (limit ${lim}s): $*" | tee "$OUT/$name.log"
+  # bash -c so that the exported shell functions below can be timed like commands
+  timeout --kill-after=10 "$lim" bash -c '"$@"' _ "$@" >> "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
+  return 0
+}
+
+env_info() {
+  nvidia-smi || true
+  nvcc --version || true
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, "| sm", f"{p.major}.{p.minor}", "| SMs", p.multi_processor_count,
+          "| memory GiB", round(p.total_memory / 2**30, 1))
+for mod in ("triton", "transformers", "pytest"):
+    try:
+        print(mod, __import__(mod).__version__)
+    except Exception as e:
+        print(mod, "unavailable:", e)
+EOF
+}
+
+build() {
+  if "$PY" -m pip install --no-build-isolation --no-deps -e .; then return 0; fi
+  echo "pip install -e . failed; trying setup.py build_ext --inplace"
+  "$PY" setup.py build_ext --inplace
+}
+
+import_check() {
+  "$PY" - <<'EOF'
+import torch, pyquant
+from pyquant import kernels
+from pyquant.backends import cuda
+print("pyquant._C_cuda import error:", cuda._IMPORT_ERROR)
+print("available backends:", kernels.available_backends())
+print("cuda backend available:", cuda.available())
+raise SystemExit(0 if cuda.available() else 1)
+EOF
+}
+
+export PY
+export -f env_info build import_check
+step env 60 env_info
+step build 240 build
+step import 60 import_check
+step tests 150 "$PY" -m pytest -q -rs tests -k "cuda or triton"
+step e2e 150 "$PY" benchmarks/decode_e2e.py --out "$OUT"
+if [ -f benchmarks/gpu_suite.py ]; then
+  step suite 240 "$PY" benchmarks/gpu_suite.py --out "$OUT" ${GPU_SUITE_ARGS:-"--batches" 1 8 16 512}
+else
+  echo "suite rc=skipped (benchmarks/gpu_suite.py not present)" | tee -a "$OUT/summary.txt"
+fi
+echo "gpu_check: done in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
