@@ -13,8 +13,9 @@ depend on the quantization method.
 Each decode step (one new token per sequence, greedy, static KV cache of ``prompt + steps``
 tokens) is captured in a CUDA graph for both models and replayed ``--steps`` times;
 tokens/s = batch / step time. Every available pyquant GPU backend (``cuda``, ``triton``) is
-measured, each forced in turn, after checking that its logits match the torch reference
-backend on the same quantized model. If graph capture fails (it depends on the
+measured, each forced in turn (the CUDA one also with programmatic dependent launch,
+``PYQUANT_CUDA_PDL=1``, on sm_90+), after checking that its logits match the torch
+reference backend on the same quantized model. If graph capture fails (it depends on the
 transformers version), both models are timed eagerly instead and the JSON says so.
 
 Writes ``decode_e2e_<gpu>.json`` and ``.md`` to ``--out``. Exits 0 with a message when
@@ -23,6 +24,7 @@ no CUDA GPU is present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
@@ -186,6 +188,21 @@ class GraphError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def environ(values: dict):
+    """Temporarily set environment variables (read by the kernels at launch time)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def logits_once(model, batch: int = 2, prompt: int = 8) -> torch.Tensor:
     dec = Decoder(model, batch, prompt, prompt + 4)
     with torch.no_grad():
@@ -231,27 +248,41 @@ def main(argv=None) -> int:
     bpw = pyquant.bits_per_weight(qmodel)
     print(f"  quantized in {time.time() - t0:.0f} s: {how}; {bpw:.3f} bits/weight", flush=True)
 
-    backends = [b for b in (("cuda", "triton") if device == "cuda" else ("cpu",)) if b in kernels.available_backends()]
+    # (name, backend, extra environment): the CUDA backend also with programmatic dependent
+    # launch on sm_90+ (its decode kernel prefetches codes while the previous kernel drains).
+    avail = kernels.available_backends()
+    variants = []
+    if device == "cuda":
+        if "cuda" in avail:
+            variants.append(("cuda", "cuda", {}))
+            if torch.cuda.get_device_capability()[0] >= 9:
+                variants.append(("cuda_pdl", "cuda", {"PYQUANT_CUDA_PDL": "1"}))
+        if "triton" in avail:
+            variants.append(("triton", "triton", {}))
+    elif "cpu" in avail:
+        variants.append(("cpu", "cpu", {}))
     checks = {}
     with kernels.force_backend("torch"):
         ref = logits_once(qmodel)
-    for b in list(backends):
+    for v in list(variants):
+        name, backend, env = v
         try:
-            with kernels.force_backend(b):
-                checks[b] = rel_err(logits_once(qmodel), ref)
+            with kernels.force_backend(backend), environ(env):
+                checks[name] = rel_err(logits_once(qmodel), ref)
         except Exception as e:  # noqa: BLE001 - a backend that fails is reported, not timed
-            checks[b] = f"{type(e).__name__}: {e}"
-            backends.remove(b)
-        print(f"  {b}: logits vs torch reference backend: {checks[b]}", flush=True)
+            checks[name] = f"{type(e).__name__}: {e}"
+            variants.remove(v)
+        print(f"  {name}: logits vs torch reference backend: {checks[name]}", flush=True)
+    backends = [v[0] for v in variants]
 
     use_graph = not args.no_graph and device == "cuda"
     rows, graph_error = [], None
     for batch in args.batches:
         row = {"batch": batch}
-        plans = [("fp16", fp16, None)] + [(b, qmodel, b) for b in backends]
-        for name, model, backend in plans:
+        plans = [("fp16", fp16, None, {})] + [(name, qmodel, b, env) for name, b, env in variants]
+        for name, model, backend, env in plans:
             try:
-                with kernels.force_backend(backend):
+                with kernels.force_backend(backend), environ(env):
                     try:
                         sec, mode = time_decode(model, batch, args.prompt, args.steps, use_graph)
                     except GraphError as e:

@@ -135,7 +135,7 @@ SHAPES = [  # (N, K, hadamard): odd N, K not a multiple of 64, the largest block
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,hadamard", SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 64, 512])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 64, 512])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(dtype, n, k, hadamard, m, with_bias):
     pw = gpu_weight(n, k, hadamard=hadamard, seed=n + k, scale_dtype=torch.float16)
@@ -159,7 +159,7 @@ def test_hadamard_block_sizes(had_in, had_out):
 
 
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 4, 5, 8])  # packed limbs (<= 4 tokens) and one mma per limb
 def test_small_and_gemm_paths_agree(m):
     pw = gpu_weight(1024, 2048, seed=1)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
@@ -195,7 +195,10 @@ def test_deterministic_and_counters_reset():
 
 @needs_gpu
 @pytest.mark.parametrize("m", [1, 4, 32])
-def test_cuda_graph_capture(m):
+@pytest.mark.parametrize("pdl", [False, True])  # programmatic dependent launch (used on sm_90+)
+def test_cuda_graph_capture(m, pdl, monkeypatch):
+    if pdl:
+        monkeypatch.setenv("PYQUANT_CUDA_PDL", "1")
     layer = QuantLinear.from_packed(gpu_weight(2048, 1024, seed=7), torch.randn(2048, device="cuda"))
     static_x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
     with kernels.force_backend("cuda"):
@@ -216,6 +219,7 @@ def test_cuda_graph_capture(m):
     graph.replay()
     with kernels.force_backend("cuda"):
         assert torch.equal(static_y, layer(new_x))
+    assert rel_err(static_y, reference(new_x, layer.packed, layer.bias)) < 1e-3
 
 
 @needs_gpu

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 
 #include "qlinear_cuda.h"
@@ -41,6 +42,19 @@ int num_sms(int device) {
     cache[device] = n;
   }
   return cache[device];
+}
+
+// PYQUANT_CUDA_PDL=1: launch the fused small-batch kernel with programmatic dependent launch on
+// sm_90+, so it prefetches its codes while the previous kernel drains (read at every call, so a
+// benchmark can compare both in one process).
+bool use_pdl(int device) {
+  const char* env = std::getenv("PYQUANT_CUDA_PDL");
+  if (env == nullptr || env[0] != '1') return false;
+  static int major[64] = {0};
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
+  return major[device] >= 9;
 }
 
 void check_launch(cudaError_t e, const char* what) {
@@ -126,7 +140,8 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& codes, const at::
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  const SmallPlan plan = plan_small(static_cast<int>(M), L.Np, L.Kp, num_sms(x.get_device()));
+  const SmallPlan plan =
+      plan_small(static_cast<int>(M), L.Np, L.Kp, num_sms(x.get_device()), use_pdl(x.get_device()));
   at::Tensor partials = at::empty({plan.splits, M, static_cast<int64_t>(L.Np)}, x.options().dtype(at::kFloat));
   check_launch(launch_small(dtype_of(x), x.data_ptr(), y.data_ptr(), static_cast<int>(M), L, plan,
                             partials.data_ptr<float>(), counters.data_ptr<int>(),

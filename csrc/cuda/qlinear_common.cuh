@@ -133,6 +133,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+): wait until the grids this one depends on have finished
+// and their writes are visible / let dependent grids start launching. Both are no-ops when the
+// launch did not opt in (and on older GPUs), so they are always compiled in.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Code unpacking: one repacked 32-bit word -> the eight bf16x2 mma operand registers it holds.
 // Register q takes the level pair at bits (2q, 2q+1) [even k] and (2q+16, 2q+17) [odd k].

@@ -56,8 +56,9 @@ struct SmallPlan {
   int slice;          // k elements per CTA (multiple of 64, of had_in, <= 2048)
   int splits;         // ceil(Kp / slice)
   size_t smem_bytes;  // dynamic shared memory per CTA
+  bool pdl;           // launch with programmatic stream serialization (sm_90+)
 };
-SmallPlan plan_small(int M, int Np, int Kp, int num_sms);
+SmallPlan plan_small(int M, int Np, int Kp, int num_sms, bool pdl);
 // counters: int32 [Np / kUnitRows], zero before the call and zero again after it.
 cudaError_t launch_small(DType dt, const void* x, void* y, int M, const LayerArgs& L, const SmallPlan& plan,
                          float* partials, int* counters, cudaStream_t stream);

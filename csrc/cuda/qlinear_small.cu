@@ -40,9 +40,15 @@ __device__ __forceinline__ void load_chunk(uint4 (&buf)[kChunk], const uint4* p,
     if (first + i < nkb) buf[i] = ldg_stream(p + static_cast<size_t>(first + i) * 32, pol);
 }
 
-// acc[h] += rows (16h..16h+15 of the warp's group) x tokens, over the k blocks in `buf`.
-__device__ __forceinline__ void mma_chunk(const uint4 (&buf)[kChunk], int first, int nkb, const uint4* act4,
-                                          int lanes_m, int lane, float (&acc)[2][4]) {
+// acc[h] += rows (16h..16h+15 of the warp's group) x fragment columns, over the k blocks in `buf`.
+// kPacked (M <= 4): the 8 mma columns are (hi limb of tokens 0..3, lo limb of tokens 0..3), one
+//   mma per k step and row half; the two limbs are added in the epilogue with a lane shuffle.
+// otherwise: the columns are tokens 0..7, one mma per limb.
+template <bool kPacked>
+__device__ __forceinline__ void mma_chunk(const uint4 (&buf)[kChunk], int first, int nkb, const uint32_t* actw,
+                                          int M, int lane, float (&acc)[2][4]) {
+  const int lanes_m = 4 * M;
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     if (first + i < nkb) {
@@ -56,20 +62,28 @@ __device__ __forceinline__ void mma_chunk(const uint4 (&buf)[kChunk], int first,
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           const int kstep = kb * 4 + 2 * c + s;
-          // Only lanes of real tokens hold data; the others feed zeros (tokens >= M).
-          uint4 bf = make_uint4(0u, 0u, 0u, 0u);
-          if (lane < lanes_m) bf = act4[kstep * lanes_m + lane];
-          mma_bf16_16816(acc[0], r0 + 4 * s, bf.x, bf.y);
-          mma_bf16_16816(acc[0], r0 + 4 * s, bf.z, bf.w);
-          mma_bf16_16816(acc[1], r1 + 4 * s, bf.x, bf.y);
-          mma_bf16_16816(acc[1], r1 + 4 * s, bf.z, bf.w);
+          if (kPacked) {
+            // column g: token g & 3, limb g >> 2 (words 0-1 hi, 2-3 lo); absent tokens feed zeros
+            uint2 bf = make_uint2(0u, 0u);
+            if ((g & 3) < M)
+              bf = *reinterpret_cast<const uint2*>(actw + (kstep * lanes_m + 4 * (g & 3) + t) * 4 + 2 * (g >> 2));
+            mma_bf16_16816(acc[0], r0 + 4 * s, bf.x, bf.y);
+            mma_bf16_16816(acc[1], r1 + 4 * s, bf.x, bf.y);
+          } else {
+            uint4 bf = make_uint4(0u, 0u, 0u, 0u);
+            if (lane < lanes_m) bf = reinterpret_cast<const uint4*>(actw)[kstep * lanes_m + lane];
+            mma_bf16_16816(acc[0], r0 + 4 * s, bf.x, bf.y);
+            mma_bf16_16816(acc[0], r0 + 4 * s, bf.z, bf.w);
+            mma_bf16_16816(acc[1], r1 + 4 * s, bf.x, bf.y);
+            mma_bf16_16816(acc[1], r1 + 4 * s, bf.z, bf.w);
+          }
         }
       }
     }
   }
 }
 
-template <typename T>
+template <typename T, bool kPacked>
 __global__ void __launch_bounds__(kThreads) small_kernel(const SmallParams p) {
 #ifdef PYQ_ARCH_UNSUPPORTED
   __trap();
@@ -89,13 +103,14 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallParams p) {
   const uint4* wp = L.codes + (static_cast<size_t>(group) * (L.Kp >> 6) + (k0 >> 6)) * 32 + lane;
   const uint64_t pol = evict_first_policy();
 
-  // 1. start the weight stream
+  // 1. start the weight stream; the codes do not depend on the previous kernel, everything
+  //    after grid_dependency_wait() may (x, and the counters/partials of a previous call)
   uint4 bufA[kChunk], bufB[kChunk];
   load_chunk(bufA, wp, 0, nkb, pol);
+  grid_dependency_wait();
 
   // 2. activation transform of this slice: smem = act [len/16][4M] uint4, then cpart [M * len/8]
   const int lanes_m = 4 * M;
-  uint4* act4 = smem;
   uint32_t* actw = reinterpret_cast<uint32_t*>(smem);
   float* cpart = reinterpret_cast<float*>(smem + static_cast<size_t>(p.slice >> 4) * lanes_m);
   const int L8 = len >> 3;
@@ -147,15 +162,25 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallParams p) {
     for (int e = 0; e < 4; ++e) acc[h][e] = 0.f;
   for (int first = 0; first < nkb; first += 2 * kChunk) {
     if (first + kChunk < nkb) load_chunk(bufB, wp, first + kChunk, nkb, pol);
-    mma_chunk(bufA, first, nkb, act4, lanes_m, lane, acc);
+    mma_chunk<kPacked>(bufA, first, nkb, actw, M, lane, acc);
     if (first + kChunk < nkb) {
       if (first + 2 * kChunk < nkb) load_chunk(bufA, wp, first + 2 * kChunk, nkb, pol);
-      mma_chunk(bufB, first + kChunk, nkb, act4, lanes_m, lane, acc);
+      mma_chunk<kPacked>(bufB, first + kChunk, nkb, actw, M, lane, acc);
     }
   }
 
-  // 4. partial sums (+ this slice's constant), then the last CTA of the row block finishes it
+  grid_launch_dependents();  // the next layer may start prefetching its codes
+
+  // 4. partial sums (+ this slice's constant), then the last CTA of the row block finishes it.
+  // Accumulator e of lane (g, t): row g + 8 (e >> 1), column 2t + (e & 1).
   const int g = lane >> 2, t = lane & 3;
+  if (kPacked) {
+    // columns 4..7 (lanes t = 2, 3) hold the lo limbs of the tokens in columns 0..3 (t = 0, 1)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], 2);
+  }
   const int row_base = rb * kUnitRows + warp * 32;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -163,7 +188,8 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallParams p) {
     for (int e = 0; e < 4; ++e) {
       const int tok = 2 * t + (e & 1);
       const int row = row_base + 16 * h + g + 8 * (e >> 1);
-      if (tok < M) p.partials[(static_cast<size_t>(split) * M + tok) * L.Np + row] = acc[h][e] + s_const[tok];
+      if (tok < M && (!kPacked || t < 2))
+        p.partials[(static_cast<size_t>(split) * M + tok) * L.Np + row] = acc[h][e] + s_const[tok];
     }
   }
   __threadfence();
@@ -177,19 +203,37 @@ __global__ void __launch_bounds__(kThreads) small_kernel(const SmallParams p) {
 #endif
 }
 
-template <typename T>
-cudaError_t launch_small_t(const SmallParams& p, const SmallPlan& plan, cudaStream_t stream) {
+template <typename T, bool kPacked>
+cudaError_t launch_small_tp(const SmallParams& p, const SmallPlan& plan, cudaStream_t stream) {
   static int recorded[64] = {0};
-  cudaError_t e = ensure_smem(small_kernel<T>, plan.smem_bytes, recorded);
+  cudaError_t e = ensure_smem(small_kernel<T, kPacked>, plan.smem_bytes, recorded);
   if (e != cudaSuccess) return e;
   const dim3 grid(plan.splits, p.L.Np / kUnitRows);
-  small_kernel<T><<<grid, kThreads, plan.smem_bytes, stream>>>(p);
+  if (plan.pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = plan.smem_bytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, small_kernel<T, kPacked>, p);
+  }
+  small_kernel<T, kPacked><<<grid, kThreads, plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_small_t(const SmallParams& p, const SmallPlan& plan, cudaStream_t stream) {
+  return p.M <= 4 ? launch_small_tp<T, true>(p, plan, stream) : launch_small_tp<T, false>(p, plan, stream);
 }
 
 }  // namespace
 
-SmallPlan plan_small(int M, int Np, int Kp, int num_sms) {
+SmallPlan plan_small(int M, int Np, int Kp, int num_sms, bool pdl) {
   // Enough CTAs to cover the GPU twice, but slices of at least 512 so the per-CTA activation
   // transform stays small next to the 256 x slice codes it serves.
   const long rowblocks = Np / kUnitRows;
@@ -200,6 +244,7 @@ SmallPlan plan_small(int M, int Np, int Kp, int num_sms) {
   plan.slice = slice;
   plan.splits = (Kp + slice - 1) / slice;
   plan.smem_bytes = static_cast<size_t>(slice / 16) * 4 * M * 16 + static_cast<size_t>(M) * (slice / 8) * 4;
+  plan.pdl = pdl;
   return plan;
 }
 
