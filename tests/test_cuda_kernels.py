@@ -8,6 +8,8 @@ documented in csrc/cuda/qlinear_cuda.h (decoded with independent index
 arithmetic), the activation-fragment decoder, and the number format the kernels
 use (two bf16 limbs) against the accuracy target.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,19 +134,28 @@ SHAPES = [  # (N, K, hadamard): odd N, K not a multiple of 64, the largest block
     (257, 512, True), (300, 100, True), (1000, 768, False), (4096, 4096, True), (11008, 4096, True)]
 
 
+@functools.lru_cache(maxsize=None)
+def shared_weight(n, k, hadamard):
+    """(packed weight, its dense fp32 matrix, kernel cache) shared by the parametrized cases."""
+    pw = gpu_weight(n, k, hadamard=hadamard, seed=n + k, scale_dtype=torch.float16)
+    return pw, dequantize(pw), {}
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,hadamard", SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 64, 512])
+# 1..4 tokens: packed limbs; 5..8: one mma per limb; then GEMM token tiles of 16, 32, 64, 128
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 24, 64, 100, 512])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(dtype, n, k, hadamard, m, with_bias):
-    pw = gpu_weight(n, k, hadamard=hadamard, seed=n + k, scale_dtype=torch.float16)
+    pw, w, cache = shared_weight(n, k, hadamard)
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     bias = torch.randn(n, device="cuda", generator=g) if with_bias else None
-    y = cuda_backend.linear(x, pw, bias, {})
+    y = cuda_backend.linear(x, pw, bias, cache)
     assert y.shape == (m, n) and y.dtype == dtype
-    assert rel_err(y, reference(x, pw, bias)) < 1e-3
+    ref = F.linear(x.float(), w, bias).to(dtype)
+    assert rel_err(y, ref) < 1e-3
 
 
 @needs_gpu

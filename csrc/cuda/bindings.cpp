@@ -211,6 +211,8 @@ std::tuple<at::Tensor, at::Tensor> transform(const at::Tensor& x, const at::Tens
 }  // namespace pyquant_cuda
 
 TORCH_LIBRARY(pyquant_cuda, m) {
+  // Where the fake (meta) implementations live: torch imports it when it needs them.
+  m.set_python_module("pyquant.backends.cuda");
   m.def(
       "linear_small(Tensor x, Tensor codes, Tensor su, Tensor sv, Tensor A, Tensor b, Tensor w_scale, "
       "Tensor? bias, Tensor counters, int N, int had_in, int had_out) -> Tensor");

@@ -70,7 +70,7 @@ cudaError_t launch_transform(DType dt, const void* x, int M, const LayerArgs& L,
                              cudaStream_t stream);
 
 struct GemmPlan {
-  int tiles_per_warp;  // 8-token tiles per warp (4 or 8); a CTA covers 128 rows x 16*tiles_per_warp tokens
+  int tiles_per_warp;  // 8-token tiles per warp (1, 2, 4 or 8); a CTA covers 128 rows x 16*tiles_per_warp tokens
   int splits;          // split-K factor
 };
 GemmPlan plan_gemm(int M, int Np, int Kp, int num_sms);

@@ -3,7 +3,7 @@
 // transform_kernel: one CTA per (token, 2048 inputs): su scale + Hadamard (registers and warp
 //   shuffles) + A^T per 4-chunk, written as bf16 hi/lo mma B fragments, plus the per-token
 //   constant of each slice (summed later in a fixed order).
-// gemm_kernel: CTA tile 128 rows x (16 * tiles_per_warp) tokens x 64 k per stage, 3-stage cp.async
+// gemm_kernel: CTA tile 128 rows x (16 * tiles_per_warp = 16..128) tokens x 64 k per stage, 3-stage cp.async
 //   pipeline for both the repacked codes (evict-first) and the activation fragments; 8 warps as
 //   4 (rows) x 2 (tokens); codes are unpacked to bf16 in registers with lop3 + magic-number fma
 //   and each fragment feeds 2 limbs x tiles_per_warp mma. Optional split-K over grid.z.
@@ -239,7 +239,8 @@ cudaError_t launch_transform(DType dt, const void* x, int M, const LayerArgs& L,
 
 GemmPlan plan_gemm(int M, int Np, int Kp, int num_sms) {
   GemmPlan plan;
-  plan.tiles_per_warp = M > 64 ? 8 : 4;
+  // Token tile (16 * tiles_per_warp) no larger than needed: zero columns cost full tensor work.
+  plan.tiles_per_warp = M > 64 ? 8 : M > 32 ? 4 : M > 16 ? 2 : 1;
   const int Mt = (M + 7) / 8;
   const long ctas = static_cast<long>(Np / kGemmRows) * ((Mt + 2 * plan.tiles_per_warp - 1) / (2 * plan.tiles_per_warp));
   const int KB = Kp / 64;
@@ -252,8 +253,12 @@ GemmPlan plan_gemm(int M, int Np, int Kp, int num_sms) {
 
 cudaError_t launch_gemm(const uint32_t* act, const float* const_ws, int M, const LayerArgs& L, const GemmPlan& plan,
                         float* partials, cudaStream_t stream) {
-  if (plan.tiles_per_warp == 8) return launch_gemm_t<8>(act, const_ws, M, L, plan.splits, partials, stream);
-  if (plan.tiles_per_warp == 4) return launch_gemm_t<4>(act, const_ws, M, L, plan.splits, partials, stream);
+  switch (plan.tiles_per_warp) {
+    case 1: return launch_gemm_t<1>(act, const_ws, M, L, plan.splits, partials, stream);
+    case 2: return launch_gemm_t<2>(act, const_ws, M, L, plan.splits, partials, stream);
+    case 4: return launch_gemm_t<4>(act, const_ws, M, L, plan.splits, partials, stream);
+    case 8: return launch_gemm_t<8>(act, const_ws, M, L, plan.splits, partials, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
