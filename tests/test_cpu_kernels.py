@@ -96,6 +96,22 @@ def test_every_path_matches_the_reference(k, n, m, dtype, hadamard, has_bias, sc
         assert torch.equal(y, ints[0][1]), (path, ints[0][0])
 
 
+@pytest.mark.parametrize("k", [21928, 21932])
+def test_largest_dot_products_do_not_overflow(k):
+    """All levels 3 against activations all at the top of the fixed-point range: the largest
+    |sum z * q| there is. K = 21928 is the last one kept in int32, 21932 goes to int64."""
+    n = 20
+    pw = PackedWeight(codes=torch.full((n, k // 4), 255, dtype=torch.uint8), A=torch.eye(4), b=torch.zeros(4),
+                      su=torch.ones(k), sv=torch.ones(n), w_scale=torch.tensor(1.0)).validate()
+    for m in (1, 9):
+        x = torch.ones(m, k)
+        x[-1] = -1
+        expect = torch.full((m, n), 3.0 * k)
+        expect[-1] = -3.0 * k
+        for isa, mode, algo in kernel_paths():
+            assert torch.equal(run(x, pw, isa=isa, mode=mode, algo=algo), expect), (isa, mode, algo, m)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_results_are_identical_run_to_run(isa):
     pw = make_packed(100, 1536, hadamard=True, seed=3)

@@ -40,13 +40,25 @@ constexpr int32_t kQMax = 127 * 256;             // int mode: |q| <= kQMax keeps
 // at the horizontal sum: 32 groups -> 8.0e8 < 2^31.
 constexpr int64_t kBlockGroups = 32;
 
+// |V| <= K * 3 * (256 * 127 + 128) < 2^31 up to this K: V is then written as int32, which halves
+// the memory traffic of large batches; above it as int64.
+constexpr int64_t kInt32MaxK = 21928;
+
 struct IntArgs {
   const uint8_t* codes;  // [N, K4]
   int64_t N, K4, G;
   const int8_t* act;     // [M][act_stride] in the layout the kernel expects
   int64_t act_stride;    // bytes per token (G * 512)
   int64_t M;
-  int64_t* out;          // [M, N]: 256 * sum z*hi + sum z*lo
+  // [M, N]: V = 256 * sum z*hi + sum z*lo; out32 when K <= kInt32MaxK, else out64 (the other null)
+  int32_t* out32;
+  int64_t* out64;
+  // int_gemm_avx512 only: this thread's 64-byte aligned kGemmScratch(K4) bytes
+  uint32_t* scratch;
+  void store(int64_t m, int64_t n, int64_t v) const {
+    if (out32) out32[m * N + n] = static_cast<int32_t>(v);
+    else out64[m * N + n] = v;
+  }
 };
 
 struct FloatArgs {
@@ -56,6 +68,9 @@ struct FloatArgs {
   int64_t M;
   float* out;            // [M, N]
 };
+
+// Scratch of the GEMM per thread: one unpacked tile of 32 rows x K4 codes, 4 bytes per code.
+inline int64_t gemm_scratch_bytes(int64_t K4) { return 128 * K4; }
 
 // Each kernel computes rows [n0, n1) for all M tokens; the driver threads over row ranges
 // whose n0 is a multiple of kRowTile.
@@ -71,7 +86,7 @@ void int_plane_avx2(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_avx2(const FloatArgs& a, int64_t n0, int64_t n1);
 
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1);
-void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1);  // natural layout
+void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1);  // natural layout, M > kGemvMaxTokens
 void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1);
 
 }  // namespace cpu

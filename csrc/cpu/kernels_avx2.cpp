@@ -79,7 +79,7 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
       }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n + r] = total[r][t];
+    for (int t = 0; t < MT; ++t) a.store(m0 + t, n + r, total[r][t]);
 }
 
 template <int R, int MT>

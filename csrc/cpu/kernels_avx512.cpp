@@ -117,7 +117,7 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < MT; ++t) a.out[(m0 + t) * a.N + n + r] = total[r][t];
+    for (int t = 0; t < MT; ++t) a.store(m0 + t, n + r, total[r][t]);
 }
 
 template <int R, int MT>
@@ -142,9 +142,8 @@ void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int6
 
 // ------------------------------------------------------------------ int GEMM, natural layout
 
-constexpr int64_t kChunkBlock = 256;  // chunks (1024 activations) per K block: a 32 KB tile
-constexpr int64_t kTokenBlock = 64;   // tokens per block: 64 x 256 x 8 B = 128 KB of activations
-constexpr int kMicroTokens = 4;       // 4 tokens x 2 row halves x (hi, lo) = 16 accumulators
+constexpr int kMicroTokens = 6;                  // 6 tokens x 2 row halves x (hi, lo): 24 accumulators
+constexpr int64_t kActBlockBytes = 512 << 10;    // activations of one token block: stay in L2
 
 // Every dword lane holds one code byte c; returns the dword with bytes (z0, z1, z2, z3),
 // z0 = c >> 6 in the lowest byte, so it pairs with activation 4j + 0 in vpdpbusd.
@@ -180,18 +179,17 @@ inline void transpose16(__m512i (&v)[16]) {
   }
 }
 
-// buf[j][h][r] (dwords): the levels of code codes[16 h + r, j0 + j] for the `rows` valid rows
-// of the tile starting at `codes`; missing rows are code 0, which contributes nothing.
-void unpack_tile(const uint8_t* codes, int64_t K4, int64_t rows, int64_t j0, int64_t jn, uint32_t* buf) {
+// buf[j][h][r] (dwords), j over all K4 chunks: the levels of code codes[16 h + r, j] for the
+// `rows` valid rows of the tile starting at `codes`; missing rows are code 0 (level 0).
+void unpack_tile(const uint8_t* codes, int64_t K4, int64_t rows, uint32_t* buf) {
   for (int h = 0; h < 2; ++h) {
-    for (int64_t jb = 0; jb < jn; jb += 16) {
-      const int64_t cnt = imin(16, jn - jb);
+    for (int64_t jb = 0; jb < K4; jb += 16) {
+      const int64_t cnt = imin(16, K4 - jb);
       const __mmask16 mask = static_cast<__mmask16>((1u << cnt) - 1);
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
         const int64_t row = h * 16 + r;
-        const __m128i bytes = row < rows ? _mm_maskz_loadu_epi8(mask, codes + row * K4 + j0 + jb)
-                                         : _mm_setzero_si128();
+        const __m128i bytes = row < rows ? _mm_maskz_loadu_epi8(mask, codes + row * K4 + jb) : _mm_setzero_si128();
         v[r] = expand_code(_mm512_cvtepu8_epi32(bytes));
       }
       transpose16(v);
@@ -200,32 +198,38 @@ void unpack_tile(const uint8_t* codes, int64_t K4, int64_t rows, int64_t j0, int
   }
 }
 
-// Adds 16 int32 lanes to out[0..valid) as int64.
-inline void add_rows(int64_t* out, __m512i v, int valid) {
-  const __m512i v0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
-  const __m512i v1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
-  const __mmask8 m0 = valid >= 8 ? 0xFF : static_cast<__mmask8>((1u << valid) - 1);
-  const __mmask8 m1 = valid >= 16 ? 0xFF : valid <= 8 ? 0 : static_cast<__mmask8>((1u << (valid - 8)) - 1);
-  _mm512_mask_storeu_epi64(out, m0, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m0, out), v0));
-  if (m1) _mm512_mask_storeu_epi64(out + 8, m1, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m1, out + 8), v1));
+// Writes V = 256 hi + lo of 16 rows (lanes) to out[0, valid).
+inline void store_rows(const IntArgs& a, int64_t m, int64_t n, __m512i hi, __m512i lo, int valid) {
+  const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  if (a.out32) {  // K <= kInt32MaxK: no overflow
+    _mm512_mask_storeu_epi32(a.out32 + m * a.N + n, mask, _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo));
+    return;
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m512i h64 = _mm512_cvtepi32_epi64(half ? _mm512_extracti64x4_epi64(hi, 1) : _mm512_castsi512_si256(hi));
+    const __m512i l64 = _mm512_cvtepi32_epi64(half ? _mm512_extracti64x4_epi64(lo, 1) : _mm512_castsi512_si256(lo));
+    _mm512_mask_storeu_epi64(a.out64 + m * a.N + n + 8 * half, static_cast<__mmask8>(mask >> (8 * half)),
+                             _mm512_add_epi64(_mm512_slli_epi64(h64, 8), l64));
+  }
 }
 
-// MT tokens x 32 rows over jn chunks. act points at token m's hi bytes of chunk j0; its lo bytes
-// are lo_off further on. out points at out[m, t0].
+// MT tokens from m x the 32 rows of the tile at n, over all K4 chunks. Per lane, hi sums at most
+// K4 * 4 * 3 * 127 (no int32 overflow below K4 = 1.4 million); they are combined on store.
 // noinline: a function of its own gets the whole register file for its 4 * MT accumulators;
 // inlined into the tile loop GCC kept some of them in memory.
 template <int MT>
-__attribute__((noinline)) void gemm_micro(const uint32_t* w, int64_t jn, const int8_t* act, int64_t stride, int64_t lo_off,
-                int64_t* out, int64_t N, int rows) {
+__attribute__((noinline)) void gemm_micro(const IntArgs& a, const uint32_t* w, int64_t m, int64_t n, int rows) {
+  const int8_t* act = a.act + m * a.act_stride;
+  const int64_t lo_off = a.G * kGroupElems;
   __m512i hi[MT][2], lo[MT][2];
 #pragma GCC unroll 8
   for (int t = 0; t < MT; ++t) hi[t][0] = hi[t][1] = lo[t][0] = lo[t][1] = _mm512_setzero_si512();
-  for (int64_t j = 0; j < jn; ++j) {
+  for (int64_t j = 0; j < a.K4; ++j) {
     const __m512i w0 = _mm512_load_si512(w + j * 32);
     const __m512i w1 = _mm512_load_si512(w + j * 32 + 16);
 #pragma GCC unroll 8
     for (int t = 0; t < MT; ++t) {
-      const int8_t* p = act + t * stride + 4 * j;
+      const int8_t* p = act + t * a.act_stride + 4 * j;
       const __m512i ah = _mm512_broadcastd_epi32(_mm_loadu_si32(p));
       const __m512i al = _mm512_broadcastd_epi32(_mm_loadu_si32(p + lo_off));
       hi[t][0] = _mm512_dpbusd_epi32(hi[t][0], w0, ah);
@@ -234,18 +238,23 @@ __attribute__((noinline)) void gemm_micro(const uint32_t* w, int64_t jn, const i
       lo[t][1] = _mm512_dpbusd_epi32(lo[t][1], w1, al);
     }
   }
-  // Per lane at most 256 chunks x 4 x 3 x 127 for hi: 256 * that + lo stays below 2^31.
-  // (Fully unrolled: indexing the accumulators with run-time indices would make GCC keep a copy
-  // of them in memory and store it on every step of the loop above.)
+  // Fully unrolled: run-time indices into the accumulators would also push them to memory.
 #pragma GCC unroll 8
   for (int t = 0; t < MT; ++t)
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const int valid = rows - 16 * h;
-      if (valid > 0)
-        add_rows(out + t * N + 16 * h, _mm512_add_epi32(_mm512_slli_epi32(hi[t][h], 8), lo[t][h]),
-                 valid > 16 ? 16 : valid);
-    }
+    for (int h = 0; h < 2; ++h)
+      if (rows > 16 * h) store_rows(a, m + t, n + 16 * h, hi[t][h], lo[t][h], rows - 16 * h > 16 ? 16 : rows - 16 * h);
+}
+
+void gemm_tokens(const IntArgs& a, const uint32_t* w, int64_t m, int64_t mt, int64_t n, int rows) {
+  switch (mt) {
+    case 1: gemm_micro<1>(a, w, m, n, rows); break;
+    case 2: gemm_micro<2>(a, w, m, n, rows); break;
+    case 3: gemm_micro<3>(a, w, m, n, rows); break;
+    case 4: gemm_micro<4>(a, w, m, n, rows); break;
+    case 5: gemm_micro<5>(a, w, m, n, rows); break;
+    default: gemm_micro<6>(a, w, m, n, rows); break;
+  }
 }
 
 // ------------------------------------------------------------------ float, plane layout
@@ -301,33 +310,17 @@ void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
 }
 
 void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
-  alignas(64) uint32_t buf[kChunkBlock * 32];
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t n = n0; n < n1; ++n) a.out[m * a.N + n] = 0;
-  const int64_t lo_off = a.G * kGroupElems;
-  for (int64_t mb = 0; mb < a.M; mb += kTokenBlock) {
-    const int64_t mend = imin(a.M, mb + kTokenBlock);
-    for (int64_t j0 = 0; j0 < a.K4; j0 += kChunkBlock) {
-      const int64_t jn = imin(kChunkBlock, a.K4 - j0);
-      for (int64_t t0 = n0; t0 < n1; t0 += 32) {
-        const int rows = static_cast<int>(imin(32, n1 - t0));
-        unpack_tile(a.codes + t0 * a.K4, a.K4, rows, j0, jn, buf);
-        int64_t m = mb;
-        const int8_t* act0 = a.act + 4 * j0;
-        for (; m + kMicroTokens <= mend; m += kMicroTokens)
-          gemm_micro<kMicroTokens>(buf, jn, act0 + m * a.act_stride, a.act_stride, lo_off, a.out + m * a.N + t0, a.N, rows);
-        const int64_t left = mend - m;
-        const int8_t* act = act0 + m * a.act_stride;
-        int64_t* out = a.out + m * a.N + t0;
-        switch (left) {
-          case 1: gemm_micro<1>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
-          case 2: gemm_micro<2>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
-          case 3: gemm_micro<3>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
-          case 4: gemm_micro<4>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
-          case 5: gemm_micro<5>(buf, jn, act, a.act_stride, lo_off, out, a.N, rows); break;
-          default: break;
-        }
-      }
+  // Tiles of 32 rows are unpacked for the whole of K (128 * K4 bytes: 128 KB at K = 4096, in L2)
+  // and reused by every token of a block; blocks of tokens are sized so their activations stay
+  // in L2 too. Each (token, row) is then finished in registers and stored once.
+  uint32_t* buf = a.scratch;
+  const int64_t block = imin(a.M, kMicroTokens * (1 + kActBlockBytes / (a.act_stride * kMicroTokens)));
+  for (int64_t mb = 0; mb < a.M; mb += block) {
+    const int64_t mend = imin(a.M, mb + block);
+    for (int64_t t0 = n0; t0 < n1; t0 += 32) {
+      const int rows = static_cast<int>(imin(32, n1 - t0));
+      unpack_tile(a.codes + t0 * a.K4, a.K4, rows, buf);
+      for (int64_t m = mb; m < mend; m += kMicroTokens) gemm_tokens(a, buf, m, imin(kMicroTokens, mend - m), t0, rows);
     }
   }
 }

@@ -25,7 +25,7 @@ void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
           }
         }
       }
-      a.out[m * a.N + n] = 256 * hi + lo;
+      a.store(m, n, 256 * hi + lo);
     }
   }
 }

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -186,19 +187,30 @@ void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M
 }
 
 // Pass 3: y[m] = sv * H_out(w_scale * (scale[m] * dot[m] + cst[m])) + bias, in T.
+// int32 and fp32 dot products are scaled in fp32 (vectorized; V < 2^31 rounds to float with a
+// relative error of 6e-8), int64 ones in double. fp32 outputs are transformed in place in y.
 template <typename T, typename D>
 void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, const double* cst, T* y) {
   const float* sv = L.sv.data_ptr<float>();
   const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+  constexpr bool kFloatOut = std::is_same_v<T, float>;
   at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.N), [&](int64_t m0, int64_t m1) {
-    std::vector<float> row(L.N);
+    std::vector<float> tmp(kFloatOut ? 0 : L.N);
     for (int64_t m = m0; m < m1; ++m) {
+      float* row = kFloatOut ? reinterpret_cast<float*>(y + m * L.N) : tmp.data();
       const D* d = dot + m * L.N;
       const double a = static_cast<double>(L.w_scale) * scale[m], c = static_cast<double>(L.w_scale) * cst[m];
-      for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
-      cpu::output_transform(row.data(), L.N, L.had_out, sv, bias);
-      T* out = y + m * L.N;
-      for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
+      if constexpr (std::is_same_v<D, int64_t>) {
+        for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
+      } else {
+        const float af = static_cast<float>(a), cf = static_cast<float>(c);
+        for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(d[n]) * af + cf;
+      }
+      cpu::output_transform(row, L.N, L.had_out, sv, bias);
+      if constexpr (!kFloatOut) {
+        T* out = y + m * L.N;
+        for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
+      }
     }
   });
 }
@@ -207,54 +219,112 @@ void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, 
 // more than it saves (and much more on a machine busy with other work).
 constexpr int64_t kSerialWork = int64_t(1) << 21;
 
-// Pass 2 over row tiles. Threads take tiles from a shared counter rather than fixed halves, so
-// a thread that starts late (descheduled, or busy elsewhere) does less instead of holding up the
-// rest. Every row is still computed by one thread, in one fixed order: the split does not
-// change the result.
-template <typename Args, typename Fn>
-void run_rows(const Args& args, int64_t N, int64_t work, Fn fn) {
-  const int64_t tiles = (N + cpu::kRowTile - 1) / cpu::kRowTile;
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || tiles <= 1 || work < kSerialWork) {
-    fn(args, 0, N);
-    return;
+// Pass 2 over row tiles: fn(n0, n1, worker) computes rows [n0, n1) on worker `worker`
+// (0 <= worker < workers(), for per-thread scratch). Threads take tiles from a shared counter
+// rather than fixed halves, so a thread that starts late (descheduled, or busy elsewhere) does
+// less instead of holding up the rest. Every row is still computed by one thread, in one fixed
+// order: the split does not change the result.
+struct RowSplit {
+  int64_t N, tiles, threads;
+  RowSplit(int64_t N, int64_t work)
+      : N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
+    if (tiles <= 1 || work < kSerialWork) threads = 1;
   }
-  const int64_t grab = std::max<int64_t>(1, tiles / (8 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t0; (t0 = next.fetch_add(grab)) < tiles;)
-      fn(args, t0 * cpu::kRowTile, std::min(N, (t0 + grab) * cpu::kRowTile));
-  });
-}
+  int64_t workers() const { return threads; }
+  template <typename Fn>
+  void run(Fn fn) const {
+    if (threads <= 1) {
+      fn(int64_t(0), N, int64_t(0));
+      return;
+    }
+    const int64_t grab = std::max<int64_t>(1, tiles / (8 * threads));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t worker = w0; worker < w1; ++worker)
+        for (int64_t t0; (t0 = next.fetch_add(grab)) < tiles;)
+          fn(t0 * cpu::kRowTile, std::min(N, (t0 + grab) * cpu::kRowTile), worker);
+    });
+  }
+};
+
+// Scratch of one call (encoded activations, dot products, GEMM tiles), kept per calling thread
+// and reused: at large batches a fresh allocation would fault in tens of MB of new pages on every
+// call. Requests above kWorkspaceCacheBytes get a temporary allocation instead of being kept.
+constexpr size_t kWorkspaceCacheBytes = size_t(64) << 20;
+
+class Workspace {
+ public:
+  ~Workspace() { std::free(kept_); }
+  // `bytes` of 64-byte aligned scratch, valid until the next call on this thread.
+  uint8_t* get(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > kWorkspaceCacheBytes) {
+      temp_ = torch::empty({static_cast<int64_t>(bytes) + 64}, torch::kUInt8);
+      const auto p = reinterpret_cast<uintptr_t>(temp_.data_ptr<uint8_t>());
+      return reinterpret_cast<uint8_t*>((p + 63) / 64 * 64);
+    }
+    temp_ = torch::Tensor();
+    if (bytes > size_) {
+      std::free(kept_);
+      kept_ = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
+      size_ = kept_ ? bytes : 0;
+      TORCH_CHECK(kept_, "pyquant: could not allocate ", bytes, " bytes of scratch");
+    }
+    return kept_;
+  }
+
+ private:
+  uint8_t* kept_ = nullptr;
+  size_t size_ = 0;
+  torch::Tensor temp_;
+};
+
+thread_local Workspace t_workspace;
+
+inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bool gemm, torch::Tensor& y) {
   const int64_t M = x.size(0);
-  const int64_t work = L.N * L.K * M;
+  const RowSplit split(L.N, L.N * L.K * M);
   const T* xp = x.data_ptr<T>();
   std::vector<float> scale(M);
   std::vector<double> cst(M);
   if (mode == Mode::kInt) {
-    auto act = torch::empty({M, L.G * 512}, torch::kInt8);
-    auto dot = torch::empty({M, L.N}, torch::kLong);
-    prepare_tokens(xp, L, mode, /*plane=*/!gemm, M, act.data_ptr<int8_t>(), scale.data(), cst.data());
-    const cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<int8_t>(), L.G * 512, M,
-                            dot.data_ptr<int64_t>()};
-    if (gemm) run_rows(args, L.N, work, cpu::int_gemm_avx512);
-    else if (isa == Isa::kAvx512) run_rows(args, L.N, work, cpu::int_plane_avx512);
-    else if (isa == Isa::kAvx2) run_rows(args, L.N, work, cpu::int_plane_avx2);
-    else run_rows(args, L.N, work, cpu::int_plane_scalar);
-    finish_tokens(dot.data_ptr<int64_t>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+    const bool narrow = L.K <= cpu::kInt32MaxK;
+    const int64_t act_bytes = align64(M * L.G * 512), dot_bytes = align64(M * L.N * (narrow ? 4 : 8));
+    const int64_t slot = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;  // per-thread GEMM tile
+    uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + split.workers() * slot);
+    auto* act = reinterpret_cast<int8_t*>(ws);
+    void* dot = ws + act_bytes;
+    uint8_t* scratch = ws + act_bytes + dot_bytes;
+    prepare_tokens(xp, L, mode, /*plane=*/!gemm, M, act, scale.data(), cst.data());
+    cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, L.G * 512, M,
+                      narrow ? static_cast<int32_t*>(dot) : nullptr, narrow ? nullptr : static_cast<int64_t*>(dot),
+                      nullptr};
+    auto kernel = gemm ? cpu::int_gemm_avx512
+                       : isa == Isa::kAvx512 ? cpu::int_plane_avx512
+                       : isa == Isa::kAvx2   ? cpu::int_plane_avx2
+                                             : cpu::int_plane_scalar;
+    split.run([&](int64_t n0, int64_t n1, int64_t worker) {
+      cpu::IntArgs mine = args;
+      mine.scratch = reinterpret_cast<uint32_t*>(scratch + worker * slot);
+      kernel(mine, n0, n1);
+    });
+    if (narrow) finish_tokens(static_cast<const int32_t*>(dot), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+    else finish_tokens(static_cast<const int64_t*>(dot), L, M, scale.data(), cst.data(), y.data_ptr<T>());
   } else {
-    auto act = torch::empty({M, L.G * kGroupElems}, torch::kFloat);
-    auto dot = torch::empty({M, L.N}, torch::kFloat);
-    prepare_tokens(xp, L, mode, /*plane=*/true, M, act.data_ptr<float>(), scale.data(), cst.data());
-    const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act.data_ptr<float>(), M,
-                              dot.data_ptr<float>()};
-    if (isa == Isa::kAvx512) run_rows(args, L.N, work, cpu::float_plane_avx512);
-    else if (isa == Isa::kAvx2) run_rows(args, L.N, work, cpu::float_plane_avx2);
-    else run_rows(args, L.N, work, cpu::float_plane_scalar);
-    finish_tokens(dot.data_ptr<float>(), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+    const int64_t act_bytes = align64(M * L.G * kGroupElems * 4);
+    uint8_t* ws = t_workspace.get(act_bytes + M * L.N * 4);
+    auto* act = reinterpret_cast<float*>(ws);
+    auto* dot = reinterpret_cast<float*>(ws + act_bytes);
+    prepare_tokens(xp, L, mode, /*plane=*/true, M, act, scale.data(), cst.data());
+    const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, M, dot};
+    auto kernel = isa == Isa::kAvx512 ? cpu::float_plane_avx512
+                  : isa == Isa::kAvx2 ? cpu::float_plane_avx2
+                                      : cpu::float_plane_scalar;
+    split.run([&](int64_t n0, int64_t n1, int64_t) { kernel(args, n0, n1); });
+    finish_tokens(dot, L, M, scale.data(), cst.data(), y.data_ptr<T>());
   }
 }
 
