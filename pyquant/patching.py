@@ -50,6 +50,7 @@ __all__ = [
     "add_vectors",
     "scale_vector",
     "restrict",
+    "rename",
     "vector_norm",
     "cosine",
     "finetune",
@@ -240,6 +241,17 @@ def restrict(v: Mapping[str, torch.Tensor], filter_fn: NameFilter) -> Vector:
     if not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(name) -> bool")
     return {n: t for n, t in _check_vector(v).items() if filter_fn(n)}
+
+
+def rename(v: Mapping[str, torch.Tensor], remove_prefix: str = "", add_prefix: str = "") -> Vector:
+    """``v`` with ``remove_prefix`` taken off every name and ``add_prefix`` put on, e.g. a vector
+    made on a task model (``backbone.encoder...``) applied to the bare backbone (``encoder...``)."""
+    v = _check_vector(v)
+    if remove_prefix:
+        stray = [n for n in v if not n.startswith(remove_prefix)]
+        if stray:
+            raise ValueError(f"remove_prefix {remove_prefix!r} is not a prefix of {len(stray)} names, e.g. {stray[:3]}")
+    return {add_prefix + n[len(remove_prefix):]: t for n, t in v.items()}
 
 
 def vector_norm(v: Mapping[str, torch.Tensor]) -> float:

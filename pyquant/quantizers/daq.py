@@ -53,27 +53,44 @@ FINE = (0.0875, 10)         # half-width around the coarse best, points
 
 
 # ---------------------------------------------------------------- metrics
-def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``[gr, gc, br*bc]`` view of ``x`` cut into blocks (zero-padded at the edges,
-    which no metric counts: a zero delta is below the sign threshold and adds nothing)."""
+def _block_sum(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``[gr, gc]`` sums of ``x`` over its blocks (zero-padded at ragged edges)."""
     n, k = x.shape
     gr, gc = -(-n // block[0]), -(-k // block[1])
-    x = F.pad(x, (0, gc * block[1] - k, 0, gr * block[0] - n))
-    return x.reshape(gr, block[0], gc, block[1]).permute(0, 2, 1, 3).reshape(gr, gc, -1)
+    if gr * block[0] != n or gc * block[1] != k:
+        x = F.pad(x, (0, gc * block[1] - k, 0, gr * block[0] - n))
+    return x.reshape(gr, block[0], gc, block[1]).sum(dim=(1, 3))
 
 
-def _block_scores(metric: str, delta: torch.Tensor, deq: torch.Tensor, w_base: torch.Tensor, w_post: torch.Tensor,
-                  block: tuple[int, int]) -> torch.Tensor:
-    """Per-block score (higher is better; NaN where the metric is undefined)."""
-    if metric == "mse":
-        return -_blocks((deq - w_post).square(), block).sum(-1)
-    d, dq = _blocks(delta, block), _blocks(deq - w_base, block)
-    if metric == "sign":
-        mask = d.abs() > SIGN_THRESHOLD
-        kept = (torch.sign(dq) == torch.sign(d)) & mask
-        return kept.sum(-1) / mask.sum(-1)  # 0/0 = NaN: no delta here, nothing to choose by
-    dot, nd, nq = (d * dq).sum(-1), d.norm(dim=-1), dq.norm(dim=-1)
-    return torch.where(nq > 0, dot / (nd * nq), torch.zeros_like(dot)).masked_fill(nd == 0, float("nan"))
+class _Scorer:
+    """Per-block score of a candidate dense weight (higher is better; NaN where the
+    metric is undefined, e.g. a block with no delta). What does not depend on
+    the candidate is computed once."""
+
+    def __init__(self, metric: str, w_post: torch.Tensor, w_base: torch.Tensor, block: tuple[int, int]):
+        self.metric, self.w_post, self.w_base, self.block = metric, w_post, w_base, block
+        delta = w_post - w_base
+        if metric == "sign":
+            mask = delta.abs() > SIGN_THRESHOLD
+            self.sign = torch.sign(delta) * mask  # 0 outside the mask, so those entries never count as kept
+            self.count = _block_sum(mask.float(), block)
+            self.defined = self.count > 0
+        elif metric == "cosine":
+            self.delta = delta
+            self.norm = _block_sum(delta.square(), block).sqrt()
+            self.defined = self.norm > 0
+        else:
+            self.defined = torch.ones_like(_block_sum(delta, block), dtype=torch.bool)
+
+    def __call__(self, deq: torch.Tensor) -> torch.Tensor:
+        if self.metric == "mse":
+            return -_block_sum((deq - self.w_post).square(), self.block)
+        dq = deq - self.w_base
+        if self.metric == "sign":
+            return _block_sum((torch.sign(dq) * self.sign > 0).float(), self.block) / self.count  # 0/0 -> NaN
+        dot, nq = _block_sum(self.delta * dq, self.block), _block_sum(dq.square(), self.block).sqrt()
+        cos = torch.where(nq > 0, dot / (self.norm * nq), torch.zeros_like(dot))
+        return cos.masked_fill(~self.defined, float("nan"))
 
 
 def delta_metrics(w_post: torch.Tensor, w_base: torch.Tensor, deq: torch.Tensor) -> dict[str, float]:
@@ -173,7 +190,6 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
             raise ValueError(f"w_base has shape {tuple(wb.shape)} but w_post has {tuple(w.shape)}")
     else:
         wb, search = None, False
-    delta = None if wb is None else w - wb
 
     if grid == "pyquant2":
         build_rep, m_shape, blk = _pyquant2_builder(w, granularity, hadamard, hadamard_block, seed, scale_dtype)
@@ -189,8 +205,9 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
             codes = quantize_codes(w, full, g)
             return (codes, scales), dequantize_codes(codes, full)
 
-    def score(deq):
-        return _block_scores(metric, delta, deq, wb, w, blk)
+    score = _Scorer(metric, w, wb, blk) if search else None
+    if score is not None and not bool(score.defined.any()):
+        search = False  # no block has a delta to keep: every multiplier would be refused anyway
 
     def expand(mask):
         return expand_scales(mask, tuple(w.shape), blk)
