@@ -73,31 +73,32 @@ def quantize(model) -> str:
     from pyquant.nn import QuantLinear
 
     config = pyquant.RTNConfig(bits=2)
-    try:
+    device = next(model.parameters()).device
+    try:  # does the quantizer run where the model is?
+        config.quantize_weight(torch.randn(256, 256, device=device))
+        on_device = None
+    except Exception as e:  # noqa: BLE001 - reported below
+        on_device = f"{type(e).__name__}: {e}"
+    if on_device is None or device.type == "cpu":
         pyquant.quantize_model(model, config, filter_fn=not_head, progress=False)
         return "RTN 2-bit (pyquant.quantize_model, RTNConfig(bits=2)) on every decoder linear layer"
-    except RuntimeError as e:
-        if "device" not in str(e):
-            raise
-        # The RTN quantizer could not run on the GPU: quantize layer 0 on the CPU and give the
-        # other layers copies of its packed tensors (separate memory, same values; speed does not
-        # depend on them).
-        print(f"decode_e2e: RTN on the GPU failed ({e}); quantizing layer 0 on the CPU and copying it", flush=True)
-        layers = model.model.layers
-        device = next(model.parameters()).device
-        first = layers[0].cpu()
-        pyquant.quantize_model(first, config, progress=False)
-        layers[0] = first.to(device)
-        for layer in layers[1:]:
-            for fqn, module in list(layer.named_modules()):
-                if isinstance(module, torch.nn.Linear):
-                    src = layers[0].get_submodule(fqn)
-                    q = QuantLinear.from_packed(src.packed.to(device), None)
-                    parent, _, child = fqn.rpartition(".")
-                    setattr(layer.get_submodule(parent) if parent else layer, child, q)
-        return ("RTN 2-bit on decoder layer 0 (on the CPU: RTN did not run on the GPU); "
-                "layers 1.. hold copies of its packed tensors")
-
+    # RTN does not run on the GPU: quantizing every layer on the CPU takes minutes, so quantize
+    # layer 0 there and give the other layers copies of its packed tensors (separate memory, same
+    # values; the speed does not depend on them).
+    print(f"decode_e2e: RTN does not run on {device} ({on_device}); quantizing layer 0 on the CPU and "
+          "copying it to the other layers", flush=True)
+    layers = model.model.layers
+    first = layers[0].cpu()
+    pyquant.quantize_model(first, config, progress=False)
+    layers[0] = first.to(device)
+    for layer in layers[1:]:
+        for fqn, module in list(layer.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                q = QuantLinear.from_packed(layers[0].get_submodule(fqn).packed.to(device), None)
+                parent, _, child = fqn.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, q)
+    return ("RTN 2-bit on decoder layer 0 (on the CPU: RTN did not run on the GPU); "
+            "layers 1.. hold copies of its packed tensors")
 
 def make_cache(model, batch: int, max_len: int):
     from transformers import StaticCache
