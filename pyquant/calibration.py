@@ -26,6 +26,7 @@ __all__ = [
     "batch_mask",
     "run_model",
     "HessianCollector",
+    "FiniteCheck",
     "collect_hessians",
 ]
 
@@ -219,6 +220,37 @@ class HessianCollector:
             raise CalibrationError(f"no calibration token reached {missing}: these layers are not used by the "
                                    "model's forward on the calibration data")
         return {n: self.sums[n] / self.counts[n] for n in self.modules}
+
+
+class FiniteCheck:
+    """Forward pre-hooks that raise :class:`CalibrationError` as soon as the input
+    of one of ``modules`` holds NaN/Inf on a real token (a cheap pass over the
+    whole model before any quantization, so bad data fails early and clearly).
+    Set :attr:`mask` and :attr:`batch_index` before each forward."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.mask: torch.Tensor | None = None
+        self.batch_index = 0
+        self._handles = []
+
+    def __enter__(self) -> "FiniteCheck":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                if not torch.isfinite(select_rows(args[0].detach(), self.mask)).all():
+                    raise CalibrationError(f"calibration_data[{self.batch_index}]: the input activations of "
+                                           f"{name} hold NaN or Inf values")
+        return hook
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ References: QuIP# (LDLQ, incoherence) and the UniSVQ release (AI9Stars/UniSVQ).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import zlib
@@ -47,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import calibration as cal
+from .. import kernels
 from ..format import PackedWeight, code_vectors, codebook, dequantize
 from ..hadamard import blockwise_hadamard, default_block, random_signs
 from .base import QuantConfig, SwapFn, check_weight
@@ -75,16 +77,39 @@ _GRID_VAR = 1.25  # variance of the levels z - 1.5, z in 0..3
 # Per-layer math
 # --------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the sequential per-vector loops on one thread: their ops are tiny, and
+    on a busy machine intra-op threads spend far longer waiting for each other."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def nearest_codeword(w: torch.Tensor, cb: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the codeword nearest to each row of ``w`` (``[M, 4]``) among
     ``cb`` (``[C, 4]``): ``argmin (w − c) G (w − c)ᵀ = argmax 2 w G cᵀ − c G cᵀ``
     with ``G`` the symmetric positive-definite ``metric`` (identity when None:
     ``argmax 2 w·cᵀ − ‖c‖²``). Exact: every codeword is scored."""
-    if w.dim() != 2 or w.shape[1] != cb.shape[1] or cb.dim() != 2:
-        raise ValueError(f"w must be [M, {cb.shape[-1]}] and cb [C, d], got {tuple(w.shape)} and {tuple(cb.shape)}")
-    cg = cb if metric is None else cb @ metric
-    norms = (cg * cb).sum(1)
-    return torch.addmm(-norms, w, 2 * cg.T).argmax(1)
+    if w.dim() != 2 or cb.dim() != 2 or w.shape[1] != cb.shape[1]:
+        raise ValueError(f"w must be [M, d] and cb [C, d], got {tuple(w.shape)} and {tuple(cb.shape)}")
+    if metric is None:
+        return _best_codeword(w, 2 * cb.T, (cb * cb).sum(1))
+    return _best_codeword(w @ metric, 2 * cb.T, ((cb @ metric) * cb).sum(1))
+
+
+def _best_codeword(lin: torch.Tensor, cb2t: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``argmax_c lin·2c − norms[c]``: with ``lin = w G`` and ``norms = c G cᵀ`` the
+    nearest codeword in metric ``G`` (``cb2t`` is ``2 cbᵀ``, ``[4, C]``)."""
+    return torch.addmm(norms, lin, cb2t, beta=-1).argmax(1)
+
+
+def _metric_norms(cb: torch.Tensor, metrics: torch.Tensor) -> torch.Tensor:
+    """``[J, C]``: ``c G_j cᵀ`` for every metric ``G_j`` (``[J, 4, 4]``) and codeword."""
+    return torch.einsum("cp,jpq,cq->jc", cb, metrics, cb)
 
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -117,6 +142,15 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     mdot, dblk = mdot.to(w.dtype), dblk.to(w.dtype)
     codes = torch.empty(n, nb, dtype=torch.long)
     delta = torch.zeros_like(w)  # W − Ŵ on the columns done so far (later columns first)
+    with _one_thread():
+        _ldlq_loop(w, cb, mdot, dblk, codes, delta)
+    return codes
+
+
+def _ldlq_loop(w, cb, mdot, dblk, codes, delta) -> None:
+    n, k = w.shape
+    nb = k // _VEC
+    cb2t, norms = 2 * cb.T.contiguous(), _metric_norms(cb, dblk)
     for c_end in range(nb, 0, -_CHUNK):
         c_start = max(0, c_end - _CHUNK)
         s, e = c_start * _VEC, c_end * _VEC
@@ -125,10 +159,9 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
         for j in range(c_end - 1, c_start - 1, -1):
             a, b = j * _VEC, (j + 1) * _VEC
             target = w[:, a:b] + outer[:, a - s:b - s] + delta[:, b:e] @ mdot[b:e, a:b]
-            z = nearest_codeword(target, cb, dblk[j])
+            z = _best_codeword(target @ dblk[j], cb2t, norms[j])  # exact nearest in metric D_j
             codes[:, j] = z
             delta[:, a:b] = w[:, a:b] - cb[z]
-    return codes
 
 
 def refine(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, codes: torch.Tensor, passes: int) -> torch.Tensor:
@@ -142,37 +175,47 @@ def refine(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, codes: torch.Tens
     codes = codes.clone()
     idx = torch.arange(nb)
     hjj = h.reshape(nb, _VEC, nb, _VEC)[idx, :, idx, :].contiguous()  # [nb, 4, 4]
-    hjj_inv = torch.linalg.inv(hjj.double()).to(w.dtype)
+    cb2t, norms = 2 * cb.T.contiguous(), _metric_norms(cb, hjj)
     for _ in range(passes):
         w_hat = cb[codes].reshape(n, k)
         g = (w - w_hat) @ h  # recomputed each pass so float rounding cannot drift
-        changed_any = False
-        for c_start in range(0, nb, _CHUNK):
-            c_end = min(nb, c_start + _CHUNK)
-            s, e = c_start * _VEC, c_end * _VEC
-            moved = torch.zeros(n, e - s, dtype=w.dtype)  # Ŵ_new − Ŵ_old in this chunk
-            for j in range(c_start, c_end):
-                a, b = j * _VEC, (j + 1) * _VEC
-                old = w_hat[:, a:b]
-                lin = old @ hjj[j] + g[:, a:b]
-                z = nearest_codeword(lin @ hjj_inv[j], cb, hjj[j])
-                changed = z != codes[:, j]
-                if not changed.any():
-                    continue
-                changed_any = True
-                d = cb[z] - old
-                codes[:, j] = z
-                w_hat[:, a:b] = cb[z]
-                moved[:, a - s:b - s] = d
-                g[:, s:e] -= d @ h[a:b, s:e]  # keep this chunk's gradient exact
-            if e - s and moved.any():  # the rest of G, lazily, once per chunk
-                if s:
-                    g[:, :s] -= moved @ h[s:e, :s]
-                if e < k:
-                    g[:, e:] -= moved @ h[s:e, e:]
+        with _one_thread():
+            changed_any = _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj)
         if not changed_any:
             break
     return codes
+
+
+def _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj) -> bool:
+    """One in-place coordinate-descent pass; True when some code changed."""
+    n, k = w.shape
+    nb = k // _VEC
+    changed_any = False
+    for c_start in range(0, nb, _CHUNK):
+        c_end = min(nb, c_start + _CHUNK)
+        s, e = c_start * _VEC, c_end * _VEC
+        moved = torch.zeros(n, e - s, dtype=w.dtype)  # Ŵ_new − Ŵ_old in this chunk
+        for j in range(c_start, c_end):
+            a, b = j * _VEC, (j + 1) * _VEC
+            old = w_hat[:, a:b]
+            # Exact best codeword given the others: the nearest, in metric H_jj, to
+            # old + G_j H_jj^-1, scored without the inverse.
+            z = _best_codeword(old @ hjj[j] + g[:, a:b], cb2t, norms[j])
+            changed = z != codes[:, j]
+            if not changed.any():
+                continue
+            changed_any = True
+            d = cb[z] - old
+            codes[:, j] = z
+            w_hat[:, a:b] = cb[z]
+            moved[:, a - s:b - s] = d
+            g[:, s:e] -= d @ h[a:b, s:e]  # keep this chunk's gradient exact
+        if e - s and moved.any():  # the rest of G, lazily, once per chunk
+            if s:
+                g[:, :s] -= moved @ h[s:e, :s]
+            if e < k:
+                g[:, e:] -= moved @ h[s:e, e:]
+    return changed_any
 
 
 def fit_codebook(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,10 +340,6 @@ class _BlockInput:
 
     def __call__(self, block: nn.Module) -> torch.Tensor:
         return _hidden(block(*self.args, **self.kwargs))
-
-
-class _StopForward(Exception):
-    """Ends a calibration forward once the first block's input is captured."""
 
 
 class _TrainableQuant(nn.Module):
@@ -468,29 +507,34 @@ class UniSVQConfig(QuantConfig):
             log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
 
         # Pass 1 (full precision): the first block's inputs, and Hessians of layers outside the blocks.
-        inputs, h_left = self._first_pass(model, blocks[0] if blocks else None, leftovers, data, progress)
+        inputs, h_left = self._first_pass(model, targets, blocks[0] if blocks else None, leftovers, data, progress)
 
         was_training = model.training
         model.eval()
         try:
-            n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
-            for i, block in enumerate(tqdm(blocks, desc="unisvq blocks", disable=not progress)):
-                names = {f: targets[f] for f in in_block[i]}
-                if not names:
+            # Quantized blocks run on the torch reference math while fitting, so the
+            # result does not depend on which kernels this machine has built.
+            with kernels.force_backend("torch"):
+                n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
+                for i, block in enumerate(tqdm(blocks, desc="unisvq blocks", disable=not progress)):
+                    names = {f: targets[f] for f in in_block[i]}
+                    if names:
+                        self._quantize_block(model, i, block, names, inputs, n_hold, swap, progress)
                     inputs = self._advance(block, inputs)
-                    continue
-                hess, targets_fp = self._block_hessians(block, names, inputs, want_outputs=self.finetune)
-                layers = {}
-                for fqn in tqdm(list(names), desc=f"block {i} layers", leave=False, disable=not progress):
-                    layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
-                if self.finetune and self.ft_epochs > 0:
-                    self._finetune(model, block, layers, inputs, targets_fp, n_hold, i, progress)
-                del targets_fp
-                inputs = self._advance(block, inputs)
-            for fqn in tqdm(list(leftovers), desc="unisvq other layers", disable=not progress or not leftovers):
-                swap(fqn, self.quantize_weight(leftovers[fqn].weight, h_left.pop(fqn), seed=self._seed(fqn)))
+                for fqn in tqdm(list(leftovers), desc="unisvq other layers", disable=not progress or not leftovers):
+                    swap(fqn, self.quantize_weight(leftovers[fqn].weight, h_left.pop(fqn), seed=self._seed(fqn)))
         finally:
             model.train(was_training)
+
+    def _quantize_block(self, model, index, block, names, inputs, n_hold, swap, progress) -> None:
+        """Hessians on the block's (quantized-prefix) inputs, then quantize and swap
+        its layers one by one, then fine-tune the block."""
+        hess, targets_fp = self._block_hessians(block, names, inputs, want_outputs=self.finetune)
+        layers = {}
+        for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
+            layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
+        if self.finetune and self.ft_epochs > 0:
+            self._finetune(model, block, layers, inputs, targets_fp, n_hold, index, progress)
 
     def _seed(self, fqn: str) -> int:
         """A per-layer seed: layers get independent signs, and a layer's result
@@ -498,38 +542,33 @@ class UniSVQConfig(QuantConfig):
         return (self.seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**31)
 
     @torch.no_grad()
-    def _first_pass(self, model, first_block, leftovers, data, progress):
+    def _first_pass(self, model, targets, first_block, leftovers, data, progress):
+        """One full-precision pass over the calibration data: checks every selected
+        layer's input for NaN/Inf (so bad data fails before any layer is
+        quantized), captures the first block's inputs and collects the Hessians
+        of the selected layers outside the blocks."""
         inputs: list[_BlockInput] = []
         state = {"mask": None}
 
         def capture(module, args, kwargs):
             inputs.append(_BlockInput(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                                       kwargs, state["mask"]))
-            if not leftovers:
-                raise _StopForward
 
         handle = first_block.register_forward_pre_hook(capture, with_kwargs=True) if first_block is not None else None
         try:
-            with cal.HessianCollector(leftovers) as col:
+            with cal.HessianCollector(leftovers) as col, cal.FiniteCheck(targets) as check:
                 for i, batch in enumerate(tqdm(data, desc="unisvq calibration", leave=False, disable=not progress)):
-                    state["mask"] = col.mask = cal.batch_mask(batch)
-                    col.batch_index = i
-                    try:
-                        cal.run_model(model, batch, i)
-                    except _StopForward:
-                        pass
+                    state["mask"] = col.mask = check.mask = cal.batch_mask(batch)
+                    col.batch_index = check.batch_index = i
+                    cal.run_model(model, batch, i)
                     col._last = None
                     if first_block is not None and len(inputs) != i + 1:
-                        raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not reach "
-                                                   "its first transformer block")
+                        raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not call its "
+                                                   "first transformer block exactly once")
                 h_left = col.hessians() if leftovers else {}
         finally:
             if handle is not None:
                 handle.remove()
-        for i, inp in enumerate(inputs):
-            if not torch.isfinite(inp.hidden).all():
-                raise cal.CalibrationError(f"calibration_data[{i}]: the input of the first transformer block "
-                                           "holds NaN or Inf values")
         return inputs, h_left
 
     @torch.no_grad()

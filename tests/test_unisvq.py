@@ -1,0 +1,267 @@
+"""UniSVQ: exact codeword search, LDLQ vs nearest rounding on real MiniLM layers with
+real calibration Hessians, codebook least squares, determinism, and the model pipeline
+(block fine-tuning, interruption)."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pyquant
+from pyquant.calibration import collect_hessians
+from pyquant.format import codebook, dequantize
+from pyquant.quantizers.rtn import RTNConfig
+from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl, find_blocks, fit_codebook, ldlq,
+                                       nearest_codeword, proxy_loss, refine, round_to_nearest)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every weight shape of the encoder: 384->384 (q, attention out), 384->1536, 1536->384;
+# the first and the last block.
+MINILM_LAYERS = [f"encoder.layer.{i}.{name}" for i in (0, 5) for name in
+                 ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+
+
+@pytest.fixture(scope="module")
+def minilm_hessians():
+    """Real weights and real Hessians: 64 calibration sentences through the bundled MiniLM."""
+    from pyquant.evaluation import batches, load_minilm
+    from pyquant.sentences import split_sentences
+
+    model, tok = load_minilm()
+    sentences, _ = split_sentences(64, 0, seed=1)
+    mods = {n: model.get_submodule(n) for n in MINILM_LAYERS}
+    hess = collect_hessians(model, mods, batches(tok, sentences))
+    return {n: (mods[n].weight.detach().clone(), hess[n]) for n in MINILM_LAYERS}
+
+
+def _brute_force(w, cb, metric):
+    d = w[:, None, :] - cb[None, :, :]  # [M, C, 4]
+    return torch.einsum("mcp,pq,mcq->mc", d, metric, d)
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_nearest_codeword_equals_brute_force(with_metric):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        a, b = torch.randn(4, 4, generator=gen), torch.randn(4, generator=gen)
+        cb = codebook(a, b)
+        w = torch.randn(3000, 4, generator=gen) * (trial + 1)  # inside and far outside the codebook
+        if with_metric:
+            r = torch.randn(4, 4, generator=gen)
+            metric = r @ r.T + 0.1 * torch.eye(4)
+        else:
+            metric = torch.eye(4)
+        got = nearest_codeword(w, cb, metric if with_metric else None)
+        dist = _brute_force(w.double(), cb.double(), metric.double())
+        best = dist.min(1)
+        # Same distance everywhere; same index wherever the minimum is not a near tie.
+        torch.testing.assert_close(dist.gather(1, got[:, None]).squeeze(1), best.values, rtol=1e-5, atol=1e-5)
+        second = dist.topk(2, dim=1, largest=False).values[:, 1]
+        clear = second - best.values > 1e-4 * (1 + best.values)
+        assert clear.float().mean() > 0.99
+        assert torch.equal(got[clear], best.indices[clear])
+
+
+def test_nearest_codeword_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="w must be"):
+        nearest_codeword(torch.randn(5, 3), torch.randn(256, 4))
+
+
+def test_block_ldl_factorises_hessian():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 32, generator=gen, dtype=torch.float64)
+    h = x.T @ x / 200 + 0.01 * torch.eye(32, dtype=torch.float64)
+    mdot, d = block_ldl(h)
+    full_d = torch.block_diag(*d)
+    eye = torch.eye(32, dtype=torch.float64)
+    torch.testing.assert_close((eye + mdot) @ full_d @ (eye + mdot).T, h)
+    # Strictly block-lower: zero on and above the 4x4 diagonal blocks.
+    blocks = torch.arange(32) // 4
+    assert torch.all(mdot[blocks[:, None] <= blocks[None, :]] == 0)
+
+
+@pytest.mark.parametrize("name", MINILM_LAYERS)
+def test_ldlq_beats_nearest_rounding_on_real_layers(minilm_hessians, name):
+    """Acceptance 2: proxy loss tr((W − Ŵ) H (W − Ŵ)ᵀ) with the real (undamped) Hessian."""
+    w, h = minilm_hessians[name]
+    pw = UniSVQConfig().quantize_weight(w, h)
+    loss_ldlq = proxy_loss(w, dequantize(pw), h)
+    loss_nearest = proxy_loss(w, dequantize(round_to_nearest(w, pw)), h)  # same format, same codebook and scales
+    loss_rtn = proxy_loss(w, dequantize(RTNConfig().quantize_weight(w)), h)  # the RTN 2-bit baseline
+    assert loss_ldlq < 0.7 * loss_nearest, (loss_ldlq, loss_nearest)
+    assert loss_ldlq < 0.7 * loss_rtn, (loss_ldlq, loss_rtn)
+
+
+def test_refine_and_codebook_fit_never_increase_the_loss(minilm_hessians):
+    w, h = minilm_hessians["encoder.layer.0.attention.output.dense"]
+    wr, hr = w[:64].float(), (h / h.diagonal().mean() + 0.01 * torch.eye(h.shape[0], dtype=h.dtype)).float()
+    cb = (wr.square().mean().sqrt() / 0.9) * codebook(torch.eye(4) / 1.25**0.5, torch.full((4,), -1.5 / 1.25**0.5))
+    codes = nearest_codeword(wr.reshape(-1, 4), cb).reshape(64, -1)
+    loss0 = proxy_loss(wr, cb[codes].reshape(wr.shape), hr)
+    codes_ldlq = ldlq(wr, hr, cb)
+    loss1 = proxy_loss(wr, cb[codes_ldlq].reshape(wr.shape), hr)
+    codes_ref = refine(wr, hr, cb, codes_ldlq, passes=3)
+    loss2 = proxy_loss(wr, cb[codes_ref].reshape(wr.shape), hr)
+    assert loss1 < loss0 and loss2 <= loss1 * (1 + 1e-6)
+    # Refinement from plain rounding also only goes down.
+    assert proxy_loss(wr, cb[refine(wr, hr, cb, codes, 1)].reshape(wr.shape), hr) < loss0
+    # The least-squares codebook is a stationary point (gradient ~0 next to the gradient
+    # at the starting grid codebook), and no worse than the starting one.
+    def loss_and_grad(a, b):
+        theta = torch.cat([a, b[:, None]], 1).double().requires_grad_(True)
+        w_hat = codebook(theta[:, :4], theta[:, 4])[codes_ref].reshape(wr.shape)
+        loss = ((w_hat - wr.double()) @ hr.double() * (w_hat - wr.double())).sum()
+        loss.backward()
+        return float(loss), theta.grad.abs().max()
+
+    scale = wr.square().mean().sqrt() / 0.9
+    loss_grid, grad_grid = loss_and_grad(scale * torch.eye(4) / 1.25**0.5, scale * torch.full((4,), -1.5 / 1.25**0.5))
+    loss_fit, grad_fit = loss_and_grad(*fit_codebook(wr, hr, codes_ref))
+    assert abs(loss_grid - loss2) < 1e-4 * loss2
+    assert loss_fit <= loss2 * (1 + 1e-9)
+    assert grad_fit < 1e-4 * grad_grid
+
+
+def test_quantize_weight_is_deterministic_and_valid(minilm_hessians):
+    w, h = minilm_hessians["encoder.layer.0.attention.self.query"]
+    cfg = UniSVQConfig(refine_passes=1, codebook_iters=1)
+    p1, p2, p3 = cfg.quantize_weight(w, h), cfg.quantize_weight(w, h), cfg.quantize_weight(w, h, seed=5)
+    for name in ("codes", "A", "b", "su", "sv", "w_scale"):
+        assert torch.equal(getattr(p1, name), getattr(p2, name)), name
+    assert not torch.equal(p1.su, p3.su)
+    assert p1.method == "unisvq" and p1.had_in == 128 and p1.had_out == 128
+    assert p1.su.dtype == torch.float16 and pyquant.format.bits_per_weight(p1) < 2.1
+    # The codebook is stored normalised; its scale lives in w_scale.
+    assert abs(float(codebook(p1.A, p1.b).square().mean()) - 1) < 1e-4
+    layer = pyquant.QuantLinear.from_packed(p1)
+    x = torch.randn(3, w.shape[1])
+    torch.testing.assert_close(layer(x), x @ dequantize(p1).T, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_weight_rejects_bad_hessian():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="hessian must have shape"):
+        UniSVQConfig().quantize_weight(w, torch.eye(8))
+    with pytest.raises(ValueError, match="NaN"):
+        UniSVQConfig().quantize_weight(w, torch.full((16, 16), float("nan")))
+    with pytest.raises(TypeError, match="hessian"):
+        UniSVQConfig().quantize_weight(w, torch.eye(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="ft_holdout"):
+        UniSVQConfig(ft_holdout=1.5)
+
+
+# ---- the whole-model pipeline, on a small random BERT -----------------------
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def _tiny_data(n_batches=6):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(5, 120, (4, 12), generator=gen)
+        lengths = torch.randint(4, 13, (4,), generator=gen)
+        mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def _encoder(m, fqn):
+    return isinstance(m, nn.Linear) and fqn.startswith("encoder.")
+
+
+def _output_error(model, ref_model, data):
+    with torch.no_grad():
+        errs = []
+        for b in data:
+            m = b["attention_mask"].bool()
+            errs.append((model(**b).last_hidden_state[m] - ref_model(**b).last_hidden_state[m]).square().mean())
+    return float(torch.stack(errs).mean())
+
+
+@pytest.fixture(scope="module")
+def tiny_runs():
+    """The tiny BERT quantized without and with block fine-tuning (shared by several tests)."""
+    ref, data = _tiny_bert(), _tiny_data()
+    runs = {}
+    for ft in (False, True):
+        model = _tiny_bert()
+        pyquant.quantize_model(model, UniSVQConfig(finetune=ft, ft_epochs=3), filter_fn=_encoder,
+                               calibration_data=data, progress=False)
+        runs[ft] = model
+    return ref, data, runs
+
+
+def test_find_blocks_finds_the_transformer_layers():
+    model = _tiny_bert()
+    targets = {n: m for n, m in model.named_modules() if _encoder(m, n)}
+    name, blocks = find_blocks(model, targets)
+    assert name == "encoder.layer" and len(blocks) == 3
+    assert all(type(b).__name__ == "BertLayer" for b in blocks)
+
+
+def test_pipeline_quantizes_every_selected_layer_and_finetuning_helps(tiny_runs):
+    ref, data, runs = tiny_runs
+    for model in runs.values():
+        layers = pyquant.nn.quantized_layers(model)
+        assert len(layers) == 3 * 6 and all(f.startswith("encoder.") for f in layers)
+        assert all(layer.method == "unisvq" for layer in layers.values())
+        assert isinstance(model.pooler.dense, nn.Linear)
+        assert not any(isinstance(m, _TrainableQuant) for m in model.modules())
+        assert all(not p.requires_grad or p.requires_grad for p in model.parameters())
+    err_plain, err_ft = _output_error(runs[False], ref, data), _output_error(runs[True], ref, data)
+    assert err_ft < err_plain, (err_ft, err_plain)
+    # Fine-tuning moved the scales and codebooks but not the codes.
+    q0, q1 = runs[False].encoder.layer[1].output.dense, runs[True].encoder.layer[1].output.dense
+    assert not torch.equal(q0.sv, q1.sv) and not torch.equal(q0.A, q1.A)
+    ln0, ln1 = runs[False].encoder.layer[1].output.LayerNorm, runs[True].encoder.layer[1].output.LayerNorm
+    assert not torch.equal(ln0.weight, ln1.weight)
+
+
+def test_pipeline_is_deterministic(tiny_runs):
+    ref, data, runs = tiny_runs
+    again = _tiny_bert()
+    pyquant.quantize_model(again, UniSVQConfig(finetune=True, ft_epochs=3), filter_fn=_encoder,
+                           calibration_data=data, progress=False)
+    sd1, sd2 = runs[True].state_dict(), again.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+
+
+def test_interrupt_during_finetuning_leaves_a_consistent_model(monkeypatch):
+    model, data = _tiny_bert(), _tiny_data()
+    fresh = _tiny_bert()
+    calls = {"n": 0}
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # in the second block's fine-tuning (5 training batches per epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=1), filter_fn=_encoder, calibration_data=data,
+                               progress=False)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, pyquant.QuantLinear))}
+    assert not any(isinstance(m, _TrainableQuant) for m in model.modules())
+    assert all(k == "QuantLinear" for n, k in kinds.items() if n.startswith(("encoder.layer.0.", "encoder.layer.1.")))
+    assert all(k == "Linear" for n, k in kinds.items() if n.startswith("encoder.layer.2."))
+    for n, m in model.named_modules():
+        if isinstance(m, pyquant.QuantLinear):
+            m.packed.validate()
+        elif isinstance(m, nn.Linear):  # untouched layers keep their weights
+            assert torch.equal(m.weight, fresh.get_submodule(n).weight)
+        assert not m._forward_pre_hooks and not m._forward_hooks
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(**data[0]).last_hidden_state).all()
