@@ -19,7 +19,8 @@ memory rather than from cache: 16 per shape, fewer only for dense weights too la
 of (the cycled set is then still >= 1 GiB, well above the last-level cache). Times are medians
 over rounds; ratios are speed-ups of pyquant (> 1: pyquant faster), and pyquant / floor.
 
-Writes ``benchmarks/results/cpu_{quick,full}.{json,md}`` with the machine's description.
+Writes ``benchmarks/results/cpu_{quick,full}_<threads>t.{json,md}`` with the machine's description
+(``--threads 1`` gives numbers that a machine shared with other work disturbs much less).
 ``bench_minilm`` adds MiniLM encode throughput (quantized vs fp32).
 """
 from __future__ import annotations
@@ -136,9 +137,10 @@ def make_methods(k: int, n: int) -> dict:
     int8_scales = torch.rand(n).to(torch.bfloat16)
     bf16 = dense.to(torch.bfloat16)
     methods = {
-        "pyquant": (_copies(lambda: PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale,
-                                                 had_in=pw.had_in, had_out=pw.had_out), stored_bytes(pw)),
-                    lambda x, w: cpu_backend.linear(x, w, None, {}), torch.float32),
+        # each weight with its own kernel cache, as QuantLinear layers hold one
+        "pyquant": (_copies(lambda: (PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale,
+                                                  had_in=pw.had_in, had_out=pw.had_out), {}), stored_bytes(pw)),
+                    lambda x, w: cpu_backend.linear(x, w[0], None, w[1]), torch.float32),
         "fp32": (_copies(dense.clone, dense.numel() * 4, DENSE_SET_BYTES), F.linear, torch.float32),
         "bf16": (_copies(bf16.clone, bf16.numel() * 2, DENSE_SET_BYTES), F.linear, torch.bfloat16),
         "int4": (_copies(int4_base.clone, int4_base.numel(), DENSE_SET_BYTES),
@@ -276,13 +278,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, batches {QUICK_BATCHES}")
     p.add_argument("--min-time", type=float, default=None, help="seconds per method per row (default 0.3, quick 0.15)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM end-to-end section")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if not cpu_backend.available():
         raise SystemExit("error: pyquant._C is not built (pip install --no-build-isolation -e .)")
     shapes, batches = (QUICK_SHAPES, QUICK_BATCHES) if args.quick else (SHAPES, BATCHES)
     min_time = args.min_time if args.min_time is not None else (0.15 if args.quick else 0.3)
-    kind = "quick" if args.quick else "full"
+    kind = f"{'quick' if args.quick else 'full'}_{torch.get_num_threads()}t"
 
     report = {"kind": kind, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     report["read_bandwidth_gbs"] = measure_read_bandwidth() / 1e9

@@ -226,6 +226,12 @@ def test_dispatcher_runs_the_cpu_backend_by_default_on_cpu_tensors():
         assert rel_err(y.float(), ref.float()) < (TOL if dtype == torch.float32 else 1e-2)
     from pyquant.backends import cpu
 
+    # the backend's cached fp32 copy of fp16 scales follows in-place updates
+    pw16 = make_packed(20, 128, hadamard=True, seed=6, scale_dtype=torch.float16)
+    cache, x = {}, torch.randn(3, 128)
+    cpu.linear(x, pw16, None, cache)
+    pw16.sv.mul_(2)
+    assert rel_err(cpu.linear(x, pw16, None, cache), reference(x, pw16, None)) < TOL
     assert cpu.available()
     assert cpu.supports(torch.randn(2, 128), pw) is None
     assert "not the CPU" in cpu.supports(torch.randn(2, 128, device="meta"), pw)

@@ -90,7 +90,7 @@ torch::Tensor vector_f32(const torch::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
-  return t.to(torch::kFloat).contiguous();
+  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
 }
 
 // xt[0, K) = float(x) * su. bf16 widens by a shift, which the compiler vectorizes.
@@ -141,7 +141,7 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   const auto bc = b.contiguous();
   for (int i = 0; i < 16; ++i) L.A[i] = Ac.data_ptr<float>()[i];
   for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
-  L.w_scale = w_scale.item<float>();
+  L.w_scale = *w_scale.data_ptr<float>();  // (checked: a CPU float32 scalar; .item() costs a dispatch)
   L.su = vector_f32(su, L.K, "su");
   L.sv = vector_f32(sv, L.N, "sv");
   if (bias.has_value() && bias->defined()) L.bias = vector_f32(*bias, L.N, "bias");

@@ -49,4 +49,10 @@ def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
 
 
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, cache: dict) -> torch.Tensor:
-    return _C.qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, bias)
+    # fp16 scales are widened once per layer instead of on every call; the key notices in-place
+    # updates (tensor versions) and replaced tensors
+    key = tuple((t.data_ptr(), t._version) for t in (pw.su, pw.sv))
+    cached = cache.get("cpu_scales")
+    if cached is None or cached[0] != key:
+        cached = cache["cpu_scales"] = (key, pw.su.float().contiguous(), pw.sv.float().contiguous())
+    return _C.qlinear(x, pw.codes, pw.A, pw.b, cached[1], cached[2], pw.w_scale, pw.had_in, pw.had_out, bias)
