@@ -37,7 +37,7 @@ def _search_scale(w: torch.Tensor, per_row: bool, steps: int = 40) -> torch.Tens
         w = w.reshape(-1)[:: w.numel() >> 20].reshape(1, -1)
     best_err = torch.full_like(amax, float("inf"))
     best = amax / _LEVEL_MAX
-    for ratio in torch.linspace(0.3, 1.0, steps):
+    for ratio in torch.linspace(0.3, 1.0, steps).tolist():
         scale = amax * ratio / _LEVEL_MAX
         err = (w - scale * (_round_to_grid(w, scale) - 1.5)).square()
         err = err.sum(dim=1, keepdim=True) if per_row else err.sum().reshape(1, 1)
@@ -82,11 +82,11 @@ class RTNConfig(QuantConfig):
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> PackedWeight:
         w = check_weight(weight)
         n, k = w.shape
-        ones_k, ones_n = torch.ones(k), torch.ones(n)
+        dev = w.device  # random signs come from a CPU generator (same draw on every device), then move
         if self.hadamard:
             had_in, had_out = default_block(k, self.hadamard_block), default_block(n, self.hadamard_block)
             gen = torch.Generator().manual_seed(self.seed)
-            s_in, s_out = random_signs(k, gen), random_signs(n, gen)
+            s_in, s_out = random_signs(k, gen).to(dev), random_signs(n, gen).to(dev)
             row_rms = w.square().mean(dim=1).sqrt()
             row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
             rotated = (w / row_rms[:, None]) * s_out[:, None] * s_in[None, :]
@@ -98,9 +98,9 @@ class RTNConfig(QuantConfig):
             had_in = had_out = 0
             scale = _search_scale(w, per_row=True)
             z = _round_to_grid(w, scale)
-            su, sv, w_scale = ones_k, scale.reshape(n), torch.tensor(1.0)
+            su, sv, w_scale = torch.ones(k, device=dev), scale.reshape(n), torch.tensor(1.0, device=dev)
         return PackedWeight(
-            codes=pack_codes(z.to(torch.uint8)), A=_GRID_A.clone(), b=_GRID_B.clone(),
+            codes=pack_codes(z.to(torch.uint8)), A=_GRID_A.to(dev, copy=True), b=_GRID_B.to(dev, copy=True),
             su=_fit_scale_dtype(su, self.scale_dtype), sv=_fit_scale_dtype(sv, self.scale_dtype),
             w_scale=w_scale.float(), had_in=had_in, had_out=had_out,
             seed=self.seed if self.hadamard else None, method=self.method,
