@@ -151,6 +151,20 @@ def test_int_mode_error_is_far_inside_the_tolerance_and_float_mode_is_near_fp32(
     assert e_int < 2e-4, e_int
 
 
+def test_nan_and_inf_inputs_give_nan_rows_like_the_reference():
+    pw = make_packed(40, 512, hadamard=True, seed=8)
+    for m in (1, 12):
+        x = torch.randn(m, 512)
+        x[0, 7] = float("nan")
+        x[-1, 3] = float("inf") if m > 1 else x[-1, 3]
+        for isa, mode, algo in kernel_paths():
+            y = run(x, pw, isa=isa, mode=mode, algo=algo)
+            assert y[0].isnan().all(), (isa, mode, algo)
+            if m > 1:
+                assert not y[-1].isfinite().any(), (isa, mode, algo)
+                assert y[1:-1].isfinite().all(), (isa, mode, algo)
+
+
 def test_activation_transform_matches_the_format_reference():
     for k, hadamard in ((384, True), (4096, False), (11008, True)):
         pw = make_packed(8, k, hadamard=hadamard, seed=k)

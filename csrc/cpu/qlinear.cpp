@@ -93,21 +93,36 @@ torch::Tensor vector_f32(const torch::Tensor& t, int64_t n, const char* name) {
   return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
 }
 
-// xt[0, K) = float(x) * su. bf16 widens by a shift, which the compiler vectorizes.
-template <typename T>
-void scale_input(const T* x, const float* su, int64_t K, float* xt) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const uint16_t* raw = reinterpret_cast<const uint16_t*>(x);
-    for (int64_t k = 0; k < K; ++k) {
-      const uint32_t bits = static_cast<uint32_t>(raw[k]) << 16;
-      float v;
-      std::memcpy(&v, &bits, 4);
-      xt[k] = v * su[k];
+// The per-token math (transform.h): the AVX-512 build with the AVX-512 kernels, else SSE2.
+// Both give the same bits.
+struct TokenMath {
+  bool wide;
+  template <typename T>
+  void scale_input(const T* x, const float* su, int64_t K, float* xt) const {
+    if constexpr (std::is_same_v<T, float>) {
+      wide ? cpu::avx512::scale_input(x, su, K, xt) : cpu::scale_input(x, su, K, xt);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const auto* raw = reinterpret_cast<const uint16_t*>(x);
+      wide ? cpu::avx512::scale_input(raw, su, K, xt) : cpu::scale_input(raw, su, K, xt);
+    } else {
+      for (int64_t k = 0; k < K; ++k) xt[k] = static_cast<float>(x[k]) * su[k];
     }
-  } else {
-    for (int64_t k = 0; k < K; ++k) xt[k] = static_cast<float>(x[k]) * su[k];
   }
-}
+  double transform(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) const {
+    return wide ? cpu::avx512::transform_activations(xt, K, had, A, b, amax)
+                : cpu::transform_activations(xt, K, had, A, b, amax);
+  }
+  float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) const {
+    return wide ? cpu::avx512::encode_int(xt, amax, G, plane, dst) : cpu::encode_int(xt, amax, G, plane, dst);
+  }
+  template <typename D>
+  void dequant_row(const D* d, int64_t N, float a, float c, float* row) const {
+    wide ? cpu::avx512::dequant_row(d, N, a, c, row) : cpu::dequant_row(d, N, a, c, row);
+  }
+  void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias) const {
+    wide ? cpu::avx512::output_transform(row, N, had, sv, bias) : cpu::output_transform(row, N, had, sv, bias);
+  }
+};
 
 struct Layer {
   torch::Tensor codes, su, sv, bias;  // su, sv, bias: contiguous fp32 (bias may be undefined)
@@ -167,17 +182,17 @@ constexpr int64_t kTokenGrain = 32768;
 
 // Pass 1 for token m: writes the kernel's activation layout, returns (scale, const).
 template <typename T>
-void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M, void* act, float* scale,
-                    double* cst) {
+void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode, bool plane, int64_t M, void* act,
+                    float* scale, double* cst) {
   const float* su = L.su.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.K), [&](int64_t m0, int64_t m1) {
     std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
     for (int64_t m = m0; m < m1; ++m) {
       float amax;
-      scale_input(x + m * L.K, su, L.K, xt.data());
-      cst[m] = cpu::transform_activations(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
+      math.scale_input(x + m * L.K, su, L.K, xt.data());
+      cst[m] = math.transform(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
       if (mode == Mode::kInt) {
-        scale[m] = cpu::encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
+        scale[m] = math.encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
       } else {
         scale[m] = 1.f;
         cpu::encode_float(xt.data(), L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
@@ -190,7 +205,8 @@ void prepare_tokens(const T* x, const Layer& L, Mode mode, bool plane, int64_t M
 // int32 and fp32 dot products are scaled in fp32 (vectorized; V < 2^31 rounds to float with a
 // relative error of 6e-8), int64 ones in double. fp32 outputs are transformed in place in y.
 template <typename T, typename D>
-void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, const double* cst, T* y) {
+void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t M, const float* scale,
+                   const double* cst, T* y) {
   const float* sv = L.sv.data_ptr<float>();
   const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
   constexpr bool kFloatOut = std::is_same_v<T, float>;
@@ -203,10 +219,9 @@ void finish_tokens(const D* dot, const Layer& L, int64_t M, const float* scale, 
       if constexpr (std::is_same_v<D, int64_t>) {
         for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
       } else {
-        const float af = static_cast<float>(a), cf = static_cast<float>(c);
-        for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(d[n]) * af + cf;
+        math.dequant_row(d, L.N, static_cast<float>(a), static_cast<float>(c), row);
       }
-      cpu::output_transform(row, L.N, L.had_out, sv, bias);
+      math.output_transform(row, L.N, L.had_out, sv, bias);
       if constexpr (!kFloatOut) {
         T* out = y + m * L.N;
         for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
@@ -288,6 +303,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
   const int64_t M = x.size(0);
   const RowSplit split(L.N, L.N * L.K * M);
   const T* xp = x.data_ptr<T>();
+  const TokenMath math{isa == Isa::kAvx512};
   std::vector<float> scale(M);
   std::vector<double> cst(M);
   if (mode == Mode::kInt) {
@@ -298,7 +314,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
     auto* act = reinterpret_cast<int8_t*>(ws);
     void* dot = ws + act_bytes;
     uint8_t* scratch = ws + act_bytes + dot_bytes;
-    prepare_tokens(xp, L, mode, /*plane=*/!gemm, M, act, scale.data(), cst.data());
+    prepare_tokens(xp, L, math, mode, /*plane=*/!gemm, M, act, scale.data(), cst.data());
     cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, L.G * 512, M,
                       narrow ? static_cast<int32_t*>(dot) : nullptr, narrow ? nullptr : static_cast<int64_t*>(dot),
                       nullptr};
@@ -311,20 +327,20 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
       mine.scratch = reinterpret_cast<uint32_t*>(scratch + worker * slot);
       kernel(mine, n0, n1);
     });
-    if (narrow) finish_tokens(static_cast<const int32_t*>(dot), L, M, scale.data(), cst.data(), y.data_ptr<T>());
-    else finish_tokens(static_cast<const int64_t*>(dot), L, M, scale.data(), cst.data(), y.data_ptr<T>());
+    if (narrow) finish_tokens(static_cast<const int32_t*>(dot), L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
+    else finish_tokens(static_cast<const int64_t*>(dot), L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
   } else {
     const int64_t act_bytes = align64(M * L.G * kGroupElems * 4);
     uint8_t* ws = t_workspace.get(act_bytes + M * L.N * 4);
     auto* act = reinterpret_cast<float*>(ws);
     auto* dot = reinterpret_cast<float*>(ws + act_bytes);
-    prepare_tokens(xp, L, mode, /*plane=*/true, M, act, scale.data(), cst.data());
+    prepare_tokens(xp, L, math, mode, /*plane=*/true, M, act, scale.data(), cst.data());
     const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, M, dot};
     auto kernel = isa == Isa::kAvx512 ? cpu::float_plane_avx512
                   : isa == Isa::kAvx2 ? cpu::float_plane_avx2
                                       : cpu::float_plane_scalar;
     split.run([&](int64_t n0, int64_t n1, int64_t) { kernel(args, n0, n1); });
-    finish_tokens(dot, L, M, scale.data(), cst.data(), y.data_ptr<T>());
+    finish_tokens(dot, L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
   }
 }
 
@@ -371,7 +387,7 @@ std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tens
   for (int64_t m = 0; m < M; ++m) {
     float amax;
     float* row = xt.data_ptr<float>() + m * K;
-    scale_input(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, row);
+    cpu::scale_input(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, row);
     cst.data_ptr<double>()[m] = cpu::transform_activations(row, K, had_in, L.A, L.b, &amax);
   }
   return {xt, cst.to(torch::kFloat)};

@@ -8,6 +8,8 @@
 
 #include <climits>
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "kernel_api.h"
 
@@ -36,6 +38,35 @@ inline __m128i pack16(__m128i a, __m128i b, __m128i c, __m128i d) {  // 16 int32
 }
 
 }  // namespace
+
+double finish_constant(const double* sums, const float* b, float mx, float* amax) {
+  const double c = sums[0] * b[0] + sums[1] * b[1] + sums[2] * b[2] + sums[3] * b[3];
+  // NaN or Inf anywhere in the token reaches the sums (max() may drop a NaN): a NaN scale then
+  // makes every output NaN, as the reference's would be.
+  *amax = std::isfinite(c) ? mx : std::numeric_limits<float>::quiet_NaN();
+  return c;
+}
+
+void scale_input(const float* x, const float* su, int64_t K, float* xt) {
+  for (int64_t k = 0; k < K; ++k) xt[k] = x[k] * su[k];
+}
+
+void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt) {
+  for (int64_t k = 0; k < K; ++k) {  // bf16 -> fp32 is a shift, which the compiler vectorizes
+    const uint32_t bits = static_cast<uint32_t>(x_bf16[k]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    xt[k] = v * su[k];
+  }
+}
+
+void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row) {
+  for (int64_t n = 0; n < N; ++n) row[n] = static_cast<float>(d[n]) * a + c;
+}
+
+void dequant_row(const float* d, int64_t N, float a, float c, float* row) {
+  for (int64_t n = 0; n < N; ++n) row[n] = d[n] * a + c;
+}
 
 void fwht(float* x, int64_t n, int64_t h) {
   if (h < 2) return;
@@ -89,9 +120,12 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
   // Per chunk x' (4 floats): A^T x' = x'0 A[0, :] + x'1 A[1, :] + x'2 A[2, :] + x'3 A[3, :].
   const __m128 a0 = _mm_loadu_ps(A), a1 = _mm_loadu_ps(A + 4), a2 = _mm_loadu_ps(A + 8), a3 = _mm_loadu_ps(A + 12);
   const __m128 sc = _mm_set1_ps(scale), abs_mask = _mm_castsi128_ps(_mm_set1_epi32(INT_MAX));
-  __m128d sum01 = _mm_setzero_pd(), sum23 = _mm_setzero_pd();  // sum of the chunks x'_j, in double
+  // Sum of the chunks x'_j in double, in four partial sums (chunk j into sum j % 4) combined as
+  // (s0 + s1) + (s2 + s3): the order the AVX-512 version adds in, so both give the same bits.
+  __m128d s01[4], s23[4];
+  for (int i = 0; i < 4; ++i) s01[i] = s23[i] = _mm_setzero_pd();
   __m128 mx = _mm_setzero_ps();
-  for (int64_t j = 0; j < K; j += 4) {
+  auto chunk = [&](int64_t j, __m128d& sum01, __m128d& sum23) {
     const __m128 p = _mm_mul_ps(_mm_loadu_ps(xt + j), sc);
     sum01 = _mm_add_pd(sum01, _mm_cvtps_pd(p));
     sum23 = _mm_add_pd(sum23, _mm_cvtps_pd(_mm_movehl_ps(p, p)));
@@ -100,14 +134,21 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
                                 _mm_mul_ps(splat<3>(p), a3));
     _mm_storeu_ps(xt + j, r);
     mx = _mm_max_ps(mx, _mm_and_ps(r, abs_mask));
+  };
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    chunk(j, s01[0], s23[0]);
+    chunk(j + 4, s01[1], s23[1]);
+    chunk(j + 8, s01[2], s23[2]);
+    chunk(j + 12, s01[3], s23[3]);
   }
+  for (int set = 0; j < K; j += 4, ++set) chunk(j, s01[set], s23[set]);
   mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
   mx = _mm_max_ps(mx, splat<1>(mx));
-  *amax = _mm_cvtss_f32(mx);
   double s[4];
-  _mm_storeu_pd(s, sum01);
-  _mm_storeu_pd(s + 2, sum23);
-  return s[0] * b[0] + s[1] * b[1] + s[2] * b[2] + s[3] * b[3];
+  _mm_storeu_pd(s, _mm_add_pd(_mm_add_pd(s01[0], s01[1]), _mm_add_pd(s01[2], s01[3])));
+  _mm_storeu_pd(s + 2, _mm_add_pd(_mm_add_pd(s23[0], s23[1]), _mm_add_pd(s23[2], s23[3])));
+  return finish_constant(s, b, _mm_cvtss_f32(mx), amax);
 }
 
 float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) {

@@ -1,0 +1,217 @@
+// AVX-512 build of the per-token math of transform.cpp, used alongside the AVX-512 kernels, where
+// at small K and N (MiniLM's 384 x 1536) the O(K + N) work per token is as large as the kernel's.
+// Bit-identical to transform.cpp: every element sees the same IEEE operations in the same order
+// (the Hadamard butterflies are adds and subtracts whatever their grouping; the chunk sums use the
+// same four partial sums), and contracting a * b + c into an FMA, which would round once instead
+// of twice, is switched off for this file.
+#include <immintrin.h>
+
+#include <climits>
+#include <cmath>
+
+#include "kernel_api.h"
+#include "transform.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC optimize("fp-contract=off")
+
+namespace pyquant {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// One butterfly stage inside a vector: lane i gets x[i & ~len] + (+-x[i | len]), the sign bit
+// flipped for the upper element of each pair, i.e. (a + b, a - b) for every pair (a, b) len apart.
+inline __m512 stage(__m512 low, __m512 high, __mmask16 upper) {
+  const __m512i h = _mm512_castps_si512(high);
+  return _mm512_add_ps(low, _mm512_castsi512_ps(_mm512_mask_xor_epi32(h, upper, h, _mm512_set1_epi32(INT_MIN))));
+}
+
+// The first four stages (len 1, 2, 4, 8) of a 16-element block.
+inline __m512 fwht16(__m512 v) {
+  v = stage(_mm512_permute_ps(v, _MM_SHUFFLE(2, 2, 0, 0)), _mm512_permute_ps(v, _MM_SHUFFLE(3, 3, 1, 1)), 0xAAAA);
+  v = stage(_mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_permute_ps(v, _MM_SHUFFLE(3, 2, 3, 2)), 0xCCCC);
+  v = stage(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 2, 0, 0)), _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 3, 1, 1)),
+            0xF0F0);
+  return stage(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2)),
+               0xFF00);
+}
+
+template <int K>
+inline __m512 splat(__m512 p) { return _mm512_permute_ps(p, _MM_SHUFFLE(K, K, K, K)); }
+
+// (hi, lo) of round(v * inv) clamped to +-kQMax, as int32 lanes (see transform.cpp's split).
+inline void split(__m512 v, __m512 inv, __m512i* hi, __m512i* lo) {
+  const __m512 qmax = _mm512_set1_ps(static_cast<float>(kQMax));
+  const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax));
+  *hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+  *lo = _mm512_sub_epi32(q, _mm512_slli_epi32(*hi, 8));
+}
+
+// 16 chunks as 64 int8 in element order (4 vectors of 4 chunks, each narrowed to 16 bytes) ->
+// the 4 planes of 16 lanes: bytes within each 128-bit lane to [e0 of 4 chunks, e1, e2, e3], then
+// dword i of every lane to lane i.
+inline __m512i to_planes(__m512i q0, __m512i q1, __m512i q2, __m512i q3) {
+  __m512i v = _mm512_castsi128_si512(_mm512_cvtepi32_epi8(q0));
+  v = _mm512_inserti32x4(v, _mm512_cvtepi32_epi8(q1), 1);
+  v = _mm512_inserti32x4(v, _mm512_cvtepi32_epi8(q2), 2);
+  v = _mm512_inserti32x4(v, _mm512_cvtepi32_epi8(q3), 3);
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  v = _mm512_shuffle_epi8(v, bytes);
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
+
+}  // namespace
+
+void fwht(float* x, int64_t n, int64_t h) {
+  if (h < 16) {
+    cpu::fwht(x, n, h);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, fwht16(_mm512_loadu_ps(x + i)));
+  for (int64_t base = 0; base < n; base += h) {
+    float* v = x + base;
+    int64_t len = 16;
+    for (; 4 * len <= h; len *= 4)
+      for (int64_t i = 0; i < h; i += 4 * len)
+        for (int64_t j = i; j < i + len; j += 16) {
+          const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + len);
+          const __m512 c = _mm512_loadu_ps(v + j + 2 * len), d = _mm512_loadu_ps(v + j + 3 * len);
+          const __m512 s0 = _mm512_add_ps(a, b), d0 = _mm512_sub_ps(a, b), s1 = _mm512_add_ps(c, d), d1 = _mm512_sub_ps(c, d);
+          _mm512_storeu_ps(v + j, _mm512_add_ps(s0, s1));
+          _mm512_storeu_ps(v + j + len, _mm512_add_ps(d0, d1));
+          _mm512_storeu_ps(v + j + 2 * len, _mm512_sub_ps(s0, s1));
+          _mm512_storeu_ps(v + j + 3 * len, _mm512_sub_ps(d0, d1));
+        }
+    if (len < h)
+      for (int64_t j = 0; j < len; j += 16) {
+        const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + len);
+        _mm512_storeu_ps(v + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(v + j + len, _mm512_sub_ps(a, b));
+      }
+  }
+}
+
+void scale_input(const float* x, const float* su, int64_t K, float* xt) {
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(K - k);
+    _mm512_mask_storeu_ps(xt + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, su + k)));
+  }
+}
+
+void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt) {
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = tail_mask(K - k);
+    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x_bf16 + k)), 16));
+    _mm512_mask_storeu_ps(xt + k, m, _mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, su + k)));
+  }
+}
+
+double transform_activations(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) {
+  float scale = 1.f;
+  if (had > 1) {
+    fwht(xt, K, had);
+    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
+  }
+  // 4 chunks per vector; rows of A broadcast to each 128-bit lane.
+  const __m512 a0 = _mm512_broadcast_f32x4(_mm_loadu_ps(A)), a1 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 4));
+  const __m512 a2 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 8)), a3 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 12));
+  const __m512 sc = _mm512_set1_ps(scale);
+  // chunk sums in double: lanes 0-3 / 4-7 of s_lo hold partial sums 0 / 1, of s_hi 2 / 3
+  __m512d s_lo = _mm512_setzero_pd(), s_hi = _mm512_setzero_pd();
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K; j += 16) {
+    const __mmask16 m = tail_mask(K - j);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xt + j), sc);
+    s_lo = _mm512_add_pd(s_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
+    s_hi = _mm512_add_pd(s_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
+    const __m512 r = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(splat<0>(p), a0), _mm512_mul_ps(splat<1>(p), a1)),
+                      _mm512_mul_ps(splat<2>(p), a2)),
+        _mm512_mul_ps(splat<3>(p), a3));
+    _mm512_mask_storeu_ps(xt + j, m, r);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(r));
+  }
+  // (s0 + s1) + (s2 + s3) per component, as in transform.cpp
+  const __m256d s01 = _mm256_add_pd(_mm512_castpd512_pd256(s_lo), _mm512_extractf64x4_pd(s_lo, 1));
+  const __m256d s23 = _mm256_add_pd(_mm512_castpd512_pd256(s_hi), _mm512_extractf64x4_pd(s_hi, 1));
+  double s[4];
+  _mm256_storeu_pd(s, _mm256_add_pd(s01, s23));
+  return finish_constant(s, b, _mm512_reduce_max_ps(mx), amax);
+}
+
+float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
+  const float inv_s = amax > 0.f ? static_cast<float>(kQMax) / amax : 0.f;
+  const __m512 inv = _mm512_set1_ps(inv_s);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* src = xt + g * kGroupElems;
+    if (plane) {
+      int8_t* hi_dst = dst + g * 512;
+      for (int64_t p0 = 0; p0 < kGroupCodes; p0 += 16) {  // 16 chunks -> 16 lanes of each plane
+        __m512i h[4], l[4];
+        for (int c = 0; c < 4; ++c) split(_mm512_loadu_ps(src + 4 * p0 + 16 * c), inv, &h[c], &l[c]);
+        const __m512i hp = to_planes(h[0], h[1], h[2], h[3]), lp = to_planes(l[0], l[1], l[2], l[3]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + p0), _mm512_castsi512_si128(hp));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 64 + p0), _mm512_extracti32x4_epi32(hp, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 128 + p0), _mm512_extracti32x4_epi32(hp, 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 192 + p0), _mm512_extracti32x4_epi32(hp, 3));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 256 + p0), _mm512_castsi512_si128(lp));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 320 + p0), _mm512_extracti32x4_epi32(lp, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 384 + p0), _mm512_extracti32x4_epi32(lp, 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 448 + p0), _mm512_extracti32x4_epi32(lp, 3));
+      }
+    } else {
+      int8_t* hi_dst = dst + g * kGroupElems;
+      int8_t* lo_dst = dst + G * kGroupElems + g * kGroupElems;
+      for (int64_t e = 0; e < kGroupElems; e += 16) {
+        __m512i h, l;
+        split(_mm512_loadu_ps(src + e), inv, &h, &l);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + e), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo_dst + e), _mm512_cvtepi32_epi8(l));
+      }
+    }
+  }
+  return inv_s > 0.f ? amax / static_cast<float>(kQMax) : 0.f;
+}
+
+void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row) {
+  const __m512 va = _mm512_set1_ps(a), vc = _mm512_set1_ps(c);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 m = tail_mask(N - n);
+    _mm512_mask_storeu_ps(row + n, m, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, d + n)), va), vc));
+  }
+}
+
+void dequant_row(const float* d, int64_t N, float a, float c, float* row) {
+  const __m512 va = _mm512_set1_ps(a), vc = _mm512_set1_ps(c);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 m = tail_mask(N - n);
+    _mm512_mask_storeu_ps(row + n, m, _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, d + n), va), vc));
+  }
+}
+
+void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias) {
+  float scale = 1.f;
+  if (had > 1) {
+    fwht(row, N, had);
+    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 m = tail_mask(N - n);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + n), sc), _mm512_maskz_loadu_ps(m, sv + n));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n));
+    _mm512_mask_storeu_ps(row + n, m, v);
+  }
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace pyquant
+
+#pragma GCC pop_options
