@@ -246,6 +246,11 @@ def test_dispatcher_runs_the_cpu_backend_by_default_on_cpu_tensors():
     cpu.linear(x, pw16, None, cache)
     pw16.sv.mul_(2)
     assert rel_err(cpu.linear(x, pw16, None, cache), reference(x, pw16, None)) < TOL
+    with torch.inference_mode():  # inference tensors have no version counter: no caching
+        pw_inf = make_packed(20, 128, hadamard=True, seed=6, scale_dtype=torch.float16)
+        cpu.linear(x, pw_inf, None, cache)
+        pw_inf.sv.mul_(2)
+        assert rel_err(cpu.linear(x, pw_inf, None, cache), reference(x, pw_inf, None)) < TOL
     assert cpu.available()
     assert cpu.supports(torch.randn(2, 128), pw) is None
     assert "not the CPU" in cpu.supports(torch.randn(2, 128, device="meta"), pw)
