@@ -149,6 +149,22 @@ def quantization_vector(qat, ft, filter_fn: NameFilter | None = None, dtype: tor
     return task_vector(qat, ft, filter_fn, dtype)
 
 
+def _check_fits(state: dict[str, torch.Tensor], v: Vector) -> None:
+    """Raise ``ValueError`` unless every entry of ``v`` names a floating tensor of ``state`` of the same shape."""
+    missing = [n for n in v if n not in state]
+    if missing:
+        raise ValueError(f"vector does not fit this model: {len(missing)} of its {len(v)} tensors are missing, "
+                         f"e.g. {missing[:3]}")
+    for n, t in v.items():
+        if state[n].shape != t.shape:
+            raise ValueError(f"vector does not fit this model: {n!r} has shape {tuple(t.shape)} in the vector "
+                             f"but {tuple(state[n].shape)} in the model")
+        if not state[n].is_floating_point():
+            raise ValueError(f"vector entry {n!r} targets a non-floating tensor ({state[n].dtype})")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"vector entry {n!r} holds NaN or Inf")
+
+
 def apply_vector(model, v: Mapping[str, torch.Tensor], lam: float = 1.0):
     """``theta += lam * v`` in place on a module or a state dict of tensors; returns it.
 
@@ -160,16 +176,7 @@ def apply_vector(model, v: Mapping[str, torch.Tensor], lam: float = 1.0):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise TypeError(f"lam must be a finite number, got {lam!r}")
     state = _state(model, "model")
-    missing = [n for n in v if n not in state]
-    if missing:
-        raise ValueError(f"vector does not fit this model: {len(missing)} of its {len(v)} tensors are missing, "
-                         f"e.g. {missing[:3]}")
-    for n, t in v.items():
-        if state[n].shape != t.shape:
-            raise ValueError(f"vector does not fit this model: {n!r} has shape {tuple(t.shape)} in the vector "
-                             f"but {tuple(state[n].shape)} in the model")
-        if not state[n].is_floating_point():
-            raise ValueError(f"vector entry {n!r} targets a non-floating tensor ({state[n].dtype})")
+    _check_fits(state, v)
     with torch.no_grad():
         for n, t in v.items():
             target = state[n]
@@ -195,7 +202,7 @@ def search_lambda(model, v: Mapping[str, torch.Tensor], eval_fn: Callable[[nn.Mo
     if not grid or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) for g in grid):
         raise ValueError(f"grid must be a non-empty list of finite numbers, got {grid!r}")
     state = _state(model, "model")
-    apply_vector({n: state[n] for n in v if n in state}, v, 0.0)  # name/shape checks before any change
+    _check_fits(state, v)
     saved = {n: state[n].clone() for n in v}
     scores: dict[float, float] = {}
     try:

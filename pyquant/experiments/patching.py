@@ -57,7 +57,7 @@ from ..quantizers.daq import DAQConfig, delta_metrics
 from ..sentences import labelled_sentences
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 
 # task -> class -> standard-library modules whose docstring sentences make up the class
 TASKS: dict[str, dict[str, list[str]]] = {
@@ -104,6 +104,10 @@ TASKS: dict[str, dict[str, list[str]]] = {
         "logging": ["logging"],
     },
 }
+
+
+# six tasks by default: 30 ordered pairs; the other two are there for longer runs
+DEFAULT_TASKS = ["family", "concurrency", "types-vs-introspection", "testing-tools", "text-kinds", "config-cli"]
 
 
 # ---------------------------------------------------------------- data
@@ -324,10 +328,29 @@ def _quantized_hidden(bert, bits: int, cache: PrefixCache) -> torch.Tensor:
         return cache.hidden(bert)
 
 
+def export_for_cli(receiver: TaskModel, tokenizer, donor: dict, out: Path) -> dict:
+    """A fine-tuned receiver backbone as a Hugging Face directory and a donor's
+    quantization vector with the backbone's own names, for
+    ``python -m pyquant quantize <model> --vector <v> --lam 1.0``."""
+    model_dir, vec = out / "receiver-ft", out / "donor-qv.safetensors"
+    if not (model_dir / "config.json").is_file():
+        receiver.backbone.save_pretrained(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+    if not vec.is_file():
+        v = patching.quantization_vector(donor["qat"], donor["ft"])
+        patching.save_vector(patching.rename(v, remove_prefix="backbone."), vec)
+    return {"model": str(model_dir), "vector": str(vec)}
+
+
 # ---------------------------------------------------------------- the experiment
 def summarize(gains: list[float]) -> dict:
     return {"mean_pp": 100 * statistics.mean(gains), "median_pp": 100 * statistics.median(gains),
             "share_improved": sum(g > 0 for g in gains) / len(gains), "n": len(gains)}
+
+
+def _ratio(pairs: list[dict], key: str) -> float | None:
+    qat_gain = statistics.mean(p["qat"] - p["ptq"] for p in pairs)
+    return statistics.mean(p[key] - p["ptq"] for p in pairs) / qat_gain if qat_gain > 0 else None
 
 
 def patching_experiment(tasks, models, args) -> dict:
@@ -350,20 +373,25 @@ def patching_experiment(tasks, models, args) -> dict:
         for d in tasks:
             if d is r:
                 continue
-            test_at = {}
-
-            def eval_fn(model, test_at=test_at):
+            def eval_fn(model):
                 with ptq(model.backbone, args.bits):
-                    v = accuracy(model, *val)
-                    test_at[len(test_at)] = accuracy(model, *test)
-                return v
+                    return accuracy(model, *val)
 
             lam, val_scores = patching.search_lambda(ft, vectors[d.name], eval_fn, grid=args.lam_grid,
                                                      return_scores=True)
-            test_by_lam = dict(zip(val_scores, test_at.values()))
+            test_by_lam = {}
+            for x in sorted({1.0, lam}):
+                saved = {n: p.detach().clone() for n, p in ft.named_parameters() if n in vectors[d.name]}
+                patching.apply_vector(ft, vectors[d.name], x)
+                with ptq(ft.backbone, args.bits):
+                    test_by_lam[x] = accuracy(ft, *test)
+                with torch.no_grad():
+                    for n, p in ft.named_parameters():
+                        if n in saved:
+                            p.copy_(saved[n])
             row = {"donor": d.name, "receiver": r.name, "fp": per_task[r.name]["fp"], "ptq": per_task[r.name]["ptq"],
                    "lam1": test_by_lam[1.0], "lam_searched": lam, "searched": test_by_lam[lam],
-                   "qat": per_task[r.name]["qat"], "val_by_lam": val_scores, "test_by_lam": test_by_lam,
+                   "qat": per_task[r.name]["qat"], "val_by_lam": val_scores,
                    "cos_qv": patching.cosine(vectors[d.name], vectors[r.name])}
             pairs.append(row)
             print(f"  {d.name:>22} -> {r.name:<22} ptq {row['ptq']:.3f}  lam=1 {row['lam1']:.3f}  "
@@ -373,9 +401,9 @@ def patching_experiment(tasks, models, args) -> dict:
         "searched": summarize([p["searched"] - p["ptq"] for p in pairs]),
         "qat_ceiling": summarize([per_task[t.name]["qat"] - per_task[t.name]["ptq"] for t in tasks]),
         "ptq_damage": summarize([per_task[t.name]["fp"] - per_task[t.name]["ptq"] for t in tasks]),
-        "recovered_share_lam1": statistics.mean(
-            (p["lam1"] - p["ptq"]) / (p["qat"] - p["ptq"]) for p in pairs if p["qat"] - p["ptq"] > 0)
-        if any(p["qat"] - p["ptq"] > 0 for p in pairs) else None,
+        # ratio of means over pairs (a per-pair ratio explodes where the QAT gain is one test sentence)
+        "recovered_share_lam1": _ratio(pairs, "lam1"),
+        "recovered_share_searched": _ratio(pairs, "searched"),
         "mean_abs_cos_between_vectors": statistics.mean(abs(p["cos_qv"]) for p in pairs),
     }
     return {"per_task": per_task, "pairs": pairs, "summary": summary}
@@ -397,31 +425,40 @@ def quantized_copy(bert, config) -> nn.Module:
 
 def daq_experiment(base_bert, tasks, models, args, embed_ids) -> dict:
     base_task = TaskModel(base_bert, 1, args.split, models[tasks[0].name]["ft"].cache, seed=args.seed)
-    rows = []
     ref = _embeddings(base_task, embed_ids)
+    rows = []
     for grid, gran in args.daq_grids:
         for t in tasks:
             ft = models[t.name]["ft"]
             post = ft.backbone
-            fp_cos = F.cosine_similarity(_embeddings(ft, embed_ids), ref).mean().item()
             row = {"task": t.name, "grid": grid, "granularity": gran, "fp_acc": accuracy(ft, *t.splits["test"]),
-                   "fp_base_cos": fp_cos}
-            for label, config in (("absmax", DAQConfig(base=base_bert, grid=grid, granularity=gran, search=False)),
-                                  ("daq", DAQConfig(base=base_bert, grid=grid, granularity=gran, metric=args.daq_metric))):
+                   "fp_base_cos": F.cosine_similarity(_embeddings(ft, embed_ids), ref).mean().item(), "scales": {}}
+            configs = [("absmax", DAQConfig(base=base_bert, grid=grid, granularity=gran, search=False))]
+            configs += [(f"daq-{m}", DAQConfig(base=base_bert, grid=grid, granularity=gran, metric=m))
+                        for m in args.daq_metrics]
+            for label, config in configs:
                 t0 = time.perf_counter()
-                dense, _ = quantized_copy(post, config)
-                metrics = _delta_metrics(post, base_bert, dense)
+                dense, report = quantized_copy(post, config)
                 qmodel = TaskModel(dense, len(t.classes), args.split, ft.cache, seed=args.seed)
                 qmodel.head.load_state_dict(ft.head.state_dict())
-                row[label] = {**metrics, "acc": accuracy(qmodel, *t.splits["test"]),
-                              "base_cos": F.cosine_similarity(_embeddings(qmodel, embed_ids), ref).mean().item(),
-                              "seconds": time.perf_counter() - t0}
+                row["scales"][label] = {
+                    **_delta_metrics(post, base_bert, dense), "acc": accuracy(qmodel, *t.splits["test"]),
+                    "base_cos": F.cosine_similarity(_embeddings(qmodel, embed_ids), ref).mean().item(),
+                    "blocks_changed": sum(r["blocks_changed"] for r in report.values()),
+                    "blocks": sum(r["blocks"] for r in report.values()), "seconds": time.perf_counter() - t0}
             rows.append(row)
-            a, q = row["absmax"], row["daq"]
-            print(f"  {grid}/{gran} {t.name:<22} sign {a['sign']:.4f} -> {q['sign']:.4f}  cos {a['cosine']:.4f} -> "
-                  f"{q['cosine']:.4f}  acc {a['acc']:.3f} -> {q['acc']:.3f}  base-cos {a['base_cos']:.4f} -> "
-                  f"{q['base_cos']:.4f}", flush=True)
-    return {"rows": rows}
+            print(f"  {grid}/{gran} {t.name:<22} " + "  ".join(
+                f"{k}: sign {v['sign']:.4f} cos {v['cosine']:.4f} acc {v['acc']:.3f} base {v['base_cos']:.4f}"
+                for k, v in row["scales"].items()), flush=True)
+    summary = {}
+    for grid, gran in args.daq_grids:
+        sel = [r for r in rows if (r["grid"], r["granularity"]) == (grid, gran)]
+        summary[f"{grid}/{gran}"] = {label: {k: statistics.mean(r["scales"][label][k] for r in sel)
+                                             for k in ("sign", "cosine", "mse", "acc", "base_cos")}
+                                     for label in sel[0]["scales"]}
+        summary[f"{grid}/{gran}"]["fp"] = {"acc": statistics.mean(r["fp_acc"] for r in sel),
+                                          "base_cos": statistics.mean(r["fp_base_cos"] for r in sel)}
+    return {"rows": rows, "summary": summary}
 
 
 def _embeddings(model: TaskModel, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -445,6 +482,10 @@ def _delta_metrics(post, base, dense) -> dict:
 
 
 # ---------------------------------------------------------------- report
+def _trained(n: int) -> str:
+    return "all 6 encoder layers" if n == 6 else f"the last {n} of 6 encoder layers"
+
+
 def _pct(x):
     return f"{100 * x:.1f}"
 
@@ -458,7 +499,7 @@ def markdown(result: dict) -> str:
              "",
              f"Backbone: bundled all-MiniLM-L6-v2 + linear head on mean-pooled tokens. PTQ: RTN {cfg['bits']}-bit "
              f"per-output-channel absmax on all {cfg['n_quantized_layers']} encoder Linear layers (head in fp32). "
-             f"FT/QAT train the last {cfg['train_layers']} of 6 layers + head ({cfg['steps']} steps, batch "
+             f"FT/QAT train {_trained(cfg['train_layers'])} + head, embeddings frozen ({cfg['steps']} steps, batch "
              f"{cfg['batch_size']}, AdamW lr {cfg['lr']}, wd {cfg['weight_decay']}, warm-up {cfg['warmup']}, cosine; "
              f"QAT = same run + STE fake quantization). Vectors: weights and biases of the encoder Linear layers. "
              f"lam grid {cfg['lam_grid']} searched on the receiver's validation split; accuracies on its test split.",
@@ -479,9 +520,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | {v['mean_pp']:+.1f} | {v['median_pp']:+.1f} | "
                      f"{100 * v['share_improved']:.0f} % of {v['n']} |")
     if s["recovered_share_lam1"] is not None:
-        lines += ["", f"Mean share of the QAT gain recovered by λ = 1 (pairs with a positive QAT gain): "
-                      f"{100 * s['recovered_share_lam1']:.0f} %. Mean |cosine| between different tasks' vectors: "
-                      f"{s['mean_abs_cos_between_vectors']:.3f}."]
+        lines += ["", f"Share of the QAT gain recovered (mean gain over pairs / mean QAT gain over pairs): "
+                      f"λ = 1 {100 * s['recovered_share_lam1']:.0f} %, searched λ "
+                      f"{100 * s['recovered_share_searched']:.0f} %."]
+    lines += ["", f"Mean |cosine| between different tasks' quantization vectors: "
+                  f"{s['mean_abs_cos_between_vectors']:.3f}."]
     lines += ["", "## All pairs (test accuracy, %)", "",
               "| donor → receiver | fp | PTQ | λ = 1 | λ* | searched | QAT | cos(τ_D, τ_R) |", "|---|---|---|---|---|---|---|---|"]
     for p in pt["pairs"]:
@@ -489,20 +532,30 @@ def markdown(result: dict) -> str:
                      f"{p['lam_searched']} | {_pct(p['searched'])} | {_pct(p['qat'])} | {p['cos_qv']:.3f} |")
     if result.get("daq"):
         lines += ["", "## DAQ: absmax vs delta-aware scales (base = pre-trained MiniLM, post = each FT model)", "",
-                  f"Metric searched: {cfg['daq_metric']}. Sign rate over encoder Linear weights with |ΔW| > 1e-5; "
-                  "delta cosine cos(ΔW, ΔŴ); weight MSE ‖Ŵ − W_post‖²/n; task = test accuracy with the FT head; "
-                  "base = mean cosine of the quantized post-model's sentence embeddings to the pre-trained model's "
-                  f"on {cfg['n_embed']} sentences outside every training split (full-precision post model: column fp).",
-                  "",
-                  "| grid | task | sign absmax | sign DAQ | cos absmax | cos DAQ | MSE absmax | MSE DAQ | "
-                  "task fp | task absmax | task DAQ | base fp | base absmax | base DAQ |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "Same grid, same layers (the 36 encoder Linear layers); only the scales differ. sign = share of "
+                  "weights with |ΔW| > 1e-5 whose quantized delta keeps the sign (0 counts as lost); cos = "
+                  "cos(ΔW, ΔŴ); MSE = mean (Ŵ − W_post)²; task = test accuracy with the FT head; base = mean "
+                  "cosine of sentence embeddings to the pre-trained model's, on "
+                  f"{cfg['n_embed']} sentences outside every training split (fp32 post model: row 'fp32').", "",
+                  "Means over the tasks:", "",
+                  "| grid | scales | sign | cos | MSE | task acc | base cos |", "|---|---|---|---|---|---|---|"]
+        for key, by in result["daq"]["summary"].items():
+            fp = by["fp"]
+            lines.append(f"| {key} | fp32 (unquantized) | | | | {_pct(fp['acc'])} | {fp['base_cos']:.4f} |")
+            for label, v in by.items():
+                if label != "fp":
+                    lines.append(f"| {key} | {label} | {v['sign']:.4f} | {v['cosine']:.4f} | {v['mse']:.3e} | "
+                                 f"{_pct(v['acc'])} | {v['base_cos']:.4f} |")
+        lines += ["", "Per task:", "",
+                  "| grid | task | scales | sign | cos | MSE | task acc | base cos | blocks changed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in result["daq"]["rows"]:
-            a, q = r["absmax"], r["daq"]
-            lines.append(f"| {r['grid']}/{r['granularity']} | {r['task']} | {a['sign']:.4f} | {q['sign']:.4f} | "
-                         f"{a['cosine']:.4f} | {q['cosine']:.4f} | {a['mse']:.3e} | {q['mse']:.3e} | "
-                         f"{_pct(r['fp_acc'])} | {_pct(a['acc'])} | {_pct(q['acc'])} | {r['fp_base_cos']:.4f} | "
-                         f"{a['base_cos']:.4f} | {q['base_cos']:.4f} |")
+            key = f"{r['grid']}/{r['granularity']}"
+            lines.append(f"| {key} | {r['task']} | fp32 | | | | {_pct(r['fp_acc'])} | {r['fp_base_cos']:.4f} | |")
+            for label, v in r["scales"].items():
+                lines.append(f"| {key} | {r['task']} | {label} | {v['sign']:.4f} | {v['cosine']:.4f} | "
+                             f"{v['mse']:.3e} | {_pct(v['acc'])} | {v['base_cos']:.4f} | "
+                             f"{v['blocks_changed']}/{v['blocks']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -520,20 +573,24 @@ def _parse_daq_grids(text: str) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyquant.experiments.patching", description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (at least 2)")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, at least 2 of {list(TASKS)}")
     ap.add_argument("--bits", type=int, default=3, help="RTN bit-width of PTQ and QAT (2, 3, 4 or 8)")
-    ap.add_argument("--train-layers", type=int, default=2, help="how many of the 6 layers FT/QAT train")
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--train-layers", type=int, default=6,
+                    help="FT/QAT train the last N of the 6 layers (fewer = faster; the rest stays pre-trained)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup", type=int, default=12)
-    ap.add_argument("--per-class", type=int, default=100, help="at most this many sentences per class")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--per-class", type=int, default=80, help="at most this many sentences per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lam-grid", default=",".join(map(str, patching.DEFAULT_LAMBDA_GRID)))
-    ap.add_argument("--daq-grids", default="fp8:block,int4:block", help="grid:granularity list; empty = no DAQ")
-    ap.add_argument("--daq-metric", default="sign", choices=["sign", "cosine", "mse"])
-    ap.add_argument("--n-embed", type=int, default=200, help="sentences for the base-behaviour embedding cosine")
+    ap.add_argument("--daq-grids", default="fp8:block", help="grid:granularity list (grids fp8, int2..int8, "
+                    "pyquant2; granularity block, row, tensor); empty = no DAQ")
+    ap.add_argument("--daq-metrics", default="sign,cosine", help="DAQ search metrics to compare (sign, cosine, mse)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; 0 = 1 when the machine is oversubscribed (load >= cores), else torch's default")
+    ap.add_argument("--n-embed", type=int, default=128, help="sentences for the base-behaviour embedding cosine")
     ap.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "pyquant", "experiments"))
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -548,7 +605,15 @@ def main(argv=None) -> int:
     if 1.0 not in args.lam_grid:
         ap.error("--lam-grid must contain 1.0 (the zero-shot patch is reported from it)")
     args.daq_grids = _parse_daq_grids(args.daq_grids)
+    args.daq_metrics = [m for m in args.daq_metrics.split(",") if m]
+    if any(m not in ("sign", "cosine", "mse") for m in args.daq_metrics) or not args.daq_metrics:
+        ap.error("--daq-metrics: a comma-separated list of sign, cosine, mse")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        # on a busy machine one thread per process beats threads waiting on each other at every barrier
+        torch.set_num_threads(1)
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -582,31 +647,34 @@ def main(argv=None) -> int:
     models = {t.name: train_pair(bert, t, args, cache, cache_dir) for t in tasks}
     t_trained = time.perf_counter()
 
+    export = export_for_cli(models[tasks[0].name]["ft"], tokenizer, models[tasks[1].name], cache_dir / "cli")
+    print(f"  CLI inputs: receiver {export['model']}, donor vector {export['vector']}", flush=True)
+
     print("[2/3] quantization-vector patching, every ordered donor -> receiver pair", flush=True)
     pt = patching_experiment(tasks, models, args)
     t_patched = time.perf_counter()
 
     daq = None
     if args.daq_grids:
-        print(f"[3/3] DAQ ({args.daq_metric}) vs absmax on {args.daq_grids}", flush=True)
+        print(f"[3/3] DAQ ({args.daq_metrics}) vs absmax on {args.daq_grids}", flush=True)
         daq = daq_experiment(bert, tasks, models, args, embed_ids)
     runtime = time.perf_counter() - t_start
     result = {
         "config": {"bits": args.bits, "train_layers": args.train_layers, "steps": args.steps,
                    "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                    "warmup": args.warmup, "per_class": args.per_class, "seed": args.seed, "lam_grid": args.lam_grid,
-                   "daq_grids": args.daq_grids, "daq_metric": args.daq_metric, "n_embed": len(embed_set),
+                   "daq_grids": args.daq_grids, "daq_metrics": args.daq_metrics, "n_embed": len(embed_set),
                    "tasks": names, "n_quantized_layers": len(encoder_linears(bert)), "cache_key": fingerprint},
         "machine": _machine(), "runtime_s": runtime,
         "phase_s": {"train": t_trained - t_start, "patching": t_patched - t_trained,
                     "daq": time.perf_counter() - t_patched},
-        "prefix_computations": cache.computed,
+        "prefix_computations": cache.computed, "cli_export": export,
         "patching": pt, "daq": daq,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
     (out / "patching.json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(result)
     (out / "patching.md").write_text(md)
     print()
     print(md)
