@@ -18,6 +18,24 @@ import triton.language as tl
 MAX_HADAMARD = 4096
 
 
+# The kernels call only Triton builtins and the jit helpers below, never the
+# library's own @jit functions (tl.sum, tl.zeros, tl.cdiv): those are decorated
+# when triton is first imported, and if that import happened before
+# TRITON_INTERPRET=1 was set (torch._dynamo imports triton, for one), they are
+# compiled-mode and an interpreted kernel cannot call them.
+
+
+@triton.jit
+def add(a, b):
+    return a + b
+
+
+# The combine function of ``tl.reduce`` for sums: tl.sum's own, which the interpreter
+# recognises (it sums with numpy without calling it; any other function it calls
+# element by element: the test file ran 7x slower); ``add`` if a release renames it.
+sum_combine = getattr(tl.standard, "_sum_combine", add)
+
+
 @triton.jit
 def fwht(x, TOTAL: tl.constexpr, LOG2_BLOCK: tl.constexpr):
     """Unnormalized Walsh-Hadamard transform of every contiguous block of
@@ -55,17 +73,6 @@ def small_int_to_float(z, DTYPE: tl.constexpr):
 def interpreted() -> bool:
     """True when this process's kernels were decorated for the Triton interpreter."""
     return type(fwht).__name__ == "InterpretedFunction"
-
-
-def interpreter_problem() -> str | None:
-    """Why the interpreter cannot run these kernels, or None. Triton's own library
-    functions (``tl.sum``...) are decorated when ``triton`` is first imported: if
-    that happened before ``TRITON_INTERPRET=1`` was set, interpreted kernels fail
-    on them."""
-    if interpreted() and type(tl.sum).__name__ != "InterpretedFunction":
-        return ("triton was imported before TRITON_INTERPRET=1 was set, so its library functions are "
-                "compiled-mode: set TRITON_INTERPRET=1 before anything imports triton")
-    return None
 
 
 def next_pow2(n: int) -> int:

@@ -54,8 +54,8 @@ def _gemm_kernel(
     # Grouped launch order: GROUP_M row-tiles share each column of weight tiles
     # while it is still in L2.
     pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
+    grid_m = (M + BLOCK_M - 1) // BLOCK_M
+    grid_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * grid_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(grid_m - first_m, GROUP_M)
@@ -91,7 +91,7 @@ def _gemm_kernel(
     b3 = tl.load(b_ptr + 3) * ws
 
     K4 = K // 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fwht, log2, next_pow2, small_int_to_float, tl_dtype
+from .common import fwht, log2, next_pow2, small_int_to_float, sum_combine, tl_dtype
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ def _gemv_kernel(
     k4_lo = pid_k * k4_per_split
     k4_hi = tl.minimum(k4_lo + k4_per_split, K4)
     if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     else:
-        acc3 = tl.zeros((BLOCK_N, BLOCK_K, BLOCK_M), dtype=tl.float32)
+        acc3 = tl.full((BLOCK_N, BLOCK_K, BLOCK_M), 0.0, tl.float32)
     for k4 in range(k4_lo, k4_hi, BLOCK_K4):
         offs_j = k4 + tl.arange(0, BLOCK_K4)
         j_mask = offs_j < k4_hi
@@ -100,13 +100,13 @@ def _gemv_kernel(
             zf = small_int_to_float(z, tl.float32)
             acc3 += zf[:, :, None] * xt[None, :, :]
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=1)
+        acc = tl.reduce(acc3, 1, sum_combine)
     if FUSE_OUT:
         # One split and whole Hadamard blocks in this tile: finish the layer here
         # (the output pass of transform.py, without its launch and round trip).
         ct = tl.arange(0, CTILES)
-        const = tl.sum(tl.load(cpart_ptr + offs_m[:, None] * n_ctiles + ct[None, :],
-                               mask=m_mask[:, None] & (ct < n_ctiles)[None, :], other=0.0), axis=1)
+        const = tl.reduce(tl.load(cpart_ptr + offs_m[:, None] * n_ctiles + ct[None, :],
+                                  mask=m_mask[:, None] & (ct < n_ctiles)[None, :], other=0.0), 1, sum_combine)
         y = (tl.trans(acc) + const[:, None]) * tl.load(ws_ptr)  # [BLOCK_M, BLOCK_N]
         if HAS_HAD:
             y = tl.reshape(fwht(tl.reshape(y, (BLOCK_M * BLOCK_N,)), BLOCK_M * BLOCK_N, LOG2_HAD),

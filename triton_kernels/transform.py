@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_HADAMARD, fwht, log2, next_pow2
+from .common import MAX_HADAMARD, fwht, log2, next_pow2, sum_combine
 
 # Tile of K handled by one program: big enough that the per-tile constants stay
 # few (the output pass sums them), small enough to keep in registers.
@@ -50,10 +50,10 @@ def _input_transform_kernel(
         a = tl.load(a_ptr + r[:, None] * 4 + r[None, :])  # a[r, c] = A[r, c]
         chunks = tl.reshape(x, (TILE // 4, 4))
         # xt[j, c] = sum_r x'[j, r] * A[r, c]: a 4x4 product per chunk, in fp32.
-        xt = tl.sum(chunks[:, :, None] * a[None, :, :], axis=1)
+        xt = tl.reduce(chunks[:, :, None] * a[None, :, :], 1, sum_combine)
         tl.store(out_ptr + m * stride_om + offs, tl.reshape(xt, (TILE,)), mask=mask)
         bv = tl.load(b_ptr + r)
-        tl.store(cpart_ptr + m * n_tiles + t, tl.sum(chunks * bv[None, :]))
+        tl.store(cpart_ptr + m * n_tiles + t, tl.reduce(chunks * bv[None, :], None, sum_combine))
     else:
         tl.store(out_ptr + m * stride_om + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -102,13 +102,13 @@ def _output_transform_kernel(
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
     # Partials [n_split, M, N] summed in split order: the deterministic reduction.
     for s in range(n_split):
         acc += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
     if HAS_CONST:
         ct = tl.arange(0, CTILES)
-        const = tl.sum(tl.load(cpart_ptr + m * n_ctiles + ct, mask=ct < n_ctiles, other=0.0))
+        const = tl.reduce(tl.load(cpart_ptr + m * n_ctiles + ct, mask=ct < n_ctiles, other=0.0), None, sum_combine)
         acc = (acc + const) * tl.load(ws_ptr)
     if HAS_HAD:
         # Lanes past N are whole blocks of zeros (N % had_out == 0).

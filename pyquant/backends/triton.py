@@ -53,12 +53,6 @@ def _kernels_interpreted() -> bool:
     return interpreted()
 
 
-def _interpreter_problem() -> str | None:
-    from triton_kernels.common import interpreter_problem
-
-    return interpreter_problem()
-
-
 def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
     if not isinstance(x, torch.Tensor):
         return f"x is a {type(x).__name__}, not a tensor"
@@ -76,8 +70,6 @@ def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
             return "CPU tensor: Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
         if not _kernels_interpreted():
             return "CPU tensor: triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
-        if (problem := _interpreter_problem()) is not None:
-            return problem
     else:
         return f"device {x.device.type} is not supported"
     from triton_kernels.common import MAX_HADAMARD
