@@ -107,17 +107,18 @@ def delta_metrics(w_post: torch.Tensor, w_base: torch.Tensor, deq: torch.Tensor)
 
 # ---------------------------------------------------------------- the search
 def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tuple[int, int], score: Callable,
-                    expand: Callable[[torch.Tensor], torch.Tensor], search: bool):
+                    select: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], search: bool):
     """Multipliers ``m`` (``shape_m``, one per block) maximising ``score(build(m))`` per block.
 
     ``build(m)`` returns the deployed dense weight for multipliers ``m``;
-    ``expand`` broadcasts a per-block mask to the weight's shape. Returns the
-    best ``m`` and the dense weight assembled from the scored candidates.
+    ``select(mask, new, old)`` takes the blocks of ``new`` where the per-block
+    ``mask`` holds and those of ``old`` elsewhere. Returns the
+    best ``m``, the dense weight assembled from the scored candidates, and the plain one (``m = 1``).
     """
     best_m = torch.ones(shape_m)
-    best_w = build(best_m)
+    best_w = plain_w = build(best_m)
     if not search:
-        return best_m, best_w
+        return best_m, best_w, plain_w
     best_s = score(best_w)
 
     def consider(m: torch.Tensor) -> None:
@@ -127,7 +128,7 @@ def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tupl
         better = s > best_s  # strict, and False wherever a score is NaN: the plain scale stays
         best_m = torch.where(better, m, best_m)
         best_s = torch.where(better, s, best_s)
-        best_w = torch.where(expand(better), w, best_w)
+        best_w = select(better, w, best_w)
 
     lo, hi, points = COARSE
     for c in torch.linspace(lo, hi, points):
@@ -136,7 +137,7 @@ def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tupl
     centre = best_m.clone()
     for off in torch.linspace(-half, half, points):
         consider((centre + off).clamp_min(0.05))
-    return best_m, best_w
+    return best_m, best_w, plain_w
 
 
 @dataclass
@@ -198,21 +199,37 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
         blk = block_shape(tuple(w.shape), granularity, block)
         s0 = absmax_scales(w, g, blk)
         m_shape = tuple(s0.shape)
+        (gr, gc), (n, k) = m_shape, w.shape
+        if gr * blk[0] == n and gc * blk[1] == k:
+            # whole blocks: broadcast the per-block scales over a [gr, br, gc, bc] view instead of
+            # materialising full-size scales; every element sees the same scale value, so the result
+            # is bit-identical to DequantLinear's expanded-scale path
+            w4 = w.view(gr, blk[0], gc, blk[1])
 
-        def build_rep(m):
-            scales = s0 * m
-            full = expand_scales(scales, tuple(w.shape), blk)
-            codes = quantize_codes(w, full, g)
-            return (codes, scales), dequantize_codes(codes, full)
+            def build_rep(m):
+                scales = s0 * m
+                codes = quantize_codes(w4, scales.view(gr, 1, gc, 1), g)
+                return (codes.view(n, k), scales), dequantize_codes(codes, scales.view(gr, 1, gc, 1)).view(n, k)
+        else:
+            def build_rep(m):
+                scales = s0 * m
+                full = expand_scales(scales, tuple(w.shape), blk)
+                codes = quantize_codes(w, full, g)
+                return (codes, scales), dequantize_codes(codes, full)
 
     score = _Scorer(metric, w, wb, blk) if search else None
     if score is not None and not bool(score.defined.any()):
         search = False  # no block has a delta to keep: every multiplier would be refused anyway
 
-    def expand(mask):
-        return expand_scales(mask, tuple(w.shape), blk)
+    def select(mask, new, old):
+        n, k = w.shape
+        gr, gc = mask.shape
+        if gr * blk[0] == n and gc * blk[1] == k:
+            shape4 = (gr, blk[0], gc, blk[1])
+            return torch.where(mask.view(gr, 1, gc, 1), new.view(shape4), old.view(shape4)).view(n, k)
+        return torch.where(expand_scales(mask, (n, k), blk), new, old)
 
-    m, scored = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, expand, search)
+    m, scored, plain = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, select, search)
     rep, _ = build_rep(m)
     out = DAQResult(grid=grid, scored=scored, multipliers=m)
     if grid == "pyquant2":
@@ -220,7 +237,6 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
     else:
         out.codes, out.scales, out.block = rep[0], rep[1], blk
     if wb is not None:
-        plain = scored if not search else build_rep(torch.ones(m_shape))[1]
         out.plain, out.chosen = delta_metrics(w, wb, plain), delta_metrics(w, wb, scored)
     return out
 
@@ -232,7 +248,7 @@ def _check_dense(t, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} holds NaN or Inf values")
-    return t.detach().float()
+    return t.detach().float().contiguous()
 
 
 def _pyquant2_builder(w: torch.Tensor, granularity: str, hadamard: bool, hadamard_block: int, seed: int,
