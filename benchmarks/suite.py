@@ -202,6 +202,36 @@ def bench_shape(k: int, n: int, batches: list[int], bandwidth: float, min_time: 
     return rows
 
 
+# ----------------------------------------------------------------------------- int vs float mode
+
+@torch.inference_mode()
+def int_vs_float(k: int, n: int, batches=(1, 32), min_time: float = 0.2) -> list[dict]:
+    """The measurement behind int mode being the default: its time and relative error against the
+    fp64 reference (format.dequantize + F.linear), next to float mode's (fp32 activations)."""
+    from pyquant.format import dequantize
+
+    pw = random_packed(k, n, seed=1)
+    weights = [(PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale, had_in=pw.had_in,
+                             had_out=pw.had_out), {}) for _ in range(N_WEIGHTS)]
+    dense = dequantize(pw).double()
+    out = []
+    for m in batches:
+        x = torch.randn(m, k)
+        ref = F.linear(x.double(), dense)
+        calls, err = {}, {}
+        for mode in ("int", "float"):
+            run = lambda x, w, mode=mode: cpu_backend._C.qlinear(  # noqa: E731
+                x, w[0].codes, w[0].A, w[0].b, w[0].su.float(), w[0].sv.float(), w[0].w_scale, w[0].had_in,
+                w[0].had_out, None, mode=mode)
+            calls[mode] = _pass(weights, run, x)
+            y = run(x, weights[0]).double()
+            err[mode] = ((y - ref).norm() / ref.norm()).item()
+        t = side_by_side(calls, min_time)
+        out.append({"in": k, "out": n, "batch": m, "int_ms": t["int"]["median"] * 1e3,
+                    "float_ms": t["float"]["median"] * 1e3, "int_rel_err": err["int"], "float_rel_err": err["float"]})
+    return out
+
+
 # ----------------------------------------------------------------------------- MiniLM
 
 @torch.inference_mode()
@@ -262,6 +292,15 @@ def markdown(report: dict) -> str:
                          + f" | {_fmt(r['floor_ms'])} | " + " | ".join(f"{r['speedup'][m]:.2f}" for m in METHODS[1:])
                          + f" | {r['pyquant_over_floor']:.2f} |")
         lines.append("")
+    if report.get("modes"):
+        lines += ["## int mode (16-bit fixed-point activations, VNNI) vs float mode (fp32 activations)", "",
+                  "Relative error ||y - y_ref|| / ||y_ref|| against format.dequantize + F.linear in fp64.", "",
+                  "| shape (in x out) | batch | int ms | float ms | float / int | int rel. error | float rel. error |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["modes"]:
+            lines.append(f"| {r['in']} x {r['out']} | {r['batch']} | {_fmt(r['int_ms'])} | {_fmt(r['float_ms'])} | "
+                         f"{r['float_ms'] / r['int_ms']:.2f} | {r['int_rel_err']:.1e} | {r['float_rel_err']:.1e} |")
+        lines.append("")
     if report.get("minilm"):
         lines += ["## MiniLM (all-MiniLM-L6-v2) encode, 2-bit RTN encoder vs fp32", "",
                   "| batch | seq len | fp32 sentences/s | pyquant sentences/s | speed-up | backend |",
@@ -280,6 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM end-to-end section")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `python -m pyquant bench -- --quick` passes the separator through
+        argv = argv[1:]
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -298,6 +340,9 @@ def main(argv=None) -> int:
         for k, n in shapes:
             progress.set_postfix_str(f"{k}x{n}")
             report["results"] += bench_shape(k, n, batches, report["read_bandwidth_gbs"] * 1e9, min_time, progress)
+    report["modes"] = []
+    for k, n in tqdm(shapes[:2], desc="int vs float", unit="shape"):
+        report["modes"] += int_vs_float(k, n, min_time=min_time)
     if not args.no_minilm:
         print("MiniLM end to end ...", file=sys.stderr)
         report["minilm"] = bench_minilm(min_time=1.0 if args.quick else 2.0)
