@@ -1,9 +1,10 @@
 // The contract between the generic driver (qlinear.cpp) and the ISA-specific inner kernels
 // (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 //
-// Plain C++ only: the ISA files compile their bodies under `#pragma GCC target(...)`, so nothing
-// inline with external linkage (torch headers, std templates) may be shared with them, or the
-// linker could keep an AVX-512 copy of it for code that runs on any CPU.
+// Plain C++ only. The ISA files include this header before their `#pragma GCC target(...)`, so its
+// inline functions are compiled for baseline x86-64 in every file; below the pragma they must not
+// instantiate anything inline with external linkage (torch headers, std templates), or the linker
+// could keep an AVX-512 copy of it for code that runs on any CPU.
 //
 // What the kernels compute. Per token m the driver has transformed the activations
 // (xt = per-4-chunk A^T H_in(su * x), see pyquant/format.py) and the kernels produce, per output
@@ -13,7 +14,7 @@
 // Two activation encodings ("modes"):
 //  - int:   xt is rounded to 16-bit fixed point per token, q = round(xt / s) with |q| <= kQMax,
 //           and split q = 256 * hi + lo with hi in [-127, 127], lo in [-128, 127]. The kernels
-//           return the exact integer  V = 256 * sum z*hi + sum z*lo  (int64), so every ISA and
+//           return the exact integer  V = 256 * sum z*hi + sum z*lo  (int32 or int64), so every ISA and
 //           every blocking gives bit-identical results; u8 x s8 products are what VNNI's vpdpbusd
 //           (and AVX2's vpmaddubsw) multiply.
 //  - float: xt stays fp32; the kernels return the fp32 dot product.

@@ -7,8 +7,9 @@
 //  2. per range of output rows, the unsigned INT2 dot products on the ISA chosen at run time
 //     (AVX-512 VNNI, AVX2 or portable), GEMV for up to 8 tokens, cache-blocked GEMM above;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
-// Everything in this file is compiled for baseline x86-64, so passes 1 and 3 round identically
-// whatever kernel ran, and int mode gives bit-identical results on every ISA.
+// Passes 1 and 3 (transform.h) have an SSE2 and an AVX-512 build that round identically, and the
+// int kernels return exact integers, so int mode gives bit-identical results on every ISA and
+// thread count; float mode is deterministic per ISA.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
