@@ -4,13 +4,15 @@
 //
 // GEMV (int mode, 1-8 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
 // and masking gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and
-// vpdpbusd multiplies them as u8 x s8 with no further unpacking. Several rows share each
-// activation load. The 16 int32 lanes are summed once per 32 groups.
+// vpdpbusd multiplies them as u8 x s8 with no further unpacking. Up to 4 rows share each
+// activation load, tokens go 4 at a time, codes are prefetched ahead, and the 16 int32 lanes are
+// summed once per 32 groups. At one token this streams the codes at memory speed.
 //
-// GEMM (int mode, more tokens, natural layout): a tile of 32 rows x 256 chunks is unpacked once
-// into dwords holding the 4 levels of one code (lanes = rows), then reused by every token: each
-// vpdpbusd multiplies 16 rows by one broadcast 4-byte chunk of activations, so accumulator
-// lanes are output rows and no horizontal sums are needed.
+// GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
+// dwords holding the 4 levels of one code (lanes = rows) and reused by a block of tokens: each
+// vpdpbusd multiplies 16 rows by one broadcast 4-byte chunk of activations, so accumulator lanes
+// are output rows, no horizontal sums are needed, and each output is stored once. Compute bound:
+// two vpdpbusd (hi, lo) per 64 multiply-adds.
 #include <immintrin.h>
 
 #include "kernel_api.h"
