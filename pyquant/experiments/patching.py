@@ -593,6 +593,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-embed", type=int, default=128, help="sentences for the base-behaviour embedding cosine")
     ap.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "pyquant", "experiments"))
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out-name", default="patching", help="result files: <out-dir>/<out-name>.{json,md}")
     args = ap.parse_args(argv)
     names = [n for n in args.tasks.split(",") if n]
     unknown = [n for n in names if n not in TASKS]
@@ -673,12 +674,12 @@ def main(argv=None) -> int:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "patching.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"{args.out_name}.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)
-    (out / "patching.md").write_text(md)
+    (out / f"{args.out_name}.md").write_text(md)
     print()
     print(md)
-    print(f"wrote {out / 'patching.json'} and {out / 'patching.md'} ({runtime:.0f} s)")
+    print(f"wrote {out / args.out_name}.json and .md ({runtime:.0f} s)")
     return 0
 
 
