@@ -20,17 +20,22 @@ from .sentences import split_sentences
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _config(method: str):
-    """The quantizer config for a method name; ``best`` = the best method this install has."""
+def _config(method: str, base=None):
+    """The quantizer config for a method name; ``best`` = the best method this install has.
+    ``daq`` needs ``base`` (the model before fine-tuning) and writes the packed 2-bit format."""
     from . import quantizers
 
     if method == "best":
-        method = "unisvq" if hasattr(quantizers, "UniSVQConfig") else "rtn"
+        method = "unisvq"
     if method == "rtn":
         return quantizers.RTNConfig(bits=2)
-    if method == "unisvq" and hasattr(quantizers, "UniSVQConfig"):
+    if method == "unisvq":
         return quantizers.UniSVQConfig()
-    raise SystemExit(f"error: unknown or unavailable method {method!r}")
+    if method == "daq":
+        if base is None:
+            raise SystemExit("error: --method daq needs --base (the model before fine-tuning)")
+        return quantizers.DAQConfig(base=base, grid="pyquant2", granularity="tensor")
+    raise SystemExit(f"error: unknown method {method!r} (expected best, unisvq, rtn or daq)")
 
 
 def _throughput(model, tokenizer, sentences, batch_size, repeats=2) -> float:
@@ -88,16 +93,27 @@ def demo(args) -> int:
     return 0 if same else 1
 
 
-def quantize_cmd(args) -> int:
+def _load_hf(name: str):
     from transformers import AutoModel, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.model == "minilm":
-        model, tokenizer = load_minilm()
-    else:
-        model, tokenizer = AutoModel.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
+    if name == "minilm":
+        return load_minilm()
+    return AutoModel.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def quantize_cmd(args) -> int:
+    """patch (optional) -> quantize -> swap -> save."""
+    from . import patching
+
+    model, tokenizer = _load_hf(args.model)
+    if args.vector:
+        patching.apply_vector(model, patching.load_vector(args.vector), lam=args.lam)
+        print(f"patched with {args.vector} (lambda = {args.lam})")
+    base = _load_hf(args.base)[0] if args.base else None
     calibration, _ = split_sentences(args.calibration, 0)
-    quantize_model(model, _config(args.method), calibration_data=batches(tokenizer, calibration))
+    quantize_model(model, _config(args.method, base), filter_fn=encoder_filter if args.encoder_only else None,
+                   calibration_data=batches(tokenizer, calibration))
     path = save_quantized(model, args.out)
     print(f"{len(quantized_layers(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
     return 0
@@ -136,7 +152,11 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("quantize", help="quantize a Hugging Face model directory (or 'minilm') and save it")
     p.add_argument("model", help="model directory, or 'minilm' for the bundled model")
-    p.add_argument("--method", default="best", help="best | unisvq | rtn")
+    p.add_argument("--method", default="best", help="best | unisvq | rtn | daq")
+    p.add_argument("--vector", help="safetensors vector to add before quantizing (pyquant.patching.save_vector)")
+    p.add_argument("--lam", type=float, default=1.0, help="scale of --vector (1.0 = zero-shot)")
+    p.add_argument("--base", help="for daq: the model before fine-tuning (directory or 'minilm')")
+    p.add_argument("--encoder-only", action="store_true", help="quantize only encoder.* Linear layers")
     p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.set_defaults(func=quantize_cmd)
