@@ -122,8 +122,52 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
     for (int t = 0; t < MT; ++t) a.store(m0 + t, n + r, total[r][t]);
 }
 
+// One token: R rows one after the other, so the codes are read in address order (a single stream
+// for the prefetchers) rather than R interleaved ones; the activations (a few KB, in L1) are
+// reloaded per row instead of shared. One accumulator pair per plane keeps four independent
+// vpdpbusd chains; the R rows' sums are reduced together.
+template <int R>
+void int_plane_block_seq(const IntArgs& a, int64_t n, int64_t m0) {
+  const int8_t* act = a.act + m0 * a.act_stride;
+  int64_t total[R] = {};
+  for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
+    const int64_t g1 = imin(a.G, g0 + kBlockGroups);
+    __m512i v[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = a.codes + (n + r) * a.K4;
+      __m512i hi[4], lo[4];
+      for (int i = 0; i < 4; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
+      for (int64_t g = g0; g < g1; ++g) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupCodes + kPrefetchBytes), _MM_HINT_T0);
+        const __m512i c = _mm512_maskz_loadu_epi8(group_mask(a.K4, g), row + g * kGroupCodes);
+        const int8_t* ap = act + g * 512;
+        const __m512i z[4] = {level_plane<0>(c), level_plane<1>(c), level_plane<2>(c), level_plane<3>(c)};
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          hi[i] = _mm512_dpbusd_epi32(hi[i], z[i], _mm512_loadu_si512(ap + 64 * i));
+          lo[i] = _mm512_dpbusd_epi32(lo[i], z[i], _mm512_loadu_si512(ap + 256 + 64 * i));
+        }
+      }
+      const __m512i h = _mm512_add_epi32(_mm512_add_epi32(hi[0], hi[1]), _mm512_add_epi32(hi[2], hi[3]));
+      const __m512i l = _mm512_add_epi32(_mm512_add_epi32(lo[0], lo[1]), _mm512_add_epi32(lo[2], lo[3]));
+      v[r] = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+    }
+    alignas(16) int32_t s4[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(s4), reduce4(v[0], v[1], v[2], v[3]));
+    for (int r = 0; r < R; ++r) total[r] += s4[r];
+  }
+  for (int r = 0; r < R; ++r) a.store(m0, n + r, total[r]);
+}
+
 template <int R, int MT>
 void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+  if constexpr (MT == 1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) int_plane_block_seq<4>(a, n, m0);
+    for (; n < n1; ++n) int_plane_block_seq<1>(a, n, m0);
+    return;
+  }
   const int64_t step = R * a.K4, pf = step * ((kPrefetchBytes + step - 1) / step);
   int64_t n = n0;
   for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0, pf);
