@@ -232,6 +232,7 @@ class FiniteCheck:
         self.modules = modules
         self.mask: torch.Tensor | None = None
         self.batch_index = 0
+        self.called: set[str] = set()  # the modules the forwards reached
         self._handles = []
 
     def __enter__(self) -> "FiniteCheck":
@@ -246,6 +247,7 @@ class FiniteCheck:
 
     def _hook(self, name: str):
         def hook(module, args):
+            self.called.add(name)
             if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
                 if not torch.isfinite(select_rows(args[0].detach(), self.mask)).all():
                     raise CalibrationError(f"calibration_data[{self.batch_index}]: the input activations of "

@@ -125,6 +125,15 @@ def test_unused_layer_is_an_error(toy):
         collect_hessians(toy, {"unused": extra}, [_batch(torch.tensor([[1, 2]]), [2])])
 
 
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
 class Blocks(nn.Module):
     """A tiny stack of repeated blocks with a dict interface, for the quantizer."""
 
@@ -132,7 +141,7 @@ class Blocks(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(50, 16)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3))
+        self.layers = nn.ModuleList(Block() for _ in range(3))
 
     def forward(self, input_ids, attention_mask=None):
         x = self.emb(input_ids)
@@ -144,9 +153,9 @@ class Blocks(nn.Module):
 def test_unisvq_rejects_nan_in_a_late_block_before_quantizing_anything():
     model = Blocks().eval()
     with torch.no_grad():
-        model.layers[2][0].weight[0, 0] = float("inf")  # NaN/Inf appear only inside the last block
+        model.layers[2].fc1.weight[0, 0] = float("inf")  # NaN/Inf appear only inside the last block
     data = [_batch(torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(i)), [5, 3]) for i in range(3)]
-    with pytest.raises(ValueError, match=r"layers\.2\.2.*NaN or Inf"):
+    with pytest.raises(ValueError, match=r"layers\.2\.fc2.*NaN or Inf"):
         pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
     assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
 
@@ -163,3 +172,17 @@ def test_unisvq_rejects_bad_item_at_the_end_before_quantizing_anything():
     assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
     with pytest.raises(ValueError, match="required"):
         pyquant.quantize_model(model, pyquant.UniSVQConfig(), progress=False)
+
+
+def test_unisvq_rejects_a_selected_layer_the_forward_never_calls():
+    data = [_batch(torch.tensor([[1, 2, 3]]), [3])]
+    model = Blocks().eval()
+    model.layers[1].spare = nn.Linear(16, 16)  # inside a block, selected by the default filter, never called
+    with pytest.raises(ValueError, match=r"never calls \['layers\.1\.spare'\]"):
+        pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
+    assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
+    model = Blocks().eval()
+    model.side = nn.Linear(16, 16)  # outside the blocks
+    with pytest.raises(ValueError, match=r"\['side'\]"):
+        pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
+    assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())

@@ -16,10 +16,10 @@ from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl,
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Every weight shape of the encoder: 384->384 (q, attention out), 384->1536, 1536->384;
-# the first and the last block.
-MINILM_LAYERS = [f"encoder.layer.{i}.{name}" for i in (0, 5) for name in
-                 ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+# Every weight shape of the encoder (384->384, 384->1536, 1536->384), first and last block.
+MINILM_LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.output.dense",
+                 "encoder.layer.0.intermediate.dense", "encoder.layer.5.attention.self.value",
+                 "encoder.layer.5.output.dense"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,8 @@ def test_quantize_weight_is_deterministic_and_valid(minilm_hessians):
     assert abs(float(codebook(p1.A, p1.b).square().mean()) - 1) < 1e-4
     layer = pyquant.QuantLinear.from_packed(p1)
     x = torch.randn(3, w.shape[1])
-    torch.testing.assert_close(layer(x), x @ dequantize(p1).T, rtol=1e-4, atol=1e-4)
+    with pyquant.kernels.force_backend("torch"):  # the packed tensors' consistency, not a kernel's rounding
+        torch.testing.assert_close(layer(x), x @ dequantize(p1).T, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_weight_rejects_bad_hessian():
@@ -149,6 +150,8 @@ def test_quantize_weight_rejects_bad_hessian():
         UniSVQConfig().quantize_weight(w, torch.eye(16, dtype=torch.long))
     with pytest.raises(ValueError, match="ft_holdout"):
         UniSVQConfig(ft_holdout=1.5)
+    with pytest.raises(ValueError, match="ft_target"):
+        UniSVQConfig(ft_target="teacher")
 
 
 # ---- the whole-model pipeline, on a small random BERT -----------------------
@@ -191,11 +194,11 @@ def tiny_runs():
     """The tiny BERT quantized without and with block fine-tuning (shared by several tests)."""
     ref, data = _tiny_bert(), _tiny_data()
     runs = {}
-    for ft in (False, True):
+    for key, kw in (("none", {"finetune": False}), ("model", {}), ("block", {"ft_target": "block"})):
         model = _tiny_bert()
-        pyquant.quantize_model(model, UniSVQConfig(finetune=ft, ft_epochs=3), filter_fn=_encoder,
-                               calibration_data=data, progress=False)
-        runs[ft] = model
+        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=3, **kw), filter_fn=_encoder, calibration_data=data,
+                               progress=False)
+        runs[key] = model
     return ref, data, runs
 
 
@@ -215,22 +218,24 @@ def test_pipeline_quantizes_every_selected_layer_and_finetuning_helps(tiny_runs)
         assert all(layer.method == "unisvq" for layer in layers.values())
         assert isinstance(model.pooler.dense, nn.Linear)
         assert not any(isinstance(m, _TrainableQuant) for m in model.modules())
-        assert all(not p.requires_grad or p.requires_grad for p in model.parameters())
-    err_plain, err_ft = _output_error(runs[False], ref, data), _output_error(runs[True], ref, data)
-    assert err_ft < err_plain, (err_ft, err_plain)
-    # Fine-tuning moved the scales and codebooks but not the codes.
-    q0, q1 = runs[False].encoder.layer[1].output.dense, runs[True].encoder.layer[1].output.dense
+        assert all(p.requires_grad for p in model.parameters())  # flags restored after fine-tuning
+    err = {k: _output_error(m, ref, data) for k, m in runs.items()}
+    assert err["model"] < err["none"] and err["block"] < err["none"], err
+    # Fine-tuning moved the scales, codebooks and norms; the first block (same inputs and
+    # Hessians in every run) kept its codes.
+    q0, q1 = runs["none"].encoder.layer[0].output.dense, runs["model"].encoder.layer[0].output.dense
+    assert torch.equal(q0.codes, q1.codes)
     assert not torch.equal(q0.sv, q1.sv) and not torch.equal(q0.A, q1.A)
-    ln0, ln1 = runs[False].encoder.layer[1].output.LayerNorm, runs[True].encoder.layer[1].output.LayerNorm
+    ln0, ln1 = runs["none"].encoder.layer[1].output.LayerNorm, runs["model"].encoder.layer[1].output.LayerNorm
     assert not torch.equal(ln0.weight, ln1.weight)
 
 
 def test_pipeline_is_deterministic(tiny_runs):
     ref, data, runs = tiny_runs
     again = _tiny_bert()
-    pyquant.quantize_model(again, UniSVQConfig(finetune=True, ft_epochs=3), filter_fn=_encoder,
-                           calibration_data=data, progress=False)
-    sd1, sd2 = runs[True].state_dict(), again.state_dict()
+    pyquant.quantize_model(again, UniSVQConfig(ft_epochs=3), filter_fn=_encoder, calibration_data=data,
+                           progress=False)
+    sd1, sd2 = runs["model"].state_dict(), again.state_dict()
     assert sd1.keys() == sd2.keys()
     for k in sd1:
         assert torch.equal(sd1[k], sd2[k]), k

@@ -21,15 +21,20 @@ Per layer (``W`` ``[N, K]``, calibration Hessian ``H = E[x xᵀ]``):
    ``A`` starts as ``Q/√1.25``, ``b = −1.5·Q·1/√1.25`` (``Q`` random
    orthogonal): the uniform 2-bit grid, rotated, with unit-variance codewords.
 
-Per model (:meth:`UniSVQConfig.apply`): the transformer blocks are found
-generically (the repeated children of a ``ModuleList``) and processed in
+Per model (:meth:`UniSVQConfig.apply`): one full-precision pass over the
+calibration data checks every selected layer's input (bad data fails before
+any work) and records the first block's inputs. The transformer blocks, found
+generically (the repeated children of a ``ModuleList``), are then processed in
 order, each fed the outputs of the already-quantized blocks before it: its
 layers' Hessians are collected on those inputs, the layers are quantized and
 swapped in, and the block is fine-tuned (``su``, ``sv``, ``A``, ``b``,
 ``w_scale`` of its layers and its norms; codes frozen; Adam; early stopping on
 held-out calibration batches) to minimise the MSE between its output and the
-full-precision block's output on the same inputs. Selected layers outside the
-blocks are quantized last, from Hessians of the full-precision model.
+full-precision output (by default the fp model's output of that block, so a
+block also corrects the error that reaches it; ``ft_target="block"``: the fp
+block on the same inputs). Selected layers outside the blocks are quantized
+last, from Hessians of the full-precision model. While fitting, quantized
+layers run on the torch reference math, so results do not depend on the kernels.
 
 References: QuIP# (LDLQ, incoherence) and the UniSVQ release (AI9Stars/UniSVQ).
 """
@@ -412,6 +417,13 @@ class UniSVQConfig(QuantConfig):
         ft_patience: epochs without a better held-out loss before stopping.
         ft_holdout: share of the calibration batches held out for early stopping
             (at least one batch; with a single batch, the training batch is used).
+        ft_target: what a fine-tuned block's output should match on its (quantized-
+            prefix) inputs: ``"model"``, the full-precision model's output of that
+            block, so each block also corrects the error that reaches it; or
+            ``"block"``, the full-precision block applied to the same inputs.
+        sequential: within a block, collect each layer's Hessian with the layers the
+            block calls before it already quantized (one block pass per group of
+            layers sharing an input); False: all from the full-precision block.
         seed: seed of the random signs, codebook rotations and batch order.
         scale_dtype: storage dtype of ``su``/``sv`` (float16 or float32).
     """
@@ -426,6 +438,8 @@ class UniSVQConfig(QuantConfig):
     ft_norm_lr: float = 1e-4
     ft_patience: int = 1
     ft_holdout: float = 0.125
+    ft_target: str = "model"
+    sequential: bool = True
     seed: int = 0
     scale_dtype: torch.dtype = torch.float16
     method = "unisvq"
@@ -440,6 +454,8 @@ class UniSVQConfig(QuantConfig):
                 raise ValueError(f"UniSVQConfig.{name} is out of range: {getattr(self, name)!r}")
         if not isinstance(self.hadamard_block, int) or self.hadamard_block < 4 or self.hadamard_block & (self.hadamard_block - 1):
             raise ValueError(f"UniSVQConfig.hadamard_block must be a power of two >= 4, got {self.hadamard_block!r}")
+        if self.ft_target not in ("model", "block"):
+            raise ValueError(f"UniSVQConfig.ft_target must be 'model' or 'block', got {self.ft_target!r}")
         if self.scale_dtype not in (torch.float16, torch.float32):
             raise TypeError(f"UniSVQConfig.scale_dtype must be torch.float16 or torch.float32, got {self.scale_dtype}")
 
@@ -516,25 +532,73 @@ class UniSVQConfig(QuantConfig):
             # result does not depend on which kernels this machine has built.
             with kernels.force_backend("torch"):
                 n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
+                # The full-precision trajectory, when fine-tuning targets the fp model's outputs.
+                inputs_fp = inputs if self.finetune and self.ft_epochs > 0 and self.ft_target == "model" else None
                 for i, block in enumerate(tqdm(blocks, desc="unisvq blocks", disable=not progress)):
                     names = {f: targets[f] for f in in_block[i]}
+                    y_fp = None
+                    if inputs_fp is not None:  # before any layer of this block is swapped
+                        inputs_fp = self._advance(block, inputs_fp)
+                        y_fp = [inp.hidden for inp in inputs_fp]
                     if names:
-                        self._quantize_block(model, i, block, names, inputs, n_hold, swap, progress)
+                        self._quantize_block(model, i, block, names, inputs, y_fp, n_hold, swap, progress)
                     inputs = self._advance(block, inputs)
                 for fqn in tqdm(list(leftovers), desc="unisvq other layers", disable=not progress or not leftovers):
                     swap(fqn, self.quantize_weight(leftovers[fqn].weight, h_left.pop(fqn), seed=self._seed(fqn)))
         finally:
             model.train(was_training)
 
-    def _quantize_block(self, model, index, block, names, inputs, n_hold, swap, progress) -> None:
-        """Hessians on the block's (quantized-prefix) inputs, then quantize and swap
-        its layers one by one, then fine-tune the block."""
-        hess, targets_fp = self._block_hessians(block, names, inputs, want_outputs=self.finetune)
-        layers = {}
-        for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
-            layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
-        if self.finetune and self.ft_epochs > 0:
-            self._finetune(model, block, layers, inputs, targets_fp, n_hold, index, progress)
+    def _quantize_block(self, model, index, block, names, inputs, y_fp, n_hold, swap, progress) -> None:
+        """Quantize and swap the block's layers, then fine-tune the block towards
+        ``y_fp`` (the fp model's outputs of this block) or, when None, towards the
+        fp block's outputs on the same inputs. With ``sequential``, the layers go
+        in groups in the order the block calls them (layers sharing one input, such
+        as q/k/v, together), each group's Hessians collected with the groups before
+        it already quantized; otherwise all Hessians come from the fp block."""
+        want = self.finetune and self.ft_epochs > 0
+        groups = self._call_groups(block, names, inputs[0]) if self.sequential else [list(names)]
+        layers, y_block = {}, None
+        bar = tqdm(total=len(names), desc=f"block {index} layers", leave=False, disable=not progress)
+        for g, group in enumerate(groups):
+            first = g == 0 and want and y_fp is None  # the fp block's outputs, before any swap
+            hess, outs = self._block_hessians(block, {f: names[f] for f in group}, inputs, want_outputs=first)
+            if first:
+                y_block = outs
+            for fqn in group:
+                layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
+                bar.update()
+        bar.close()
+        if want:
+            self._finetune(model, block, layers, inputs, y_fp if y_fp is not None else y_block, n_hold, index,
+                           progress)
+
+    @torch.no_grad()
+    def _call_groups(self, block, names, inp) -> list[list[str]]:
+        """The block's target layers in the order of their first call on one batch,
+        consecutive layers called on the same input tensor grouped together;
+        layers the batch does not reach come last, as one group."""
+        first_input: dict[str, torch.Tensor] = {}  # insertion order = call order
+
+        def recorder(fqn):
+            def hook(module, args):
+                first_input.setdefault(fqn, args[0] if args else None)
+            return hook
+
+        handles = [m.register_forward_pre_hook(recorder(fqn)) for fqn, m in names.items()]
+        try:
+            inp(block)
+        finally:
+            for h in handles:
+                h.remove()
+        order = list(first_input.items())
+        groups: list[list[str]] = []
+        for i, (fqn, x) in enumerate(order):
+            if i and x is order[i - 1][1]:
+                groups[-1].append(fqn)
+            else:
+                groups.append([fqn])
+        rest = [f for f in names if f not in first_input]
+        return groups + ([rest] if rest else [])
 
     def _seed(self, fqn: str) -> int:
         """A per-layer seed: layers get independent signs, and a layer's result
@@ -566,6 +630,10 @@ class UniSVQConfig(QuantConfig):
                         raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not call its "
                                                    "first transformer block exactly once")
                 h_left = col.hessians() if leftovers else {}
+            missing = sorted(set(targets) - check.called)
+            if missing:
+                raise cal.CalibrationError(f"the model's forward on the calibration data never calls {missing}; "
+                                           "leave these layers out with filter_fn")
         finally:
             if handle is not None:
                 handle.remove()
