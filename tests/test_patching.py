@@ -13,7 +13,6 @@ from torch import nn
 
 from pyquant import patching
 from pyquant.fakequant import fake_quantize_rows, fake_quantize_rows_ste
-from pyquant.quantizers.rtn import fake_quantize
 
 FAMILIES = {"asyncio": 0, "threading": 0, "subprocess": 0, "shutil": 1, "os": 1, "tempfile": 1, "pathlib": 1}
 
@@ -191,11 +190,16 @@ def test_vector_arithmetic(ft_qat):
         patching.cosine(v, only_w)
 
 
-def test_fake_quantize_rows_matches_rtn_fake_quantize_bitwise(task):
+def test_fake_quantize_rows_levels_and_ste(task):
     _, _, fc1, fc2 = task
     for w in (fc1.weight.detach(), fc2.weight.detach()):
         for bits in (2, 3, 4, 8):
-            assert torch.equal(fake_quantize_rows(w, bits), fake_quantize(w, bits))
+            q = fake_quantize_rows(w, bits)
+            qmax = 2 ** (bits - 1) - 1
+            scale = w.abs().amax(dim=1, keepdim=True) / qmax
+            levels = torch.round(q / scale)
+            assert levels.abs().max() <= qmax and torch.allclose(levels * scale, q)
+            assert ((q - w).abs() <= scale / 2 + 1e-6).all()  # round to nearest
     w = fc1.weight.detach().clone().requires_grad_(True)
     fake_quantize_rows_ste(w, 3).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # straight-through: identity gradient

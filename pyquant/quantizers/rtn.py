@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..fakequant import fake_quantize_rows, fake_quantize_rows_ste
 from ..format import PackedWeight, pack_codes
 from ..hadamard import blockwise_hadamard, default_block, random_signs
 from .base import QuantConfig, check_weight
@@ -107,20 +108,7 @@ class RTNConfig(QuantConfig):
         ).validate()
 
 
-def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-output-channel absmax round-to-nearest, returned dequantized.
-
-    Levels ``-qmax..qmax`` with ``qmax = 2**(bits-1) - 1`` (3 bits: -3..3; 2 bits:
-    -1..1). Works on any tensor whose first dim is the output channel.
-    """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be one of 2, 3, 4, 8, got {bits}")
-    qmax = 2 ** (bits - 1) - 1
-    amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1).clamp_min(1e-12)
-    scale = (amax / qmax).reshape(-1, *([1] * (weight.dim() - 1)))
-    return torch.clamp(torch.round(weight / scale), -qmax, qmax) * scale
-
-
-def fake_quantize_ste(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`fake_quantize` with a straight-through gradient (for QAT)."""
-    return weight + (fake_quantize(weight, bits) - weight).detach()
+# The n-bit fake quant lives in pyquant.fakequant (shared with patching's QAT and DAQ's int grids);
+# these names keep the quantizers' public API.
+fake_quantize = fake_quantize_rows
+fake_quantize_ste = fake_quantize_rows_ste
