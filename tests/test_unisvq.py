@@ -160,8 +160,9 @@ def _tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
+    # Larger initial weights than BERT's 0.02, so the blocks (not the residual path) matter.
     cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64)
+                     intermediate_size=128, max_position_embeddings=64, initializer_range=0.1)
     return BertModel(cfg).eval()
 
 
@@ -202,6 +203,35 @@ def tiny_runs():
     return ref, data, runs
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_trainable_stand_in_matches_the_layer_and_writes_back(scale_dtype):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 64, generator=gen)
+    q = pyquant.QuantLinear.from_packed(UniSVQConfig(scale_dtype=scale_dtype).quantize_weight(w),
+                                        torch.randn(32, generator=gen))
+    wrap = _TrainableQuant(q)
+    x = torch.randn(5, 64, generator=gen)
+    with pyquant.kernels.force_backend("torch"):  # the reference math, not a kernel's rounding
+        torch.testing.assert_close(wrap(x), q(x), rtol=1e-4, atol=1e-4)
+    wrap(x).square().sum().backward()
+    for name, p in wrap.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for p in wrap.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    expected = wrap(x).detach()
+    wrap.write_back()
+    # The learned values, stored in the layer's own dtypes.
+    assert q.su.dtype == scale_dtype and q.sv.dtype == scale_dtype and q.A.dtype == torch.float32
+    assert torch.equal(q.su, (wrap.su0 * wrap.gu).detach().to(scale_dtype))
+    assert torch.equal(q.sv, (wrap.sv0 * wrap.gv).detach().to(scale_dtype))
+    assert torch.equal(q.A, wrap.A.detach()) and torch.equal(q.b, wrap.b.detach())
+    assert torch.equal(q.w_scale, (wrap.ws0 * wrap.gs).detach())
+    if scale_dtype == torch.float32:
+        with pyquant.kernels.force_backend("torch"):
+            torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_find_blocks_finds_the_transformer_layers():
     model = _tiny_bert()
     targets = {n: m for n, m in model.named_modules() if _encoder(m, n)}
@@ -221,13 +251,15 @@ def test_pipeline_quantizes_every_selected_layer_and_finetuning_helps(tiny_runs)
         assert all(p.requires_grad for p in model.parameters())  # flags restored after fine-tuning
     err = {k: _output_error(m, ref, data) for k, m in runs.items()}
     assert err["model"] < err["none"] and err["block"] < err["none"], err
-    # Fine-tuning moved the scales, codebooks and norms; the first block (same inputs and
-    # Hessians in every run) kept its codes.
-    q0, q1 = runs["none"].encoder.layer[0].output.dense, runs["model"].encoder.layer[0].output.dense
-    assert torch.equal(q0.codes, q1.codes)
-    assert not torch.equal(q0.sv, q1.sv) and not torch.equal(q0.A, q1.A)
-    ln0, ln1 = runs["none"].encoder.layer[1].output.LayerNorm, runs["model"].encoder.layer[1].output.LayerNorm
-    assert not torch.equal(ln0.weight, ln1.weight)
+    # The first block (same inputs and Hessians in every run) has the same codes; fine-tuning
+    # moved codebooks, scales and norms.
+    none, tuned = runs["none"], runs["model"]
+    assert torch.equal(none.encoder.layer[0].output.dense.codes, tuned.encoder.layer[0].output.dense.codes)
+    q_none, q_tuned = pyquant.nn.quantized_layers(none), pyquant.nn.quantized_layers(tuned)
+    assert any(not torch.equal(q_none[f].A, q_tuned[f].A) for f in q_none)
+    assert any(not torch.equal(q_none[f].w_scale, q_tuned[f].w_scale) for f in q_none)
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(none.modules(), tuned.modules())
+               if isinstance(a, nn.LayerNorm))
 
 
 def test_pipeline_is_deterministic(tiny_runs):
