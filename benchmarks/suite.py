@@ -325,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, batches {QUICK_BATCHES}")
     p.add_argument("--min-time", type=float, default=None, help="seconds per method per row (default 0.3, quick 0.15)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM end-to-end section")
+    p.add_argument("--shapes", default=None, help="comma-separated in x out shapes, e.g. 4096x4096,384x1536")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes, e.g. 1,32,128")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -338,8 +340,20 @@ def main(argv=None) -> int:
     if not cpu_backend.available():
         raise SystemExit("error: pyquant._C is not built (pip install --no-build-isolation -e .)")
     shapes, batches = (QUICK_SHAPES, QUICK_BATCHES) if args.quick else (SHAPES, BATCHES)
+    try:
+        if args.shapes:
+            shapes = [tuple(int(v) for v in item.split("x")) for item in args.shapes.split(",")]
+            if any(len(sh) != 2 or min(sh) <= 0 or sh[0] % 128 for sh in shapes):
+                raise ValueError
+        if args.batches:
+            batches = [int(v) for v in args.batches.split(",")]
+            if min(batches) <= 0:
+                raise ValueError
+    except ValueError:
+        p.error("--shapes takes IN x OUT pairs with IN a multiple of 128 (int4's group); --batches positive ints")
     min_time = args.min_time if args.min_time is not None else (0.15 if args.quick else 0.3)
-    kind = f"{'quick' if args.quick else 'full'}_{torch.get_num_threads()}t"
+    kind = "custom" if args.shapes or args.batches else "quick" if args.quick else "full"
+    kind = f"{kind}_{torch.get_num_threads()}t"
 
     report = {"kind": kind, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info()}
     report["read_bandwidth_gbs"] = measure_read_bandwidth() / 1e9
