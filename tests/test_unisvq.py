@@ -113,7 +113,7 @@ def test_refine_and_codebook_fit_never_increase_the_loss(minilm_hessians):
         w_hat = codebook(theta[:, :4], theta[:, 4])[codes_ref].reshape(wr.shape)
         loss = ((w_hat - wr.double()) @ hr.double() * (w_hat - wr.double())).sum()
         loss.backward()
-        return float(loss), theta.grad.abs().max()
+        return float(loss.detach()), theta.grad.abs().max()
 
     scale = wr.square().mean().sqrt() / 0.9
     loss_grid, grad_grid = loss_and_grad(scale * torch.eye(4) / 1.25**0.5, scale * torch.full((4,), -1.5 / 1.25**0.5))

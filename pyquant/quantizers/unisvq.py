@@ -125,7 +125,7 @@ def _metric_norms(cb: torch.Tensor, metrics: torch.Tensor) -> torch.Tensor:
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: the expected squared output error for inputs with ``E[x xᵀ] = H``."""
-    d = (w.double() - w_hat.double())
+    d = w.detach().double() - w_hat.detach().double()
     return float(((d @ h.double()) * d).sum())
 
 
@@ -284,6 +284,19 @@ def round_to_nearest(weight: torch.Tensor, like: PackedWeight) -> PackedWeight:
     return PackedWeight(z.to(torch.uint8), like.A.clone(), like.b.clone(), like.su.clone(),
                         like.sv.clone(), like.w_scale.clone(), like.had_in, like.had_out, like.seed,
                         method="nearest").validate()
+
+
+def _positive_definite(h: torch.Tensor) -> torch.Tensor:
+    """``h`` (unit mean diagonal), with more damping where it is not numerically
+    positive-definite (a rank-deficient Hessian with ``damp=0``): LDLQ needs its
+    Cholesky factor."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for extra in (0.0, 1e-6, 1e-4, 1e-2, 1.0):
+        if torch.linalg.cholesky_ex(h.float() + extra * eye.float()).info == 0:
+            if extra:
+                log.warning("unisvq: Hessian not positive-definite; added %g to its diagonal", extra)
+            return h + extra * eye
+    raise ValueError("hessian is not positive semi-definite (damping up to 1.0 did not help)")
 
 
 def _check_hessian(hessian, k: int) -> torch.Tensor | None:
@@ -498,7 +511,7 @@ class UniSVQConfig(QuantConfig):
         else:
             hr = rotate_hessian(h, su, had_in)
             hr = hr / hr.diagonal().mean().clamp_min(1e-30)
-        hr = (hr + self.damp * torch.eye(k, dtype=torch.float64)).float()
+        hr = _positive_definite(hr + self.damp * torch.eye(k, dtype=torch.float64)).float()
 
         a, b = grid_codebook(random_orthogonal(_VEC, gen))
         # Start at the scale that suits a unit-variance grid on a Gaussian; the codebook fit corrects it.
