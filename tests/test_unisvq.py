@@ -273,6 +273,15 @@ def test_pipeline_is_deterministic(tiny_runs):
         assert torch.equal(sd1[k], sd2[k]), k
 
 
+def test_checkpoint_round_trip(tiny_runs, tmp_path):
+    """A fine-tuned UniSVQ model (fine-tuned norms included) saves and loads exactly."""
+    ref, data, runs = tiny_runs
+    pyquant.save_quantized(runs["model"], tmp_path / "ckpt")
+    loaded = pyquant.load_quantized(_tiny_bert(), tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data[0]).last_hidden_state, runs["model"](**data[0]).last_hidden_state)
+
+
 def test_interrupt_during_finetuning_leaves_a_consistent_model(monkeypatch):
     model, data = _tiny_bert(), _tiny_data()
     fresh = _tiny_bert()
