@@ -24,8 +24,9 @@
 //             xt[256 g + 4 p + i], i.e. lane p lines up with code byte 64g + p and plane i with
 //             its i-th 2-bit field. int mode: [G][hi planes 0..3, lo planes 0..3][64] int8
 //             (512 bytes per group); float mode: [G][4][64] fp32.
-//  - natural: int mode only, [hi: G*256][lo: G*256] int8 in element order, for the GEMM that
-//             broadcasts the 4 bytes of one chunk against 16 rows.
+//  - natural: int mode only, per chunk j (K4 of them, zero-padded to G * 64) the 4 hi bytes of
+//             elements 4j..4j+3, then their 4 lo bytes, for the GEMM that broadcasts each dword
+//             against 16 rows (one stream per token instead of two).
 #pragma once
 
 #include <cstdint>

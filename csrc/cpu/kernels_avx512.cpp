@@ -189,7 +189,7 @@ void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int6
 // ------------------------------------------------------------------ int GEMM, natural layout
 
 constexpr int kMicroTokens = 6;                  // 6 tokens x 2 row halves x (hi, lo): 24 accumulators
-constexpr int64_t kActBlockBytes = 512 << 10;    // activations of one token block: stay in L2
+constexpr int64_t kActBlockBytes = 1024 << 10;   // activations of one token block (128 tokens at K = 4096)
 
 // Every dword lane holds one code byte c; returns the dword with bytes (z0, z1, z2, z3),
 // z0 = c >> 6 in the lowest byte, so it pairs with activation 4j + 0 in vpdpbusd.
@@ -244,6 +244,48 @@ void unpack_tile(const uint8_t* codes, int64_t K4, int64_t rows, uint32_t* buf) 
   }
 }
 
+// unpack_tile with AVX512-VBMI (Ice Lake, Zen 4 and later): about half the instructions. Per
+// half tile, 16 rows x 16 code bytes sit in four registers (row r: register r / 4, lane r % 4);
+// for chunk j two vpermi2b gather the bytes of rows 2k and 2k+1 into qword k, and vpmultishiftqb
+// cuts each byte into its four 2-bit fields, z0 = c >> 6 first, one dword per row.
+__attribute__((target("avx512vbmi"))) void unpack_tile_vbmi(const uint8_t* codes, int64_t K4, int64_t rows,
+                                                            uint32_t* buf) {
+  alignas(64) uint8_t idx0[64] = {};
+  for (int k = 0; k < 8; ++k)
+    for (int b = 0; b < 2; ++b) {
+      const int r = (2 * k + b) & 7;  // rows 8-15 come from the second pair of registers
+      idx0[8 * k + b] = static_cast<uint8_t>((r / 4) * 64 + (r % 4) * 16);
+    }
+  const __m512i base = _mm512_load_si512(idx0);
+  const __m512i fields = _mm512_set1_epi64(0x08'0A'0C'0E'00'02'04'06LL);  // bit offsets 6,4,2,0,14,12,10,8
+  const __m512i three = _mm512_set1_epi8(3);
+  constexpr __mmask64 kUpperRows = 0xFFFFFFFF00000000ULL;  // qwords 4-7: rows 8-15
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t jb = 0; jb < K4; jb += 16) {
+      const int64_t cnt = imin(16, K4 - jb);
+      const __mmask16 mask = static_cast<__mmask16>((1u << cnt) - 1);
+      __m512i z[4];
+      for (int q = 0; q < 4; ++q) {
+        z[q] = _mm512_setzero_si512();
+        for (int lane = 0; lane < 4; ++lane) {
+          const int64_t row = h * 16 + 4 * q + lane;
+          if (row < rows)
+            z[q] = _mm512_inserti32x4(z[q], _mm_maskz_loadu_epi8(mask, codes + row * K4 + jb), lane);
+        }
+      }
+      for (int64_t j = 0; j < cnt; ++j) {
+        const __m512i idx = _mm512_add_epi8(base, _mm512_set1_epi8(static_cast<char>(j)));
+        const __m512i pairs = _mm512_mask_blend_epi8(kUpperRows, _mm512_permutex2var_epi8(z[0], idx, z[1]),
+                                                     _mm512_permutex2var_epi8(z[2], idx, z[3]));
+        _mm512_store_si512(buf + ((jb + j) * 2 + h) * 16,
+                           _mm512_and_si512(_mm512_multishift_epi64_epi8(fields, pairs), three));
+      }
+    }
+  }
+}
+
+const bool kHasVbmi = __builtin_cpu_supports("avx512vbmi");
+
 // Writes V = 256 hi + lo of 16 rows (lanes) to out[0, valid).
 inline void store_rows(const IntArgs& a, int64_t m, int64_t n, __m512i hi, __m512i lo, int valid) {
   const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
@@ -266,18 +308,24 @@ inline void store_rows(const IntArgs& a, int64_t m, int64_t n, __m512i hi, __m51
 template <int MT>
 __attribute__((noinline)) void gemm_micro(const IntArgs& a, const uint32_t* w, int64_t m, int64_t n, int rows) {
   const int8_t* act = a.act + m * a.act_stride;
-  const int64_t lo_off = a.G * kGroupElems;
   __m512i hi[MT][2], lo[MT][2];
 #pragma GCC unroll 8
   for (int t = 0; t < MT; ++t) hi[t][0] = hi[t][1] = lo[t][0] = lo[t][1] = _mm512_setzero_si512();
-  for (int64_t j = 0; j < a.K4; ++j) {
-    const __m512i w0 = _mm512_load_si512(w + j * 32);
-    const __m512i w1 = _mm512_load_si512(w + j * 32 + 16);
+  // Two base pointers and the stride in a register: every token's address is then a base plus
+  // 0, 1 or 2 strides (an x86 addressing mode), so the loop needs no per-token pointer registers.
+  const int64_t s = a.act_stride;
+  const int8_t* p0 = act;
+  const int8_t* p3 = act + 3 * s;
+  const uint32_t* const wend = w + a.K4 * 32;
+#pragma GCC unroll 2
+  for (; w < wend; w += 32, p0 += 8, p3 += 8) {
+    const __m512i w0 = _mm512_load_si512(w);
+    const __m512i w1 = _mm512_load_si512(w + 16);
 #pragma GCC unroll 8
     for (int t = 0; t < MT; ++t) {
-      const int8_t* p = act + t * a.act_stride + 4 * j;
+      const int8_t* p = (t < 3 ? p0 : p3) + (t % 3) * s;
       const __m512i ah = _mm512_broadcastd_epi32(_mm_loadu_si32(p));
-      const __m512i al = _mm512_broadcastd_epi32(_mm_loadu_si32(p + lo_off));
+      const __m512i al = _mm512_broadcastd_epi32(_mm_loadu_si32(p + 4));
       hi[t][0] = _mm512_dpbusd_epi32(hi[t][0], w0, ah);
       hi[t][1] = _mm512_dpbusd_epi32(hi[t][1], w1, ah);
       lo[t][0] = _mm512_dpbusd_epi32(lo[t][0], w0, al);
@@ -365,7 +413,7 @@ void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
     const int64_t mend = imin(a.M, mb + block);
     for (int64_t t0 = n0; t0 < n1; t0 += 32) {
       const int rows = static_cast<int>(imin(32, n1 - t0));
-      unpack_tile(a.codes + t0 * a.K4, a.K4, rows, buf);
+      (kHasVbmi ? unpack_tile_vbmi : unpack_tile)(a.codes + t0 * a.K4, a.K4, rows, buf);
       for (int64_t m = mb; m < mend; m += kMicroTokens) gemm_tokens(a, buf, m, imin(kMicroTokens, mend - m), t0, rows);
     }
   }

@@ -178,6 +178,9 @@ void check_input(const torch::Tensor& x, const Layer& L) {
                     "); call .contiguous() first");
 }
 
+// Bytes per token of the int-mode activations (both layouts): 512 per group of 256 elements.
+inline int64_t act_stride(const Layer& L) { return L.G * 512; }
+
 // Passes 1 and 3 give each thread at least this many elements (torch's own grain size).
 constexpr int64_t kTokenGrain = 32768;
 
@@ -193,7 +196,7 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
       math.scale_input(x + m * L.K, su, L.K, xt.data());
       cst[m] = math.transform(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
       if (mode == Mode::kInt) {
-        scale[m] = math.encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * L.G * 512);
+        scale[m] = math.encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
       } else {
         scale[m] = 1.f;
         cpu::encode_float(xt.data(), L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
@@ -309,14 +312,14 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
   std::vector<double> cst(M);
   if (mode == Mode::kInt) {
     const bool narrow = L.K <= cpu::kInt32MaxK;
-    const int64_t act_bytes = align64(M * L.G * 512), dot_bytes = align64(M * L.N * (narrow ? 4 : 8));
+    const int64_t act_bytes = align64(M * act_stride(L)), dot_bytes = align64(M * L.N * (narrow ? 4 : 8));
     const int64_t slot = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;  // per-thread GEMM tile
     uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + split.workers() * slot);
     auto* act = reinterpret_cast<int8_t*>(ws);
     void* dot = ws + act_bytes;
     uint8_t* scratch = ws + act_bytes + dot_bytes;
     prepare_tokens(xp, L, math, mode, /*plane=*/!gemm, M, act, scale.data(), cst.data());
-    cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, L.G * 512, M,
+    cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, act_stride(L), M,
                       narrow ? static_cast<int32_t*>(dot) : nullptr, narrow ? nullptr : static_cast<int64_t*>(dot),
                       nullptr};
     auto kernel = gemm ? cpu::int_gemm_avx512

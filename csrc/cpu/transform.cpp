@@ -175,13 +175,13 @@ float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst
         }
       }
     } else {
-      int8_t* hi_dst = dst + g * kGroupElems;
-      int8_t* lo_dst = dst + G * kGroupElems + g * kGroupElems;
+      int8_t* out = dst + g * 512;  // chunk j: 4 hi bytes, then 4 lo bytes
       for (int64_t e = 0; e < kGroupElems; e += 16) {
         __m128i h[4], l[4];
         for (int c = 0; c < 4; ++c) split(_mm_loadu_ps(src + e + 4 * c), inv, &h[c], &l[c]);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + e), pack16(h[0], h[1], h[2], h[3]));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo_dst + e), pack16(l[0], l[1], l[2], l[3]));
+        const __m128i hb = pack16(h[0], h[1], h[2], h[3]), lb = pack16(l[0], l[1], l[2], l[3]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e), _mm_unpacklo_epi32(hb, lb));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e + 16), _mm_unpackhi_epi32(hb, lb));
       }
     }
   }

@@ -166,13 +166,13 @@ float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst
         _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 448 + p0), _mm512_extracti32x4_epi32(lp, 3));
       }
     } else {
-      int8_t* hi_dst = dst + g * kGroupElems;
-      int8_t* lo_dst = dst + G * kGroupElems + g * kGroupElems;
+      int8_t* out = dst + g * 512;  // chunk j: 4 hi bytes, then 4 lo bytes
       for (int64_t e = 0; e < kGroupElems; e += 16) {
         __m512i h, l;
         split(_mm512_loadu_ps(src + e), inv, &h, &l);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + e), _mm512_cvtepi32_epi8(h));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo_dst + e), _mm512_cvtepi32_epi8(l));
+        const __m128i hb = _mm512_cvtepi32_epi8(h), lb = _mm512_cvtepi32_epi8(l);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e), _mm_unpacklo_epi32(hb, lb));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e + 16), _mm_unpackhi_epi32(hb, lb));
       }
     }
   }
