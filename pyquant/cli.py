@@ -13,16 +13,17 @@ import torch
 
 from . import kernels
 from .evaluation import batches, compare_embeddings, embed, encoder_filter, load_minilm
-from .io import load_quantized, save_quantized
+from .io import load_quantized, read_config, save_quantized
 from .nn import bits_per_weight, quantize_model, quantized_layers
 from .sentences import split_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _config(method: str, base=None):
+def _config(method: str, base=None, grid: str = "pyquant2"):
     """The quantizer config for a method name; ``best`` = the best method this install has.
-    ``daq`` needs ``base`` (the model before fine-tuning) and writes the packed 2-bit format."""
+    ``daq`` needs ``base`` (the model before fine-tuning); its ``grid`` is the packed 2-bit format
+    (``pyquant2``, one scale per tensor) or ``fp8`` / ``int2``..``int8`` with 128x128 block scales."""
     from . import quantizers
 
     if method == "best":
@@ -34,7 +35,7 @@ def _config(method: str, base=None):
     if method == "daq":
         if base is None:
             raise SystemExit("error: --method daq needs --base (the model before fine-tuning)")
-        return quantizers.DAQConfig(base=base, grid="pyquant2", granularity="tensor")
+        return quantizers.DAQConfig(base=base, grid=grid, granularity="tensor" if grid == "pyquant2" else "block")
     raise SystemExit(f"error: unknown method {method!r} (expected best, unisvq, rtn or daq)")
 
 
@@ -112,10 +113,14 @@ def quantize_cmd(args) -> int:
         print(f"patched with {args.vector} (lambda = {args.lam})")
     base = _load_hf(args.base)[0] if args.base else None
     calibration, _ = split_sentences(args.calibration, 0)
-    quantize_model(model, _config(args.method, base), filter_fn=encoder_filter if args.encoder_only else None,
+    try:
+        config = _config(args.method, base, args.grid)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    quantize_model(model, config, filter_fn=encoder_filter if args.encoder_only else None,
                    calibration_data=batches(tokenizer, calibration))
     path = save_quantized(model, args.out)
-    print(f"{len(quantized_layers(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
+    print(f"{len(read_config(path)['layers'])} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
     return 0
 
 
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--vector", help="safetensors vector to add before quantizing (pyquant.patching.save_vector)")
     p.add_argument("--lam", type=float, default=1.0, help="scale of --vector (1.0 = zero-shot)")
     p.add_argument("--base", help="for daq: the model before fine-tuning (directory or 'minilm')")
+    p.add_argument("--grid", default="pyquant2",
+                   help="for daq: pyquant2 (packed 2-bit, default) | fp8 | int2..int8 (128x128 block scales)")
     p.add_argument("--encoder-only", action="store_true", help="quantize only encoder.* Linear layers")
     p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     p.add_argument("--out", required=True, help="checkpoint directory")

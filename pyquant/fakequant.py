@@ -34,6 +34,7 @@ __all__ = [
     "fake_quantize_rows",
     "fake_quantize_rows_ste",
     "DequantLinear",
+    "scale_grid_shape",
 ]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -79,14 +80,15 @@ def block_shape(shape: tuple[int, int], granularity: str, block: int = 128) -> t
     raise ValueError(f"granularity must be 'block', 'row' or 'tensor', got {granularity!r}")
 
 
-def _scale_grid_shape(shape, block) -> tuple[int, int]:
+def scale_grid_shape(shape, block) -> tuple[int, int]:
+    """Shape of the per-block scale grid of a ``shape`` weight (edge blocks may be partial)."""
     return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
 
 
 def expand_scales(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
     """Per-block ``scales`` broadcast to a full ``[N, K]`` tensor (edge blocks cropped)."""
-    if tuple(scales.shape) != _scale_grid_shape(shape, block):
-        raise ValueError(f"scales must have shape {_scale_grid_shape(shape, block)} for a {tuple(shape)} weight "
+    if tuple(scales.shape) != scale_grid_shape(shape, block):
+        raise ValueError(f"scales must have shape {scale_grid_shape(shape, block)} for a {tuple(shape)} weight "
                          f"with block {block}, got {tuple(scales.shape)}")
     full = scales.repeat_interleave(block[0], dim=0)[: shape[0]]
     return full.repeat_interleave(block[1], dim=1)[:, : shape[1]]
@@ -95,7 +97,7 @@ def expand_scales(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int
 def block_reduce_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Max ``|w|`` of each block, ``[ceil(N/br), ceil(K/bc)]``."""
     n, k = w.shape
-    gr, gc = _scale_grid_shape(w.shape, block)
+    gr, gc = scale_grid_shape(w.shape, block)
     padded = F.pad(w.abs(), (0, gc * block[1] - k, 0, gr * block[0] - n))
     return padded.reshape(gr, block[0], gc, block[1]).amax(dim=(1, 3))
 

@@ -1,7 +1,11 @@
 """Checkpoints: a directory with ``model.safetensors`` (plain packed tensors,
 every other parameter and buffer as is) and ``quantization_config.json``
-(format version, and per quantized layer its method, shapes and Hadamard
-blocks — in the spirit of Hugging Face's ``quantization_config``).
+(format version, and per quantized layer its kind, method, shapes and Hadamard
+blocks or grid — in the spirit of Hugging Face's ``quantization_config``).
+
+Two kinds of quantized layer are saved: ``packed`` (:class:`QuantLinear`, the 2-bit
+format) and ``dequant`` (:class:`pyquant.fakequant.DequantLinear`, DAQ's fp8 / int-n
+grids with block scales).
 
 Saving builds the directory under a temporary name beside the target and
 renames it into place, so an interrupted save never leaves a half checkpoint
@@ -20,32 +24,66 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .fakequant import DequantLinear, scale_grid_shape, parse_grid
 from .format import FORMAT_VERSION
-from .nn import QuantLinear, quantized_layers, set_submodule
+from .nn import QuantLinear, set_submodule
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantization_config.json"
 FORMAT_NAME = "pyquant-affine-int2-d4"
 
 
-def _layer_entry(layer: QuantLinear) -> dict:
-    return {"method": layer.method, "in_features": layer.in_features, "out_features": layer.out_features,
-            "bias": layer.bias is not None, "had_in": layer.had_in, "had_out": layer.had_out,
-            "seed": layer.seed, "su_dtype": str(layer.su.dtype).removeprefix("torch."),
+def _layer_entry(layer: QuantLinear | DequantLinear) -> dict:
+    entry = {"method": layer.method, "in_features": layer.in_features, "out_features": layer.out_features,
+             "bias": layer.bias is not None}
+    if isinstance(layer, DequantLinear):
+        return {**entry, "kind": "dequant", "grid": layer.grid, "block": list(layer.block)}
+    return {**entry, "kind": "packed", "had_in": layer.had_in, "had_out": layer.had_out, "seed": layer.seed,
+            "su_dtype": str(layer.su.dtype).removeprefix("torch."),
             "sv_dtype": str(layer.sv.dtype).removeprefix("torch.")}
 
 
+def _saved_layers(model: nn.Module) -> dict[str, QuantLinear | DequantLinear]:
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (QuantLinear, DequantLinear))}
+
+
+def _skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
+    """An empty layer of the entry's kind and shapes, for ``load_model`` to fill."""
+    n, k = entry["out_features"], entry["in_features"]
+    if entry.get("kind", "packed") == "dequant":
+        grid, block = parse_grid(entry["grid"]), tuple(entry["block"])
+        codes = torch.zeros(n, k, device=device).to(grid.code_dtype)
+        scales = torch.ones(scale_grid_shape((n, k), block), device=device)
+        bias = torch.zeros(n, device=device) if entry["bias"] else None
+        return DequantLinear(codes, scales, block, grid.name, bias, method=entry["method"])
+    layer = QuantLinear(k, n, entry["bias"], had_in=entry["had_in"], had_out=entry["had_out"],
+                        scale_dtype=getattr(torch, entry["su_dtype"]), method=entry["method"], seed=entry["seed"],
+                        device=device)
+    layer.sv = layer.sv.to(getattr(torch, entry["sv_dtype"]))
+    return layer
+
+
+def _check_dequant(layer: DequantLinear) -> None:
+    """What DequantLinear's constructor checks, for tensors that arrived from a file."""
+    if not torch.isfinite(layer.scales).all() or bool((layer.scales <= 0).any()):
+        raise ValueError("scales must be finite and positive")
+    grid = parse_grid(layer.grid)
+    codes = layer.codes.float()
+    if not torch.isfinite(codes).all() or bool((codes.abs() > grid.qmax).any()):
+        raise ValueError(f"codes must lie on the {grid.name} grid (|code| <= {grid.qmax})")
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (with its ``QuantLinear`` layers) to the directory ``path``.
+    """Write ``model`` (with its ``QuantLinear`` / ``DequantLinear`` layers) to the directory ``path``.
 
     An existing ``path`` is replaced only if it is an empty directory or a
     pyquant checkpoint (holds nothing but the two checkpoint files).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = quantized_layers(model)
+    layers = _saved_layers(model)
     if not layers:
-        raise ValueError("model has no QuantLinear layers: quantize it first (pyquant.quantize_model)")
+        raise ValueError("model has no quantized layers: quantize it first (pyquant.quantize_model)")
     path = Path(path)
     if path.exists() and (not path.is_dir() or set(os.listdir(path)) - {WEIGHTS_NAME, CONFIG_NAME}):
         raise ValueError(f"path {str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
@@ -104,16 +142,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             linear = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"checkpoint is from another model: it quantizes {fqn!r}, which this model lacks") from None
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, (QuantLinear, DequantLinear)):
             raise ValueError(f"model is already quantized at {fqn!r}; pass the unquantized skeleton")
         shape = (entry["out_features"], entry["in_features"])
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
             raise ValueError(f"checkpoint is from another model: {fqn!r} is {linear!r} here but "
                              f"a Linear {shape[1]}->{shape[0]} in the checkpoint")
-        layer = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], had_in=entry["had_in"],
-                            had_out=entry["had_out"], scale_dtype=getattr(torch, entry["su_dtype"]),
-                            method=entry["method"], seed=entry["seed"], device=linear.weight.device)
-        layer.sv = layer.sv.to(getattr(torch, entry["sv_dtype"]))
+        try:
+            layer = _skeleton_layer(entry, linear.weight.device)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"checkpoint entry for {fqn!r} is invalid: {e!r}") from e
         set_submodule(model, fqn, layer)
     try:
         load_model(model, str(Path(path) / WEIGHTS_NAME), strict=True)
@@ -121,9 +159,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{Path(path) / WEIGHTS_NAME} is truncated or corrupt: {e}") from e
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches from load_state_dict
         raise ValueError(f"checkpoint does not match this model: {e}") from e
-    for fqn, layer in quantized_layers(model).items():
+    for fqn, layer in _saved_layers(model).items():
         try:
-            layer.packed.validate()
+            _check_dequant(layer) if isinstance(layer, DequantLinear) else layer.packed.validate()
         except (ValueError, TypeError) as e:
             raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
     model.pyquant_skipped = {name: "not converted" for name in config.get("modules_not_converted", [])}

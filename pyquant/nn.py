@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .fakequant import DequantLinear
 from .format import PackedWeight, dequantize, stored_bytes
 from .quantizers import QuantConfig, RTNConfig
 
@@ -193,8 +194,9 @@ def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight over the quantized layers: all stored bytes
     (codes, codebook, scales, block sizes) * 8 / number of weights; biases,
     which stay in full precision as in ``nn.Linear``, are not counted."""
-    layers = list(quantized_layers(model).values()) if not isinstance(model, QuantLinear) else [model]
+    kinds = (QuantLinear, DequantLinear)  # DequantLinear: DAQ's fp8 / int-n grids
+    layers = [model] if isinstance(model, kinds) else [m for m in model.modules() if isinstance(m, kinds)]
     if not layers:
-        raise ValueError("model has no QuantLinear layers")
+        raise ValueError("model has no quantized (QuantLinear or DequantLinear) layers")
     total = sum(m.stored_bytes() for m in layers)
     return total * 8 / sum(m.in_features * m.out_features for m in layers)

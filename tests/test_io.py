@@ -131,7 +131,41 @@ def test_unknown_format_version_is_rejected(tmp_path):
 
 
 def test_save_requires_a_quantized_model(tmp_path):
-    with pytest.raises(ValueError, match="no QuantLinear"):
+    with pytest.raises(ValueError, match="no quantized layers"):
         pyquant.save_quantized(Net(), tmp_path / "x")
-    with pytest.raises(ValueError, match="no QuantLinear"):
+    with pytest.raises(ValueError, match="no quantized"):
         pyquant.bits_per_weight(Net())
+
+
+@pytest.mark.parametrize("grid, granularity", [("fp8", "block"), ("int4", "row")])
+def test_daq_grids_save_and_load_bit_identical(tmp_path, grid, granularity):
+    from pyquant.fakequant import DequantLinear
+    torch.manual_seed(0)
+    base = Net()
+    post = Net()
+    post.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    config = pyquant.DAQConfig(base=base, grid=grid, granularity=granularity, block=16)
+    model = pyquant.quantize_model(post, config, progress=False)
+    assert isinstance(model.up, DequantLinear)
+    x = torch.randn(3, 32)
+    y = model(x)
+    path = pyquant.save_quantized(model, tmp_path / "daq")
+    entry = json.loads((path / "quantization_config.json").read_text())["layers"]["up"]
+    assert entry["kind"] == "dequant" and entry["grid"] == grid
+    loaded = pyquant.load_quantized(Net(), path)
+    assert isinstance(loaded.up, DequantLinear) and loaded.up.grid == model.up.grid
+    assert loaded.up.codes.dtype == model.up.codes.dtype
+    assert torch.equal(loaded(x), y)
+
+
+def test_daq_checkpoint_with_bad_scales_is_rejected(tmp_path):
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    base, post = Net(), Net()
+    model = pyquant.quantize_model(post, pyquant.DAQConfig(base=base, grid="int4", granularity="row"), progress=False)
+    path = pyquant.save_quantized(model, tmp_path / "daq")
+    tensors = load_file(path / "model.safetensors")
+    tensors["up.scales"] = -tensors["up.scales"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="'up'.*scales must be finite and positive"):
+        pyquant.load_quantized(Net(), path)

@@ -4,8 +4,8 @@
 //
 // GEMV (int mode, 1-8 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
 // and masking gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and
-// vpdpbusd multiplies them as u8 x s8 with no further unpacking. Up to 4 rows share each
-// activation load, tokens go 4 at a time, codes are prefetched ahead, and the 16 int32 lanes are
+// vpdpbusd multiplies them as u8 x s8 with no further unpacking. 4 rows share each
+// activation load, tokens go 2 at a time, codes are prefetched ahead, and the 16 int32 lanes are
 // summed once per 32 groups. At one token this streams the codes at memory speed.
 //
 // GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
@@ -174,16 +174,15 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0, a.K4 * ((kPrefetchBytes + a.K4 - 1) / a.K4));
 }
 
-// Rows per block for MT tokens: 2 * R * MT accumulators plus R code and R level registers
-// must fit in the 32 zmm registers. More than 4 tokens go in blocks of 4: with one row per block
-// every activation load would serve a single row, and 8 tokens' activations overflow L1.
+// Tokens go two at a time over blocks of 4 rows (16 accumulators). Blocks of 3 or 4 tokens over
+// 2 rows were measured 2x slower once the codes stream from memory (the activations of 4 tokens,
+// 32 KB at K = 4096, crowd the codes out of L1), so more tokens make more passes over a row
+// sub-tile small enough to stay in L1 between them.
+constexpr int64_t kGemvSubTile = 16;
+
 void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  switch (mt) {
-    case 1: int_plane_rows<4, 1>(a, n0, n1, m0); break;
-    case 2: int_plane_rows<4, 2>(a, n0, n1, m0); break;
-    case 3: int_plane_rows<2, 3>(a, n0, n1, m0); break;
-    default: int_plane_rows<2, 4>(a, n0, n1, m0); break;
-  }
+  if (mt == 1) int_plane_rows<4, 1>(a, n0, n1, m0);
+  else int_plane_rows<4, 2>(a, n0, n1, m0);
 }
 
 // ------------------------------------------------------------------ int GEMM, natural layout
@@ -396,10 +395,10 @@ void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 }  // namespace
 
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
-  // Row tiles outer so a tile's codes stay in cache while token blocks of 8 pass over them.
-  for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
-    const int64_t t1 = imin(n1, t0 + kRowTile);
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) int_plane_tokens(a, t0, t1, m0, imin(4, a.M - m0));
+  // Row sub-tiles outer so their codes stay in L1 while the token pairs pass over them.
+  for (int64_t t0 = n0; t0 < n1; t0 += kGemvSubTile) {
+    const int64_t t1 = imin(n1, t0 + kGemvSubTile);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 2) int_plane_tokens(a, t0, t1, m0, imin(2, a.M - m0));
   }
 }
 
