@@ -10,8 +10,9 @@ For every weight shape (in x out features) and batch size, in one process, side 
 - F.linear bf16        dense bf16 weight, bf16 activations
 - int4 (group 128)     ``torch._weight_int4pack_mm_for_cpu``, bf16 activations
 - int8                 ``torch._weight_int8pack_mm`` (per-channel scales), bf16 activations
-- floor                pyquant's stored bytes / the measured read bandwidth (the time just to
-                       stream the 2-bit weight from memory once)
+- floor                pyquant's stored bytes / the read bandwidth (the time just to stream the
+                       2-bit weight from memory once); the bandwidth is a 256 MiB sum timed in the
+                       same interleaved rounds, since a shared machine's bandwidth drifts over minutes
 
 Methods are interleaved round by round (so load from other processes hits all of them alike)
 and each call takes the next of several distinct weights of the shape, so weights stream from
@@ -74,14 +75,28 @@ def _cpuinfo_field(name: str) -> str | None:
     return None
 
 
+BANDWIDTH_PROBE_BYTES = 256 << 20
+
+
+def read_probe(nbytes: int = BANDWIDTH_PROBE_BYTES):
+    """fn() summing a buffer far larger than the caches, returning 1 (one call), with its size:
+    timed among the methods, it measures the read bandwidth of the same moments."""
+    buf = torch.ones(nbytes // 4)
+
+    def run():
+        buf.sum()
+        return 1
+    return run, nbytes
+
+
 def measure_read_bandwidth(nbytes: int = 512 << 20, reps: int = 7) -> float:
     """Read bandwidth in bytes/s: best of ``reps`` sums over a buffer far larger than the caches."""
-    buf = torch.ones(nbytes // 4)
-    buf.sum()
+    run, nbytes = read_probe(nbytes)
+    run()
     best = math.inf
     for _ in range(reps):
         t0 = time.perf_counter()
-        buf.sum()
+        run()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
@@ -187,21 +202,23 @@ def _pass(weights, fn, x):
 
 
 @torch.inference_mode()
-def bench_shape(k: int, n: int, batches: list[int], bandwidth: float, min_time: float, progress) -> list[dict]:
+def bench_shape(k: int, n: int, batches: list[int], min_time: float, progress) -> list[dict]:
     methods, nbytes = make_methods(k, n)
+    probe, probe_bytes = read_probe()
     rows = []
     for m in batches:
         x32 = torch.randn(m, k)
         calls = {name: _pass(ws, fn, x32.to(dt)) for name, (ws, fn, dt) in methods.items()}
-        t = side_by_side(calls, min_time)
+        t = side_by_side({**calls, "read": probe}, min_time)
         ms = {name: t[name]["median"] * 1e3 for name in METHODS}
+        bandwidth = probe_bytes / t["read"]["median"]
         floor_ms = nbytes / bandwidth * 1e3
         rows.append({
             "in": k, "out": n, "batch": m, "ms": ms,
             "ms_min": {name: t[name]["min"] * 1e3 for name in METHODS},
             "rounds": t["pyquant"]["rounds"],
             "weights_cycled": {name: len(methods[name][0]) for name in METHODS},
-            "pyquant_bytes": nbytes, "floor_ms": floor_ms,
+            "pyquant_bytes": nbytes, "floor_ms": floor_ms, "read_bandwidth_gbs": bandwidth / 1e9,
             "speedup": {name: ms[name] / ms["pyquant"] for name in METHODS if name != "pyquant"},
             "pyquant_over_floor": ms["pyquant"] / floor_ms,
         })
@@ -279,7 +296,8 @@ def markdown(report: dict) -> str:
         f"L3 {mi['l3']}, memory {mi['memory']}",
         f"- ISA flags: {', '.join(mi['isa_flags'])}; pyquant kernels: {mi['pyquant_isa']} ({mi['pyquant_mode']} mode); "
         f"torch {mi['torch']} ({mi['torch_cpu_capability']})",
-        f"- measured read bandwidth: {report['read_bandwidth_gbs']:.1f} GB/s; load average at start "
+        f"- read bandwidth at start: {report['read_bandwidth_gbs']:.1f} GB/s (each row's floor uses the one "
+        "measured in its own rounds: read GB/s); load average at start "
         f"{', '.join(f'{v:.1f}' for v in mi['load_average_start'])}, at end "
         f"{', '.join(f'{v:.1f}' for v in report['load_average_end'])}",
         f"- times: median {'CPU' if mi['torch_threads'] == 1 else 'wall-clock'} ms per call over interleaved rounds, "
@@ -292,12 +310,13 @@ def markdown(report: dict) -> str:
         by_shape.setdefault((row["in"], row["out"]), []).append(row)
     for (k, n), rows in by_shape.items():
         lines += [f"## {k} x {n} (in x out), {rows[0]['pyquant_bytes'] / 2**20:.2f} MiB stored at 2-bit", "",
-                  "| batch | " + " | ".join(f"{LABELS[m]} ms" for m in METHODS) + " | floor ms | "
+                  "| batch | " + " | ".join(f"{LABELS[m]} ms" for m in METHODS) + " | read GB/s | floor ms | "
                   + " | ".join(f"x {m}" for m in METHODS[1:]) + " | pyquant / floor |",
-                  "|" + "---:|" * (2 * len(METHODS) + 2)]
+                  "|" + "---:|" * (2 * len(METHODS) + 3)]
         for r in rows:
             lines.append(f"| {r['batch']} | " + " | ".join(_fmt(r["ms"][m]) for m in METHODS)
-                         + f" | {_fmt(r['floor_ms'])} | " + " | ".join(f"{r['speedup'][m]:.2f}" for m in METHODS[1:])
+                         + f" | {r['read_bandwidth_gbs']:.1f} | {_fmt(r['floor_ms'])} | "
+                         + " | ".join(f"{r['speedup'][m]:.2f}" for m in METHODS[1:])
                          + f" | {r['pyquant_over_floor']:.2f} |")
         lines.append("")
     if report.get("modes"):
@@ -361,7 +380,7 @@ def main(argv=None) -> int:
     with tqdm(total=len(shapes) * len(batches), desc="cpu bench", unit="row") as progress:
         for k, n in shapes:
             progress.set_postfix_str(f"{k}x{n}")
-            report["results"] += bench_shape(k, n, batches, report["read_bandwidth_gbs"] * 1e9, min_time, progress)
+            report["results"] += bench_shape(k, n, batches, min_time, progress)
     report["modes"] = []
     for k, n in tqdm(shapes[:2], desc="int vs float", unit="shape"):
         report["modes"] += int_vs_float(k, n, min_time=min_time)
