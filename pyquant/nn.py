@@ -48,8 +48,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("sv", torch.ones(out_features, dtype=scale_dtype, device=device))
         self.register_buffer("w_scale", torch.ones((), device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        self.last_backend: str | None = None
-        self.last_backend_reason: str | None = None
+        # [backend, why] of the last forward: a list updated in place, because nn.Module.__setattr__
+        # would cost more than the whole kernel call of a small layer
+        self._last_run: list[str | None] = [None, None]
         self._kernel_cache: dict = {}
         self.packed.validate()
 
@@ -118,8 +119,17 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features).contiguous()
-        y, self.last_backend, self.last_backend_reason = kernels.linear(x2d, self.packed, self.bias, self._kernel_cache)
+        y, backend, why = kernels.linear(x2d, self.packed, self.bias, self._kernel_cache)
+        self._last_run[:] = (backend, why)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def last_backend(self) -> str | None:
+        return self._last_run[0]
+
+    @property
+    def last_backend_reason(self) -> str | None:
+        return self._last_run[1]
 
     def _apply(self, fn, recurse=True):
         self.invalidate()  # device/dtype moves make cached repacks stale

@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -86,12 +87,38 @@ void check_block(int64_t block, int64_t dim, const char* name, const char* dim_n
                     " must be 0 or a power of two dividing ", dim_name, "=", dim, ", got ", block);
 }
 
-// A 1-D float vector of `n` elements as contiguous fp32 (fp16/bf16/fp32 accepted).
-torch::Tensor vector_f32(const torch::Tensor& t, int64_t n, const char* name) {
+// A 1-D float vector of `n` elements (fp32, fp16 or bf16, any stride) as fp32: a pointer into `t`
+// when it already is contiguous fp32, else into `buf`, converted here. su and sv are fp16 in the
+// format; converting them in a plain loop costs far less than an ATen .to() call per layer call.
+const float* vector_f32(const torch::Tensor& t, int64_t n, const char* name, std::vector<float>& buf) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
-  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
+  if (t.scalar_type() == torch::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  buf.resize(n);
+  const int64_t stride = t.stride(0);
+  switch (t.scalar_type()) {
+    case torch::kHalf: {
+      const auto* p = t.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+      break;
+    }
+    case torch::kBFloat16: {
+      const auto* p = t.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+      break;
+    }
+    case torch::kFloat: {
+      const auto* p = t.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) buf[i] = p[i * stride];
+      break;
+    }
+    default: {
+      const auto f = t.to(torch::kFloat).contiguous();
+      std::copy(f.data_ptr<float>(), f.data_ptr<float>() + n, buf.begin());
+    }
+  }
+  return buf.data();
 }
 
 // The per-token math (transform.h): the AVX-512 build with the AVX-512 kernels, else SSE2.
@@ -126,7 +153,14 @@ struct TokenMath {
 };
 
 struct Layer {
-  torch::Tensor codes, su, sv, bias;  // su, sv, bias: contiguous fp32 (bias may be undefined)
+  torch::Tensor codes;
+  const float* su;    // [K] fp32, into the caller's tensor or su_buf
+  const float* sv;    // [N]
+  const float* bias;  // [N] or nullptr
+  std::vector<float> su_buf, sv_buf, bias_buf;  // moving a vector keeps its storage: moves are safe
+  Layer() = default;
+  Layer(Layer&&) = default;
+  Layer(const Layer&) = delete;  // a copy would leave the pointers in the original's buffers
   float A[16], b[4], w_scale;
   int64_t N, K, K4, G, had_in, had_out;
 };
@@ -158,9 +192,9 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   for (int i = 0; i < 16; ++i) L.A[i] = Ac.data_ptr<float>()[i];
   for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
   L.w_scale = *w_scale.data_ptr<float>();  // (checked: a CPU float32 scalar; .item() costs a dispatch)
-  L.su = vector_f32(su, L.K, "su");
-  L.sv = vector_f32(sv, L.N, "sv");
-  if (bias.has_value() && bias->defined()) L.bias = vector_f32(*bias, L.N, "bias");
+  L.su = vector_f32(su, L.K, "su", L.su_buf);
+  L.sv = vector_f32(sv, L.N, "sv", L.sv_buf);
+  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf) : nullptr;
   check_block(had_in, L.K, "had_in", "K");
   check_block(had_out, L.N, "had_out", "N");
   L.had_in = had_in;
@@ -188,7 +222,7 @@ constexpr int64_t kTokenGrain = 32768;
 template <typename T>
 void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode, bool plane, int64_t M, void* act,
                     float* scale, double* cst) {
-  const float* su = L.su.data_ptr<float>();
+  const float* su = L.su;
   at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.K), [&](int64_t m0, int64_t m1) {
     std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
     for (int64_t m = m0; m < m1; ++m) {
@@ -211,8 +245,8 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
 template <typename T, typename D>
 void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t M, const float* scale,
                    const double* cst, T* y) {
-  const float* sv = L.sv.data_ptr<float>();
-  const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+  const float* sv = L.sv;
+  const float* bias = L.bias;
   constexpr bool kFloatOut = std::is_same_v<T, float>;
   at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.N), [&](int64_t m0, int64_t m1) {
     std::vector<float> tmp(kFloatOut ? 0 : L.N);
@@ -391,7 +425,7 @@ std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tens
   for (int64_t m = 0; m < M; ++m) {
     float amax;
     float* row = xt.data_ptr<float>() + m * K;
-    cpu::scale_input(xf.data_ptr<float>() + m * K, L.su.data_ptr<float>(), K, row);
+    cpu::scale_input(xf.data_ptr<float>() + m * K, L.su, K, row);
     cst.data_ptr<double>()[m] = cpu::transform_activations(row, K, had_in, L.A, L.b, &amax);
   }
   return {xt, cst.to(torch::kFloat)};

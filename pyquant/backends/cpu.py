@@ -48,22 +48,6 @@ def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
     return None
 
 
-def _scales_f32(pw: PackedWeight, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 su, sv. fp16 ones are widened once per layer rather than on every call; the cache key
-    notices replaced tensors and in-place updates (version counters). Inference tensors have no
-    version counter, so theirs are widened on every call (K + N elements: cheap, but not free)."""
-    su, sv = pw.su, pw.sv
-    if su.dtype == sv.dtype == torch.float32:
-        return su, sv
-    if su.is_inference() or sv.is_inference():
-        return su.float(), sv.float()
-    key = tuple((t.data_ptr(), t._version) for t in (su, sv))
-    cached = cache.get("cpu_scales")
-    if cached is None or cached[0] != key:
-        cached = cache["cpu_scales"] = (key, su.float().contiguous(), sv.float().contiguous())
-    return cached[1], cached[2]
-
-
 def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, cache: dict) -> torch.Tensor:
-    su, sv = _scales_f32(pw, cache)
-    return _C.qlinear(x, pw.codes, pw.A, pw.b, su, sv, pw.w_scale, pw.had_in, pw.had_out, bias)
+    # fp16 su / sv are widened inside the C++ call (cheaper than a cached .float() and never stale)
+    return _C.qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, bias)
