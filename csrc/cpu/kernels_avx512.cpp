@@ -126,8 +126,19 @@ void int_plane_block(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
 // for the prefetchers) rather than R interleaved ones; the activations (a few KB, in L1) are
 // reloaded per row instead of shared. One accumulator pair per plane keeps four independent
 // vpdpbusd chains; the R rows' sums are reduced together.
+// The seq kernel leaves each 2-bit field in place (c & 0xC0, c & 0x30, ...: one instruction per
+// plane instead of a shift and a mask), so plane i's sums carry a factor 4^(3-i). Every lane is
+// then an exact multiple of it and an arithmetic shift divides it out exactly. Per lane and
+// group at most 4 * 192 * 128 < 2^17, times kBlockGroups = 32: no overflow.
+inline __m512i unscale_fields(const __m512i (&acc)[4]) {
+  return _mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32(acc[0], 6), _mm512_srai_epi32(acc[1], 4)),
+                          _mm512_add_epi32(_mm512_srai_epi32(acc[2], 2), acc[3]));
+}
+
 template <int R>
 void int_plane_block_seq(const IntArgs& a, int64_t n, int64_t m0) {
+  const __m512i field[4] = {_mm512_set1_epi8(static_cast<char>(0xC0)), _mm512_set1_epi8(0x30),
+                            _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x03)};
   const int8_t* act = a.act + m0 * a.act_stride;
   int64_t total[R] = {};
   for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
@@ -142,15 +153,14 @@ void int_plane_block_seq(const IntArgs& a, int64_t n, int64_t m0) {
         _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupCodes + kPrefetchBytes), _MM_HINT_T0);
         const __m512i c = _mm512_maskz_loadu_epi8(group_mask(a.K4, g), row + g * kGroupCodes);
         const int8_t* ap = act + g * 512;
-        const __m512i z[4] = {level_plane<0>(c), level_plane<1>(c), level_plane<2>(c), level_plane<3>(c)};
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
-          hi[i] = _mm512_dpbusd_epi32(hi[i], z[i], _mm512_loadu_si512(ap + 64 * i));
-          lo[i] = _mm512_dpbusd_epi32(lo[i], z[i], _mm512_loadu_si512(ap + 256 + 64 * i));
+          const __m512i z = _mm512_and_si512(c, field[i]);  // level i, times 4^(3-i)
+          hi[i] = _mm512_dpbusd_epi32(hi[i], z, _mm512_loadu_si512(ap + 64 * i));
+          lo[i] = _mm512_dpbusd_epi32(lo[i], z, _mm512_loadu_si512(ap + 256 + 64 * i));
         }
       }
-      const __m512i h = _mm512_add_epi32(_mm512_add_epi32(hi[0], hi[1]), _mm512_add_epi32(hi[2], hi[3]));
-      const __m512i l = _mm512_add_epi32(_mm512_add_epi32(lo[0], lo[1]), _mm512_add_epi32(lo[2], lo[3]));
+      const __m512i h = unscale_fields(hi), l = unscale_fields(lo);
       v[r] = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
     }
     alignas(16) int32_t s4[4];
