@@ -96,6 +96,19 @@ def test_every_path_matches_the_reference(k, n, m, dtype, hadamard, has_bias, sc
         assert torch.equal(y, ints[0][1]), (path, ints[0][0])
 
 
+def test_strided_scale_vectors_give_the_same_bits():
+    pw = make_packed(40, 384, hadamard=True, seed=3, scale_dtype=torch.float16)
+    x = torch.randn(4, 384)
+    # su / sv as every other element of a twice-longer tensor: read through their stride
+    su2 = torch.stack([pw.su, torch.zeros_like(pw.su)], dim=1).reshape(-1)[::2]
+    sv2 = torch.stack([pw.sv, torch.zeros_like(pw.sv)], dim=1).reshape(-1)[::2]
+    assert not su2.is_contiguous()
+    args = (pw.codes, pw.A, pw.b)
+    want = _C.qlinear(x, *args, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, None)
+    got = _C.qlinear(x, *args, su2, sv2, pw.w_scale, pw.had_in, pw.had_out, None)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("k", [21928, 21932])
 def test_largest_dot_products_do_not_overflow(k):
     """All levels 3 against activations all at the top of the fixed-point range: the largest
