@@ -13,8 +13,8 @@ import torch
 
 from . import kernels
 from .evaluation import batches, compare_embeddings, embed, encoder_filter, load_minilm
-from .io import load_quantized, read_config, save_quantized
-from .nn import bits_per_weight, quantize_model, quantized_layers
+from .io import load_quantized, save_quantized
+from .nn import bits_per_weight, quantize_model, quantized_layers, quantized_modules
 from .sentences import split_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def quantize_cmd(args) -> int:
     quantize_model(model, config, filter_fn=encoder_filter if args.encoder_only else None,
                    calibration_data=batches(tokenizer, calibration))
     path = save_quantized(model, args.out)
-    print(f"{len(read_config(path)['layers'])} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
+    print(f"{len(quantized_modules(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
     return 0
 
 

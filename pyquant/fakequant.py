@@ -155,8 +155,6 @@ class DequantLinear(nn.Module):
         if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
             raise TypeError("scales must be an fp32 tensor")
         expand_scales(scales, tuple(codes.shape), tuple(block))  # validates the scale grid's shape
-        if not torch.isfinite(scales).all() or bool((scales <= 0).any()):
-            raise ValueError("scales must be finite and positive")
         if bias is not None and tuple(bias.shape) != (codes.shape[0],):
             raise ValueError(f"bias must have shape ({codes.shape[0]},), got {tuple(bias.shape)}")
         self.out_features, self.in_features = codes.shape
@@ -164,6 +162,18 @@ class DequantLinear(nn.Module):
         self.register_buffer("codes", codes.detach().clone())
         self.register_buffer("scales", scales.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+        self.validate()
+
+    def validate(self) -> "DequantLinear":
+        """Raise ``ValueError`` unless the scales are finite and positive and the codes lie on
+        the grid (run on construction, and on load for tensors that came from a file)."""
+        if not torch.isfinite(self.scales).all() or bool((self.scales <= 0).any()):
+            raise ValueError("scales must be finite and positive")
+        grid = parse_grid(self.grid)
+        codes = self.codes.float()
+        if not torch.isfinite(codes).all() or bool((codes.abs() > grid.qmax).any()):
+            raise ValueError(f"codes must lie on the {grid.name} grid (|code| <= {grid.qmax})")
+        return self
 
     def dequantize_weight(self) -> torch.Tensor:
         """The dense fp32 ``[N, K]`` weight this layer applies."""

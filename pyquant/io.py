@@ -24,9 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .fakequant import DequantLinear, scale_grid_shape, parse_grid
+from .fakequant import DequantLinear, parse_grid, scale_grid_shape
 from .format import FORMAT_VERSION
-from .nn import QuantLinear, set_submodule
+from .nn import QuantLinear, quantized_modules, set_submodule
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantization_config.json"
@@ -41,10 +41,6 @@ def _layer_entry(layer: QuantLinear | DequantLinear) -> dict:
     return {**entry, "kind": "packed", "had_in": layer.had_in, "had_out": layer.had_out, "seed": layer.seed,
             "su_dtype": str(layer.su.dtype).removeprefix("torch."),
             "sv_dtype": str(layer.sv.dtype).removeprefix("torch.")}
-
-
-def _saved_layers(model: nn.Module) -> dict[str, QuantLinear | DequantLinear]:
-    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (QuantLinear, DequantLinear))}
 
 
 def _skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
@@ -63,16 +59,6 @@ def _skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
     return layer
 
 
-def _check_dequant(layer: DequantLinear) -> None:
-    """What DequantLinear's constructor checks, for tensors that arrived from a file."""
-    if not torch.isfinite(layer.scales).all() or bool((layer.scales <= 0).any()):
-        raise ValueError("scales must be finite and positive")
-    grid = parse_grid(layer.grid)
-    codes = layer.codes.float()
-    if not torch.isfinite(codes).all() or bool((codes.abs() > grid.qmax).any()):
-        raise ValueError(f"codes must lie on the {grid.name} grid (|code| <= {grid.qmax})")
-
-
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (with its ``QuantLinear`` / ``DequantLinear`` layers) to the directory ``path``.
 
@@ -81,7 +67,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = _saved_layers(model)
+    layers = quantized_modules(model)
     if not layers:
         raise ValueError("model has no quantized layers: quantize it first (pyquant.quantize_model)")
     path = Path(path)
@@ -159,9 +145,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{Path(path) / WEIGHTS_NAME} is truncated or corrupt: {e}") from e
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches from load_state_dict
         raise ValueError(f"checkpoint does not match this model: {e}") from e
-    for fqn, layer in _saved_layers(model).items():
+    for fqn, layer in quantized_modules(model).items():
         try:
-            _check_dequant(layer) if isinstance(layer, DequantLinear) else layer.packed.validate()
+            (layer if isinstance(layer, DequantLinear) else layer.packed).validate()
         except (ValueError, TypeError) as e:
             raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
     model.pyquant_skipped = {name: "not converted" for name in config.get("modules_not_converted", [])}

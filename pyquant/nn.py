@@ -200,12 +200,16 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear | DequantLinear]:
+    """Every quantized layer: packed 2-bit ``QuantLinear`` and DAQ's fp8 / int-n ``DequantLinear``."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (QuantLinear, DequantLinear))}
+
+
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight over the quantized layers: all stored bytes
     (codes, codebook, scales, block sizes) * 8 / number of weights; biases,
     which stay in full precision as in ``nn.Linear``, are not counted."""
-    kinds = (QuantLinear, DequantLinear)  # DequantLinear: DAQ's fp8 / int-n grids
-    layers = [model] if isinstance(model, kinds) else [m for m in model.modules() if isinstance(m, kinds)]
+    layers = list(quantized_modules(model).values())
     if not layers:
         raise ValueError("model has no quantized (QuantLinear or DequantLinear) layers")
     total = sum(m.stored_bytes() for m in layers)

@@ -14,7 +14,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -96,26 +95,16 @@ const float* vector_f32(const torch::Tensor& t, int64_t n, const char* name, std
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
   if (t.scalar_type() == torch::kFloat && t.is_contiguous()) return t.data_ptr<float>();
   buf.resize(n);
-  const int64_t stride = t.stride(0);
+  const auto widen = [&](const auto* p, int64_t stride) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
+  };
   switch (t.scalar_type()) {
-    case torch::kHalf: {
-      const auto* p = t.data_ptr<c10::Half>();
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
-      break;
-    }
-    case torch::kBFloat16: {
-      const auto* p = t.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
-      break;
-    }
-    case torch::kFloat: {
-      const auto* p = t.data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i) buf[i] = p[i * stride];
-      break;
-    }
-    default: {
+    case torch::kHalf: widen(t.data_ptr<c10::Half>(), t.stride(0)); break;
+    case torch::kBFloat16: widen(t.data_ptr<c10::BFloat16>(), t.stride(0)); break;
+    case torch::kFloat: widen(t.data_ptr<float>(), t.stride(0)); break;
+    default: {  // fp64
       const auto f = t.to(torch::kFloat).contiguous();
-      std::copy(f.data_ptr<float>(), f.data_ptr<float>() + n, buf.begin());
+      widen(f.data_ptr<float>(), 1);
     }
   }
   return buf.data();
