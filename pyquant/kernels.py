@@ -1,16 +1,21 @@
-"""The one dispatcher: picks the backend that runs a ``QuantLinear`` forward.
+"""The one dispatcher: which backend runs a ``QuantLinear``, decided when the layer is built.
 
-Order of preference, by the input's device: CUDA tensors ``cuda > triton >
-torch``; CPU tensors ``cpu > torch`` (Triton runs CPU tensors only in its
-interpreter, which is for tests: it is used there only when forced). The torch
-reference is the fallback, never the default where a kernel takes the input. Each backend
-lives in ``pyquant/backends/<name>.py`` and says itself whether it is built and
-whether it takes a given input (see ``pyquant.backends``).
+Order of preference by the layer's device: CUDA ``cuda > triton > torch``; CPU ``cpu > torch``
+(Triton runs CPU tensors only in its interpreter, which is for tests: it is used there only
+when forced). The torch reference is the fallback, never the default where a kernel takes the
+layer. Each backend lives in ``pyquant/backends/<name>.py`` (see ``pyquant.backends``).
 
-Override with the environment variable ``PYQUANT_BACKEND=torch|cpu|triton|cuda``
-or :func:`force_backend`; a forced backend that cannot take an input raises
-``ValueError`` rather than silently running something else.
-``explain(x, pw)`` tells which backend would run and why the others would not.
+A choice depends only on what a layer fixes and on the call's input dtype and whether it needs
+gradients (the CUDA kernels have no backward). Every QuantLinear holds a :class:`KernelPlan`,
+made when the layer is made, loaded or moved: it builds each backend's kernel state once (repacked
+codes, fp32 copies) and keeps the choice per ``(input dtype, needs grad, forced backend)``, with
+the usual keys filled in up front. The forward only looks its choice up: it never validates,
+tunes or reads the environment.
+
+Override with the environment variable ``PYQUANT_BACKEND=torch|cpu|triton|cuda`` (read when
+this module is imported) or :func:`force_backend`; a forced backend that cannot take a layer
+raises ``ValueError`` rather than silently running something else.
+``explain(x, layer)`` tells which backend would run and why the others would not.
 """
 from __future__ import annotations
 
@@ -18,30 +23,20 @@ import contextlib
 import importlib
 import logging
 import os
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
-from .format import PackedWeight
+from . import ops
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 _ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"cuda": "cuda", "triton": "triton", "cpu": "cpu", "torch": "torch_ref"}
-_forced: str | None = None
 _loaded: dict[str, ModuleType | None] = {}
-
-
-def _backend(name: str) -> ModuleType | None:
-    """The backend module, or None when it is not part of this install."""
-    if name not in _loaded:
-        try:
-            _loaded[name] = importlib.import_module(f"pyquant.backends.{_MODULES[name]}")
-        except ImportError as e:  # a backend that is not written or not built yet
-            log.debug("backend %s not importable: %s", name, e)
-            _loaded[name] = None
-    return _loaded[name]
 
 
 def _check_name(name: str, what: str) -> str:
@@ -50,12 +45,24 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+_env = os.environ.get("PYQUANT_BACKEND", "").strip()
+_forced: str | None = _check_name(_env, "PYQUANT_BACKEND") if _env else None
+
+
+def _backend(name: str) -> ModuleType | None:
+    """The backend module, or None when it is not part of this install."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"pyquant.backends.{_MODULES[name]}")
+        except ImportError as e:  # a backend that is not built here
+            log.debug("backend %s not importable: %s", name, e)
+            _loaded[name] = None
+    return _loaded[name]
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`force_backend` or ``PYQUANT_BACKEND``, if any."""
-    if _forced is not None:
-        return _forced
-    env = os.environ.get("PYQUANT_BACKEND", "").strip()
-    return _check_name(env, "PYQUANT_BACKEND") if env else None
+    return _forced
 
 
 @contextlib.contextmanager
@@ -74,57 +81,121 @@ def available_backends() -> list[str]:
     return [n for n in BACKENDS if (m := _backend(n)) is not None and m.available()]
 
 
-def _reason_not(name: str, x: torch.Tensor, pw: PackedWeight) -> str | None:
+def _reason_not(name: str, layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
     mod = _backend(name)
     if mod is None:
         return "not installed"
     if not mod.available():
         return "not available in this process"
-    return mod.supports(x, pw)
+    return mod.supports(layer, dtype, needs_grad)
 
 
-def _order(x: torch.Tensor) -> tuple[str, ...]:
-    return _ORDER.get(x.device.type, ("torch",))
+def _order(device: torch.device) -> tuple[str, ...]:
+    return _ORDER.get(device.type, ("torch",))
 
 
-def explain(x: torch.Tensor, pw: PackedWeight) -> dict[str, str]:
-    """For each backend: ``"selected"``, ``"usable"`` or the reason it is not used."""
-    forced = forced_backend()
+@dataclass(frozen=True)
+class Choice:
+    """The backend one kind of call runs on, why, and that backend's state for the layer."""
+    name: str
+    why: str
+    module: ModuleType
+    state: Any
+
+    def __call__(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return self.module.forward(x, layer, self.state)
+
+
+class KernelPlan:
+    """A layer's kernel-side state, built for the layer's current device and tensors.
+
+    ``states[name]`` is what backend ``name`` built for the layer (its own type, or None),
+    built once the first time a choice picks that backend; ``choices`` maps
+    ``(input dtype, needs grad, forced backend)`` to a :class:`Choice`. Made anew whenever the
+    layer's tensors change (``QuantLinear.invalidate``)."""
+
+    def __init__(self, layer):
+        self.device = layer.codes.device
+        self.states: dict[str, Any] = {}
+        self.choices: dict[tuple, Choice] = {}
+        for dtype in ops.INPUT_DTYPES:  # the usual keys, so that a traced forward only looks up
+            for needs_grad in (False, True):
+                try:
+                    self.choice(layer, dtype, needs_grad)
+                except ValueError:  # a forced backend that cannot run it: the forward says so
+                    pass
+
+    def choice(self, layer, dtype: torch.dtype, needs_grad: bool) -> Choice:
+        key = (dtype, needs_grad, _forced)
+        hit = self.choices.get(key)
+        if hit is None:
+            hit = self.choices[key] = self._choose(layer, dtype, needs_grad)
+        return hit
+
+    def _choose(self, layer, dtype, needs_grad) -> Choice:
+        forced = _forced
+        if forced is not None:
+            reason = _reason_not(forced, layer, dtype, needs_grad)
+            if reason is not None:
+                # Not cached: the error must repeat on every call.
+                raise ValueError(f"backend {forced!r} was forced but cannot run this layer: {reason}")
+            return self._make(layer, forced, "forced")
+        skipped = []
+        for name in _order(self.device):
+            reason = _reason_not(name, layer, dtype, needs_grad)
+            if reason is None:
+                why = "preferred" if not skipped else "fallback; " + "; ".join(skipped)
+                if skipped:
+                    log.debug("pyquant: %s falls back to %s: %s", layer, name, why)
+                return self._make(layer, name, why)
+            skipped.append(f"{name}: {reason}")
+        raise AssertionError("the torch backend takes every layer")  # unreachable
+
+    def _make(self, layer, name: str, why: str) -> Choice:
+        module = _backend(name)
+        if name not in self.states:
+            self.states[name] = module.build(layer)
+        return Choice(name, why, module, self.states[name])
+
+
+def explain(x: torch.Tensor, layer) -> dict[str, str]:
+    """For each backend: ``"selected"``, ``"usable"`` or the reason it is not used for input
+    ``x`` (its dtype, and whether it needs gradients) on ``layer`` (a QuantLinear, or a
+    PackedWeight, which is wrapped in one)."""
+    from .format import PackedWeight
+    from .nn import QuantLinear
+
+    if isinstance(layer, PackedWeight):
+        layer = QuantLinear.from_packed(layer)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or layer.needs_grad())
     out, chosen = {}, None
-    order = (forced,) if forced is not None else _order(x)
+    order = (_forced,) if _forced is not None else _order(layer.codes.device)
     for name in BACKENDS:
-        reason = _reason_not(name, x, pw)
+        reason = _reason_not(name, layer, x.dtype, needs_grad)
         if name not in order:
-            reason = reason or (f"not forced (PYQUANT_BACKEND={forced})" if forced is not None
-                                else f"not used for {x.device.type} tensors unless forced")
+            reason = reason or (f"not forced (forced: {_forced})" if _forced is not None
+                                else f"not used for {layer.codes.device.type} layers unless forced")
         if reason is None and chosen is None:
             chosen, reason = name, "selected"
         out[name] = reason or "usable"
     return out
 
 
-def select(x: torch.Tensor, pw: PackedWeight) -> tuple[str, str]:
-    """``(backend, why)`` for this input. Raises ``ValueError`` when a forced
-    backend cannot take it."""
-    forced = forced_backend()
-    if forced is not None:
-        reason = _reason_not(forced, x, pw)
-        if reason is not None:
-            raise ValueError(f"backend {forced!r} was forced but cannot run this input: {reason}")
-        return forced, "forced"
-    skipped = []
-    for name in _order(x):
-        reason = _reason_not(name, x, pw)
-        if reason is None:
-            why = "preferred" if not skipped else "fallback; " + "; ".join(skipped)
-            if skipped:
-                log.debug("pyquant fell back to %s: %s", name, why)
-            return name, why
-        skipped.append(f"{name}: {reason}")
-    raise AssertionError("the torch backend takes every input")  # unreachable
+def tune(model: torch.nn.Module, batch_sizes=(1, 8, 16, 64, 512), dtype: torch.dtype = torch.float16) -> int:
+    """Autotune the Triton kernels for every distinct layer shape of ``model`` (a module holding
+    QuantLinear layers, or one) on its GPU, at these batch sizes, outside any forward. The
+    choices go to the on-disk cache (``triton_kernels.autotune``), where the forward finds them.
+    Returns how many configs were tuned now (0 off a GPU, or when all were cached)."""
+    from .nn import QuantLinear
 
-
-def linear(x2d: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, cache: dict) -> tuple[torch.Tensor, str, str]:
-    """Run the quantized matmul on ``x2d`` ``[M, K]``; returns ``(y, backend, why)``."""
-    name, why = select(x2d, pw)
-    return _backend(name).linear(x2d, pw, bias, cache), name, why
+    layers = [model] if isinstance(model, QuantLinear) else [m for m in model.modules() if isinstance(m, QuantLinear)]
+    triton = _backend("triton")
+    if triton is None or not triton.available():
+        return 0
+    seen, tuned = set(), 0
+    for layer in layers:
+        shape = (layer.in_features, layer.out_features, layer.had_out, layer.codes.device)
+        if shape not in seen:
+            seen.add(shape)
+            tuned += triton.tune(layer, batch_sizes, dtype)
+    return tuned

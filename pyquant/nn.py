@@ -26,6 +26,12 @@ class QuantLinear(nn.Module):
     ``out_features``. Input: any ``[..., in_features]`` fp32/fp16/bf16 tensor on
     the layer's device; output has the input's dtype.
 
+    The forward is one ``torch.ops.pyquant`` op (``torch.compile(fullgraph=True)``,
+    ``torch.export`` and autograd take it as it is): gradients reach the input and, when they
+    require grad, ``A``, ``b``, ``su``, ``sv``, ``w_scale`` and the bias; codes are frozen.
+    Kernel state (repacked codes, the backend per input dtype) is built when the layer is made,
+    loaded or moved; call :meth:`invalidate` after changing its tensors in place.
+
     After a forward, ``last_backend`` and ``last_backend_reason`` say which
     kernel ran and why (see :func:`pyquant.kernels.explain`).
     """
@@ -51,8 +57,8 @@ class QuantLinear(nn.Module):
         # [backend, why] of the last forward: a list updated in place, because nn.Module.__setattr__
         # would cost more than the whole kernel call of a small layer
         self._last_run: list[str | None] = [None, None]
-        self._kernel_cache: dict = {}
         self.packed.validate()
+        self._plan = kernels.KernelPlan(self)
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -70,6 +76,7 @@ class QuantLinear(nn.Module):
                 getattr(layer, name).copy_(getattr(pw, name))
             if bias is not None:
                 layer.bias.copy_(bias.detach().float())
+        layer.invalidate()
         return layer
 
     @classmethod
@@ -105,8 +112,15 @@ class QuantLinear(nn.Module):
         return stored_bytes(self.packed)
 
     def invalidate(self) -> None:
-        """Drop kernel-side repacked copies; call after changing the tensors in place."""
-        self._kernel_cache.clear()
+        """Rebuild the kernel-side state (repacked codes, backend choices) from the layer's
+        tensors. Loading, ``.to()`` and the quantizers call it; call it after changing the
+        tensors in place yourself."""
+        self._plan = kernels.KernelPlan(self)
+
+    def needs_grad(self) -> bool:
+        """Whether any of the trainable tensors (``A``, ``b``, ``su``, ``sv``, ``w_scale``, bias)
+        requires grad. Codes never do."""
+        return any(t is not None and t.requires_grad for t in (self.A, self.b, self.su, self.sv, self.w_scale, self.bias))
 
     # ---- forward ------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,9 +133,10 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
         x2d = x.reshape(-1, self.in_features).contiguous()
-        y, backend, why = kernels.linear(x2d, self.packed, self.bias, self._kernel_cache)
-        self._last_run[:] = (backend, why)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.needs_grad())
+        choice = self._plan.choice(self, x.dtype, needs_grad)
+        self._last_run[:] = (choice.name, choice.why)
+        return choice(x2d, self).reshape(*x.shape[:-1], self.out_features)
 
     @property
     def last_backend(self) -> str | None:
@@ -132,12 +147,13 @@ class QuantLinear(nn.Module):
         return self._last_run[1]
 
     def _apply(self, fn, recurse=True):
-        self.invalidate()  # device/dtype moves make cached repacks stale
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self.invalidate()  # kernel state for the new device and tensors
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
         self.invalidate()
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (csrc/cpu, ``pyquant._C.qlinear``) against the torch reference.
+"""The C++ CPU kernels (csrc/cpu, ``torch.ops.pyquant.cpu_linear``) against the torch reference.
 
 Every instruction set this CPU runs is forced in turn; int mode (16-bit fixed-point activations,
 exact integer dot products, the default) and float mode (fp32 activations) both; on AVX-512 both
@@ -14,9 +14,7 @@ from pyquant.format import PackedWeight, dequantize, transform_activations
 
 from conftest import rel_err
 
-_C = pytest.importorskip("pyquant._C")
-if not hasattr(_C, "qlinear"):
-    pytest.skip("pyquant._C has no qlinear (stale build)", allow_module_level=True)
+from pyquant.ops import _C
 
 ISAS = _C.supported_isas()
 TOL = 1e-3
@@ -37,8 +35,12 @@ def make_packed(n, k, *, hadamard, seed, scale_dtype=torch.float32):
     ).validate()
 
 
+def qlinear(x, codes, A, b, su, sv, w_scale, had_in, had_out, bias=None, **kw):
+    return torch.ops.pyquant.cpu_linear(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out, **kw)
+
+
 def run(x, pw, bias=None, **kw):
-    return _C.qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, bias, **kw)
+    return qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, bias, **kw)
 
 
 def reference(x, pw, bias):
@@ -104,8 +106,8 @@ def test_strided_scale_vectors_give_the_same_bits():
     sv2 = torch.stack([pw.sv, torch.zeros_like(pw.sv)], dim=1).reshape(-1)[::2]
     assert not su2.is_contiguous()
     args = (pw.codes, pw.A, pw.b)
-    want = _C.qlinear(x, *args, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, None)
-    got = _C.qlinear(x, *args, su2, sv2, pw.w_scale, pw.had_in, pw.had_out, None)
+    want = qlinear(x, *args, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, None)
+    got = qlinear(x, *args, su2, sv2, pw.w_scale, pw.had_in, pw.had_out, None)
     assert torch.equal(got, want)
 
 
@@ -200,11 +202,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"x must have shape \[M, 64\]"):
         run(torch.randn(3, 60), pw)
     with pytest.raises(TypeError, match="codes must be uint8"):
-        _C.qlinear(x, pw.codes.int(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, None)
+        qlinear(x, pw.codes.int(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale, pw.had_in, pw.had_out, None)
     with pytest.raises(ValueError, match="had_in"):
-        _C.qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, 3, 0, None)
+        qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, 3, 0, None)
     with pytest.raises(ValueError, match="sv must have shape"):
-        _C.qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv[:5], pw.w_scale, pw.had_in, pw.had_out, None)
+        qlinear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv[:5], pw.w_scale, pw.had_in, pw.had_out, None)
     with pytest.raises(ValueError, match="bias must have shape"):
         run(x, pw, torch.randn(15))
     with pytest.raises(ValueError, match="isa must be one of"):
@@ -253,18 +255,15 @@ def test_dispatcher_runs_the_cpu_backend_by_default_on_cpu_tensors():
         assert rel_err(y.float(), ref.float()) < (TOL if dtype == torch.float32 else 1e-2)
     from pyquant.backends import cpu
 
-    # the backend's cached fp32 copy of fp16 scales follows in-place updates
-    pw16 = make_packed(20, 128, hadamard=True, seed=6, scale_dtype=torch.float16)
-    cache, x = {}, torch.randn(3, 128)
-    cpu.linear(x, pw16, None, cache)
-    pw16.sv.mul_(2)
-    assert rel_err(cpu.linear(x, pw16, None, cache), reference(x, pw16, None)) < TOL
-    with torch.inference_mode():  # inference tensors have no version counter: no caching
-        pw_inf = make_packed(20, 128, hadamard=True, seed=6, scale_dtype=torch.float16)
-        cpu.linear(x, pw_inf, None, cache)
-        pw_inf.sv.mul_(2)
-        assert rel_err(cpu.linear(x, pw_inf, None, cache), reference(x, pw_inf, None)) < TOL
+    # the op reads fp16 scales as they are: in-place updates show in the next call
+    layer16 = pyquant.QuantLinear.from_packed(make_packed(20, 128, hadamard=True, seed=6, scale_dtype=torch.float16))
+    x = torch.randn(3, 128)
+    layer16(x)
+    with torch.no_grad():
+        layer16.sv.mul_(2)
+    assert rel_err(layer16(x), reference(x, layer16.packed, None)) < TOL
     assert cpu.available()
-    assert cpu.supports(torch.randn(2, 128), pw) is None
-    assert "not the CPU" in cpu.supports(torch.randn(2, 128, device="meta"), pw)
-    assert "dtype" in cpu.supports(torch.randn(2, 128).double(), pw)
+    assert cpu.supports(layer, torch.float32, False) is None
+    assert cpu.supports(layer, torch.float32, True) is None  # the op has a gradient
+    assert "dtype" in cpu.supports(layer, torch.float64, False)
+    assert "not the CPU" in cpu.supports(layer.to("meta"), torch.float32, False)

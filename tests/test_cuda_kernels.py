@@ -112,10 +112,15 @@ def test_two_bf16_limbs_meet_the_accuracy_target(dtype, n, k):
     assert one > two * 3, (one, two)
 
 
-def test_supports_gives_a_reason_for_cpu_inputs():
-    pw = random_packed(64, 64)
-    reason = cuda_backend.supports(torch.randn(2, 64), pw)
+def test_supports_gives_a_reason_for_cpu_layers():
+    layer = QuantLinear.from_packed(random_packed(64, 64))
+    reason = cuda_backend.supports(layer, torch.float32, False)
     assert reason is not None and "CUDA" in reason
+
+
+def cuda_linear(x, layer):
+    """The op, as the backend calls it, on the layer's kernel state."""
+    return cuda_backend.forward(x, layer, cuda_backend.build(layer))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,9 +141,9 @@ SHAPES = [  # (N, K, hadamard): odd N, K not a multiple of 64, the largest block
 
 @functools.lru_cache(maxsize=None)
 def shared_weight(n, k, hadamard):
-    """(packed weight, its dense fp32 matrix, kernel cache) shared by the parametrized cases."""
+    """(packed weight, its dense fp32 matrix, its layer) shared by the parametrized cases."""
     pw = gpu_weight(n, k, hadamard=hadamard, seed=n + k, scale_dtype=torch.float16)
-    return pw, dequantize(pw), {}
+    return pw, dequantize(pw), QuantLinear.from_packed(pw)
 
 
 @needs_gpu
@@ -148,11 +153,15 @@ def shared_weight(n, k, hadamard):
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 24, 64, 100, 512])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_reference(dtype, n, k, hadamard, m, with_bias):
-    pw, w, cache = shared_weight(n, k, hadamard)
+    pw, w, layer = shared_weight(n, k, hadamard)
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     bias = torch.randn(n, device="cuda", generator=g) if with_bias else None
-    y = cuda_backend.linear(x, pw, bias, cache)
+    if with_bias:
+        layer = QuantLinear.from_packed(pw, bias)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_backend == "cuda"
     assert y.shape == (m, n) and y.dtype == dtype
     ref = F.linear(x.float(), w, bias).to(dtype)
     assert rel_err(y, ref) < 1e-3
@@ -165,8 +174,8 @@ def test_hadamard_block_sizes(had_in, had_out):
     x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
     for m in (5, 40):  # both paths
         xm = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(cuda_backend.linear(xm, pw, None, {}), reference(xm, pw, None)) < 1e-3
-    assert cuda_backend.supports(x, pw) is None
+        assert rel_err(cuda_linear(xm, QuantLinear.from_packed(pw)), reference(xm, pw, None)) < 1e-3
+    assert cuda_backend.supports(QuantLinear.from_packed(pw), x.dtype, False) is None
 
 
 @needs_gpu
@@ -174,10 +183,10 @@ def test_hadamard_block_sizes(had_in, had_out):
 def test_small_and_gemm_paths_agree(m):
     pw = gpu_weight(1024, 2048, seed=1)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
-    st = cuda_backend.prepare(pw, {})
-    args = (x, st["codes"], st["su"], st["sv"], st["A"], st["b"], st["w_scale"], None)
-    small = torch.ops.pyquant_cuda.linear_small(*args, st["counters"], 1024, pw.had_in, pw.had_out)
-    gemm = torch.ops.pyquant_cuda.linear_gemm(*args, 1024, pw.had_in, pw.had_out)
+    st = cuda_backend.build(QuantLinear.from_packed(pw))
+    args = (x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, None, st.counters, 1024, pw.had_in, pw.had_out)
+    small = torch.ops.pyquant.cuda_linear(*args, 8)
+    gemm = torch.ops.pyquant.cuda_linear(*args, 0)
     assert rel_err(small.float(), gemm.float()) < 2e-3  # both within 1e-3 of the reference
 
 
@@ -194,14 +203,14 @@ def test_transform_kernel_matches_reference(dtype):
 
 @needs_gpu
 def test_deterministic_and_counters_reset():
-    pw = gpu_weight(4096, 4096, seed=4)
-    cache = {}
+    layer = QuantLinear.from_packed(gpu_weight(4096, 4096, seed=4))
+    st = cuda_backend.build(layer)
     for m in (1, 8, 100):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        y1 = cuda_backend.linear(x, pw, None, cache)
-        y2 = cuda_backend.linear(x, pw, None, cache)
+        y1 = cuda_backend.forward(x, layer, st)
+        y2 = cuda_backend.forward(x, layer, st)
         assert torch.equal(y1, y2)
-    assert int(cache["cuda"]["counters"].abs().sum()) == 0
+    assert int(st.counters.abs().sum()) == 0
 
 
 @needs_gpu
@@ -212,8 +221,8 @@ def test_cuda_graph_capture(m, pdl, monkeypatch):
         monkeypatch.setenv("PYQUANT_CUDA_PDL", "1")
     layer = QuantLinear.from_packed(gpu_weight(2048, 1024, seed=7), torch.randn(2048, device="cuda"))
     static_x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
-    with kernels.force_backend("cuda"):
-        eager = layer(static_x)  # builds the layer's cache outside the capture
+    with kernels.force_backend("cuda"), torch.no_grad():
+        eager = layer(static_x)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -228,7 +237,7 @@ def test_cuda_graph_capture(m, pdl, monkeypatch):
     new_x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
     static_x.copy_(new_x)
     graph.replay()
-    with kernels.force_backend("cuda"):
+    with kernels.force_backend("cuda"), torch.no_grad():
         assert torch.equal(static_y, layer(new_x))
     assert rel_err(static_y, reference(new_x, layer.packed, layer.bias)) < 1e-3
 
@@ -236,34 +245,53 @@ def test_cuda_graph_capture(m, pdl, monkeypatch):
 @needs_gpu
 def test_torch_compile_traces_the_ops():
     layer = QuantLinear.from_packed(gpu_weight(1024, 512, seed=8))
-    compiled = torch.compile(layer)
-    with kernels.force_backend("cuda"):
+    compiled = torch.compile(layer, fullgraph=True)
+    with kernels.force_backend("cuda"), torch.no_grad():
         for m in (2, 24):
             x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
             assert torch.equal(compiled(x), layer(x))
+            assert layer.last_backend == "cuda"
 
 
 @needs_gpu
 def test_dispatch_and_fallback():
-    pw = gpu_weight(512, 512)
+    layer = QuantLinear.from_packed(gpu_weight(512, 512))
     x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
-    assert kernels.select(x, pw)[0] == "cuda"
-    big = gpu_weight(512, 1024, had_in=512)
-    reason = cuda_backend.supports(torch.randn(2, 1024, device="cuda"), big)
+    assert kernels.explain(x, layer)["cuda"] == "selected"
+    big = QuantLinear.from_packed(gpu_weight(512, 1024, had_in=512))
+    reason = cuda_backend.supports(big, torch.float32, False)
     assert reason is not None and "had_in" in reason
-    assert kernels.select(torch.randn(2, 1024, device="cuda"), big)[0] != "cuda"
-    assert "CUDA" in cuda_backend.supports(torch.randn(2, 512), pw)
+    with torch.no_grad():
+        big(torch.randn(2, 1024, device="cuda"))
+    assert big.last_backend != "cuda"
+    # gradients: the CUDA op has no backward, the layer runs on Triton (or the reference)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).float().sum().backward()
+    assert layer.last_backend != "cuda" and xg.grad is not None
+    assert "CUDA" in cuda_backend.supports(layer.to("cpu"), torch.float32, False)
 
 
 @needs_gpu
 def test_ops_reject_bad_input():
     pw = gpu_weight(256, 256)
-    st = cuda_backend.prepare(pw, {})
-    rest = (st["codes"], st["su"], st["sv"], st["A"], st["b"], st["w_scale"], None, st["counters"], 256, pw.had_in,
-            pw.had_out)
-    with pytest.raises(ValueError, match="at most 8"):
-        torch.ops.pyquant_cuda.linear_small(torch.randn(9, 256, device="cuda"), *rest)
+    st = cuda_backend.build(QuantLinear.from_packed(pw))
+    rest = (st.codes, st.su, st.sv, st.A, st.b, st.w_scale, None, st.counters, 256, pw.had_in, pw.had_out, 8)
     with pytest.raises(ValueError, match="K"):
-        torch.ops.pyquant_cuda.linear_small(torch.randn(2, 128, device="cuda"), *rest)
+        torch.ops.pyquant.cuda_linear(torch.randn(2, 128, device="cuda"), *rest)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        torch.ops.pyquant_cuda.linear_small(torch.randn(2, 256, device="cuda").double(), *rest)
+        torch.ops.pyquant.cuda_linear(torch.randn(2, 256, device="cuda").double(), *rest)
+
+
+@needs_gpu
+def test_cuda_ops_opcheck():
+    layer = QuantLinear.from_packed(gpu_weight(512, 256, seed=9), torch.randn(512, device="cuda"))
+    st = cuda_backend.build(layer)
+    for m in (3, 40):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
+        torch.library.opcheck(torch.ops.pyquant.cuda_linear.default,
+                              (x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, st.bias, st.counters, 512,
+                               layer.had_in, layer.had_out, 8),
+                              test_utils=("test_schema", "test_faketensor"))
+        args = (x, layer.codes, layer.A, layer.b, layer.su, layer.sv, layer.w_scale, layer.bias, layer.had_in,
+                layer.had_out)
+        torch.library.opcheck(torch.ops.pyquant.triton_linear.default, args)

@@ -81,14 +81,28 @@ def test_last_backend_and_explain():
             pass
 
 
-def test_forced_backend_that_cannot_run_raises(monkeypatch):
+def test_forced_backend_that_cannot_run_raises():
     layer = pyquant.QuantLinear.from_packed(random_packed(8, 16))
-    monkeypatch.setenv("PYQUANT_BACKEND", "cuda")  # no CUDA tensors here
-    with pytest.raises(ValueError, match="cuda"):
-        layer(torch.randn(2, 16))
-    monkeypatch.setenv("PYQUANT_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="PYQUANT_BACKEND"):
-        layer(torch.randn(2, 16))
+    with kernels.force_backend("cuda"):  # no CUDA here
+        for _ in range(2):  # not cached: every call says so
+            with pytest.raises(ValueError, match="cuda"):
+                layer(torch.randn(2, 16))
+    assert layer(torch.randn(2, 16)).shape == (2, 8)
+
+
+def test_pyquant_backend_env_is_read_at_import():
+    import subprocess
+    import sys
+
+    code = "import pyquant"
+    env = {**__import__("os").environ, "PYQUANT_BACKEND": "bogus"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "PYQUANT_BACKEND" in out.stderr
+    env["PYQUANT_BACKEND"] = "torch"
+    code = ("import torch, pyquant; l = pyquant.QuantLinear(16, 8); l(torch.randn(1, 16)); "
+            "assert l.last_backend == 'torch', l.last_backend")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 # ---- bad input ------------------------------------------------------------

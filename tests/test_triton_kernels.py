@@ -59,8 +59,6 @@ def _triton_env(monkeypatch, tmp_path):
     # Correctness tests use the default configs; the autotune tests turn tuning on.
     monkeypatch.setenv("PYQUANT_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("PYQUANT_TRITON_CACHE_DIR", str(tmp_path / "autotune"))
-    monkeypatch.delenv("PYQUANT_TRITON_REDUCTION", raising=False)
-    monkeypatch.delenv("PYQUANT_BACKEND", raising=False)
 
 
 def make_weight(n: int, k: int, had_in: int = 0, had_out: int = 0, seed: int = 0, scale_dtype=torch.float32,
@@ -100,11 +98,10 @@ def randn(m: int, k: int, dtype=torch.float32, seed: int = 1) -> torch.Tensor:
     return torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
 
 
-def triton_linear(x, pw, bias=None, cache=None):
-    with kernels.force_backend("triton"):
-        y, name, _ = kernels.linear(x, pw, bias, {} if cache is None else cache)
-    assert name == "triton"
-    return y
+def triton_linear(x, pw, bias=None):
+    """The op, as the backend calls it."""
+    return torch.ops.pyquant.triton_linear(x, pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, bias, pw.had_in,
+                                           pw.had_out)
 
 
 # ---------------------------------------------------------------------------- kernels one by one
@@ -269,18 +266,20 @@ def test_triton_reductions_deterministic_and_atomic(m, monkeypatch):
     atomic = tb.run_gemv(x, pw, None, cfg, deterministic=False)
     ref = reference(x.cpu(), pw.to("cpu"), None)
     assert rel_err(det1, ref) < GEMV_TOL and rel_err(atomic, ref) < GEMV_TOL
-    # The environment switch reaches the kernels; deterministic algorithms override it.
-    monkeypatch.setenv("PYQUANT_TRITON_REDUCTION", "atomic")
-    assert tb.reduction() == "atomic"
-    assert rel_err(triton_linear(x, pw), ref) < GEMV_TOL
-    torch.use_deterministic_algorithms(True)
+    # The switch reaches the kernels; deterministic algorithms override it.
     try:
-        assert tb.reduction() == "deterministic"
+        tb.set_reduction("atomic")
+        assert tb.reduction() == "atomic"
+        assert rel_err(triton_linear(x, pw), ref) < GEMV_TOL
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert tb.reduction() == "deterministic"
+        finally:
+            torch.use_deterministic_algorithms(False)
     finally:
-        torch.use_deterministic_algorithms(False)
-    monkeypatch.setenv("PYQUANT_TRITON_REDUCTION", "sometimes")
-    with pytest.raises(ValueError, match="PYQUANT_TRITON_REDUCTION"):
-        tb.reduction()
+        tb.set_reduction("deterministic")
+    with pytest.raises(ValueError, match="mode"):
+        tb.set_reduction("sometimes")
 
 
 def test_triton_quantlinear_forward_uses_triton():
@@ -306,40 +305,58 @@ def test_triton_zero_tokens():
 # ---------------------------------------------------------------------------- supports() and errors
 
 def test_triton_supports_reasons(monkeypatch):
-    pw = make_weight(16, 64)
+    layer = QuantLinear.from_packed(make_weight(16, 64))
     assert tb.available()
-    assert tb.supports(randn(2, 64), pw) is None
-    assert "dtype" in tb.supports(randn(2, 64).double(), pw)
-    assert "dtype" in tb.supports(randn(2, 64).to(torch.int32), pw)
-    big = make_weight(4, 8192, had_in=8192)
-    assert "had_in=8192" in tb.supports(randn(1, 8192), big)
+    assert tb.supports(layer, torch.float32, False) is None
+    assert tb.supports(layer, torch.float32, True) is None  # the op has a gradient
+    assert "dtype" in tb.supports(layer, torch.float64, False)
+    assert "dtype" in tb.supports(layer, torch.int32, False)
+    big = QuantLinear.from_packed(make_weight(4, 8192, had_in=8192))
+    assert "had_in=8192" in tb.supports(big, torch.float32, False)
     if not HAS_CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
         assert not tb.available()
-        assert "TRITON_INTERPRET" in tb.supports(randn(2, 64), pw)
+        assert "TRITON_INTERPRET" in tb.supports(layer, torch.float32, False)
         # The dispatcher then falls back instead of failing.
-        assert kernels.select(randn(2, 64), pw)[0] != "triton"
+        layer.invalidate()
+        layer(randn(2, 64))
+        assert layer.last_backend != "triton"
 
 
 @pytest.mark.parametrize("bad,exc,match", [
-    (lambda x, b: (x[:, :60].contiguous(), b), ValueError, "K=60"),
-    (lambda x, b: (x.reshape(2, 2, 64), b), ValueError, "2-D"),
+    (lambda x, b: (x[:, :60].contiguous(), b), ValueError, r"shape \[M, 64\]"),
+    (lambda x, b: (x.reshape(2, 2, 64), b), ValueError, r"shape \[M, 64\]"),
     (lambda x, b: (torch.cat([x, x], 1)[:, ::2], b), ValueError, "contiguous"),
-    (lambda x, b: (x.to(torch.int64), b), TypeError, "fp16, bf16 or fp32"),
+    (lambda x, b: (x.to(torch.int64), b), TypeError, "float32, bfloat16 or float16"),
     (lambda x, b: (x, b[:5]), ValueError, "bias must have shape"),
 ])
 def test_triton_bad_input_raises(bad, exc, match):
     pw = make_weight(16, 64)
     x, bias = bad(randn(4, 64), randn(1, 16)[0])
     with pytest.raises(exc, match=match):
-        tb.linear(x, pw, bias, {})
+        triton_linear(x, pw, bias)
 
 
 def test_triton_invalid_weight_raises():
     pw = make_weight(16, 64)
     pw.had_in = 48  # not a power of two
     with pytest.raises(ValueError, match="had_in"):
-        tb.linear(randn(1, 64), pw, None, {})
+        triton_linear(randn(1, 64), pw)
+
+
+def test_triton_op_gradients_match_the_reference():
+    pw = make_weight(24, 64, had_in=16, had_out=8)
+    params = {name: getattr(pw, name).clone().requires_grad_(True) for name in ("A", "b", "su", "sv", "w_scale")}
+    bias = randn(1, 24, seed=3)[0].requires_grad_(True)
+    x = randn(5, 64).requires_grad_(True)
+    live = PackedWeight(pw.codes, **params, had_in=pw.had_in, had_out=pw.had_out)
+    y = triton_linear(x, live, bias)
+    g = randn(5, 24, seed=4)
+    got = torch.autograd.grad((y * g).sum(), [x, bias, *params.values()])
+    ref_y = F.linear(x, dequantize(live), bias)
+    want = torch.autograd.grad((ref_y * g).sum(), [x, bias, *params.values()])
+    for name, a, b in zip(["x", "bias", *params], got, want):
+        assert rel_err(a, b) < 1e-4, name
 
 
 # ---------------------------------------------------------------------------- autotune
@@ -542,17 +559,20 @@ def test_cuda_triton_autotune_writes_and_reuses_disk_cache(monkeypatch, tmp_path
     monkeypatch.setenv("PYQUANT_TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "_tuners", {})
     pw = make_weight(2048, 2048, had_in=128, had_out=128)
-    for m in (1, 64):
+    layer = QuantLinear.from_packed(pw)
+    for m in (1, 64):  # the forward never tunes
         triton_linear(randn(m, 2048, torch.float16), pw)
     gpu = torch.cuda.get_device_name()
+    assert autotune.tuner_for(gpu).tunings == 0
+    assert kernels.tune(layer, batch_sizes=(1, 64)) == 2
     tuner = autotune.tuner_for(gpu)
-    assert tuner.tunings == 2
     cached = json.loads(tuner.path.read_text())
     assert tuner.path.name == autotune.sanitize(gpu) + ".json" and len(cached) == 2
-    # A new process: fresh tuners, fresh layer caches; nothing is timed again.
+    # A new process: fresh tuners; the forward finds the tuned configs, tuning again times nothing.
     monkeypatch.setattr(autotune, "_tuners", {})
     for m in (1, 64):
         x = randn(m, 2048, torch.float16)
         y = triton_linear(x, pw)
         assert rel_err(y, reference(x, pw, None)) < 1e-3
-    assert autotune.tuner_for(gpu).tunings == 0
+    assert kernels.tune(layer, batch_sizes=(1, 64)) == 0
+    assert autotune.tuner_for(gpu).lookup("gemv", tb._gemv_key(1, 2048, 2048, torch.float16, True)) is not None

@@ -75,6 +75,17 @@ def interpreted() -> bool:
     return type(fwht).__name__ == "InterpretedFunction"
 
 
+def launch(kernel):
+    """``kernel`` ready to launch from inside ``torch.library.triton_op``: through ``wrap_triton``,
+    so that Inductor sees the launch (outside tracing it simply runs the kernel); as it is under
+    the interpreter, whose kernels ``wrap_triton`` does not take."""
+    if interpreted():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fwht, log2, small_int_to_float
+from .common import fwht, launch, log2, small_int_to_float
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def gemm_dequant(xp: torch.Tensor, codes: torch.Tensor, A: torch.Tensor, b: torc
     if m == 0 or n == 0:
         return y, fuse
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _gemm_kernel[grid](
+    launch(_gemm_kernel)[grid](
         xp, codes, A, b, w_scale, sv, bias if bias is not None else sv, y,
         m, n, k, xp.stride(0), codes.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fwht, log2, next_pow2, small_int_to_float, sum_combine, tl_dtype
+from .common import fwht, launch, log2, next_pow2, small_int_to_float, sum_combine, tl_dtype
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def gemv_partials(xt: torch.Tensor, codes: torch.Tensor, cfg: GemvConfig, determ
         out = torch.empty((n_split, m, n), device=xt.device, dtype=torch.float32)
     if m == 0 or n == 0:
         return out
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), n_split)](
+    launch(_gemv_kernel)[(triton.cdiv(n, cfg.block_n), n_split)](
         xt, codes, out, out, 0, out, out, out, m, n, k4, per, xt.stride(0), codes.stride(0), 0,
         BLOCK_M=block_m(m, cfg), BLOCK_N=cfg.block_n, BLOCK_K4=cfg.block_k // 4,
         USE_DOT=cfg.use_dot, DOT_DTYPE=tl_dtype(dot_dtype), ATOMIC=atomic,
@@ -189,7 +189,7 @@ def gemv_fused(xt: torch.Tensor, cpart: torch.Tensor, codes: torch.Tensor, w_sca
     out = torch.empty((m, n), device=xt.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), 1)](
+    launch(_gemv_kernel)[(triton.cdiv(n, cfg.block_n), 1)](
         xt, codes, out, cpart, cpart.shape[1], w_scale, sv, bias if bias is not None else sv,
         m, n, k4, k4, xt.stride(0), codes.stride(0), out.stride(0),
         BLOCK_M=block_m(m, cfg), BLOCK_N=cfg.block_n, BLOCK_K4=cfg.block_k // 4,

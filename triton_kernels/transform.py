@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_HADAMARD, fwht, log2, next_pow2, sum_combine
+from .common import MAX_HADAMARD, fwht, launch, log2, next_pow2, sum_combine
 
 # Tile of K handled by one program: big enough that the per-tile constants stay
 # few (the output pass sums them), small enough to keep in registers.
@@ -84,7 +84,7 @@ def input_transform(x: torch.Tensor, su: torch.Tensor, A: torch.Tensor, b: torch
     cpart = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32) if apply_a else out
     if m == 0:
         return out, (cpart if apply_a else None)
-    _input_transform_kernel[(m, n_tiles)](
+    launch(_input_transform_kernel)[(m, n_tiles)](
         x, su, A, b, out, cpart, k, n_tiles, x.stride(0), out.stride(0),
         TILE=tile, LOG2_HAD=log2(had), HAD_SCALE=(had ** -0.5 if had else 1.0), HAS_HAD=had > 0,
         APPLY_A=apply_a, num_warps=_warps(tile),
@@ -138,7 +138,7 @@ def output_transform(part: torch.Tensor, sv: torch.Tensor, bias: torch.Tensor | 
     if m == 0:
         return out
     has_const = cpart is not None
-    _output_transform_kernel[(m, triton.cdiv(n, block))](
+    launch(_output_transform_kernel)[(m, triton.cdiv(n, block))](
         part, n_split, cpart if has_const else part, cpart.shape[1] if has_const else 0,
         w_scale if has_const else part, sv, bias if bias is not None else part, out,
         m, n, out.stride(0),

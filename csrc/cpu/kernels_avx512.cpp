@@ -2,7 +2,7 @@
 // Only called after the driver has checked the CPU (see qlinear.cpp); compiled for that ISA
 // with a target pragma because setup.py builds every file with the same portable flags.
 //
-// GEMV (int mode, 1-8 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
+// GEMV (int mode, 1-32 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
 // and masking gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and
 // vpdpbusd multiplies them as u8 x s8 with no further unpacking. 4 rows share each
 // activation load, tokens go 2 at a time, codes are prefetched ahead, and the 16 int32 lanes are

@@ -1,27 +1,130 @@
-// The Python module pyquant._C: every CPU operator, bound in one place.
+// pyquant._C: the CPU operators.
+//
+// The quantized linear layer is a torch operator in the `pyquant` library (torch.ops.pyquant.*), so
+// torch.compile, torch.export and autograd see one opaque, shape-checked op per layer. Its fake
+// (shape) implementation and autograd formula are registered from Python in pyquant/ops.py, which
+// also holds every other op of the library (the CUDA extension adds its ops as a fragment).
+//
+// The pybind11 module keeps what is not on the hot path: code packing, the activation transform
+// alone (for tests) and the process-wide ISA / mode switches.
 #include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The public op: the kernel's own choice of ISA (set_isa), mode (set_mode) and algorithm.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                     const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                     const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t had_in,
+                     int64_t had_out) {
+  return pyquant::qlinear(x, codes, A, b, su, sv, w_scale, had_in, had_out, bias, "", "", "auto");
+}
+
+// The same kernel with every path selectable, for tests and benchmarks.
+torch::Tensor cpu_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                         const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                         const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t had_in,
+                         int64_t had_out, c10::string_view isa, c10::string_view mode, c10::string_view algo) {
+  return pyquant::qlinear(x, codes, A, b, su, sv, w_scale, had_in, had_out, bias, std::string(isa),
+                          std::string(mode), std::string(algo));
+}
+
+// Autograd for pyquant::linear on every device. In C++ so that a call that needs no gradient
+// (inference, no_grad, frozen layers) costs no Python; the gradient formula itself is one op,
+// pyquant::linear_backward, written in torch ops in pyquant/ops.py and shared with the Triton op.
+class LinearFunction : public torch::autograd::Function<LinearFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& codes,
+                               const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
+                               const torch::Tensor& sv, const torch::Tensor& w_scale,
+                               const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("pyquant::linear", "").typed<decltype(linear)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::vector<torch::Tensor> saved = {x, codes, A, b, su, sv, w_scale};
+    if (bias.has_value()) saved.push_back(*bias);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["had_in"] = had_in;
+    ctx->saved_data["had_out"] = had_out;
+    return op.call(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pyquant::linear_backward", "")
+                               .typed<std::vector<torch::Tensor>(
+                                   const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                   const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                   const torch::Tensor&, const torch::Tensor&, const c10::optional<torch::Tensor>&,
+                                   int64_t, int64_t, c10::ArrayRef<bool>)>();
+    const auto s = ctx->get_saved_variables();
+    const bool has_bias = s.size() == 8;
+    const c10::optional<torch::Tensor> bias = has_bias ? c10::optional<torch::Tensor>(s[7]) : c10::nullopt;
+    // Which of x, A, b, su, sv, w_scale, bias need a gradient (codes never get one).
+    const bool need[7] = {ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+                          ctx->needs_input_grad(4), ctx->needs_input_grad(5), ctx->needs_input_grad(6),
+                          has_bias && ctx->needs_input_grad(7)};
+    const auto g = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], bias,
+                           ctx->saved_data["had_in"].toInt(), ctx->saved_data["had_out"].toInt(),
+                           c10::ArrayRef<bool>(need, 7));
+    // linear_backward returns [dx, dA, db, dsu, dsv, dw_scale, dbias], empty where not needed
+    const auto pick = [&](int i) { return need[i] ? g[i] : torch::Tensor(); };
+    return {pick(0), torch::Tensor(), pick(1), pick(2), pick(3), pick(4), pick(5), pick(6), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
+torch::Tensor linear_autograd(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                              const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                              const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t had_in,
+                              int64_t had_out) {
+  return LinearFunction::apply(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pyquant, m) {
+  // Where the fake implementations and autograd formulas live: torch imports it when it needs them
+  // (e.g. loading an exported program in a fresh process).
+  m.set_python_module("pyquant.ops");
+  m.def(
+      "linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
+      "int had_in, int had_out) -> Tensor");
+  m.def(
+      "cpu_linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
+      "int had_in, int had_out, *, str isa=\"\", str mode=\"\", str algo=\"auto\") -> Tensor");
+  // The gradients of linear: [dx, dA, db, dsu, dsv, dw_scale, dbias] for the inputs flagged in
+  // `needs` (in that order), empty tensors for the others. Implemented in pyquant/ops.py.
+  m.def(
+      "linear_backward(Tensor grad, Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, "
+      "Tensor w_scale, Tensor? bias, int had_in, int had_out, bool[] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("cpu_linear", &cpu_linear);
+}
+
+TORCH_LIBRARY_IMPL(pyquant, Autograd, m) { m.impl("linear", &linear_autograd); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "pyquant CPU kernels";
+  m.doc() = "pyquant CPU kernels; the layer op is torch.ops.pyquant.linear";
   m.def("pack_codes", &pyquant::pack_codes, "pack levels [N, K] uint8 into codes [N, K/4]");
   m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
-  m.def("qlinear", &pyquant::qlinear,
-        "y = sv * H_out(w_scale * (codebook(codes) . H_in(su * x))) + bias for x [M, K] (fp32/bf16/fp16, "
-        "contiguous), in x's dtype. isa: ''|'auto'|'scalar'|'avx2'|'avx512' ('' = set_isa's choice); "
-        "mode: ''|'int' (16-bit fixed-point activations, exact integer dot products)|'float' (fp32 "
-        "activations); algo: 'auto'|'gemv'|'gemm' (gemm: int mode on avx512, used above 8 tokens)",
-        py::arg("x"), py::arg("codes"), py::arg("A"), py::arg("b"), py::arg("su"), py::arg("sv"),
-        py::arg("w_scale"), py::arg("had_in"), py::arg("had_out"), py::arg("bias") = py::none(),
-        py::arg("isa") = "", py::arg("mode") = "", py::arg("algo") = "auto");
   m.def("transform_activations", &pyquant::transform_activations,
         "(xt [M, K] fp32, const [M] fp32): the kernels' activation transform, as format.transform_activations",
         py::arg("x"), py::arg("su"), py::arg("A"), py::arg("b"), py::arg("had_in"));
-  m.def("set_isa", &pyquant::set_isa, "force 'scalar', 'avx2' or 'avx512' for qlinear calls with isa='' ('auto' undoes)",
+  m.def("set_isa", &pyquant::set_isa, "force 'scalar', 'avx2' or 'avx512' for calls with isa='' ('auto' undoes)",
         py::arg("name"));
-  m.def("get_isa", &pyquant::get_isa, "the ISA qlinear uses when called with isa=''");
+  m.def("get_isa", &pyquant::get_isa, "the ISA the kernels use when called with isa=''");
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");
-  m.def("set_mode", &pyquant::set_mode, "default mode for qlinear calls with mode='': 'int' or 'float'",
-        py::arg("name"));
+  m.def("set_mode", &pyquant::set_mode, "default mode for calls with mode='': 'int' or 'float'", py::arg("name"));
   m.def("get_mode", &pyquant::get_mode, "the default mode");
 }

@@ -5,7 +5,7 @@
 //     the per-token constant sum_j b . x'_j, and (int mode) rounding to 16-bit fixed point split
 //     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h);
 //  2. per range of output rows, the unsigned INT2 dot products on the ISA chosen at run time
-//     (AVX-512 VNNI, AVX2 or portable), GEMV for up to 8 tokens, cache-blocked GEMM above;
+//     (AVX-512 VNNI, AVX2 or portable): GEMV up to cpu::kGemvMaxTokens (32) tokens, cache-blocked GEMM above;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
 // Passes 1 and 3 (transform.h) have an SSE2 and an AVX-512 build that round identically, and the
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and

@@ -1,6 +1,7 @@
-// torch bindings of the pyquant CUDA kernels: ops in the `pyquant_cuda` library namespace
-// (torch.ops.pyquant_cuda.*), CUDA implementations only; their fake (meta) implementations are
-// registered from Python in pyquant/backends/cuda.py so torch.compile can trace through them.
+// torch bindings of the pyquant CUDA kernels: ops added to the `pyquant` library (whose schemas
+// start in csrc/cpu/module.cpp) as torch.ops.pyquant.cuda_linear / cuda_transform, CUDA
+// implementations only; their fake (shape) implementations are registered from Python in
+// pyquant/ops.py so torch.compile and torch.export trace through them.
 // The Python module itself (pyquant._C_cuda) is empty: importing it loads the ops.
 //
 // No op reads device memory on the host or synchronises; scratch tensors come from the caching
@@ -13,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 
@@ -125,12 +127,8 @@ LayerArgs make_layer(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
 // y = layer(x) for 1..8 tokens, one fused kernel. `counters` (int32, >= Np/256 zeros) is scratch
 // that every call leaves at zero.
-at::Tensor linear_small(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& su, const at::Tensor& sv,
-                        const at::Tensor& A, const at::Tensor& b, const at::Tensor& w_scale,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t N, int64_t had_in,
-                        int64_t had_out) {
-  const LayerArgs L = make_layer(x, codes, su, sv, A, b, w_scale, bias, N, had_in, had_out);
-  const int64_t M = x.size(0);
+at::Tensor linear_small(const at::Tensor& x, const LayerArgs& L, const at::Tensor& counters) {
+  const int64_t M = x.size(0), N = L.N;
   TORCH_CHECK_VALUE(M <= kSmallMaxM, "linear_small takes at most ", kSmallMaxM, " tokens, got ", M);
   TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "counters must be int32, got ", counters.scalar_type());
   TORCH_CHECK_VALUE(counters.device() == x.device() && counters.is_contiguous() &&
@@ -151,11 +149,8 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& codes, const at::
 }
 
 // y = layer(x) for any number of tokens: transform, tensor-core GEMM, output transform.
-at::Tensor linear_gemm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& su, const at::Tensor& sv,
-                       const at::Tensor& A, const at::Tensor& b, const at::Tensor& w_scale,
-                       const std::optional<at::Tensor>& bias, int64_t N, int64_t had_in, int64_t had_out) {
-  const LayerArgs L = make_layer(x, codes, su, sv, A, b, w_scale, bias, N, had_in, had_out);
-  const int64_t M = x.size(0);
+at::Tensor linear_gemm(const at::Tensor& x, const LayerArgs& L) {
+  const int64_t M = x.size(0), N = L.N;
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -175,6 +170,18 @@ at::Tensor linear_gemm(const at::Tensor& x, const at::Tensor& codes, const at::T
                              y.data_ptr(), stream),
                "output kernel launch");
   return y;
+}
+
+// The op: the fused small-batch kernel up to `small_max_m` tokens (at most kSmallMaxM), the GEMM
+// path above. `counters` is the small kernel's split-K scratch: it must hold zeros, and every call
+// leaves it so; it is declared as written (Tensor(a!)) because the kernel does write it.
+at::Tensor cuda_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& su, const at::Tensor& sv,
+                       const at::Tensor& A, const at::Tensor& b, const at::Tensor& w_scale,
+                       const std::optional<at::Tensor>& bias, at::Tensor& counters, int64_t N, int64_t had_in,
+                       int64_t had_out, int64_t small_max_m) {
+  const LayerArgs L = make_layer(x, codes, su, sv, A, b, w_scale, bias, N, had_in, had_out);
+  if (x.size(0) <= std::min<int64_t>(small_max_m, kSmallMaxM)) return linear_small(x, L, counters);
+  return linear_gemm(x, L);
 }
 
 // The activation transform alone (for tests): act int32 [ceil(M/8), Kp/16, 32, 4] holding the
@@ -210,22 +217,16 @@ std::tuple<at::Tensor, at::Tensor> transform(const at::Tensor& x, const at::Tens
 }  // namespace
 }  // namespace pyquant_cuda
 
-TORCH_LIBRARY(pyquant_cuda, m) {
-  // Where the fake (meta) implementations live: torch imports it when it needs them.
-  m.set_python_module("pyquant.backends.cuda");
+TORCH_LIBRARY_FRAGMENT(pyquant, m) {
   m.def(
-      "linear_small(Tensor x, Tensor codes, Tensor su, Tensor sv, Tensor A, Tensor b, Tensor w_scale, "
-      "Tensor? bias, Tensor counters, int N, int had_in, int had_out) -> Tensor");
-  m.def(
-      "linear_gemm(Tensor x, Tensor codes, Tensor su, Tensor sv, Tensor A, Tensor b, Tensor w_scale, "
-      "Tensor? bias, int N, int had_in, int had_out) -> Tensor");
-  m.def("transform(Tensor x, Tensor su, Tensor A, Tensor b, int had_in) -> (Tensor, Tensor)");
+      "cuda_linear(Tensor x, Tensor codes, Tensor su, Tensor sv, Tensor A, Tensor b, Tensor w_scale, "
+      "Tensor? bias, Tensor(a!) counters, int N, int had_in, int had_out, int small_max_m) -> Tensor");
+  m.def("cuda_transform(Tensor x, Tensor su, Tensor A, Tensor b, int had_in) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pyquant_cuda, CUDA, m) {
-  m.impl("linear_small", &pyquant_cuda::linear_small);
-  m.impl("linear_gemm", &pyquant_cuda::linear_gemm);
-  m.impl("transform", &pyquant_cuda::transform);
+TORCH_LIBRARY_IMPL(pyquant, CUDA, m) {
+  m.impl("cuda_linear", &pyquant_cuda::cuda_linear);
+  m.impl("cuda_transform", &pyquant_cuda::transform);
 }
 
 // The importable (empty) Python module; loading it runs the registrations above.
@@ -239,6 +240,6 @@ TORCH_LIBRARY_IMPL(pyquant_cuda, CUDA, m) {
 
 PyMODINIT_FUNC PYQ_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, PYQ_STR(TORCH_EXTENSION_NAME),
-                                      "pyquant CUDA kernels; the ops are torch.ops.pyquant_cuda.*", -1, nullptr};
+                                      "pyquant CUDA kernels; the ops are torch.ops.pyquant.cuda_*", -1, nullptr};
   return PyModule_Create(&module);
 }

@@ -4,10 +4,11 @@ Every backend module defines:
 
 - ``NAME``: its name (``cuda``, ``triton``, ``cpu``, ``torch``);
 - ``available() -> bool``: can it run in this process at all (built, imported);
-- ``supports(x, pw) -> str | None``: ``None`` when it takes this input and
-  weight, else the reason it does not (shown by ``kernels.explain``);
-- ``linear(x, pw, bias, cache) -> y``: ``x`` is ``[M, K]`` contiguous, ``y`` is
-  ``[M, N]`` in ``x``'s dtype. ``cache`` is a per-layer dict where the backend
-  may keep a repacked copy of the weight; the layer clears it whenever its
-  tensors change.
+- ``supports(layer, dtype, needs_grad) -> str | None``: ``None`` when it takes this
+  ``QuantLinear`` for inputs of ``dtype`` (with or without gradients), else the reason it does
+  not (shown by ``kernels.explain``). Decided on what the layer fixes, never on one input;
+- ``build(layer) -> state``: the backend's kernel-side state for the layer (its own type, or
+  None), built once per layer and device by ``kernels.KernelPlan``;
+- ``forward(x, layer, state) -> y``: ``x`` is ``[M, K]`` contiguous on the layer's device, ``y``
+  is ``[M, N]`` in ``x``'s dtype; one op of ``torch.ops.pyquant`` (or plain torch ops).
 """

@@ -1,56 +1,44 @@
-"""The CUDA backend: the ``pyquant._C_cuda`` kernels (``csrc/cuda``) for CUDA tensors on sm_80+.
+"""The CUDA backend: ``torch.ops.pyquant.cuda_linear`` (``csrc/cuda``) for CUDA layers on sm_80+.
 
-Two paths, chosen per call by the number of tokens ``M``:
+Two paths inside the op, chosen by the number of tokens ``M``:
 
-- ``M <= GEMV_MAX_M`` (default 8, env ``PYQUANT_CUDA_GEMV_MAX_M``): one fused
-  kernel per layer (``torch.ops.pyquant_cuda.linear_small``): activation
-  transform, tensor-core GEMV over 128-bit evict-first code loads, split-K with a
-  fixed-order reduction, output transform;
-- more tokens: transform kernel, tensor-core GEMM with fused code unpacking, and
-  the output kernel (``torch.ops.pyquant_cuda.linear_gemm``).
+- ``M <= GEMV_MAX_M`` (default 8, env ``PYQUANT_CUDA_GEMV_MAX_M``, read at import): one fused
+  kernel per layer: activation transform, tensor-core GEMV over 128-bit evict-first code loads,
+  split-K with a fixed-order reduction, output transform;
+- more tokens: transform kernel, tensor-core GEMM with fused code unpacking, and the output kernel.
 
-Both compute ``W_hat x' = w_scale * (z . xt + const)`` (DESIGN.md, "kernel
-trick") on bf16 tensor cores: the 2-bit levels ``z`` are exact in bf16, and the
-transformed activations ``xt`` are split into two bf16 limbs (``hi + lo``, ~16
-significant bits) with fp32 accumulation, so results match the fp32 reference to
-~1e-5 relative for every input dtype.
+Both compute ``W_hat x' = w_scale * (z . xt + const)`` (DESIGN.md, "kernel trick") on bf16
+tensor cores: the 2-bit levels ``z`` are exact in bf16, and the transformed activations ``xt``
+are split into two bf16 limbs (``hi + lo``, ~16 significant bits) with fp32 accumulation, so
+results match the fp32 reference to ~1e-5 relative for every input dtype.
 
-Per layer the backend keeps, in the layer's cache dict (key ``"cuda"``): the codes
-reshuffled into mma-fragment order (still 2 bits per weight; the stored format
-does not change), fp32 copies of ``su``, ``sv``, ``A``, ``b``, ``w_scale``, and a
-small int32 counter buffer that the fused kernel's split-K reduction uses and
-always leaves at zero (so one layer must not run concurrently on two streams).
-The forward path never synchronises with the host and can be captured in a CUDA
-graph; the ops have fake implementations, so ``torch.compile`` traces through.
+Per layer the backend builds once (:class:`State`, when the layer is made, loaded or moved):
+the codes reshuffled into mma-fragment order (still 2 bits per weight; the stored format does
+not change), fp32 copies of ``su``, ``sv``, ``A``, ``b``, ``w_scale`` and the bias, and a small
+int32 counter buffer that the fused kernel's split-K reduction writes and always leaves at zero
+(declared ``Tensor(a!)`` in the op; one layer must not run concurrently on two streams). The
+forward never synchronises with the host and can be captured in a CUDA graph. The op writes a
+buffer, so it has no autograd formula: a layer that needs gradients runs on Triton instead.
 """
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ..format import PackedWeight, unpack_codes
+from ..format import unpack_codes
+from ..ops import CUDA_IMPORT_ERROR, CUDA_K_ALIGN as K_ALIGN, CUDA_ROW_ALIGN as ROW_ALIGN, INPUT_DTYPES, _C_cuda
 
 NAME = "cuda"
-
-try:  # built by setup.py only where torch has CUDA and nvcc exists
-    from .. import _C_cuda  # noqa: F401  (loading it registers torch.ops.pyquant_cuda)
-except ImportError as e:  # pragma: no cover - depends on the build
-    _C_cuda = None
-    _IMPORT_ERROR: Exception | None = e
-else:
-    _IMPORT_ERROR = None
+_IMPORT_ERROR = CUDA_IMPORT_ERROR
 
 # Must match csrc/cuda/qlinear_cuda.h.
 MAX_HAD = 256      # largest Hadamard block (one warp's span of 8 values per lane)
-ROW_ALIGN = 256    # repacked rows are padded to a multiple of this
-K_ALIGN = 64       # repacked inputs are padded to a multiple of this
 SMALL_MAX_M = 8    # the fused kernel's token limit
-TRANSFORM_SLICE = 2048
 
 GEMV_MAX_M = max(0, min(SMALL_MAX_M, int(os.environ.get("PYQUANT_CUDA_GEMV_MAX_M", SMALL_MAX_M))))
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def available() -> bool:
@@ -62,23 +50,20 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
-    if x.device.type != "cuda":
-        return "input is not a CUDA tensor"
-    if pw.codes.device != x.device:
-        return f"weights are on {pw.codes.device}, input on {x.device}"
-    if x.dtype not in _DTYPES:
-        return f"input dtype {x.dtype} is not float32, float16 or bfloat16"
-    if x.dim() != 2 or x.shape[1] != pw.in_features:
-        return f"input must be [M, {pw.in_features}], got {tuple(x.shape)}"
-    cap = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
+    device = layer.codes.device
+    if device.type != "cuda":
+        return "the layer is not on a CUDA device"
+    if dtype not in INPUT_DTYPES:
+        return f"input dtype {dtype} is not float32, float16 or bfloat16"
+    if needs_grad:
+        return "the CUDA kernels have no backward (they write a scratch buffer); gradients run on Triton"
+    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if cap < (8, 0):
         return f"compute capability {cap[0]}.{cap[1]} < 8.0 (the kernels need bf16 tensor cores)"
-    for name, block in (("had_in", pw.had_in), ("had_out", pw.had_out)):
-        if block > MAX_HAD:
-            return f"{name}={block} is larger than the kernels' Hadamard block limit {MAX_HAD}"
-    if x.storage_offset() % 4:
-        return "input storage offset is not a multiple of 4 elements (the kernels load 4 inputs at once)"
+    for name in ("had_in", "had_out"):
+        if getattr(layer, name) > MAX_HAD:
+            return f"{name}={getattr(layer, name)} is larger than the kernels' Hadamard block limit {MAX_HAD}"
     return None
 
 
@@ -121,46 +106,41 @@ def repack_codes(codes: torch.Tensor, rows_per_step: int = 4096) -> torch.Tensor
     return out
 
 
-@torch.compiler.disable
-def _build_state(pw: PackedWeight) -> dict:
+@dataclass
+class State:
+    """What the kernels read besides the input, built once per layer and device."""
+    codes: torch.Tensor          # int32 [Np/32, Kp/64, 32, 4], mma-fragment order
+    su: torch.Tensor             # fp32 [K]
+    sv: torch.Tensor             # fp32 [N]
+    A: torch.Tensor              # fp32 [16]
+    b: torch.Tensor              # fp32 [4]
+    w_scale: torch.Tensor        # fp32 [1]
+    bias: torch.Tensor | None    # fp32 [N]
+    counters: torch.Tensor       # int32 [Np/256] zeros, written (and left zero) by the fused kernel
+
+
+def build(layer) -> State:
     with torch.no_grad():
-        codes = repack_codes(pw.codes)
         f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
-        return {
-            "device": pw.codes.device,
-            "codes": codes,
-            "su": f32(pw.su), "sv": f32(pw.sv), "A": f32(pw.A).reshape(16), "b": f32(pw.b),
-            "w_scale": f32(pw.w_scale).reshape(1),
-            "counters": torch.zeros(codes.shape[0] * 32 // ROW_ALIGN, dtype=torch.int32, device=pw.codes.device),
-        }
+        codes = repack_codes(layer.codes)
+        return State(codes=codes, su=f32(layer.su), sv=f32(layer.sv), A=f32(layer.A).reshape(16), b=f32(layer.b),
+                     w_scale=f32(layer.w_scale).reshape(1), bias=None if layer.bias is None else f32(layer.bias),
+                     counters=torch.zeros(codes.shape[0] * 32 // ROW_ALIGN, dtype=torch.int32, device=codes.device))
 
 
-def prepare(pw: PackedWeight, cache: dict) -> dict:
-    """The layer's kernel-side tensors (built on first use, then kept in ``cache``)."""
-    st = cache.get(NAME)
-    if st is None or st["device"] != pw.codes.device:
-        st = _build_state(pw)
-        cache[NAME] = st
-    return st
+def forward(x: torch.Tensor, layer, st: State) -> torch.Tensor:
+    if x.storage_offset() % 4:  # the kernels load 4 inputs at once, aligned
+        x = x.clone()
+    return torch.ops.pyquant.cuda_linear(x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, st.bias, st.counters,
+                                         layer.out_features, layer.had_in, layer.had_out, GEMV_MAX_M)
 
 
-def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, cache: dict) -> torch.Tensor:
-    st = prepare(pw, cache)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    args = (x, st["codes"], st["su"], st["sv"], st["A"], st["b"], st["w_scale"], bias)
-    n = pw.out_features
-    if x.shape[0] <= GEMV_MAX_M:
-        return torch.ops.pyquant_cuda.linear_small(*args, st["counters"], n, pw.had_in, pw.had_out)
-    return torch.ops.pyquant_cuda.linear_gemm(*args, n, pw.had_in, pw.had_out)
-
-
-def transform(x: torch.Tensor, pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def transform(x: torch.Tensor, pw) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' activation transform alone, decoded for comparison with
     :func:`pyquant.format.transform_activations`: ``(xt [M, K] fp32, const [M] fp32)``,
     where ``xt`` is the sum of the two bf16 limbs the tensor cores consume."""
     m, k = x.shape
-    act, const_ws = torch.ops.pyquant_cuda.transform(
+    act, const_ws = torch.ops.pyquant.cuda_transform(
         x.contiguous(), pw.su.float().contiguous(), pw.A.float().reshape(16).contiguous(), pw.b.float().contiguous(),
         pw.had_in)
     return decode_activations(act, m, k), const_ws.sum(0)[:m]
@@ -176,22 +156,3 @@ def decode_activations(act: torch.Tensor, m: int, k: int) -> torch.Tensor:
     # k = 16 ks + 8 b + 2 t + e, token = 8 tile + g
     xt = val.permute(0, 2, 1, 4, 3, 5).reshape(tiles * 8, ks * 16)
     return xt[:m, :k]
-
-
-if _C_cuda is not None:
-    # Shapes only: what torch.compile / FakeTensor tracing needs.
-    @torch.library.register_fake("pyquant_cuda::linear_small")
-    def _linear_small_fake(x, codes, su, sv, A, b, w_scale, bias, counters, N, had_in, had_out):
-        return x.new_empty((x.shape[0], N))
-
-    @torch.library.register_fake("pyquant_cuda::linear_gemm")
-    def _linear_gemm_fake(x, codes, su, sv, A, b, w_scale, bias, N, had_in, had_out):
-        return x.new_empty((x.shape[0], N))
-
-    @torch.library.register_fake("pyquant_cuda::transform")
-    def _transform_fake(x, su, A, b, had_in):
-        m, k = x.shape
-        kp = -(-k // K_ALIGN) * K_ALIGN
-        tiles = -(-m // 8)
-        return (x.new_empty((tiles, kp // 16, 32, 4), dtype=torch.int32),
-                x.new_empty((-(-kp // TRANSFORM_SLICE), 8 * tiles), dtype=torch.float32))

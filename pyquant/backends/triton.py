@@ -1,4 +1,4 @@
-"""The Triton backend: kernels from the ``triton_kernels`` package.
+"""The Triton backend: ``torch.ops.pyquant.triton_linear``, kernels from the ``triton_kernels`` package.
 
 - 1-16 tokens: fused activation transform (``su``, ``H_in``, ``A^T``, per-token
   constant) -> split-K INT2 GEMV -> output pass (split sum, ``w_scale``, ``H_out``,
@@ -7,12 +7,20 @@
   the output transform in its epilogue (or in the output pass when a Hadamard
   block is wider than the tile).
 
-Runs on CUDA tensors, and on CPU tensors through the Triton interpreter when
-``TRITON_INTERPRET=1`` was set before the kernels were imported (testing only: slow).
+The op is a ``torch.library.triton_op`` whose launches go through ``wrap_triton``, so
+Inductor sees (and can schedule) the Triton kernels; it takes the stored tensors as they are
+and has ``pyquant::linear``'s schema and autograd formula, which makes it the GPU path for
+layers that need gradients. Runs on CUDA tensors, and on CPU tensors through the Triton
+interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported (testing only).
 
-Split-K reduction: deterministic by default (partials summed in a fixed order,
-bit-identical between runs); ``PYQUANT_TRITON_REDUCTION=atomic`` switches to fp32
-atomics (one buffer, no ordering), unless ``torch.use_deterministic_algorithms(True)``.
+Configs: the forward takes the tuned config from the on-disk cache of
+:mod:`triton_kernels.autotune` when there is one, else the heuristic default; it never times
+anything. :func:`tune` (``pyquant.kernels.tune(model)``) fills the cache for a layer's shapes.
+
+Split-K reduction: deterministic by default (partials summed in a fixed order, bit-identical
+between runs); ``PYQUANT_TRITON_REDUCTION=atomic`` (read at import, or :func:`set_reduction`)
+switches to fp32 atomics (one buffer, no ordering), unless
+``torch.use_deterministic_algorithms(True)``.
 """
 from __future__ import annotations
 
@@ -20,14 +28,16 @@ import contextlib
 import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
+from ..ops import INPUT_DTYPES, check_linear_args, register_autograd
 from ..format import PackedWeight
 
 NAME = "triton"
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GEMV_TOKENS = 16
+_REDUCTIONS = ("deterministic", "atomic")
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,80 +63,63 @@ def _kernels_interpreted() -> bool:
     return interpreted()
 
 
-def supports(x: torch.Tensor, pw: PackedWeight) -> str | None:
-    if not isinstance(x, torch.Tensor):
-        return f"x is a {type(x).__name__}, not a tensor"
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not one of fp16, bf16, fp32"
+def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
+    if dtype not in INPUT_DTYPES:
+        return f"dtype {dtype} is not one of fp16, bf16, fp32"
     try:
         _kernels_interpreted()
     except Exception as e:  # a broken triton install: fall back, don't crash the dispatcher
         return f"triton_kernels failed to import: {type(e).__name__}: {e}"
-    if x.device.type == "cuda":
+    device = layer.codes.device
+    if device.type == "cuda":
         if _kernels_interpreted():
             return "the Triton kernels were imported under TRITON_INTERPRET=1 (interpreter), not compiled for CUDA"
-    elif x.device.type == "cpu":
+    elif device.type == "cpu":
         if not _interpret_env():
-            return "CPU tensor: Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
+            return "CPU layer: Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
         if not _kernels_interpreted():
-            return "CPU tensor: triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
+            return "CPU layer: triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
     else:
-        return f"device {x.device.type} is not supported"
+        return f"device {device.type} is not supported"
     from triton_kernels.common import MAX_HADAMARD
 
     for name in ("had_in", "had_out"):
-        if getattr(pw, name) > MAX_HADAMARD:
-            return f"{name}={getattr(pw, name)} exceeds the largest Hadamard block the kernels hold ({MAX_HADAMARD})"
+        if getattr(layer, name) > MAX_HADAMARD:
+            return f"{name}={getattr(layer, name)} exceeds the largest Hadamard block the kernels hold ({MAX_HADAMARD})"
     return None
+
+
+def build(layer) -> None:
+    return None  # the op reads the stored tensors; configs live in the autotune cache
+
+
+def forward(x: torch.Tensor, layer, state: None) -> torch.Tensor:
+    return torch.ops.pyquant.triton_linear(x, layer.codes, layer.A, layer.b, layer.su, layer.sv, layer.w_scale,
+                                           layer.bias, layer.had_in, layer.had_out)
+
+
+# ---------------------------------------------------------------------------- reduction mode
+
+def _check_reduction(mode: str, what: str) -> str:
+    mode = mode.strip().lower()
+    if mode not in _REDUCTIONS:
+        raise ValueError(f"{what} must be 'deterministic' or 'atomic', got {mode!r}")
+    return mode
+
+
+_reduction = _check_reduction(os.environ.get("PYQUANT_TRITON_REDUCTION", "deterministic"),
+                              "PYQUANT_TRITON_REDUCTION")
+
+
+def set_reduction(mode: str) -> None:
+    """``"deterministic"`` or ``"atomic"`` for the split-K GEMV from now on."""
+    global _reduction
+    _reduction = _check_reduction(mode, "mode")
 
 
 def reduction() -> str:
     """``"deterministic"`` or ``"atomic"`` (see the module docstring)."""
-    mode = os.environ.get("PYQUANT_TRITON_REDUCTION", "deterministic").strip().lower()
-    if mode not in ("deterministic", "atomic"):
-        raise ValueError(f"PYQUANT_TRITON_REDUCTION must be 'deterministic' or 'atomic', got {mode!r}")
-    if torch.are_deterministic_algorithms_enabled():
-        return "deterministic"
-    return mode
-
-
-# ---------------------------------------------------------------------------- input checks
-
-def _check(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.shape[1] != pw.in_features:
-        raise ValueError(f"x has K={x.shape[1]} but the weight has in_features={pw.in_features}")
-    if x.shape[0] and x.stride(1) != 1:
-        raise ValueError(f"x must be contiguous along K, got strides {x.stride()}")
-    if x.device != pw.codes.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {pw.codes.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError("bias must be a floating-point tensor or None")
-        if tuple(bias.shape) != (pw.out_features,):
-            raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-
-
-def _prepared(pw: PackedWeight, cache: dict) -> PackedWeight:
-    """The weight validated (once per layer: the check syncs with the GPU) with
-    contiguous tensors, kept in the layer's cache."""
-    ident = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in (pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale))
-    hit = cache.get("triton_weight")
-    if hit is not None and hit[0] == ident and hit[1].had_in == pw.had_in and hit[1].had_out == pw.had_out:
-        return hit[1]
-    pw.validate()
-    prep = PackedWeight(*(t.contiguous() for t in (pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale)),
-                        had_in=pw.had_in, had_out=pw.had_out)
-    cache.clear()  # configs chosen for another weight are stale too
-    cache["triton_weight"] = (ident, prep)
-    return prep
+    return "deterministic" if torch.are_deterministic_algorithms_enabled() else _reduction
 
 
 # ---------------------------------------------------------------------------- configs
@@ -139,34 +132,57 @@ def _device_info(device: torch.device) -> tuple[str, int]:
     return props.name, props.multi_processor_count
 
 
-def _tune(x: torch.Tensor) -> bool:
-    from triton_kernels.autotune import tuning_enabled
+def _gemv_key(m, n, k, dtype, deterministic) -> str:
+    from triton_kernels.autotune import m_bucket
 
-    return x.device.type == "cuda" and not _kernels_interpreted() and tuning_enabled()
+    return f"N={n}|K={k}|M={m_bucket(m)}|x={str(dtype)[6:]}|det={int(deterministic)}"
 
 
-def _gemv_config(x, pw, deterministic, dot_dtype, run):
+def _gemm_key(m, n, k, dtype, had_out) -> str:
+    from triton_kernels.autotune import m_bucket
+
+    return f"N={n}|K={k}|M={m_bucket(m)}|x={str(dtype)[6:]}|had_out={had_out}"
+
+
+def _config(x: torch.Tensor, pw: PackedWeight, deterministic: bool):
+    """The cached tuned config for this call's shape, else the heuristic default."""
     from triton_kernels import autotune as at
 
-    m, n, k4 = x.shape[0], pw.out_features, pw.codes.shape[1]
+    m, n, k = x.shape[0], pw.out_features, pw.in_features
     gpu, sms = _device_info(x.device)
-    if not _tune(x):
-        return at.default_gemv(m, n, k4, sms)
-    key = f"N={n}|K={4 * k4}|M={at.m_bucket(m)}|x={str(x.dtype)[6:]}|det={int(deterministic)}"
-    cands = at.with_splits(at.gemv_space(at.m_bucket(m)), n, k4, sms)
-    return at.tuner_for(gpu).choose("gemv", key, cands, run)
+    tuner = at.tuner_for(gpu) if x.device.type == "cuda" else None
+    if m <= MAX_GEMV_TOKENS:
+        hit = tuner.lookup("gemv", _gemv_key(m, n, k, x.dtype, deterministic)) if tuner else None
+        return hit or at.default_gemv(m, n, k // 4, sms)
+    hit = tuner.lookup("gemm", _gemm_key(m, n, k, x.dtype, pw.had_out)) if tuner else None
+    return hit or at.default_gemm(m)
 
 
-def _gemm_config(x, pw, run):
+def tune(layer, batch_sizes=(1, 8, 16, 64, 512), dtype: torch.dtype = torch.float16) -> int:
+    """Time the config space for ``layer``'s shape at each batch size (on its GPU) and keep the
+    fastest in the on-disk cache, where later forwards find it. Returns how many keys were tuned
+    now (0 when all were cached, when tuning is off, or off a GPU)."""
     from triton_kernels import autotune as at
 
-    m = x.shape[0]
-    if not _tune(x):
-        return at.default_gemm(m)
-    gpu, _ = _device_info(x.device)
-    key = (f"N={pw.out_features}|K={pw.in_features}|M={at.m_bucket(m)}|x={str(x.dtype)[6:]}"
-           f"|had_out={pw.had_out}")
-    return at.tuner_for(gpu).choose("gemm", key, at.gemm_space(at.m_bucket(m)), run)
+    if layer.codes.device.type != "cuda" or _kernels_interpreted() or not at.tuning_enabled():
+        return 0
+    pw, bias = layer.packed, layer.bias
+    gpu, sms = _device_info(layer.codes.device)
+    tuner = at.tuner_for(gpu)
+    before = tuner.tunings
+    det = reduction() == "deterministic"
+    with torch.no_grad(), torch.cuda.device(layer.codes.device):
+        for m in batch_sizes:
+            x = torch.randn(m, pw.in_features, device=layer.codes.device, dtype=dtype)
+            n, k = pw.out_features, pw.in_features
+            if m <= MAX_GEMV_TOKENS:
+                cands = at.with_splits(at.gemv_space(at.m_bucket(m)), n, k // 4, sms)
+                tuner.choose("gemv", _gemv_key(m, n, k, dtype, det), cands,
+                             lambda c: run_gemv(x, pw, bias, c, det))
+            else:
+                tuner.choose("gemm", _gemm_key(m, n, k, dtype, pw.had_out), at.gemm_space(at.m_bucket(m)),
+                             lambda c: run_gemm(x, pw, bias, c))
+    return tuner.tunings - before
 
 
 # ---------------------------------------------------------------------------- the two paths
@@ -200,27 +216,23 @@ def _gemv_dot_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float16 if _kernels_interpreted() else torch.bfloat16
 
 
-def linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, cache: dict) -> torch.Tensor:
-    _check(x, pw, bias)
-    pw = _prepared(pw, cache)
-    if bias is not None:
-        bias = bias.contiguous()
-    m = x.shape[0]
+# ---------------------------------------------------------------------------- the op
+
+def _triton_linear(x: torch.Tensor, codes: torch.Tensor, A: torch.Tensor, b: torch.Tensor, su: torch.Tensor,
+                   sv: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], had_in: int,
+                   had_out: int) -> torch.Tensor:
+    m, n, _ = check_linear_args(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out)
+    pw = PackedWeight(codes, A, b, su, sv, w_scale, had_in=had_in, had_out=had_out)
     if m == 0:
-        return x.new_empty((0, pw.out_features))
+        return x.new_empty((0, n))
+    det = reduction() == "deterministic"
+    cfg = _config(x, pw, det)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if m <= MAX_GEMV_TOKENS:
-            det = reduction() == "deterministic"
-            ckey = ("triton_gemv", m, det)
-            cfg = cache.get(ckey)
-            if cfg is None:
-                cfg = cache[ckey] = _gemv_config(x, pw, det, _gemv_dot_dtype(x),
-                                                 lambda c: run_gemv(x, pw, bias, c, det))
             return run_gemv(x, pw, bias, cfg, det)
-        from triton_kernels.autotune import m_bucket
-
-        ckey = ("triton_gemm", m_bucket(m))
-        cfg = cache.get(ckey)
-        if cfg is None:
-            cfg = cache[ckey] = _gemm_config(x, pw, lambda c: run_gemm(x, pw, bias, c))
         return run_gemm(x, pw, bias, cfg)
+
+
+if _triton_importable():
+    triton_linear = torch.library.triton_op("pyquant::triton_linear", _triton_linear, mutates_args=())
+    register_autograd("pyquant::triton_linear")
