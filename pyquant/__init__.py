@@ -8,7 +8,7 @@
 """
 import torch  # noqa: F401  (the C++ extension needs torch loaded first)
 
-from . import kernels
+from . import kernels, lora, ops
 from .format import FORMAT_VERSION, PackedWeight, dequantize
 from .io import load_quantized, save_quantized
 from .nn import QuantLinear, bits_per_weight, quantize_model
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DAQConfig", "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "UniSVQConfig", "bits_per_weight",
-    "dequantize", "kernels", "load_quantized", "quantize_model", "save_quantized",
+    "dequantize", "kernels", "load_quantized", "lora", "ops", "quantize_model", "save_quantized",
 ]

@@ -33,9 +33,22 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be a positive power of two, got {block!r}")
 
 
+def _hadamard_ops(n: int, device) -> torch.Tensor:
+    # H[i, j] = (-1)^popcount(i & j) / sqrt(n), from torch ops only: what a fake-tensor trace
+    # (torch.compile's backward, opcheck) can record, where a cached real tensor cannot enter.
+    i = torch.arange(n, device=device)
+    both = i[:, None] & i[None, :]
+    parity = torch.zeros_like(both)
+    for bit in range(n.bit_length() - 1):
+        parity = parity ^ ((both >> bit) & 1)
+    return (1 - 2 * parity).to(torch.float64) / n**0.5
+
+
 def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix of size ``n`` (a power of two)."""
     _check_block(n)
+    if torch._guards.detect_fake_mode() is not None:
+        return _hadamard_ops(n, device).to(dtype)
     return _hadamard_cpu(n).to(dtype=dtype, device=device)
 
 

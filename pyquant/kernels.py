@@ -118,26 +118,26 @@ class KernelPlan:
         self.device = layer.codes.device
         self.states: dict[str, Any] = {}
         self.choices: dict[tuple, Choice] = {}
-        for dtype in ops.INPUT_DTYPES:  # the usual keys, so that a traced forward only looks up
-            for needs_grad in (False, True):
-                try:
-                    self.choice(layer, dtype, needs_grad)
-                except ValueError:  # a forced backend that cannot run it: the forward says so
-                    pass
+        # Every key up front, so that a traced forward only looks up (a miss would trace the
+        # choice itself, which graph-breaks on the backend imports).
+        for forced in (None, *BACKENDS):
+            for dtype in ops.INPUT_DTYPES:
+                for needs_grad in (False, True):
+                    try:
+                        self.choices[(dtype, needs_grad, forced)] = self._choose(layer, dtype, needs_grad, forced)
+                    except ValueError:  # a forced backend that cannot run it: the forward says so
+                        pass
 
     def choice(self, layer, dtype: torch.dtype, needs_grad: bool) -> Choice:
-        key = (dtype, needs_grad, _forced)
-        hit = self.choices.get(key)
-        if hit is None:
-            hit = self.choices[key] = self._choose(layer, dtype, needs_grad)
+        hit = self.choices.get((dtype, needs_grad, _forced))
+        if hit is None:  # an unusual dtype, or a forced backend that cannot run the layer: raises
+            hit = self._choose(layer, dtype, needs_grad, _forced)
         return hit
 
-    def _choose(self, layer, dtype, needs_grad) -> Choice:
-        forced = _forced
+    def _choose(self, layer, dtype, needs_grad, forced) -> Choice:
         if forced is not None:
             reason = _reason_not(forced, layer, dtype, needs_grad)
             if reason is not None:
-                # Not cached: the error must repeat on every call.
                 raise ValueError(f"backend {forced!r} was forced but cannot run this layer: {reason}")
             return self._make(layer, forced, "forced")
         skipped = []

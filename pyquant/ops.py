@@ -124,16 +124,18 @@ def _linear_backward(grad, x, codes, A, b, su, sv, w_scale, bias, had_in, had_ou
     With ``x' = H_in(su * x)`` and ``g_r = H_out(sv * dy)`` (the Hadamard blocks are symmetric
     and orthogonal): ``dx = su * H_in(g_r @ W_hat)``, ``dsu = sum_m x * H_in(g_r @ W_hat)``,
     ``dsv = sum_m dy * H_out(x' @ W_hat^T)``, ``dW_hat = g_r^T @ x'``, and through
-    ``W_hat[n, 4j + i] = w_scale * (A @ z[n, j] + b)_i``: ``dA = w_scale * sum dW_hat_i z_l``,
-    ``db = w_scale * sum dW_hat_i``, ``dw_scale = sum A * dA0 + b * db0`` (the sums before
-    the ``w_scale`` factor). Costs one dense fp32 copy of the layer's weight at a time (the
-    kernels have no transposed product); codes never get a gradient.
+    ``W_hat[n, 4j + i] = w_scale * c(z[n, j])_i``: ``dA = w_scale * sum dW_hat_i z_l``,
+    ``db = w_scale * sum dW_hat_i``, ``dw_scale = sum dW_hat * c(z)`` (summed directly: the
+    equal ``sum A * dA / w_scale + ...`` cancels badly in fp32). Costs one dense fp32 copy of
+    the layer's weight at a time (the kernels have no transposed product); codes never get a
+    gradient.
     """
     need_x, need_A, need_b, need_su, need_sv, need_ws, need_bias = needs
     n, k = codes.shape[0], codes.shape[1] * VECTOR_DIM
     g = grad.float()
     g_rot = blockwise_hadamard(g * sv.float(), had_out, dim=-1)
-    w_rot = w_scale.float() * codebook(A.float(), b.float())[codes.long()].reshape(n, k)
+    cb = codebook(A.float(), b.float())
+    w_rot = w_scale.float() * cb[codes.long()].reshape(n, k)
     empty = g.new_empty(0)
     dx = dA = db = dsu = dsv = dws = dbias = empty
     if need_x or need_su:
@@ -149,14 +151,13 @@ def _linear_backward(grad, x, codes, A, b, su, sv, w_scale, bias, had_in, had_ou
         del w_rot  # at most one dense [N, K] at a time
         if need_A or need_b or need_ws:
             d_hat = (g_rot.T @ xp).reshape(-1, VECTOR_DIM)                   # dL/dW_hat per 4-vector
-            z = unpack_codes(codes).reshape(-1, VECTOR_DIM).float()
-            dA0, db0 = d_hat.T @ z, d_hat.sum(0)
             if need_A:
-                dA = (w_scale.float() * dA0).to(A.dtype)
+                z = unpack_codes(codes).reshape(-1, VECTOR_DIM).float()
+                dA = (w_scale.float() * (d_hat.T @ z)).to(A.dtype)
             if need_b:
-                db = (w_scale.float() * db0).to(b.dtype)
+                db = (w_scale.float() * d_hat.sum(0)).to(b.dtype)
             if need_ws:
-                dws = ((A.float() * dA0).sum() + (b.float() * db0).sum()).to(w_scale.dtype)
+                dws = (d_hat * cb[codes.long()].reshape(-1, VECTOR_DIM)).sum().to(w_scale.dtype)
     if need_bias:
         dbias = g.sum(0).to(bias.dtype)
     return [dx, dA, db, dsu, dsv, dws, dbias]
