@@ -57,7 +57,7 @@ setup(
     name="pyquant",
     version="0.1.0",
     description="2-bit affine-codebook quantization with CPU, Triton and CUDA kernels",
-    packages=["pyquant", "pyquant.backends", "pyquant.quantizers", "pyquant.experiments", "triton_kernels"],
+    packages=["pyquant", "pyquant.backends", "pyquant.quantizers", "triton_kernels"],
     python_requires=">=3.10",
     ext_modules=extensions,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

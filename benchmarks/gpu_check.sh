@@ -4,7 +4,8 @@
 #
 #   OUT=./gpu_out bash benchmarks/gpu_check.sh        # OUT defaults to ./gpu_out
 #
-# Steps (each logged to $OUT/<step>.log; a failing step never stops the next one), in this order:
+# Steps (each logged to logs/<step>.log, packed into $OUT/logs.tar.gz at the end; a failing step
+# never stops the next one), in this order:
 #   env         GPU, driver, library versions
 #   build       pip install --no-build-isolation --no-deps -e .  (fallback: setup.py build_ext --inplace)
 #   import      pyquant._C_cuda loads; the backends the dispatcher sees
@@ -15,15 +16,18 @@
 #   tests       the rest of  pytest -q tests -k "cuda or triton"
 # Together the two test steps run exactly  pytest -q tests -k "cuda or triton"; the CUDA file goes
 # first so that its result, the e2e and the suite do not wait behind slower tests.
-# $OUT/summary.txt gets one line per step: name, exit code, seconds. The steps share a time budget
+# $OUT ends with at most 8 files (what a GPU machine here returns): summary.txt (one line per step:
+# name, exit code, seconds), logs.tar.gz, and the e2e and suite tables (.md + .json each). The steps
+# share a time budget
 # (GPU_CHECK_BUDGET seconds, default 560) so the run stays under a 10-minute device limit; a step
 # cut short exits 124. GPU_CHECK_STEPS="build tests_cuda" runs only the named steps (after a
 # previous run in the same tree, e.g. to repeat a benchmark without rebuilding).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
+LOGS=$OUT/logs
 BUDGET=${GPU_CHECK_BUDGET:-560}
 STEPS=${GPU_CHECK_STEPS:-"env build import tests_cuda e2e suite tests"}
 start=$(date +%s)
@@ -51,12 +55,12 @@ step() {
     echo "$name rc=skipped (time budget spent)" | tee -a "$OUT/summary.txt"
     return 0
   fi
-  echo "== $name (limit ${lim}s): $*" | tee "$OUT/$name.log"
+  echo "== $name (limit ${lim}s): $*" | tee "$LOGS/$name.log"
   # bash -c so that the exported shell functions below can be timed like commands
-  timeout --kill-after=10 "$lim" bash -c '"$@"' _ "$@" >> "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$lim" bash -c '"$@"' _ "$@" >> "$LOGS/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
-  tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
+  tail -n 5 "$LOGS/$name.log" | sed 's/^/    /'
   return 0
 }
 
@@ -125,3 +129,5 @@ else
 fi
 step tests 200 "$PY" -m pytest -q -rs tests -k "(cuda or triton) and not test_cuda_kernels"
 echo "gpu_check: done in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+echo "gpu_check: files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -11,7 +11,7 @@ Each time is the median of ``triton.testing.do_bench``, which clears L2 before
 every call, so weights come from HBM as in a real model. Columns:
 
 - cuBLAS fp16 / bf16: ``F.linear`` with the dense dequantized weight;
-- triton: ``pyquant.kernels.linear`` forced to the Triton backend (the whole
+- triton: a ``QuantLinear`` forced to the Triton backend (the whole
   layer: activation transform, GEMV/GEMM, output transform; deterministic
   reduction), launched from Python as a model would;
 - triton graph: the same call replayed from a CUDA graph (no Python launch
@@ -19,8 +19,8 @@ every call, so weights come from HBM as in a real model. Columns:
 - triton atomic (batch <= 16): split-K with atomics instead of the fixed-order sum;
 - cuda (when the CUDA extension is built): ``pyquant.kernels.force_backend("cuda")``.
 
-Speed-ups are cuBLAS fp16 time / method time. Autotuning runs on the first call
-of each shape (cached on disk, see ``triton_kernels.autotune``) and is excluded.
+Speed-ups are cuBLAS fp16 time / method time. ``pyquant.kernels.tune`` tunes each
+shape and batch before it is timed (cached on disk, see ``triton_kernels.autotune``).
 Writes ``gpu_<gpu name>.json`` and ``.md`` to ``--out``. Exits 0 with a message
 when no CUDA GPU is present.
 """
@@ -96,7 +96,8 @@ def run_shape(n: int, k: int, batches: list[int], use_graph: bool, log, device: 
               timer=bench) -> list[dict]:
     """One layer shape at every batch. ``device``/``timer`` let the logic be
     exercised on CPU through the Triton interpreter (no meaningful times)."""
-    from pyquant import kernels
+    from pyquant import QuantLinear, kernels
+    from pyquant.backends import triton as triton_backend
     from pyquant.format import dequantize
 
     pw = random_weight(n, k, device)
@@ -112,10 +113,13 @@ def run_shape(n: int, k: int, batches: list[int], use_graph: bool, log, device: 
         row["cublas_bf16_ms"] = timer(lambda: F.linear(xb, wbf))
         ref = F.linear(x.float(), w32)
 
-        def pyquant_call(backend, cache):
+        layer = QuantLinear.from_packed(pw)
+        kernels.tune(layer, batch_sizes=(m,), dtype=x.dtype)
+
+        def pyquant_call(backend):
             def call():
-                with kernels.force_backend(backend):
-                    return kernels.linear(x, pw, None, cache)[0]
+                with kernels.force_backend(backend), torch.no_grad():
+                    return layer(x)
             return call
 
         variants = [("triton", "triton", "deterministic")]
@@ -125,10 +129,10 @@ def run_shape(n: int, k: int, batches: list[int], use_graph: bool, log, device: 
             variants.append(("cuda", "cuda", None))
         for name, backend, reduction in variants:
             if reduction is not None:
-                os.environ["PYQUANT_TRITON_REDUCTION"] = reduction
+                triton_backend.set_reduction(reduction)
             try:
-                call = pyquant_call(backend, {})
-                y = call()  # autotunes on first use of this shape
+                call = pyquant_call(backend)
+                y = call()
                 row[f"{name}_rel_err"] = rel_err(y, ref)
                 row[f"{name}_ms"] = timer(call)
                 if use_graph and name != "triton_atomic":
@@ -140,7 +144,7 @@ def run_shape(n: int, k: int, batches: list[int], use_graph: bool, log, device: 
                 row[f"{name}_error"] = f"{type(e).__name__}: {e}"
                 log(f"  {name} failed at N={n} K={k} batch={m}: {row[f'{name}_error']}")
             finally:
-                os.environ.pop("PYQUANT_TRITON_REDUCTION", None)
+                triton_backend.set_reduction("deterministic")
         rows.append(row)
         log(f"  N={n} K={k} batch={m}: " + ", ".join(
             f"{key[:-3]} {v * 1e3:.1f}us" for key, v in row.items() if key.endswith("_ms")))

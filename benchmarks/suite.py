@@ -5,7 +5,7 @@
 
 For every weight shape (in x out features) and batch size, in one process, side by side:
 
-- pyquant 2-bit        ``pyquant.backends.cpu`` (``pyquant._C.qlinear``), fp32 activations
+- pyquant 2-bit        ``torch.ops.pyquant.cpu_linear`` (the CPU backend's kernel), fp32 activations
 - F.linear fp32        dense fp32 weight
 - F.linear bf16        dense bf16 weight, bf16 activations
 - int4 (group 128)     ``torch._weight_int4pack_mm_for_cpu``, bf16 activations
@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:  # run from a checkout
     sys.path.insert(0, str(ROOT))
 
 import pyquant  # noqa: E402
+from pyquant import QuantLinear  # noqa: E402
 from pyquant.backends import cpu as cpu_backend  # noqa: E402
 from pyquant.format import PackedWeight, stored_bytes  # noqa: E402
 from pyquant.hadamard import default_block  # noqa: E402
@@ -116,8 +117,8 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "pyquant": pyquant.__version__,
-        "pyquant_isa": cpu_backend._C.get_isa(),
-        "pyquant_mode": cpu_backend._C.get_mode(),
+        "pyquant_isa": pyquant.ops._C.get_isa(),
+        "pyquant_mode": pyquant.ops._C.get_mode(),
         "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
     }
@@ -152,10 +153,11 @@ def make_methods(k: int, n: int) -> dict:
     int8_scales = torch.rand(n).to(torch.bfloat16)
     bf16 = dense.to(torch.bfloat16)
     methods = {
-        # each weight with its own kernel cache, as QuantLinear layers hold one
-        "pyquant": (_copies(lambda: (PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv, pw.w_scale,
-                                                  had_in=pw.had_in, had_out=pw.had_out), {}), stored_bytes(pw)),
-                    lambda x, w: cpu_backend.linear(x, w[0], None, w[1]), torch.float32),
+        # distinct layers, each calling the CPU backend's op on its own codes
+        "pyquant": (_copies(lambda: QuantLinear.from_packed(PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv,
+                                                                         pw.w_scale, had_in=pw.had_in,
+                                                                         had_out=pw.had_out)), stored_bytes(pw)),
+                    lambda x, w: cpu_backend.forward(x, w, None), torch.float32),
         "fp32": (_copies(dense.clone, dense.numel() * 4, DENSE_SET_BYTES), F.linear, torch.float32),
         "bf16": (_copies(bf16.clone, bf16.numel() * 2, DENSE_SET_BYTES), F.linear, torch.bfloat16),
         "int4": (_copies(int4_base.clone, int4_base.numel(), DENSE_SET_BYTES),
@@ -244,9 +246,9 @@ def int_vs_float(k: int, n: int, batches=(1, 32), min_time: float = 0.2) -> list
         ref = F.linear(x.double(), dense)
         calls, err = {}, {}
         for mode in ("int", "float"):
-            run = lambda x, w, mode=mode: cpu_backend._C.qlinear(  # noqa: E731
-                x, w[0].codes, w[0].A, w[0].b, w[0].su.float(), w[0].sv.float(), w[0].w_scale, w[0].had_in,
-                w[0].had_out, None, mode=mode)
+            run = lambda x, w, mode=mode: torch.ops.pyquant.cpu_linear(  # noqa: E731
+                x, w[0].codes, w[0].A, w[0].b, w[0].su.float(), w[0].sv.float(), w[0].w_scale, None, w[0].had_in,
+                w[0].had_out, mode=mode)
             calls[mode] = _pass(weights, run, x)
             y = run(x, weights[0]).double()
             err[mode] = ((y - ref).norm() / ref.norm()).item()

@@ -135,9 +135,14 @@ def eval_cmd(args) -> int:
 
 
 def bench_cmd(args) -> int:
-    suite = ROOT / "benchmarks" / "suite.py"
-    if not suite.is_file():
-        raise SystemExit("error: benchmarks/suite.py not found (run from a source checkout)")
+    # The benchmarks are not part of the installed package: they live in the source checkout
+    # (next to an editable install, or the current directory).
+    candidates = [ROOT / "benchmarks" / "suite.py", Path.cwd() / "benchmarks" / "suite.py"]
+    suite = next((c for c in candidates if c.is_file()), None)
+    if suite is None:
+        raise SystemExit("error: `pyquant bench` runs benchmarks/suite.py from a source checkout of pyquant, and "
+                         "none was found (looked in: " + ", ".join(str(c.parent.parent) for c in candidates) +
+                         "); clone the repository and run it there")
     sys.argv = [str(suite), *args.rest]
     runpy.run_path(str(suite), run_name="__main__")
     return 0

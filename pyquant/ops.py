@@ -28,6 +28,8 @@ Fake implementations check shapes, dtypes and devices like the kernels do and ra
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .format import VECTOR_DIM, codebook, unpack_codes
@@ -38,8 +40,8 @@ try:
 except ImportError as e:  # pragma: no cover - a broken install
     raise ImportError(f"pyquant's C++ extension is not built ({e}); run `pip install --no-build-isolation -e .`")
 
-try:  # built by setup.py only where torch has CUDA and nvcc exists
-    from . import _C_cuda  # noqa: F401  (loading it adds pyquant::cuda_linear and pyquant::cuda_transform)
+try:  # built by setup.py only where torch has CUDA and nvcc exists; loading it adds the cuda_* ops
+    _C_cuda = importlib.import_module(f"{__package__}._C_cuda")
 except ImportError as e:  # pragma: no cover - depends on the build
     _C_cuda = None
     CUDA_IMPORT_ERROR: Exception | None = e

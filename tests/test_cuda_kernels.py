@@ -295,3 +295,24 @@ def test_cuda_ops_opcheck():
         args = (x, layer.codes, layer.A, layer.b, layer.su, layer.sv, layer.w_scale, layer.bias, layer.had_in,
                 layer.had_out)
         torch.library.opcheck(torch.ops.pyquant.triton_linear.default, args)
+
+
+def test_gpu_check_leaves_at_most_eight_files(tmp_path):
+    """What a GPU machine returns is at most 8 files: the script packs its step logs."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_STEPS": "env import", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["logs.tar.gz", "summary.txt"] and not any(p.is_dir() for p in out.iterdir())
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"logs/env.log", "logs/import.log"} <= set(tar.getnames())
+    assert "import rc=" in (out / "summary.txt").read_text()

@@ -131,8 +131,9 @@ def build(layer) -> State:
 def forward(x: torch.Tensor, layer, st: State) -> torch.Tensor:
     if x.storage_offset() % 4:  # the kernels load 4 inputs at once, aligned
         x = x.clone()
-    return torch.ops.pyquant.cuda_linear(x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, st.bias, st.counters,
-                                         layer.out_features, layer.had_in, layer.had_out, GEMV_MAX_M)
+    return torch.ops.pyquant.cuda_linear.default(x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, st.bias,
+                                                 st.counters, layer.out_features, layer.had_in, layer.had_out,
+                                                 GEMV_MAX_M)
 
 
 def transform(x: torch.Tensor, pw) -> tuple[torch.Tensor, torch.Tensor]:

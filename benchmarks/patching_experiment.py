@@ -1,4 +1,4 @@
-"""Quantization-vector patching and DAQ on real text tasks: ``python -m pyquant.experiments.patching``.
+"""Quantization-vector patching and DAQ on real text tasks: ``python benchmarks/patching_experiment.py``.
 
 Setting. The bundled MiniLM (all-MiniLM-L6-v2) with a small linear head on
 mean-pooled tokens, on text-classification tasks built from real sentences
@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import patching
-from ..evaluation import load_minilm
-from ..fakequant import DequantLinear, fake_quantize_rows
-from ..nn import quantize_model
-from ..quantizers.daq import DAQConfig, delta_metrics
-from ..sentences import labelled_sentences
+from pyquant import patching
+from pyquant.evaluation import load_minilm
+from pyquant.fakequant import DequantLinear, fake_quantize_rows
+from pyquant.nn import quantize_model
+from pyquant.quantizers.daq import DAQConfig, delta_metrics
+from pyquant.sentences import labelled_sentences
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 32
 
 # task -> class -> standard-library modules whose docstring sentences make up the class
@@ -494,7 +494,7 @@ def markdown(result: dict) -> str:
     cfg, pt = result["config"], result["patching"]
     lines = [f"# Quantization-vector patching and DAQ on MiniLM text tasks",
              "",
-             f"Command: `python -m pyquant.experiments.patching` · machine: {result['machine']} · "
+             f"Command: `python benchmarks/patching_experiment.py` · machine: {result['machine']} · "
              f"runtime {result['runtime_s']:.0f} s",
              "",
              f"Backbone: bundled all-MiniLM-L6-v2 + linear head on mean-pooled tokens. PTQ: RTN {cfg['bits']}-bit "
@@ -572,7 +572,7 @@ def _parse_daq_grids(text: str) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyquant.experiments.patching", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/patching_experiment.py", description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, at least 2 of {list(TASKS)}")
     ap.add_argument("--bits", type=int, default=3, help="RTN bit-width of PTQ and QAT (2, 3, 4 or 8)")
     ap.add_argument("--train-layers", type=int, default=6,
