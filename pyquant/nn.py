@@ -120,7 +120,17 @@ class QuantLinear(nn.Module):
     def needs_grad(self) -> bool:
         """Whether any of the trainable tensors (``A``, ``b``, ``su``, ``sv``, ``w_scale``, bias)
         requires grad. Codes never do."""
-        return any(t is not None and t.requires_grad for t in (self.A, self.b, self.su, self.sv, self.w_scale, self.bias))
+        return any(t is not None and t.requires_grad for t in self.op_tensors()[1:])
+
+    def op_tensors(self) -> tuple:
+        """``(codes, A, b, su, sv, w_scale, bias)`` as the ops take them. Read from the module's
+        dicts: ``nn.Module.__getattr__`` costs about a microsecond a name, a third of a small
+        layer's call."""
+        buf = self._buffers
+        try:
+            return buf["codes"], buf["A"], buf["b"], buf["su"], buf["sv"], buf["w_scale"], self._parameters.get("bias")
+        except KeyError:  # a tensor turned into a Parameter (to train it): the general lookup
+            return self.codes, self.A, self.b, self.su, self.sv, self.w_scale, self.bias
 
     # ---- forward ------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,15 +138,18 @@ class QuantLinear(nn.Module):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _INPUT_DTYPES:
             raise TypeError(f"input dtype must be one of {_INPUT_DTYPES}, got {x.dtype}")
-        if x.device != self.codes.device:
-            raise ValueError(f"input is on {x.device} but the layer is on {self.codes.device}")
+        plan = self._plan
+        if x.device != plan.device:
+            raise ValueError(f"input is on {x.device} but the layer is on {plan.device}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        x2d = x.reshape(-1, self.in_features).contiguous()
+        flat = x.dim() == 2
+        x2d = (x if flat else x.reshape(-1, self.in_features)).contiguous()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.needs_grad())
-        choice = self._plan.choice(self, x.dtype, needs_grad)
+        choice = plan.choice(self, x.dtype, needs_grad)
         self._last_run[:] = (choice.name, choice.why)
-        return choice(x2d, self).reshape(*x.shape[:-1], self.out_features)
+        y = choice(x2d, self)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     @property
     def last_backend(self) -> str | None:

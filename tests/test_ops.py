@@ -383,3 +383,16 @@ def test_lora_rejects_bad_arguments():
     wrapped = pyquant.lora.LoRALinear(layer)
     x = torch.randn(3, 16)
     assert torch.equal(wrapped(x), layer(x))  # B starts at zero
+
+
+def test_a_scale_made_a_parameter_trains_through_the_op():
+    layer = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=8))
+    layer.sv = nn.Parameter(layer.sv.detach().float().clone())  # moves sv from the buffers to the parameters
+    assert "sv" in dict(layer.named_parameters())
+    x = torch.randn(3, 128)
+    y = layer(x)
+    assert layer.last_backend == "cpu"
+    y.square().sum().backward()
+    g = torch.randn(3, 24)
+    want = reference_grads(layer, x, 2 * y.detach())["sv"]
+    assert rel_err(layer.sv.grad, want) < 1e-4

@@ -94,8 +94,7 @@ def build(layer) -> None:
 
 
 def forward(x: torch.Tensor, layer, state: None) -> torch.Tensor:
-    return torch.ops.pyquant.triton_linear.default(x, layer.codes, layer.A, layer.b, layer.su, layer.sv,
-                                                   layer.w_scale, layer.bias, layer.had_in, layer.had_out)
+    return torch.ops.pyquant.triton_linear.default(x, *layer.op_tensors(), layer.had_in, layer.had_out)
 
 
 # ---------------------------------------------------------------------------- reduction mode
