@@ -393,6 +393,5 @@ def test_a_scale_made_a_parameter_trains_through_the_op():
     y = layer(x)
     assert layer.last_backend == "cpu"
     y.square().sum().backward()
-    g = torch.randn(3, 24)
     want = reference_grads(layer, x, 2 * y.detach())["sv"]
     assert rel_err(layer.sv.grad, want) < 1e-4

@@ -81,6 +81,12 @@ constexpr int64_t kRowTile = 32;
 // sub-tiles), above it the cache-blocked GEMM, whose per-tile unpacking only pays off for more
 // tokens (4096 x 4096 on Zen 5, 2 threads: GEMV faster up to 32 tokens, GEMM from 64).
 constexpr int64_t kGemvMaxTokens = 32;
+// A layer whose codes fit in cache (at most this many bytes) reads them from there, so the
+// GEMV's single pass over the codes saves nothing and the GEMM's register reuse wins from a few
+// tokens on (Xeon, 2 threads, 384 x 384 / 384 x 1536 / 1536 x 384: GEMM 1.2-2.2x faster from 16
+// tokens on, even at 8, GEMV faster at 2).
+constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
+constexpr int64_t kGemvMaxTokensSmallLayer = 8;
 
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);

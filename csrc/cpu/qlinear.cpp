@@ -5,7 +5,8 @@
 //     the per-token constant sum_j b . x'_j, and (int mode) rounding to 16-bit fixed point split
 //     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h);
 //  2. per range of output rows, the unsigned INT2 dot products on the ISA chosen at run time
-//     (AVX-512 VNNI, AVX2 or portable): GEMV up to cpu::kGemvMaxTokens (32) tokens, cache-blocked GEMM above;
+//     (AVX-512 VNNI, AVX2 or portable): GEMV up to 32 tokens (8 for a layer whose codes fit in cache),
+//     cache-blocked GEMM above;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
 // Passes 1 and 3 (transform.h) have an SSE2 and an AVX-512 build that round identically, and the
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and
@@ -386,7 +387,9 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
                     algo, "'");
   const bool gemm_possible = mode == Mode::kInt && isa == Isa::kAvx512;
   TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and isa 'avx512'");
-  const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > cpu::kGemvMaxTokens));
+  const int64_t gemv_max =
+      L.N * L.K4 <= cpu::kSmallLayerCodeBytes ? cpu::kGemvMaxTokensSmallLayer : cpu::kGemvMaxTokens;
+  const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > gemv_max));
   auto y = torch::empty({x.size(0), L.N}, x.options());
   if (x.size(0) == 0) return y;
   switch (x.scalar_type()) {
