@@ -8,9 +8,9 @@ layer. Each backend lives in ``pyquant/backends/<name>.py`` (see ``pyquant.backe
 A choice depends only on what a layer fixes and on the call's input dtype and whether it needs
 gradients (the CUDA kernels have no backward). Every QuantLinear holds a :class:`KernelPlan`,
 made when the layer is made, loaded or moved: it builds each backend's kernel state once (repacked
-codes, fp32 copies) and keeps the choice per ``(input dtype, needs grad, forced backend)``, with
-the usual keys filled in up front. The forward only looks its choice up: it never validates,
-tunes or reads the environment.
+codes, fp32 copies) and keeps the choice per ``(input dtype, needs grad, forced backend)``, every
+key filled in up front. The forward only looks its choice up: it never validates, tunes or reads
+the environment. Choices by batch size (GEMV or GEMM) are made inside each op, on the real ``M``.
 
 Override with the environment variable ``PYQUANT_BACKEND=torch|cpu|triton|cuda`` (read when
 this module is imported) or :func:`force_backend`; a forced backend that cannot take a layer
