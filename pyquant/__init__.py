@@ -16,6 +16,10 @@ from .quantizers import DAQConfig, QuantConfig, RTNConfig, UniSVQConfig
 
 __version__ = "0.1.0"
 
+from . import _hf_hook  # noqa: E402
+
+_hf_hook.install()  # quant_method "pyquant" for transformers' from_pretrained / save_pretrained
+
 __all__ = [
     "DAQConfig", "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "UniSVQConfig", "bits_per_weight",
     "dequantize", "kernels", "load_quantized", "lora", "ops", "quantize_model", "save_quantized",

@@ -121,7 +121,7 @@ class PackedWeight:
                 raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
             if t.device != self.codes.device:
                 raise ValueError(f"{name} is on {t.device} but codes are on {self.codes.device}")
-            if not torch.isfinite(t).all():
+            if t.device.type != "meta" and not torch.isfinite(t).all():  # meta: a skeleton, no values yet
                 raise ValueError(f"{name} holds NaN or Inf")
         for name, block, dim in (("had_in", self.had_in, k), ("had_out", self.had_out, n)):
             if not isinstance(block, int) or block < 0 or (block and (block & (block - 1) or dim % block)):

@@ -33,7 +33,7 @@ CONFIG_NAME = "quantization_config.json"
 FORMAT_NAME = "pyquant-affine-int2-d4"
 
 
-def _layer_entry(layer: QuantLinear | DequantLinear) -> dict:
+def layer_entry(layer: QuantLinear | DequantLinear) -> dict:
     entry = {"method": layer.method, "in_features": layer.in_features, "out_features": layer.out_features,
              "bias": layer.bias is not None}
     if isinstance(layer, DequantLinear):
@@ -43,7 +43,7 @@ def _layer_entry(layer: QuantLinear | DequantLinear) -> dict:
             "sv_dtype": str(layer.sv.dtype).removeprefix("torch.")}
 
 
-def _skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
+def skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
     """An empty layer of the entry's kind and shapes, for ``load_model`` to fill."""
     n, k = entry["out_features"], entry["in_features"]
     if entry.get("kind", "packed") == "dequant":
@@ -75,7 +75,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"path {str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {"quant_method": "pyquant", "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-              "layers": {fqn: _layer_entry(m) for fqn, m in layers.items()},
+              "layers": {fqn: layer_entry(m) for fqn, m in layers.items()},
               "modules_not_converted": sorted(getattr(model, "pyquant_skipped", {}))}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -135,7 +135,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"checkpoint is from another model: {fqn!r} is {linear!r} here but "
                              f"a Linear {shape[1]}->{shape[0]} in the checkpoint")
         try:
-            layer = _skeleton_layer(entry, linear.weight.device)
+            layer = skeleton_layer(entry, linear.weight.device)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"checkpoint entry for {fqn!r} is invalid: {e!r}") from e
         set_submodule(model, fqn, layer)

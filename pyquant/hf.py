@@ -1,0 +1,233 @@
+"""Hugging Face ``transformers`` integration: ``quant_method: "pyquant"``.
+
+``import pyquant`` registers, through transformers' public registries (as soon as
+``transformers.quantizers`` is imported, see :mod:`pyquant._hf_hook`):
+
+- :class:`PyquantConfig` (``register_quantization_config("pyquant")``): what ``config.json``'s
+  ``quantization_config`` holds: the method, the format version, per quantized layer its shapes,
+  Hadamard blocks and scale dtypes (the same entries as ``quantization_config.json`` of
+  :func:`pyquant.save_quantized`), and the modules left unconverted;
+- :class:`PyquantHfQuantizer` (``register_quantizer("pyquant")``).
+
+Then, for a ``PreTrainedModel``:
+
+- ``model.save_pretrained(dir)`` of a model quantized by :func:`pyquant.quantize_model` writes a
+  self-contained directory (``config.json`` with the ``quantization_config``, safetensors sharded
+  by transformers' own logic);
+- ``AutoModel*.from_pretrained(dir)`` swaps the listed linear layers for empty ``QuantLinear`` on
+  the meta device before any weight loads (no dense weight is ever made), checks the checkpoint's
+  tensors against the config first (a missing or misshapen tensor raises ``ValueError`` naming
+  it: never random initialisation), lets transformers load the packed tensors, then validates
+  every layer and builds its kernel state;
+- ``from_pretrained(fp_dir, quantization_config=PyquantConfig(method="rtn"))`` quantizes while
+  loading (data-free methods only; UniSVQ and DAQ need data: ``quantize_model``, then
+  ``save_pretrained``).
+
+Without ``import pyquant`` transformers does not know ``quant_method: "pyquant"`` and says so
+(``Unknown quantization type``); the fix is ``import pyquant`` before ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+# The submodules, not the package: this module is imported while transformers.quantizers itself
+# is still being imported (see _hf_hook).
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .fakequant import DequantLinear
+from .format import FORMAT_VERSION
+from .io import layer_entry, skeleton_layer
+from .nn import QuantLinear, quantize_model, quantized_modules, set_submodule
+from .quantizers import RTNConfig
+
+QUANT_METHOD = "pyquant"
+DATA_FREE_METHODS = {"rtn": RTNConfig}
+
+
+@register_quantization_config(QUANT_METHOD)
+class PyquantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a pyquant model.
+
+    Args:
+        method: the quantizer. For quantize-on-load a data-free one (``"rtn"``); a saved model
+            records what made it (``"rtn"``, ``"unisvq"``, ...).
+        bits, hadamard: options of the data-free quantizer (RTN: 2, 3, 4 or 8 bits... of which the
+            packed format holds 2).
+        layers: ``{module name: entry}`` per quantized layer (filled when a model is saved; see
+            :func:`pyquant.io.layer_entry`).
+        modules_to_not_convert: module names (or name prefixes) left in full precision when
+            quantizing on load; default: the output head (``lm_head``) and what transformers'
+            ``get_keys_to_not_convert`` finds (tied embeddings).
+        format_version: the packed format's version (:data:`pyquant.format.FORMAT_VERSION`).
+    """
+
+    def __init__(self, method: str = "rtn", bits: int = 2, hadamard: bool = True, layers: dict | None = None,
+                 modules_to_not_convert: list[str] | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.method = method
+        self.bits = bits
+        self.hadamard = hadamard
+        self.layers = dict(layers or {})
+        self.modules_to_not_convert = modules_to_not_convert
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self):
+        if not isinstance(self.method, str):
+            raise TypeError(f"PyquantConfig.method must be a str, got {type(self.method).__name__}")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"PyquantConfig.format_version {self.format_version!r} is unknown; this pyquant reads "
+                             f"version {FORMAT_VERSION}")
+        if not isinstance(self.layers, dict):
+            raise TypeError("PyquantConfig.layers must be a dict {module name: entry}")
+        if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
+            raise TypeError("PyquantConfig.modules_to_not_convert must be a list of module names")
+
+    def quantizer_config(self):
+        """The data-free pyquant config for quantize-on-load."""
+        if self.method not in DATA_FREE_METHODS:
+            raise ValueError(f"quantize-on-load needs a data-free method ({sorted(DATA_FREE_METHODS)}), got "
+                             f"{self.method!r}: quantize with pyquant.quantize_model(model, ...) and calibration "
+                             f"data, then save_pretrained")
+        return DATA_FREE_METHODS[self.method](bits=self.bits, hadamard=self.hadamard)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs) -> "PyquantConfig":
+        """The config of a model quantized by :func:`pyquant.quantize_model`."""
+        layers = {fqn: layer_entry(m) for fqn, m in quantized_modules(model).items()}
+        methods = sorted({e["method"] for e in layers.values()})
+        skipped = sorted(getattr(model, "pyquant_skipped", {}))
+        return cls(method=methods[0] if len(methods) == 1 else "+".join(methods), layers=layers,
+                   modules_to_not_convert=skipped, **kwargs)
+
+
+def _header_shapes(checkpoint_files) -> dict[str, tuple[str, tuple]]:
+    """``{tensor name: (dtype, shape)}`` from the safetensors headers (no tensor data is read)."""
+    out = {}
+    for f in checkpoint_files or ():
+        if not str(f).endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    sl = h.get_slice(key)
+                    out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+        except Exception as e:  # a truncated or corrupt file
+            raise ValueError(f"{f} is truncated or corrupt: {e}") from e
+    return out
+
+
+def _excluded(fqn: str, skip: list[str]) -> bool:
+    return any(fqn == s or fqn.startswith(s + ".") or fqn.endswith("." + s) or s in fqn.split(".") for s in skip)
+
+
+@register_quantizer(QUANT_METHOD)
+class PyquantHfQuantizer(HfQuantizer):
+    """Loads pyquant checkpoints into transformers models, and quantizes on load (data-free)."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args, **kwargs):
+        if not self.pre_quantized:
+            self.quantization_config.quantizer_config()  # raises for methods that need data
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:
+            return model
+        layers = self.quantization_config.layers
+        if not layers:
+            raise ValueError("this checkpoint's quantization_config (quant_method 'pyquant') lists no layers")
+        on_disk = _header_shapes(checkpoint_files)
+        prefix = model.base_model_prefix
+        for fqn, entry in layers.items():
+            try:
+                linear = model.get_submodule(fqn)
+            except AttributeError:
+                raise ValueError(f"the checkpoint quantizes {fqn!r}, which this {type(model).__name__} lacks") from None
+            try:
+                layer = skeleton_layer(entry, torch.device("meta"))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"quantization_config entry for {fqn!r} is invalid: {e!r}") from e
+            if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+                    layer.out_features, layer.in_features):
+                raise ValueError(f"the checkpoint's {fqn!r} is a {layer.in_features}->{layer.out_features} layer, "
+                                 f"the model has {linear!r}")
+            if on_disk:
+                self._check_tensors(fqn, layer, on_disk, prefix)
+            set_submodule(model, fqn, layer)
+        return model
+
+    @staticmethod
+    def _check_tensors(fqn: str, layer: nn.Module, on_disk: dict, prefix: str) -> None:
+        """Every tensor the layer needs is in the checkpoint with its shape."""
+        for name, t in layer.state_dict().items():
+            key = f"{fqn}.{name}"
+            found = on_disk.get(key) or on_disk.get(f"{prefix}.{key}") or on_disk.get(key.removeprefix(prefix + "."))
+            if found is None:
+                raise ValueError(f"the checkpoint lacks tensor {key!r} of quantized layer {fqn!r}")
+            if found[1] != tuple(t.shape):
+                raise ValueError(f"tensor {key!r} has shape {list(found[1])} in the checkpoint, its config says "
+                                 f"{list(t.shape)}")
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            cfg = self.quantization_config
+            skip = cfg.modules_to_not_convert
+            if skip is None:
+                skip = self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+            quantize_model(model, cfg.quantizer_config(), filter_fn=lambda m, fqn: not _excluded(fqn, skip),
+                           progress=False)
+            done = PyquantConfig.from_model(model, bits=cfg.bits, hadamard=cfg.hadamard)
+            self.quantization_config = done
+            model.config.quantization_config = done
+            return model
+        for fqn, layer in quantized_modules(model).items():
+            bad = [n for n, t in layer.state_dict().items() if t.device.type == "meta"]
+            if bad:
+                raise ValueError(f"quantized layer {fqn!r} did not get {bad} from the checkpoint")
+            try:
+                layer.validate() if isinstance(layer, DequantLinear) else layer.packed.validate()
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
+            if isinstance(layer, QuantLinear):
+                layer.invalidate()
+        model.pyquant_skipped = {n: "not converted" for n in self.quantization_config.modules_to_not_convert or ()}
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters on the frozen 2-bit layers (pyquant.lora)
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def attach(model: nn.Module) -> None:
+    """Make a transformers model quantized by :func:`pyquant.quantize_model` save as one:
+    ``config.quantization_config`` and ``model.hf_quantizer`` (what ``save_pretrained`` writes
+    and ``from_pretrained`` reads back). Called by ``quantize_model`` for ``PreTrainedModel``s."""
+    config = PyquantConfig.from_model(model)
+    model.config.quantization_config = config
+    model.hf_quantizer = PyquantHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def read_config(path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a Hugging Face directory, if it is a pyquant one."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    qc = json.loads(cfg.read_text()).get("quantization_config")
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
