@@ -1,4 +1,4 @@
-"""``python -m pyquant demo | quantize | eval | bench``."""
+"""``python -m pyquant demo | quantize | eval | convert-unisvq | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ import torch
 
 from . import kernels
 from .evaluation import batches, compare_embeddings, embed, encoder_filter, load_minilm
-from .io import load_quantized, save_quantized
+from .io import hf_quantization_config, load_quantized, save_quantized
 from .nn import bits_per_weight, quantize_model, quantized_layers, quantized_modules
 from .sentences import split_sentences
 
@@ -51,6 +51,8 @@ def _throughput(model, tokenizer, sentences, batch_size, repeats=2) -> float:
 
 
 def demo(args) -> int:
+    from transformers import AutoModel
+
     torch.manual_seed(0)
     print(f"pyquant demo: all-MiniLM-L6-v2 (bundled) -> 2-bit, backends available: {kernels.available_backends()}")
     model, tokenizer = load_minilm()
@@ -81,13 +83,12 @@ def demo(args) -> int:
             q = _throughput(qmodel, tokenizer, sents, bs)
             print(f"      batch {bs:>2}: fp32 {fp:8.1f}   2-bit {q:8.1f}   ratio {q / fp:.2f}x")
 
-    out = Path(args.out)
-    save_quantized(qmodel, out)
+    out = save_quantized(qmodel, args.out)  # a Hugging Face directory: save_pretrained
+    tokenizer.save_pretrained(out)
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"[4/5] checkpoint saved to {out.resolve()} ({size / 2**20:.1f} MiB)")
+    print(f"[4/5] checkpoint saved to {out.resolve()} ({size / 2**20:.1f} MiB, a Hugging Face directory)")
 
-    skeleton, _ = load_minilm()
-    reloaded = load_quantized(skeleton, out)
+    reloaded = AutoModel.from_pretrained(out)
     again = embed(reloaded, tokenizer, heldout, progress=True, desc="reloaded embeddings")
     same = torch.equal(again, quantized)
     print(f"[5/5] reloaded from the checkpoint: outputs identical to before saving: {same}")
@@ -120,15 +121,21 @@ def quantize_cmd(args) -> int:
     quantize_model(model, config, filter_fn=encoder_filter if args.encoder_only else None,
                    calibration_data=batches(tokenizer, calibration))
     path = save_quantized(model, args.out)
+    tokenizer.save_pretrained(path)  # self-contained: from_pretrained needs nothing else
     print(f"{len(quantized_modules(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
     return 0
 
 
 def eval_cmd(args) -> int:
+    from transformers import AutoModel
+
     model, tokenizer = load_minilm()
     _, heldout = split_sentences(args.calibration, args.sentences)
     reference = embed(model, tokenizer, heldout, progress=True, desc="fp32")
-    qmodel = load_quantized(load_minilm()[0], args.checkpoint)
+    if hf_quantization_config(args.checkpoint) is not None:  # what `quantize` and `demo` write
+        qmodel = AutoModel.from_pretrained(args.checkpoint)
+    else:  # a checkpoint of the earlier layout (format version 1)
+        qmodel = load_quantized(load_minilm()[0], args.checkpoint)
     quality = compare_embeddings(reference, embed(qmodel, tokenizer, heldout, progress=True, desc="quantized"))
     print({"bits_per_weight": round(bits_per_weight(qmodel), 4), **{k: round(v, 4) for k, v in quality.items()}})
     return 0
@@ -145,6 +152,21 @@ def bench_cmd(args) -> int:
                          "); clone the repository and run it there")
     sys.argv = [str(suite), *args.rest]
     runpy.run_path(str(suite), run_name="__main__")
+    return 0
+
+
+def convert_unisvq_cmd(args) -> int:
+    from .unisvq_import import convert_unisvq_checkpoint
+
+    try:
+        report = convert_unisvq_checkpoint(args.src, args.dst, architecture=args.architecture,
+                                           ptq=True if args.ptq else None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    err = (f", largest decoded-weight relative error {report['max_rel_err']:.2e} (approximate import)"
+           if "max_rel_err" in report else " (exact)")
+    print(f"{report['quantized_modules']} quantized modules, {report['passthrough_tensors']} other tensors -> "
+          f"{args.dst}{err}")
     return 0
 
 
@@ -178,6 +200,13 @@ def main(argv=None) -> int:
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--calibration", type=int, default=128, help="sentences to skip (the calibration split)")
     p.set_defaults(func=eval_cmd)
+
+    p = sub.add_parser("convert-unisvq", help="a UniSVQ release checkpoint (AI9Stars/UniSVQ) -> a pyquant directory")
+    p.add_argument("src", help="the release's checkpoint folder (config.json + safetensors)")
+    p.add_argument("dst", help="the Hugging Face directory to write (must not exist)")
+    p.add_argument("--architecture", help="transformers class for config.json's architectures, e.g. Qwen3ForCausalLM")
+    p.add_argument("--ptq", action="store_true", help="the PTQ-stage (Qidxs) layout: approximate import")
+    p.set_defaults(func=convert_unisvq_cmd)
 
     p = sub.add_parser("bench", help="run the benchmark suite (benchmarks/suite.py); extra args pass through")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -28,10 +28,6 @@ Without ``import pyquant`` transformers does not know ``quant_method: "pyquant"`
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -222,12 +218,3 @@ def attach(model: nn.Module) -> None:
     model.hf_quantizer = PyquantHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-
-
-def read_config(path) -> dict[str, Any] | None:
-    """The ``quantization_config`` of a Hugging Face directory, if it is a pyquant one."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    qc = json.loads(cfg.read_text()).get("quantization_config")
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None

@@ -1,7 +1,10 @@
-"""Checkpoints: a directory with ``model.safetensors`` (plain packed tensors,
-every other parameter and buffer as is) and ``quantization_config.json``
-(format version, and per quantized layer its kind, method, shapes and Hadamard
-blocks or grid — in the spirit of Hugging Face's ``quantization_config``).
+"""Checkpoints. A transformers model is saved as a Hugging Face directory (``save_pretrained``:
+``config.json`` with the ``quantization_config``, sharded safetensors; see :mod:`pyquant.hf`)
+and loaded with ``from_pretrained``; ``save_quantized`` / ``load_quantized`` are thin wrappers
+there. Any other model is saved as a directory with ``model.safetensors`` (plain packed tensors,
+every other parameter and buffer as is) and ``quantization_config.json`` (format version, and
+per quantized layer its kind, method, shapes and Hadamard blocks or grid), which also is what
+pyquant wrote for every model before (format version 1: it keeps loading).
 
 Two kinds of quantized layer are saved: ``packed`` (:class:`QuantLinear`, the 2-bit
 format) and ``dequant`` (:class:`pyquant.fakequant.DequantLinear`, DAQ's fp8 / int-n
@@ -26,7 +29,7 @@ from torch import nn
 
 from .fakequant import DequantLinear, parse_grid, scale_grid_shape
 from .format import FORMAT_VERSION
-from .nn import QuantLinear, quantized_modules, set_submodule
+from .nn import QuantLinear, is_transformers_model, quantized_modules, set_submodule
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantization_config.json"
@@ -59,11 +62,27 @@ def skeleton_layer(entry: dict, device: torch.device) -> nn.Module:
     return layer
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (with its ``QuantLinear`` / ``DequantLinear`` layers) to the directory ``path``.
+def hf_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a Hugging Face directory, if it is a pyquant one."""
+    cfg = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{cfg} is not a valid config.json ({e})") from e
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "pyquant" else None
 
-    An existing ``path`` is replaced only if it is an empty directory or a
-    pyquant checkpoint (holds nothing but the two checkpoint files).
+
+def _replaceable(path: Path) -> bool:
+    """An empty directory or a pyquant checkpoint (either layout): what a save may replace."""
+    files = set(os.listdir(path))
+    return not files or files <= {WEIGHTS_NAME, CONFIG_NAME} or hf_quantization_config(path) is not None
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (with its ``QuantLinear`` / ``DequantLinear`` layers) to the directory ``path``:
+    a transformers model through its ``save_pretrained``, any other in the format of this module.
+
+    An existing ``path`` is replaced only if it is an empty directory or a pyquant checkpoint.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -71,7 +90,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError("model has no quantized layers: quantize it first (pyquant.quantize_model)")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or set(os.listdir(path)) - {WEIGHTS_NAME, CONFIG_NAME}):
+    if path.exists() and (not path.is_dir() or not _replaceable(path)):
         raise ValueError(f"path {str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {"quant_method": "pyquant", "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -79,8 +98,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
               "modules_not_converted": sorted(getattr(model, "pyquant_skipped", {}))}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_model(model, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if is_transformers_model(model):
+            model.save_pretrained(tmp)
+        else:
+            save_model(model, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -118,10 +140,16 @@ def read_config(path: str | os.PathLike) -> dict:
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into ``model``, the
     unquantized skeleton of the same architecture; swaps ``QuantLinear`` in and
-    returns ``model``. Raises ``ValueError`` for a checkpoint that is truncated,
-    of an unknown version, or from another model."""
+    returns ``model``. A Hugging Face directory (a transformers ``model``) loads through
+    ``type(model).from_pretrained(path)``, which returns a new model. Raises ``ValueError`` for
+    a checkpoint that is truncated, of an unknown version, or from another model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if hf_quantization_config(path) is not None:
+        if not is_transformers_model(model):
+            raise ValueError(f"{str(path)!r} is a Hugging Face directory: load it with transformers' "
+                             f"from_pretrained (after import pyquant), not into a {type(model).__name__}")
+        return type(model).from_pretrained(path)
     config = read_config(path)
     for fqn, entry in config["layers"].items():
         try:

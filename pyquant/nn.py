@@ -223,14 +223,14 @@ def quantize_model(model: nn.Module, config: QuantConfig,
 
     config.apply(model, targets, calibration_data, swap, progress=progress)
     model.pyquant_skipped = skipped
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         from .hf import attach  # transformers is loaded already: this costs nothing more
 
         attach(model)  # so that model.save_pretrained writes a pyquant quantization_config
     return model
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
     modeling = sys.modules.get("transformers.modeling_utils")  # loaded wherever such a model exists
     return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 

@@ -39,10 +39,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
-from .format import PackedWeight, code_vectors, codebook, dequantize
+from .format import FORMAT_VERSION, PackedWeight, code_vectors, codebook, dequantize
+from .io import layer_entry
+from .nn import QuantLinear
 
 __all__ = [
     "RELEASE_HADAMARD_BLOCK",
@@ -489,3 +494,63 @@ def _load_sharded(index_path: str, load_file) -> dict[str, torch.Tensor]:
         raise ValueError(f"{missing[0]} is in the index ({weight_map[missing[0]]}) but not in its shard"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# a Hugging Face directory
+# ---------------------------------------------------------------------------------------------
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def convert_unisvq_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, architecture: str | None = None,
+                              ptq: bool | None = None) -> dict:
+    """Write the release checkpoint in folder ``src`` as a pyquant Hugging Face directory ``dst``
+    that ``AutoModelForCausalLM.from_pretrained(dst)`` loads after ``import pyquant``.
+
+    ``src`` must hold the release's ``config.json`` (copied, with pyquant's ``quantization_config``;
+    ``architecture`` replaces its ``architectures``, e.g. ``"Qwen3ForCausalLM"`` where the release
+    names its own class) and its safetensors (see :func:`load_unisvq_checkpoint`); tokenizer
+    files are copied. ``ptq``: the PTQ-stage layout (approximate import), default: detected.
+    Every quantized module becomes the tensors of a :class:`~pyquant.nn.QuantLinear`
+    (``codes``, ``A``, ``b``, ``su``, ``sv``, ``w_scale``, ``bias``); every other tensor is copied.
+    ``dst`` is built under a temporary name and renamed: an interrupted conversion leaves
+    nothing. Returns the converter's report.
+    """
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json (the release's model config)")
+    if dst.exists():
+        raise ValueError(f"{dst} exists; refusing to overwrite it")
+    config = json.loads((src / "config.json").read_text())
+    state = load_unisvq_checkpoint(src)
+    if ptq is None:
+        ptq = any(key.endswith("." + _QIDXS) for key in state)
+    packed, rest, report = (convert_unisvq_ptq_state_dict if ptq else convert_unisvq_state_dict)(state)
+    tensors, layers = {}, {}
+    for name, pw in packed.items():
+        bias = rest.pop(f"{name}.bias", None)
+        layer = QuantLinear.from_packed(pw, bias)
+        layers[name] = layer_entry(layer)
+        tensors.update({f"{name}.{key}": t.contiguous() for key, t in layer.state_dict().items()})
+    tensors.update({key: t.contiguous() for key, t in rest.items()})
+    config["quantization_config"] = {"quant_method": "pyquant", "method": "unisvq-release", "bits": 2,
+                                     "hadamard": True, "format_version": FORMAT_VERSION, "layers": layers,
+                                     "modules_to_not_convert": []}
+    if architecture is not None:
+        config["architectures"] = [architecture]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in _COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

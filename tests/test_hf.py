@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 import pyquant
+from pyquant import cli
 from pyquant.evaluation import encoder_filter, load_minilm, tokenize
 from pyquant.hf import PyquantConfig
 
@@ -200,3 +201,76 @@ def test_sentence_transformers_round_trip(tmp_path):
     loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert isinstance(loaded[0].auto_model.encoder.layer[0].output.dense, pyquant.QuantLinear)
     assert torch.equal(loaded.encode(SENTENCES, convert_to_tensor=True), want)
+
+
+def _release_checkpoint(path, seed=0):
+    """A tiny Qwen3 in the UniSVQ release's compressed layout: every decoder projection as uint8
+    codes in ``weight`` with ``SU``, ``SV`` and a scalar codebook (see pyquant.unisvq_import)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=64)
+    model = Qwen3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, t in model.state_dict().items():
+        name = key.removesuffix(".weight")
+        if key.endswith("_proj.weight"):
+            n, k = t.shape
+            state[key] = torch.randint(0, 256, (n, k // 4), generator=g, dtype=torch.uint8)
+            state[f"{name}.SU"] = ((torch.rand(k, generator=g) + 0.5) * (torch.randint(0, 2, (k,), generator=g) * 2 - 1)
+                                   ).to(torch.bfloat16)
+            state[f"{name}.SV"] = (torch.rand(n, generator=g) * 0.05 + 0.01).to(torch.bfloat16)
+            state[f"{name}.code_generator.codebook_scale"] = torch.tensor(0.8, dtype=torch.bfloat16)
+            state[f"{name}.code_generator.codebook_zero_point"] = torch.tensor(-1.2, dtype=torch.bfloat16)
+        else:
+            state[key] = t.detach().clone().contiguous()
+    path.mkdir()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    cfg.save_pretrained(path)
+    return model, state
+
+
+def test_unisvq_release_directory_converts_and_loads(tmp_path):
+    from pyquant.unisvq_import import decode_reference
+
+    dense, state = _release_checkpoint(tmp_path / "release")
+    out = subprocess.run([sys.executable, "-m", "pyquant", "convert-unisvq", str(tmp_path / "release"),
+                          str(tmp_path / "pyquant")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and "14 quantized modules" in out.stdout and "(exact)" in out.stdout, out.stderr[-2000:]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pyquant")
+    layers = pyquant.nn.quantized_layers(loaded)
+    assert len(layers) == 14
+    with torch.no_grad():  # the reference: the paper's formula, decoded straight from the release's tensors
+        for name, layer in layers.items():
+            want = decode_reference(state, name)
+            assert ((pyquant.dequantize(layer.packed).double() - want).norm() / want.norm()) < 1e-6, name
+            dense.get_submodule(name).weight.copy_(want.float())
+        ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+        got, ref = loaded(ids).logits, dense(ids).logits
+    assert ((got - ref).norm() / ref.norm()) < 1e-3  # the CPU kernel's int mode, through two blocks
+    with pytest.raises(SystemExit, match="exists"):
+        cli.main(["convert-unisvq", str(tmp_path / "release"), str(tmp_path / "pyquant")])
+
+
+def test_format_version_1_checkpoints_of_transformers_models_still_load(tmp_path, monkeypatch):
+    """Earlier pyquant wrote every model as model.safetensors + quantization_config.json."""
+    model, tok = load_minilm()
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), filter_fn=encoder_filter, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(pyquant.io, "is_transformers_model", lambda model: False)  # the writer of the old layout
+        pyquant.save_quantized(model, tmp_path / "v1")
+    assert sorted(os.listdir(tmp_path / "v1")) == ["model.safetensors", "quantization_config.json"]
+    loaded = pyquant.load_quantized(load_minilm()[0], tmp_path / "v1")
+    batch = tokenize(tok, SENTENCES)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    # and save_quantized of a transformers model now writes the Hugging Face layout
+    pyquant.save_quantized(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    again = pyquant.load_quantized(load_minilm()[0], tmp_path / "hf")  # through from_pretrained
+    with torch.no_grad():
+        assert torch.equal(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
