@@ -49,12 +49,15 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.had_in, self.had_out, self.method, self.seed = had_in, had_out, method, seed
         self.register_buffer("codes", torch.zeros(out_features, in_features // 4, dtype=torch.uint8, device=device))
-        self.register_buffer("A", torch.eye(4, device=device))
-        self.register_buffer("b", torch.full((4,), -1.5, device=device))
+        # fp32 spelled out: a model built under another default dtype (from_pretrained(dtype=...))
+        # keeps the format's dtypes
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("A", torch.eye(4, **f32))
+        self.register_buffer("b", torch.full((4,), -1.5, **f32))
         self.register_buffer("su", torch.ones(in_features, dtype=scale_dtype, device=device))
         self.register_buffer("sv", torch.ones(out_features, dtype=scale_dtype, device=device))
-        self.register_buffer("w_scale", torch.ones((), device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.register_buffer("w_scale", torch.ones((), **f32))
+        self.bias = nn.Parameter(torch.zeros(out_features, **f32)) if bias else None
         # [backend, why] of the last forward: a list updated in place, because nn.Module.__setattr__
         # would cost more than the whole kernel call of a small layer
         self._last_run: list[str | None] = [None, None]

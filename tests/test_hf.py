@@ -274,3 +274,22 @@ def test_format_version_1_checkpoints_of_transformers_models_still_load(tmp_path
     again = pyquant.load_quantized(load_minilm()[0], tmp_path / "hf")  # through from_pretrained
     with torch.no_grad():
         assert torch.equal(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_loading_options_dtype_device_map_and_shards(minilm_dir, tmp_path):
+    model, tok, path = minilm_dir
+    batch = tokenize(tok, SENTENCES)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        half = AutoModel.from_pretrained(path, dtype=torch.float16)
+        q = half.encoder.layer[0].attention.self.query
+        assert (q.A.dtype, q.w_scale.dtype, q.su.dtype, q.codes.dtype) == (torch.float32, torch.float32,
+                                                                             torch.float16, torch.uint8)
+        assert half.embeddings.word_embeddings.weight.dtype == torch.float16
+        got = half(**batch).last_hidden_state
+        assert got.dtype == torch.float16 and ((got.float() - want).norm() / want.norm()) < 1e-2
+        mapped = AutoModel.from_pretrained(path, device_map="cpu")
+        assert torch.equal(mapped(**batch).last_hidden_state, want)
+        model.save_pretrained(tmp_path / "sharded", max_shard_size="10MB")
+        assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+        assert torch.equal(AutoModel.from_pretrained(tmp_path / "sharded")(**batch).last_hidden_state, want)
