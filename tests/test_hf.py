@@ -156,7 +156,8 @@ def test_missing_tensor_raises_naming_it(minilm_dir, tmp_path):
 def test_shape_that_disagrees_with_the_config_raises(minilm_dir, tmp_path):
     path, _ = _broken_copy(minilm_dir[2], tmp_path / "ckpt")
     tensors = load_file(path / "model.safetensors")
-    tensors["encoder.layer.1.intermediate.dense.codes"] = tensors["encoder.layer.1.intermediate.dense.codes"][:, :50].contiguous()
+    key = "encoder.layer.1.intermediate.dense.codes"
+    tensors[key] = tensors[key][:, :50].contiguous()
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'encoder.layer.1.intermediate.dense.codes' has shape \[1536, 50\]"):
         AutoModel.from_pretrained(path)
