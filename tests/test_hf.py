@@ -294,3 +294,21 @@ def test_loading_options_dtype_device_map_and_shards(minilm_dir, tmp_path):
         model.save_pretrained(tmp_path / "sharded", max_shard_size="10MB")
         assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
         assert torch.equal(AutoModel.from_pretrained(tmp_path / "sharded")(**batch).last_hidden_state, want)
+
+
+@pytest.mark.parametrize("order", ["transformers first", "pyquant first"])
+def test_registration_works_whichever_is_imported_first(minilm_dir, order):
+    imports = ["from transformers import AutoModel", "import pyquant"]
+    if order == "pyquant first":
+        imports.reverse()
+    code = "\n".join([*imports, "import sys", "m = AutoModel.from_pretrained(sys.argv[1])",
+                      "print(type(m.encoder.layer[0].attention.self.query).__name__)"])
+    out = subprocess.run([sys.executable, "-c", code, str(minilm_dir[2])], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "QuantLinear", out.stderr[-1500:]
+
+
+def test_import_pyquant_does_not_import_transformers():
+    code = "import sys, pyquant; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-1500:]
