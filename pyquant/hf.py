@@ -40,7 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .fakequant import DequantLinear
 from .format import FORMAT_VERSION
 from .io import layer_entry, skeleton_layer
-from .nn import QuantLinear, quantize_model, quantized_modules, set_submodule
+from .nn import QuantLinear, is_conv1d, linear_view, quantize_model, quantized_modules, set_submodule
 from .quantizers import RTNConfig
 
 QUANT_METHOD = "pyquant"
@@ -151,6 +151,8 @@ class PyquantHfQuantizer(HfQuantizer):
                 layer = skeleton_layer(entry, torch.device("meta"))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ValueError(f"quantization_config entry for {fqn!r} is invalid: {e!r}") from e
+            if is_conv1d(linear):
+                linear = linear_view(linear)
             if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
                     layer.out_features, layer.in_features):
                 raise ValueError(f"the checkpoint's {fqn!r} is a {layer.in_features}->{layer.out_features} layer, "
@@ -158,6 +160,11 @@ class PyquantHfQuantizer(HfQuantizer):
             if on_disk:
                 self._check_tensors(fqn, layer, on_disk, prefix)
             set_submodule(model, fqn, layer)
+            parent = model.get_submodule(fqn.rpartition(".")[0])
+            if not any(True for _ in parent.parameters(recurse=False)):
+                # Nothing of its own to initialise; some models' _init_weights reach from such a parent
+                # into a child's .weight by name (GPT-2's c_proj), which a QuantLinear does not have.
+                parent._is_hf_initialized = True
         return model
 
     @staticmethod

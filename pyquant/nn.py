@@ -193,7 +193,11 @@ def quantize_model(model: nn.Module, config: QuantConfig,
     """Quantize the selected ``nn.Linear`` layers of ``model`` in place and return it.
 
     ``filter_fn(module, fqn) -> bool`` picks layers among the ``nn.Linear``
-    modules (default: ``in_features % 4 == 0``). Linear layers that are not
+    modules (default: ``in_features % 4 == 0``, and for a transformers model not its
+    output head: ``lm_head`` stays in full precision, as QuIP# and AQLM keep it, and a head
+    tied to the input embeddings stays tied; pass a ``filter_fn`` to quantize it). GPT-2-style
+    ``Conv1D`` layers (transformers' linear with the weight stored transposed) count as
+    ``nn.Linear`` (``filter_fn`` sees the equivalent ``nn.Linear``). Linear layers that are not
     taken are left as they are and listed in ``model.pyquant_skipped``
     (fqn -> reason). ``calibration_data`` is an iterable of model inputs (a
     tensor, passed as ``model(x)``, or a dict, passed as ``model(**x)``), used
@@ -205,18 +209,27 @@ def quantize_model(model: nn.Module, config: QuantConfig,
         raise TypeError(f"config must be a pyquant QuantConfig (e.g. pyquant.RTNConfig()), got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
-    targets, skipped = {}, {}
-    for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+    head = model.get_output_embeddings() if filter_fn is None and is_transformers_model(model) else None
+    targets, skipped, conv1d = {}, {}, {}
+    for fqn, module in list(model.named_modules()):
+        linear = linear_view(module) if is_conv1d(module) else module
+        if not isinstance(linear, nn.Linear):
             continue
-        if filter_fn is not None and not filter_fn(module, fqn):
+        if head is not None and module is head:
+            skipped[fqn] = "the output head stays in full precision by default (pass a filter_fn to quantize it)"
+        elif filter_fn is not None and not filter_fn(linear, fqn):
             skipped[fqn] = "excluded by filter_fn"
-        elif module.in_features % 4:
-            skipped[fqn] = f"in_features={module.in_features} is not divisible by 4"
+        elif linear.in_features % 4:
+            skipped[fqn] = f"in_features={linear.in_features} is not divisible by 4"
         else:
-            targets[fqn] = module
+            targets[fqn] = linear
+            if linear is not module:
+                conv1d[fqn] = module
     if skipped:
         log.info("pyquant: left %d linear layers unquantized: %s", len(skipped), skipped)
+    for fqn, linear in targets.items():
+        if fqn in conv1d:  # in the model while quantizing, so calibration hooks on it see its inputs
+            set_submodule(model, fqn, linear)
 
     def swap(fqn: str, pw: PackedWeight) -> QuantLinear:
         linear = targets[fqn]
@@ -224,13 +237,36 @@ def quantize_model(model: nn.Module, config: QuantConfig,
         set_submodule(model, fqn, layer)
         return layer
 
-    config.apply(model, targets, calibration_data, swap, progress=progress)
+    try:
+        config.apply(model, targets, calibration_data, swap, progress=progress)
+    except BaseException:
+        for fqn, module in conv1d.items():  # Conv1D layers not quantized go back as they were
+            if model.get_submodule(fqn) is targets[fqn]:
+                set_submodule(model, fqn, module)
+        raise
     model.pyquant_skipped = skipped
     if is_transformers_model(model):
         from .hf import attach  # transformers is loaded already: this costs nothing more
 
         attach(model)  # so that model.save_pretrained writes a pyquant quantization_config
     return model
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer with its weight stored ``[in, out]``."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # loaded wherever such a layer exists
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def linear_view(conv1d: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing the same as a ``Conv1D``, sharing its tensors (the weight as a
+    transposed view: no copy)."""
+    n_in, n_out = conv1d.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=conv1d.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv1d.weight.detach().t(), requires_grad=conv1d.weight.requires_grad)
+    if conv1d.bias is not None:
+        linear.bias = conv1d.bias
+    return linear
 
 
 def is_transformers_model(model: nn.Module) -> bool:

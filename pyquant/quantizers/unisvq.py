@@ -616,6 +616,12 @@ class UniSVQConfig(QuantConfig):
                                       kwargs, state["mask"]))
 
         handle = first_block.register_forward_pre_hook(capture, with_kwargs=True) if first_block is not None else None
+        # A transformers decoder would hand its blocks a KV cache that fills up call after call:
+        # the captured inputs must be of the calibration batch alone, replayable any number of times.
+        config = getattr(model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        if use_cache:
+            config.use_cache = False
         try:
             with cal.HessianCollector(leftovers) as col, cal.FiniteCheck(targets) as check:
                 for i, batch in enumerate(tqdm(data, desc="unisvq calibration", leave=False, disable=not progress)):
@@ -634,6 +640,8 @@ class UniSVQConfig(QuantConfig):
         finally:
             if handle is not None:
                 handle.remove()
+            if use_cache:
+                config.use_cache = use_cache
         return inputs, h_left
 
     @torch.no_grad()

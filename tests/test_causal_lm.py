@@ -1,0 +1,111 @@
+"""Causal language models from transformers (small random configs of each family): quantize with RTN
+and UniSVQ, generate, save and load. GPT-2's projections are transformers' ``Conv1D``."""
+import pytest
+import torch
+
+import pyquant
+from pyquant import kernels
+
+from conftest import rel_err
+
+VOCAB = 256
+
+
+def make(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **ids))
+    else:
+        cls, cfg = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig), "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+                    "mistral": (tf.MistralForCausalLM, tf.MistralConfig),
+                    "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config)}[family]
+        model = cls(cfg(**common))
+    return model.eval()
+
+
+# projections per decoder block: q, k, v, o, gate, up, down; Phi-3 fuses qkv and gate_up; GPT-2 has 4 Conv1D
+PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "phi3": 4, "gpt2": 4}
+FAMILIES = list(PER_BLOCK)
+
+
+def prompt(seed=0):
+    return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rtn_quantizes_every_projection_and_keeps_the_head(family, tmp_path):
+    model = make(family)
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), progress=False)
+    layers = pyquant.nn.quantized_layers(model)
+    assert len(layers) == 2 * PER_BLOCK[family], sorted(layers)
+    assert model.get_output_embeddings() is head and "lm_head" in model.pyquant_skipped
+    assert (head.weight is model.get_input_embeddings().weight) == tied  # a tied head stays tied
+    ids = prompt()
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert next(iter(layers.values())).last_backend == "cpu"
+        with kernels.force_backend("torch"):
+            reference = model(ids).logits
+        assert rel_err(logits, reference) < 1e-3  # the C++ kernels' int mode against the reference math
+        tokens = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, 7 + 32)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(pyquant.nn.quantized_layers(loaded)) == len(layers)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0), tokens)
+
+
+def test_gpt2_conv1d_layers_become_quantlinear_computing_the_same():
+    model = make("gpt2")
+    conv = model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = conv(x)
+        layer = pyquant.nn.linear_view(conv)
+        assert torch.equal(layer.weight, conv.weight.t()) and layer.weight.data_ptr() == conv.weight.data_ptr()
+        assert torch.allclose(layer(x), want, atol=1e-6)
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), progress=False)
+    q = model.transformer.h[0].attn.c_attn
+    assert isinstance(q, pyquant.QuantLinear) and (q.in_features, q.out_features) == (64, 192)
+    assert torch.equal(q.bias.detach(), conv.bias.detach())
+
+
+def test_a_filter_quantizes_the_head_and_a_failure_restores_conv1d():
+    model = make("llama")
+    pyquant.quantize_model(model, pyquant.RTNConfig(bits=2), filter_fn=lambda m, fqn: True, progress=False)
+    assert isinstance(model.lm_head, pyquant.QuantLinear)
+
+    gpt2 = make("gpt2")
+    with torch.no_grad():
+        gpt2.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pyquant.quantize_model(gpt2, pyquant.RTNConfig(bits=2), progress=False)
+    import transformers
+
+    kinds = {type(gpt2.get_submodule(f"transformer.h.{i}.mlp.c_fc")) for i in (0, 1)}
+    assert transformers.pytorch_utils.Conv1D in kinds  # the layer that failed is a Conv1D again
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unisvq_quantizes_decoders_and_they_generate(family):
+    model = make(family)
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(3, VOCAB, (2, 16), generator=g),
+             "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(4)]
+    data[0]["attention_mask"][1, 10:] = 0  # padding honoured
+    pyquant.quantize_model(model, pyquant.UniSVQConfig(ft_epochs=1, refine_passes=1), calibration_data=data,
+                           progress=False)
+    assert len(pyquant.nn.quantized_layers(model)) == 2 * PER_BLOCK[family]
+    with torch.no_grad():
+        tokens = model.generate(prompt(), max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, 39)
