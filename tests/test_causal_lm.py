@@ -11,11 +11,11 @@ from conftest import rel_err
 VOCAB = 256
 
 
-def make(family: str):
+def make(family: str, **overrides):
     import transformers as tf
 
     torch.manual_seed(0)
-    ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, **ids)
     if family == "gpt2":
@@ -109,3 +109,42 @@ def test_unisvq_quantizes_decoders_and_they_generate(family):
     with torch.no_grad():
         tokens = model.generate(prompt(), max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert tokens.shape == (2, 39)
+
+
+def _block_inputs(model, blocks, batch):
+    """Each decoder block's call (args, kwargs) on ``batch``, captured from ``model``."""
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a, dict(k))), with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(len(blocks))]
+
+
+def _blocks(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unisvq_blocks_beat_rtn_on_the_same_inputs(family):
+    g = torch.Generator().manual_seed(2)
+    # 2048 calibration tokens: with a few hundred the 64- to 128-wide Hessians are too rough for LDLQ to win
+    data = [{"input_ids": torch.randint(3, VOCAB, (4, 32), generator=g),
+             "attention_mask": torch.ones(4, 32, dtype=torch.long)} for _ in range(16)]
+    # Larger weights than the 0.02 default, so that the blocks (not the residual path) make the output.
+    fp = make(family, initializer_range=0.1)
+    rtn = pyquant.quantize_model(make(family, initializer_range=0.1), pyquant.RTNConfig(bits=2), progress=False)
+    svq = pyquant.quantize_model(make(family, initializer_range=0.1), pyquant.UniSVQConfig(ft_epochs=2),
+                                 calibration_data=data, progress=False)
+    held_out = {"input_ids": torch.randint(3, VOCAB, (8, 32), generator=g),
+                "attention_mask": torch.ones(8, 32, dtype=torch.long)}
+    for i, (args, kwargs) in enumerate(_block_inputs(fp, _blocks(fp), held_out)):
+        with torch.no_grad():
+            out = lambda m: (lambda y: y[0] if isinstance(y, tuple) else y)(_blocks(m)[i](*args, **kwargs))  # noqa: E731
+            want = out(fp)
+            err_rtn, err_svq = (float((out(m) - want).square().mean()) for m in (rtn, svq))
+        assert err_svq < err_rtn, (family, i, err_svq, err_rtn)
