@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "CalibrationError",
     "materialize",
+    "check_token_ids",
     "batch_mask",
     "run_model",
     "HessianCollector",
@@ -71,6 +72,23 @@ def _check_batch(batch, index: int) -> None:
                                    f"{tuple(t.shape)}; their [batch, tokens] dimensions must agree")
     if not bool((mask != 0).any()):
         raise CalibrationError(f"{where}['attention_mask'] masks out every token")
+
+
+def check_token_ids(model: nn.Module, data: list) -> None:
+    """Every token id of the batches (``input_ids`` of a dict, or an integer tensor batch) is a row of
+    the model's input embedding table, when it has one: an out-of-vocabulary id fails here, naming
+    the batch, instead of deep inside the first forward."""
+    getter = getattr(model, "get_input_embeddings", None)
+    emb = getter() if callable(getter) else None
+    if not isinstance(emb, nn.Embedding):
+        return
+    for i, batch in enumerate(data):
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= emb.num_embeddings:
+                raise CalibrationError(f"calibration_data[{i}] holds token ids in [{lo}, {hi}], outside the model's "
+                                       f"vocabulary of {emb.num_embeddings}")
 
 
 def materialize(calibration_data: Iterable | None) -> list:

@@ -148,3 +148,19 @@ def test_unisvq_blocks_beat_rtn_on_the_same_inputs(family):
             want = out(fp)
             err_rtn, err_svq = (float((out(m) - want).square().mean()) for m in (rtn, svq))
         assert err_svq < err_rtn, (family, i, err_svq, err_rtn)
+
+
+def test_bad_inputs_fail_before_any_work():
+    model = make("llama")
+    bad = [{"input_ids": torch.full((1, 8), VOCAB + 5), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+    with pytest.raises(ValueError, match=r"calibration_data\[0\] holds token ids in \[261, 261\], outside the "
+                                         r"model's vocabulary of 256"):
+        pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=bad, progress=False)
+    assert not pyquant.nn.quantized_layers(model)
+    # blocks that are not a ModuleList of one class: a clear error naming what was searched
+    flat = make("llama")
+    flat.model.layers = torch.nn.ModuleList([flat.model.layers[0], torch.nn.Identity()])
+    good = [{"input_ids": torch.randint(3, VOCAB, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+    with pytest.raises(ValueError, match=r"cannot find the transformer blocks .* model.layers \(2: Identity, Llama"):
+        pyquant.quantize_model(flat, pyquant.UniSVQConfig(), calibration_data=good, progress=False)
+    assert not pyquant.nn.quantized_layers(flat)

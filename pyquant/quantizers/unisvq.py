@@ -546,12 +546,21 @@ class UniSVQConfig(QuantConfig):
 
     def _apply(self, model, targets, calibration_data, swap, progress) -> None:
         data = cal.materialize(calibration_data)
+        cal.check_token_ids(model, data)
         if not targets:
             return
         block_name, blocks = find_blocks(model, targets)
         prefixes = [f"{block_name}.{i}." if block_name else f"{i}." for i in range(len(blocks))]
         in_block = [[f for f in targets if f.startswith(p)] for p in prefixes]
         leftovers = {f: m for f, m in targets.items() if not any(f.startswith(p) for p in prefixes)}
+        from ..nn import is_transformers_model  # here: nn imports this package
+
+        if not blocks and is_transformers_model(model):
+            lists = [f"{n} ({len(m)}: {', '.join(sorted({type(c).__name__ for c in m}))})"
+                     for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+            raise ValueError(f"unisvq: cannot find the transformer blocks of this {type(model).__name__}: searched "
+                             f"for an nn.ModuleList of >= 2 modules of one class holding the selected layers; its "
+                             f"ModuleLists: {'; '.join(lists) or 'none'}")
         if self.finetune and not blocks:
             log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
 
