@@ -54,8 +54,8 @@ class PyquantConfig(QuantizationConfigMixin):
     Args:
         method: the quantizer. For quantize-on-load a data-free one (``"rtn"``); a saved model
             records what made it (``"rtn"``, ``"unisvq"``, ...).
-        bits, hadamard: options of the data-free quantizer (RTN: 2, 3, 4 or 8 bits... of which the
-            packed format holds 2).
+        bits, hadamard: options of the data-free quantizer (``RTNConfig``; the packed format holds
+            2 bits).
         layers: ``{module name: entry}`` per quantized layer (filled when a model is saved; see
             :func:`pyquant.io.layer_entry`).
         modules_to_not_convert: module names (or name prefixes) left in full precision when
