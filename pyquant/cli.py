@@ -100,12 +100,30 @@ def demo(args) -> int:
 
 
 def _load_hf(name: str):
-    from transformers import AutoModel, AutoTokenizer
+    """``(model, tokenizer)`` of a directory: a causal LM (``architectures`` ``*ForCausalLM``) with
+    its head, anything else as the base model; ``minilm`` = the bundled model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name == "minilm":
         return load_minilm()
-    return AutoModel.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    causal = any(a.endswith("ForCausalLM") for a in AutoConfig.from_pretrained(name).architectures or ())
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name).eval()
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def _calibration_texts(args) -> list[str]:
+    """``--calibration`` texts: the non-empty lines of ``--calibration-file``, else bundled sentences."""
+    if not args.calibration_file:
+        return split_sentences(args.calibration, 0)[0]
+    try:
+        lines = [line.strip() for line in Path(args.calibration_file).read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read --calibration-file {args.calibration_file}: {e}") from None
+    texts = [line for line in lines if line][: args.calibration]
+    if not texts:
+        raise SystemExit(f"error: --calibration-file {args.calibration_file} has no non-empty line")
+    return texts
 
 
 def quantize_cmd(args) -> int:
@@ -117,7 +135,9 @@ def quantize_cmd(args) -> int:
         patching.apply_vector(model, patching.load_vector(args.vector), lam=args.lam)
         print(f"patched with {args.vector} (lambda = {args.lam})")
     base = _load_hf(args.base)[0] if args.base else None
-    calibration, _ = split_sentences(args.calibration, 0)
+    calibration = _calibration_texts(args)
+    if tokenizer.pad_token is None:  # decoders' tokenizers often have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     try:
         config = _config(args.method, base, args.grid)
     except (TypeError, ValueError) as e:
@@ -195,7 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="pyquant2",
                    help="for daq: pyquant2 (packed 2-bit, default) | fp8 | int2..int8 (128x128 block scales)")
     p.add_argument("--encoder-only", action="store_true", help="quantize only encoder.* Linear layers")
-    p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
+    p.add_argument("--calibration", type=int, default=128, help="calibration texts (at most)")
+    p.add_argument("--calibration-file", help="a text file: one calibration text per non-empty line "
+                   "(default: real sentences that ship with Python)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.set_defaults(func=quantize_cmd)
 

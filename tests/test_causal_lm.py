@@ -143,8 +143,11 @@ def test_unisvq_blocks_beat_rtn_on_the_same_inputs(family):
     held_out = {"input_ids": torch.randint(3, VOCAB, (8, 32), generator=g),
                 "attention_mask": torch.ones(8, 32, dtype=torch.long)}
     for i, (args, kwargs) in enumerate(_block_inputs(fp, _blocks(fp), held_out)):
+        def out(model):
+            y = _blocks(model)[i](*args, **kwargs)
+            return y[0] if isinstance(y, tuple) else y
+
         with torch.no_grad():
-            out = lambda m: (lambda y: y[0] if isinstance(y, tuple) else y)(_blocks(m)[i](*args, **kwargs))  # noqa: E731
             want = out(fp)
             err_rtn, err_svq = (float((out(m) - want).square().mean()) for m in (rtn, svq))
         assert err_svq < err_rtn, (family, i, err_svq, err_rtn)
@@ -164,3 +167,35 @@ def test_bad_inputs_fail_before_any_work():
     with pytest.raises(ValueError, match=r"cannot find the transformer blocks .* model.layers \(2: Identity, Llama"):
         pyquant.quantize_model(flat, pyquant.UniSVQConfig(), calibration_data=good, progress=False)
     assert not pyquant.nn.quantized_layers(flat)
+
+
+def test_cli_quantizes_a_causal_lm_directory_with_a_calibration_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pyquant import cli
+    from pyquant.sentences import labelled_sentences
+
+    texts = [s for s, _ in labelled_sentences()][:400]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert len(tokenizer) <= VOCAB and tokenizer.pad_token is None  # the CLI must cope without a pad token
+    src = tmp_path / "llama"
+    make("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("\n\n".join(texts[200:232]))  # blank lines are skipped
+    assert cli.main(["quantize", str(src), "--method", "unisvq", "--calibration-file", str(calib),
+                     "--calibration", "16", "--out", str(tmp_path / "out")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(pyquant.nn.quantized_layers(model)) == 14 and model.config.quantization_config.method == "unisvq"
+    ids = tokenizer(["The module provides"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 8
+    with pytest.raises(SystemExit, match="no non-empty line"):
+        (tmp_path / "empty.txt").write_text("\n \n")
+        cli.main(["quantize", str(src), "--method", "rtn", "--calibration-file", str(tmp_path / "empty.txt"),
+                  "--out", str(tmp_path / "out2")])
