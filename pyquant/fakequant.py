@@ -170,6 +170,8 @@ class DequantLinear(nn.Module):
         on the meta device has no values to check."""
         if self.codes.device.type == "meta":
             return self
+        if self.bias is not None and not torch.isfinite(self.bias).all():
+            raise ValueError("bias holds NaN or Inf")
         if not torch.isfinite(self.scales).all() or bool((self.scales <= 0).any()):
             raise ValueError("scales must be finite and positive")
         grid = parse_grid(self.grid)

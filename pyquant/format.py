@@ -53,7 +53,7 @@ def pack_codes(z: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"z must be an integer tensor, got {z.dtype}")
     if z.numel() and (int(z.min()) < 0 or int(z.max()) > 3):
         raise ValueError("z must hold values in 0..3")
-    z4 = z.to(torch.uint8).reshape(z.shape[0], -1, VECTOR_DIM)
+    z4 = z.to(torch.uint8).reshape(z.shape[0], z.shape[1] // VECTOR_DIM, VECTOR_DIM)  # explicit: N may be 0
     return (z4[..., 0] << 6) | (z4[..., 1] << 4) | (z4[..., 2] << 2) | z4[..., 3]
 
 
@@ -124,7 +124,8 @@ class PackedWeight:
             if t.device.type != "meta" and not torch.isfinite(t).all():  # meta: a skeleton, no values yet
                 raise ValueError(f"{name} holds NaN or Inf")
         for name, block, dim in (("had_in", self.had_in, k), ("had_out", self.had_out, n)):
-            if not isinstance(block, int) or block < 0 or (block and (block & (block - 1) or dim % block)):
+            if (not isinstance(block, int) or isinstance(block, bool) or block < 0
+                    or (block and (block & (block - 1) or dim % block))):
                 raise ValueError(f"{name} must be 0 or a power of two dividing {dim}, got {block!r}")
         return self
 
@@ -169,7 +170,7 @@ def transform_activations(x: torch.Tensor, pw: PackedWeight) -> tuple[torch.Tens
     a plain unsigned INT2 dot product plus one constant per token.
     """
     xp = blockwise_hadamard(x.float() * pw.su.float(), pw.had_in, dim=-1)
-    chunks = xp.reshape(*xp.shape[:-1], -1, VECTOR_DIM)
+    chunks = xp.reshape(*xp.shape[:-1], xp.shape[-1] // VECTOR_DIM, VECTOR_DIM)  # explicit: M may be 0
     xt = (chunks @ pw.A.float()).reshape(xp.shape)
     const = (chunks.sum(-2) @ pw.b.float())
     return xt, const

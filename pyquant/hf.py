@@ -37,7 +37,6 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .fakequant import DequantLinear
 from .format import FORMAT_VERSION
 from .io import layer_entry, skeleton_layer
 from .nn import QuantLinear, is_conv1d, linear_view, quantize_model, quantized_modules, set_submodule
@@ -196,7 +195,7 @@ class PyquantHfQuantizer(HfQuantizer):
             if bad:
                 raise ValueError(f"quantized layer {fqn!r} did not get {bad} from the checkpoint")
             try:
-                layer.validate() if isinstance(layer, DequantLinear) else layer.packed.validate()
+                layer.validate()
             except (ValueError, TypeError) as e:
                 raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
             if isinstance(layer, QuantLinear):

@@ -78,6 +78,14 @@ def _replaceable(path: Path) -> bool:
     return not files or files <= {WEIGHTS_NAME, CONFIG_NAME} or hf_quantization_config(path) is not None
 
 
+def _honour_umask(path: Path) -> None:
+    """Give a file or directory the permissions a plain ``open``/``mkdir`` would (0666 / 0777 less
+    the umask): temporary files are created private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (with its ``QuantLinear`` / ``DequantLinear`` layers) to the directory ``path``:
     a transformers model through its ``save_pretrained``, any other in the format of this module.
@@ -98,11 +106,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
               "modules_not_converted": sorted(getattr(model, "pyquant_skipped", {}))}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        _honour_umask(tmp)  # mkdtemp makes it 0700: a checkpoint is for sharing like any saved file
         if is_transformers_model(model):
             model.save_pretrained(tmp)
         else:
             save_model(model, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.rglob("*"):
+            _honour_umask(f)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -158,7 +169,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"checkpoint is from another model: it quantizes {fqn!r}, which this model lacks") from None
         if isinstance(linear, (QuantLinear, DequantLinear)):
             raise ValueError(f"model is already quantized at {fqn!r}; pass the unquantized skeleton")
-        shape = (entry["out_features"], entry["in_features"])
+        try:
+            shape = (int(entry["out_features"]), int(entry["in_features"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint entry for {fqn!r} is invalid: {e!r} (in_features / out_features)") from e
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != shape:
             raise ValueError(f"checkpoint is from another model: {fqn!r} is {linear!r} here but "
                              f"a Linear {shape[1]}->{shape[0]} in the checkpoint")
@@ -175,7 +189,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"checkpoint does not match this model: {e}") from e
     for fqn, layer in quantized_modules(model).items():
         try:
-            (layer if isinstance(layer, DequantLinear) else layer.packed).validate()
+            layer.validate()
         except (ValueError, TypeError) as e:
             raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
     model.pyquant_skipped = {name: "not converted" for name in config.get("modules_not_converted", [])}

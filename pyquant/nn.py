@@ -103,6 +103,14 @@ class QuantLinear(nn.Module):
         return PackedWeight(self.codes, self.A, self.b, self.su, self.sv, self.w_scale,
                             had_in=self.had_in, had_out=self.had_out, seed=self.seed, method=self.method)
 
+    def validate(self) -> "QuantLinear":
+        """Raise ``ValueError``/``TypeError`` naming the first bad tensor: the packed weight
+        (:meth:`PackedWeight.validate`) and a bias that is not finite (run on load)."""
+        self.packed.validate()
+        if self.bias is not None and self.bias.device.type != "meta" and not torch.isfinite(self.bias).all():
+            raise ValueError("bias holds NaN or Inf")
+        return self
+
     def dequantize(self) -> nn.Linear:
         """An fp32 ``nn.Linear`` with the dense weight this layer applies."""
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.codes.device)
