@@ -229,12 +229,17 @@ def quantize_model(model: nn.Module, config: QuantConfig,
             skipped[fqn] = "excluded by filter_fn"
         elif linear.in_features % 4:
             skipped[fqn] = f"in_features={linear.in_features} is not divisible by 4"
+        elif linear.out_features == 0 or linear.in_features == 0:
+            skipped[fqn] = f"empty: {linear.in_features} -> {linear.out_features}"
         else:
             targets[fqn] = linear
             if linear is not module:
                 conv1d[fqn] = module
     if skipped:
         log.info("pyquant: left %d linear layers unquantized: %s", len(skipped), skipped)
+    if not targets:
+        log.warning("pyquant: quantize_model found no layer to quantize%s",
+                    f" (skipped: {skipped})" if skipped else " (the model has no nn.Linear)")
     for fqn, linear in targets.items():
         if fqn in conv1d:  # in the model while quantizing, so calibration hooks on it see its inputs
             set_submodule(model, fqn, linear)
@@ -245,12 +250,18 @@ def quantize_model(model: nn.Module, config: QuantConfig,
         set_submodule(model, fqn, layer)
         return layer
 
+    # All or nothing: on any failure (bad data, an interrupt) the model is put back as it was:
+    # every original layer (the replaced modules are kept, not copied) and what the method changes
+    # in place besides them.
+    saved = [(t, t.detach().clone()) for t in config.mutated_tensors(model, targets)]
     try:
         config.apply(model, targets, calibration_data, swap, progress=progress)
     except BaseException:
-        for fqn, module in conv1d.items():  # Conv1D layers not quantized go back as they were
-            if model.get_submodule(fqn) is targets[fqn]:
-                set_submodule(model, fqn, module)
+        for fqn, linear in targets.items():
+            set_submodule(model, fqn, conv1d.get(fqn, linear))
+        with torch.no_grad():
+            for t, copy in saved:
+                t.copy_(copy)
         raise
     model.pyquant_skipped = skipped
     if is_transformers_model(model):

@@ -41,13 +41,19 @@ class QuantConfig:
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> PackedWeight:
         raise NotImplementedError
 
+    def mutated_tensors(self, model: nn.Module, targets: dict[str, nn.Linear]) -> list[torch.Tensor]:
+        """Tensors of ``model`` besides the targets that :meth:`apply` changes in place (e.g. norms
+        that fine-tuning trains): ``quantize_model`` keeps copies to put back if quantization fails."""
+        return []
+
     def apply(self, model: nn.Module, targets: dict[str, nn.Linear], calibration_data: Iterable | None,
               swap: SwapFn, progress: bool = True) -> None:
         """Quantize every target layer and swap it in; the default needs no data."""
         from tqdm.auto import tqdm
 
-        for fqn, linear in tqdm(list(targets.items()), desc=f"{self.method} quantize", disable=not progress):
-            swap(fqn, self.quantize_weight(check_weight(linear.weight, f"{fqn}.weight")))
+        weights = {fqn: check_weight(linear.weight, f"{fqn}.weight") for fqn, linear in targets.items()}  # all first
+        for fqn, weight in tqdm(list(weights.items()), desc=f"{self.method} quantize", disable=not progress):
+            swap(fqn, self.quantize_weight(weight))
 
     def to_dict(self) -> dict:
         out = {"method": self.method}

@@ -404,6 +404,13 @@ class _TrainableQuant(nn.Module):
         q.invalidate()
 
 
+def _norm_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a block's normalisation layers (LayerNorm, RMSNorm and kin)."""
+    norms = [m for m in block.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
+             or type(m).__name__.lower().endswith(("layernorm", "rmsnorm"))]
+    return [p for m in norms for p in m.parameters(recurse=False)]
+
+
 def _set_child(root: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, child = fqn.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -544,7 +551,15 @@ class UniSVQConfig(QuantConfig):
         with _num_threads(self.threads):
             self._apply(model, targets, calibration_data, swap, progress)
 
+    def mutated_tensors(self, model, targets) -> list[torch.Tensor]:
+        """The norms of the transformer blocks, which block fine-tuning trains."""
+        if not (self.finetune and self.ft_epochs > 0):
+            return []
+        return [p for block in find_blocks(model, targets)[1] for p in _norm_parameters(block)]
+
     def _apply(self, model, targets, calibration_data, swap, progress) -> None:
+        for fqn, linear in targets.items():  # every weight before any work, named
+            check_weight(linear.weight, f"{fqn}.weight")
         data = cal.materialize(calibration_data)
         cal.check_token_ids(model, data)
         if not targets:
@@ -686,9 +701,7 @@ class UniSVQConfig(QuantConfig):
         gen = torch.Generator().manual_seed(self.seed * 7919 + index)
         order = torch.randperm(len(inputs), generator=gen).tolist()
         hold, train = (order[:n_hold], order[n_hold:]) if n_hold else (order, order)
-        norms = [m for m in block.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))
-                 or type(m).__name__.lower().endswith(("layernorm", "rmsnorm"))]
-        norm_params = [p for m in norms for p in m.parameters(recurse=False)]
+        norm_params = _norm_parameters(block)
         wrappers = {fqn: _TrainableQuant(q) for fqn, q in layers.items()}
         wrap_params = [p for w in wrappers.values() for p in w.parameters()]
         flags = {p: p.requires_grad for p in block.parameters()}
