@@ -153,9 +153,14 @@ class Blocks(nn.Module):
 def test_unisvq_rejects_nan_in_a_late_block_before_quantizing_anything():
     model = Blocks().eval()
     with torch.no_grad():
-        model.layers[2].fc1.weight[0, 0] = float("inf")  # NaN/Inf appear only inside the last block
+        model.layers[2].fc1.weight[0, :] = 3e38  # finite weights; Inf appears only inside the last block
     data = [_batch(torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(i)), [5, 3]) for i in range(3)]
     with pytest.raises(ValueError, match=r"layers\.2\.fc2.*NaN or Inf"):
+        pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
+    assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
+    with torch.no_grad():  # a non-finite weight is named before any calibration pass
+        model.layers[2].fc1.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layers\.2\.fc1\.weight holds NaN or Inf"):
         pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
     assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
 
