@@ -20,6 +20,15 @@ from . import _hf_hook  # noqa: E402
 
 _hf_hook.install()  # quant_method "pyquant" for transformers' from_pretrained / save_pretrained
 
+
+def __getattr__(name: str):
+    # pyquant.hf (which imports transformers) on first use, so `import pyquant` stays light
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.hf")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DAQConfig", "FORMAT_VERSION", "PackedWeight", "QuantConfig", "QuantLinear", "RTNConfig", "UniSVQConfig", "bits_per_weight",
     "dequantize", "kernels", "load_quantized", "lora", "ops", "quantize_model", "save_quantized",

@@ -312,3 +312,10 @@ def test_import_pyquant_does_not_import_transformers():
     code = "import sys, pyquant; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-1500:]
+
+
+def test_pyquant_hf_is_reachable_as_an_attribute():
+    code = ("import sys, pyquant; c = pyquant.hf.PyquantConfig(method='rtn'); "
+            "print(c.quant_method, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["pyquant", "True"], out.stderr[-1500:]
