@@ -107,7 +107,7 @@ import_check() {
 import torch, pyquant
 from pyquant import kernels
 from pyquant.backends import cuda
-print("pyquant._C_cuda import error:", cuda._IMPORT_ERROR)
+print("pyquant._C_cuda import error:", pyquant.ops.CUDA_IMPORT_ERROR)
 print("available backends:", kernels.available_backends())
 print("cuda backend available:", cuda.available())
 raise SystemExit(0 if cuda.available() else 1)

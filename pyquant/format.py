@@ -76,6 +76,13 @@ def codebook(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return code_vectors(A.device).to(A.dtype) @ A.T + b
 
 
+def check_block(block, dim, name: str, dim_name: str) -> None:
+    """A Hadamard block size: 0 (none) or a power of two dividing the dimension (an int, not a bool)."""
+    if (not isinstance(block, int) or isinstance(block, bool) or block < 0
+            or (block and (block & (block - 1) or dim % block))):
+        raise ValueError(f"{name} must be 0 or a power of two dividing {dim_name}={dim}, got {block!r}")
+
+
 @dataclass
 class PackedWeight:
     """One quantized ``[N, K]`` weight in the packed format (see module docstring).
@@ -123,10 +130,8 @@ class PackedWeight:
                 raise ValueError(f"{name} is on {t.device} but codes are on {self.codes.device}")
             if t.device.type != "meta" and not torch.isfinite(t).all():  # meta: a skeleton, no values yet
                 raise ValueError(f"{name} holds NaN or Inf")
-        for name, block, dim in (("had_in", self.had_in, k), ("had_out", self.had_out, n)):
-            if (not isinstance(block, int) or isinstance(block, bool) or block < 0
-                    or (block and (block & (block - 1) or dim % block))):
-                raise ValueError(f"{name} must be 0 or a power of two dividing {dim}, got {block!r}")
+        check_block(self.had_in, k, "had_in", "K")
+        check_block(self.had_out, n, "had_out", "N")
         return self
 
     def to(self, device) -> "PackedWeight":

@@ -32,7 +32,7 @@ import importlib
 
 import torch
 
-from .format import VECTOR_DIM, codebook, unpack_codes
+from .format import VECTOR_DIM, check_block, codebook, unpack_codes
 from .hadamard import blockwise_hadamard
 
 try:
@@ -53,12 +53,6 @@ _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------- shape checks
-
-def _check_block(block: int, dim, name: str, dim_name: str) -> None:
-    if not isinstance(block, int) or isinstance(block, bool) or block < 0 or (
-            block and (block & (block - 1) or dim % block)):
-        raise ValueError(f"{name} must be 0 or a power of two dividing {dim_name}={dim}, got {block!r}")
-
 
 def _check_tensor(t, name: str, shape: tuple, dtypes: tuple, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
@@ -96,8 +90,8 @@ def check_linear_args(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out) ->
     _check_tensor(sv, "sv", (n,), _SCALE_DTYPES, x.device)
     if bias is not None:
         _check_tensor(bias, "bias", (n,), _SCALE_DTYPES, x.device)
-    _check_block(had_in, k, "had_in", "K")
-    _check_block(had_out, n, "had_out", "N")
+    check_block(had_in, k, "had_in", "K")
+    check_block(had_out, n, "had_out", "N")
     return x.shape[0], n, k
 
 

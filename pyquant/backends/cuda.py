@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ..format import unpack_codes
-from ..ops import CUDA_IMPORT_ERROR, CUDA_K_ALIGN as K_ALIGN, CUDA_ROW_ALIGN as ROW_ALIGN, INPUT_DTYPES, _C_cuda
+from ..ops import CUDA_K_ALIGN as K_ALIGN, CUDA_ROW_ALIGN as ROW_ALIGN, INPUT_DTYPES, _C_cuda
 
 NAME = "cuda"
-_IMPORT_ERROR = CUDA_IMPORT_ERROR
 
 # Must match csrc/cuda/qlinear_cuda.h.
 MAX_HAD = 256      # largest Hadamard block (one warp's span of 8 values per lane)
