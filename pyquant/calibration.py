@@ -37,6 +37,8 @@ class CalibrationError(ValueError):
 
 
 def _check_tensor(t: torch.Tensor, where: str) -> None:
+    if t.device.type == "meta":
+        raise CalibrationError(f"{where} is on the meta device: it has no values to calibrate with")
     if t.numel() == 0:
         raise CalibrationError(f"{where} is empty (shape {tuple(t.shape)})")
     if t.is_floating_point() and not torch.isfinite(t).all():

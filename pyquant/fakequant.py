@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .format import MAX_WEIGHT
+
 __all__ = [
     "FP8_MAX",
     "Grid",
@@ -35,6 +37,7 @@ __all__ = [
     "fake_quantize_rows_ste",
     "DequantLinear",
     "scale_grid_shape",
+    "check_scale_block",
 ]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -80,6 +83,14 @@ def block_shape(shape: tuple[int, int], granularity: str, block: int = 128) -> t
     raise ValueError(f"granularity must be 'block', 'row' or 'tensor', got {granularity!r}")
 
 
+def check_scale_block(block) -> tuple[int, int]:
+    """A scale block: two positive ints ``(rows, cols)`` (larger than the weight = one block)."""
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"block must be two positive ints (rows, cols), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def scale_grid_shape(shape, block) -> tuple[int, int]:
     """Shape of the per-block scale grid of a ``shape`` weight (edge blocks may be partial)."""
     return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
@@ -90,8 +101,10 @@ def expand_scales(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int
     if tuple(scales.shape) != scale_grid_shape(shape, block):
         raise ValueError(f"scales must have shape {scale_grid_shape(shape, block)} for a {tuple(shape)} weight "
                          f"with block {block}, got {tuple(scales.shape)}")
-    full = scales.repeat_interleave(block[0], dim=0)[: shape[0]]
-    return full.repeat_interleave(block[1], dim=1)[:, : shape[1]]
+    # a gather, not repeat_interleave: a block far larger than the weight costs nothing extra
+    rows = torch.arange(shape[0], device=scales.device) // block[0]
+    cols = torch.arange(shape[1], device=scales.device) // block[1]
+    return scales[rows][:, cols]
 
 
 def block_reduce_amax(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -149,16 +162,19 @@ class DequantLinear(nn.Module):
                  bias: torch.Tensor | None = None, method: str = "unknown"):
         super().__init__()
         g = parse_grid(grid)
+        block = check_scale_block(block)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != g.code_dtype:
             raise TypeError(f"codes must be a 2-D {g.code_dtype} tensor for grid {grid!r}, "
                             f"got {getattr(codes, 'dtype', type(codes))}")
         if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
             raise TypeError("scales must be an fp32 tensor")
-        expand_scales(scales, tuple(codes.shape), tuple(block))  # validates the scale grid's shape
+        if tuple(scales.shape) != scale_grid_shape(codes.shape, block):
+            raise ValueError(f"scales must have shape {scale_grid_shape(codes.shape, block)} for a "
+                             f"{tuple(codes.shape)} weight with block {block}, got {tuple(scales.shape)}")
         if bias is not None and tuple(bias.shape) != (codes.shape[0],):
             raise ValueError(f"bias must have shape ({codes.shape[0]},), got {tuple(bias.shape)}")
         self.out_features, self.in_features = codes.shape
-        self.grid, self.block, self.method = g.name, (int(block[0]), int(block[1])), method
+        self.grid, self.block, self.method = g.name, block, method
         self.register_buffer("codes", codes.detach().clone())
         self.register_buffer("scales", scales.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
@@ -175,6 +191,9 @@ class DequantLinear(nn.Module):
         if not torch.isfinite(self.scales).all() or bool((self.scales <= 0).any()):
             raise ValueError("scales must be finite and positive")
         grid = parse_grid(self.grid)
+        if float(self.scales.max()) * grid.qmax > MAX_WEIGHT:
+            raise ValueError(f"scales allow weights up to {float(self.scales.max()) * grid.qmax:.3g}, above "
+                             f"{MAX_WEIGHT:g}: outputs would overflow (a damaged checkpoint?)")
         codes = self.codes.float()
         if not torch.isfinite(codes).all() or bool((codes.abs() > grid.qmax).any()):
             raise ValueError(f"codes must lie on the {grid.name} grid (|code| <= {grid.qmax})")

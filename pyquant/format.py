@@ -21,7 +21,9 @@ equivalent dense ``W`` and is the ground truth every kernel is tested against.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -29,7 +31,9 @@ from .hadamard import blockwise_hadamard
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
     "PackedWeight",
+    "checksum",
     "pack_codes",
     "unpack_codes",
     "code_vectors",
@@ -39,9 +43,15 @@ __all__ = [
     "bits_per_weight",
 ]
 
-FORMAT_VERSION = 1
+# 2: every saved layer carries the sha256 of its tensors (``checksum``); 1 (no checksum) still loads.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 VECTOR_DIM = 4
 SCALE_DTYPES = (torch.float16, torch.float32)
+SCALE_DTYPE_NAMES = {"float16": torch.float16, "float32": torch.float32}  # as a checkpoint spells them
+# A layer that could make a weight larger than this is refused: no trained network has one, and its
+# outputs would overflow fp32 (3.4e38) for ordinary inputs. Such values come from damaged files.
+MAX_WEIGHT = 1e30
 
 
 def pack_codes(z: torch.Tensor) -> torch.Tensor:
@@ -132,12 +142,41 @@ class PackedWeight:
                 raise ValueError(f"{name} holds NaN or Inf")
         check_block(self.had_in, k, "had_in", "K")
         check_block(self.had_out, n, "had_out", "N")
+        if self.codes.device.type != "meta":
+            self._check_magnitudes()
         return self
+
+    def _check_magnitudes(self) -> None:
+        """No scale is all zeros (the layer would be constant: quantizers store even an all-zero
+        weight with nonzero scales), and no weight can exceed :data:`MAX_WEIGHT`."""
+        for name in ("A", "su", "sv", "w_scale"):
+            if not bool(getattr(self, name).any()):
+                raise ValueError(f"{name} is all zeros: the layer would ignore its input (a damaged checkpoint?)")
+        # |W[n, k]| <= w_scale * max|c(z)| * sqrt(had_in * had_out) * max|su| * max|sv|: an orthonormal
+        # Hadamard block of size h grows an entry by at most sqrt(h).
+        bound = (self.w_scale.abs().double() * codebook(self.A.double(), self.b.double()).abs().max()
+                 * max(self.had_in, 1) ** 0.5 * max(self.had_out, 1) ** 0.5
+                 * self.su.abs().max().double() * self.sv.abs().max().double())
+        if bound > MAX_WEIGHT:
+            raise ValueError(f"w_scale, A, b, su and sv allow weights up to {float(bound):.3g}, above {MAX_WEIGHT:g}: "
+                             f"outputs would overflow (a damaged checkpoint?)")
 
     def to(self, device) -> "PackedWeight":
         move = {k: getattr(self, k).to(device) for k in ("codes", "A", "b", "su", "sv", "w_scale")}
         return PackedWeight(**move, had_in=self.had_in, had_out=self.had_out, seed=self.seed,
                             method=self.method, extra=dict(self.extra))
+
+
+def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order. Saved with
+    every layer (format version 2) and checked on load, so that a damaged checkpoint (a flipped
+    bit, a zeroed scale, an edited header) fails loudly instead of computing something else."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer, no copy
+    return h.hexdigest()
 
 
 def dequantize_rotated(pw: PackedWeight) -> torch.Tensor:

@@ -29,7 +29,6 @@ Without ``import pyquant`` transformers does not know ``quant_method: "pyquant"`
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
 from torch import nn
 # The submodules, not the package: this module is imported while transformers.quantizers itself
 # is still being imported (see _hf_hook).
@@ -37,8 +36,8 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .format import FORMAT_VERSION
-from .io import layer_entry, skeleton_layer
+from .format import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
+from .io import check_tensor, layer_entry, read_header, skeleton_layer, verify_checksum_of
 from .nn import QuantLinear, is_conv1d, linear_view, quantize_model, quantized_modules, set_submodule
 from .quantizers import RTNConfig
 
@@ -77,9 +76,9 @@ class PyquantConfig(QuantizationConfigMixin):
     def post_init(self):
         if not isinstance(self.method, str):
             raise TypeError(f"PyquantConfig.method must be a str, got {type(self.method).__name__}")
-        if self.format_version != FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"PyquantConfig.format_version {self.format_version!r} is unknown; this pyquant reads "
-                             f"version {FORMAT_VERSION}")
+                             f"versions {list(READABLE_FORMAT_VERSIONS)}")
         if not isinstance(self.layers, dict):
             raise TypeError("PyquantConfig.layers must be a dict {module name: entry}")
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
@@ -103,22 +102,6 @@ class PyquantConfig(QuantizationConfigMixin):
                    modules_to_not_convert=skipped, **kwargs)
 
 
-def _header_shapes(checkpoint_files) -> dict[str, tuple[str, tuple]]:
-    """``{tensor name: (dtype, shape)}`` from the safetensors headers (no tensor data is read)."""
-    out = {}
-    for f in checkpoint_files or ():
-        if not str(f).endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    sl = h.get_slice(key)
-                    out[key] = (sl.get_dtype(), tuple(sl.get_shape()))
-        except Exception as e:  # a truncated or corrupt file
-            raise ValueError(f"{f} is truncated or corrupt: {e}") from e
-    return out
-
-
 def _excluded(fqn: str, skip: list[str]) -> bool:
     return any(fqn == s or fqn.startswith(s + ".") or fqn.endswith("." + s) or s in fqn.split(".") for s in skip)
 
@@ -139,7 +122,7 @@ class PyquantHfQuantizer(HfQuantizer):
         layers = self.quantization_config.layers
         if not layers:
             raise ValueError("this checkpoint's quantization_config (quant_method 'pyquant') lists no layers")
-        on_disk = _header_shapes(checkpoint_files)
+        on_disk = read_header(f for f in checkpoint_files or () if str(f).endswith(".safetensors"))
         prefix = model.base_model_prefix
         for fqn, entry in layers.items():
             try:
@@ -168,15 +151,11 @@ class PyquantHfQuantizer(HfQuantizer):
 
     @staticmethod
     def _check_tensors(fqn: str, layer: nn.Module, on_disk: dict, prefix: str) -> None:
-        """Every tensor the layer needs is in the checkpoint with its shape."""
+        """Every tensor the layer needs is in the checkpoint with its dtype and shape."""
         for name, t in layer.state_dict().items():
             key = f"{fqn}.{name}"
             found = on_disk.get(key) or on_disk.get(f"{prefix}.{key}") or on_disk.get(key.removeprefix(prefix + "."))
-            if found is None:
-                raise ValueError(f"the checkpoint lacks tensor {key!r} of quantized layer {fqn!r}")
-            if found[1] != tuple(t.shape):
-                raise ValueError(f"tensor {key!r} has shape {list(found[1])} in the checkpoint, its config says "
-                                 f"{list(t.shape)}")
+            check_tensor(key, t, found)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
@@ -195,6 +174,8 @@ class PyquantHfQuantizer(HfQuantizer):
             if bad:
                 raise ValueError(f"quantized layer {fqn!r} did not get {bad} from the checkpoint")
             try:
+                verify_checksum_of(layer.state_dict(), self.quantization_config.layers.get(fqn, {}),
+                                   self.quantization_config.format_version)
                 layer.validate()
             except (ValueError, TypeError) as e:
                 raise ValueError(f"checkpoint layer {fqn!r} is invalid: {e}") from e
@@ -202,6 +183,15 @@ class PyquantHfQuantizer(HfQuantizer):
                 layer.invalidate()
         model.pyquant_skipped = {n: "not converted" for n in self.quantization_config.modules_to_not_convert or ()}
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """(``save_pretrained`` calls this before it writes ``config.json``.) The layer entries are
+        made now, from the tensors being saved: their checksums must be those of the file, whatever
+        changed since the model was quantized."""
+        self.quantization_config.layers = {fqn: layer_entry(m) for fqn, m in quantized_modules(model).items()}
+        self.quantization_config.format_version = FORMAT_VERSION
+        model.config.quantization_config = self.quantization_config
+        return None, {}
 
     def is_serializable(self):
         return True

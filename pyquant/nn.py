@@ -231,6 +231,9 @@ def quantize_model(model: nn.Module, config: QuantConfig,
             skipped[fqn] = f"in_features={linear.in_features} is not divisible by 4"
         elif linear.out_features == 0 or linear.in_features == 0:
             skipped[fqn] = f"empty: {linear.in_features} -> {linear.out_features}"
+        elif linear.weight.device.type == "meta":
+            raise ValueError(f"{fqn}.weight is on the meta device: it has no values to quantize (load the "
+                             f"weights first; a checkpoint larger than memory is not read this way)")
         else:
             targets[fqn] = linear
             if linear is not module:

@@ -25,6 +25,24 @@ def random_packed(n: int, k: int, *, hadamard: bool = True, seed: int = 0, scale
     ).validate().to(device)
 
 
+def rehash_checkpoint(path) -> None:
+    """Give every layer of a pyquant directory checkpoint the checksum of the tensors now in its
+    file: a checkpoint made damaged by its writer, so that a test reaches the checks behind the
+    checksum (validation of values, shapes, dtypes)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pyquant.format import checksum
+
+    cfg_file = path / "quantization_config.json"
+    config, tensors = json.loads(cfg_file.read_text()), load_file(path / "model.safetensors")
+    for fqn, entry in config["layers"].items():
+        entry["sha256"] = checksum({k.removeprefix(fqn + "."): v for k, v in tensors.items()
+                                    if k.startswith(fqn + ".") and "." not in k.removeprefix(fqn + ".")})
+    cfg_file.write_text(json.dumps(config))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

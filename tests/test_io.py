@@ -8,6 +8,8 @@ from torch import nn
 import pyquant
 from pyquant import io as pio
 
+from conftest import rehash_checkpoint
+
 
 class Net(nn.Module):
     def __init__(self, width=64):
@@ -167,5 +169,8 @@ def test_daq_checkpoint_with_bad_scales_is_rejected(tmp_path):
     tensors = load_file(path / "model.safetensors")
     tensors["up.scales"] = -tensors["up.scales"]
     save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="'up'.*checksum"):
+        pyquant.load_quantized(Net(), path)
+    rehash_checkpoint(path)  # a checkpoint written with these scales: validation catches them
     with pytest.raises(ValueError, match="'up'.*scales must be finite and positive"):
         pyquant.load_quantized(Net(), path)

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -130,7 +131,7 @@ struct TokenMath {
     return wide ? cpu::avx512::transform_activations(xt, K, had, A, b, amax)
                 : cpu::transform_activations(xt, K, had, A, b, amax);
   }
-  float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) const {
+  double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) const {
     return wide ? cpu::avx512::encode_int(xt, amax, G, plane, dst) : cpu::encode_int(xt, amax, G, plane, dst);
   }
   template <typename D>
@@ -152,6 +153,7 @@ struct Layer {
   Layer(Layer&&) = default;
   Layer(const Layer&) = delete;  // a copy would leave the pointers in the original's buffers
   float A[16], b[4], w_scale;
+  bool A_finite;  // a NaN or Inf in A makes every codeword, so every output, NaN
   int64_t N, K, K4, G, had_in, had_out;
 };
 
@@ -179,7 +181,11 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   }
   const auto Ac = A.contiguous();
   const auto bc = b.contiguous();
-  for (int i = 0; i < 16; ++i) L.A[i] = Ac.data_ptr<float>()[i];
+  L.A_finite = true;
+  for (int i = 0; i < 16; ++i) {
+    L.A[i] = Ac.data_ptr<float>()[i];
+    L.A_finite = L.A_finite && std::isfinite(L.A[i]);
+  }
   for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
   L.w_scale = *w_scale.data_ptr<float>();  // (checked: a CPU float32 scalar; .item() costs a dispatch)
   L.su = vector_f32(su, L.K, "su", L.su_buf);
@@ -211,7 +217,7 @@ constexpr int64_t kTokenGrain = 32768;
 // Pass 1 for token m: writes the kernel's activation layout, returns (scale, const).
 template <typename T>
 void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode, bool plane, int64_t M, void* act,
-                    float* scale, double* cst) {
+                    double* scale, double* cst) {
   const float* su = L.su;
   at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.K), [&](int64_t m0, int64_t m1) {
     std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
@@ -219,10 +225,11 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
       float amax;
       math.scale_input(x + m * L.K, su, L.K, xt.data());
       cst[m] = math.transform(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
+      if (!L.A_finite) amax = std::numeric_limits<float>::quiet_NaN();  // max() may have dropped the NaN
       if (mode == Mode::kInt) {
         scale[m] = math.encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
       } else {
-        scale[m] = 1.f;
+        scale[m] = 1.0;
         cpu::encode_float(xt.data(), L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
       }
     }
@@ -231,9 +238,10 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
 
 // Pass 3: y[m] = sv * H_out(w_scale * (scale[m] * dot[m] + cst[m])) + bias, in T.
 // int32 and fp32 dot products are scaled in fp32 (vectorized; V < 2^31 rounds to float with a
-// relative error of 6e-8), int64 ones in double. fp32 outputs are transformed in place in y.
+// relative error of 6e-8), int64 ones in double, and so are tokens whose scale is near the bottom
+// of the float range (|x| ~ 1e-37 and below). fp32 outputs are transformed in place in y.
 template <typename T, typename D>
-void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t M, const float* scale,
+void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t M, const double* scale,
                    const double* cst, T* y) {
   const float* sv = L.sv;
   const float* bias = L.bias;
@@ -244,9 +252,13 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
       float* row = kFloatOut ? reinterpret_cast<float*>(y + m * L.N) : tmp.data();
       const D* d = dot + m * L.N;
       const double a = static_cast<double>(L.w_scale) * scale[m], c = static_cast<double>(L.w_scale) * cst[m];
-      if constexpr (std::is_same_v<D, int64_t>) {
+      // In double for int64 dot products, and for a token so small that a is near or below the
+      // float range (a subnormal a would keep only a few bits).
+      bool in_double = a != 0.0 && std::abs(a) < 0x1p-100;
+      if constexpr (std::is_same_v<D, int64_t>) in_double = true;
+      if (in_double) {
         for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
-      } else {
+      } else if constexpr (!std::is_same_v<D, int64_t>) {
         math.dequant_row(d, L.N, static_cast<float>(a), static_cast<float>(c), row);
       }
       math.output_transform(row, L.N, L.had_out, sv, bias);
@@ -332,7 +344,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
   const RowSplit split(L.N, L.N * L.K * M);
   const T* xp = x.data_ptr<T>();
   const TokenMath math{isa == Isa::kAvx512};
-  std::vector<float> scale(M);
+  std::vector<double> scale(M);
   std::vector<double> cst(M);
   if (mode == Mode::kInt) {
     const bool narrow = L.K <= cpu::kInt32MaxK;

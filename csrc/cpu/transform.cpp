@@ -47,6 +47,14 @@ double finish_constant(const double* sums, const float* b, float mx, float* amax
   return c;
 }
 
+IntScale int_scale(float amax) {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  if (!std::isfinite(amax)) return {0.f, static_cast<double>(kNaN), 1.f};  // rounds to 0; the NaN scale makes the outputs NaN
+  if (amax == 0.f) return {0.f, 0.f, 1.f};
+  const float pre = amax < 0x1p-100f ? 0x1p100f : 1.f;  // amax * 2^100 >= 2^-49: inv stays finite
+  return {static_cast<float>(kQMax) / (amax * pre), static_cast<double>(amax) / kQMax, pre};
+}
+
 void scale_input(const float* x, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; ++k) xt[k] = x[k] * su[k];
 }
@@ -151,9 +159,11 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
   return finish_constant(s, b, _mm_cvtss_f32(mx), amax);
 }
 
-float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
-  const float inv_s = amax > 0.f ? static_cast<float>(kQMax) / amax : 0.f;
-  const __m128 inv = _mm_set1_ps(inv_s);
+double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
+  const IntScale q = int_scale(amax);
+  if (q.pre != 1.f)
+    for (int64_t i = 0; i < G * kGroupElems; ++i) xt[i] *= q.pre;
+  const __m128 inv = _mm_set1_ps(q.inv);
   for (int64_t g = 0; g < G; ++g) {
     const float* src = xt + g * kGroupElems;
     if (plane) {
@@ -185,7 +195,7 @@ float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst
       }
     }
   }
-  return inv_s > 0.f ? amax / static_cast<float>(kQMax) : 0.f;
+  return q.s;
 }
 
 void encode_float(const float* xt, int64_t G, float* dst) {

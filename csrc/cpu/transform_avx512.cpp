@@ -145,9 +145,11 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
   return finish_constant(s, b, _mm512_reduce_max_ps(mx), amax);
 }
 
-float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
-  const float inv_s = amax > 0.f ? static_cast<float>(kQMax) / amax : 0.f;
-  const __m512 inv = _mm512_set1_ps(inv_s);
+double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
+  const IntScale q = int_scale(amax);
+  if (q.pre != 1.f)
+    for (int64_t i = 0; i < G * kGroupElems; ++i) xt[i] *= q.pre;
+  const __m512 inv = _mm512_set1_ps(q.inv);
   for (int64_t g = 0; g < G; ++g) {
     const float* src = xt + g * kGroupElems;
     if (plane) {
@@ -176,7 +178,7 @@ float encode_int(const float* xt, float amax, int64_t G, bool plane, int8_t* dst
       }
     }
   }
-  return inv_s > 0.f ? amax / static_cast<float>(kQMax) : 0.f;
+  return q.s;
 }
 
 void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row) {
