@@ -22,6 +22,7 @@ equivalent dense ``W`` and is the ground truth every kernel is tested against.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -167,11 +168,13 @@ class PackedWeight:
                             method=self.method, extra=dict(self.extra))
 
 
-def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order. Saved with
-    every layer (format version 2) and checked on load, so that a damaged checkpoint (a flipped
-    bit, a zeroed scale, an edited header) fails loudly instead of computing something else."""
+def checksum(tensors: Mapping[str, torch.Tensor], fields: Mapping | None = None) -> str:
+    """sha256 (hex) of named tensors (names, dtypes, shapes and bytes, in name order) and of the
+    JSON ``fields`` that change what they compute (Hadamard blocks, grid). Saved with every layer
+    (format version 2) and checked on load, so that a damaged checkpoint (a flipped bit, a zeroed
+    scale, an edited header or block size) fails loudly instead of computing something else."""
     h = hashlib.sha256()
+    h.update(json.dumps(dict(fields or {}), sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())

@@ -45,12 +45,20 @@ FORMAT_NAME = "pyquant-affine-int2-d4"
 
 def layer_entry(layer: QuantLinear | DequantLinear) -> dict:
     entry = {"method": layer.method, "in_features": layer.in_features, "out_features": layer.out_features,
-             "bias": layer.bias is not None, "sha256": checksum(layer.state_dict())}
+             "bias": layer.bias is not None}
     if isinstance(layer, DequantLinear):
-        return {**entry, "kind": "dequant", "grid": layer.grid, "block": list(layer.block)}
-    return {**entry, "kind": "packed", "had_in": layer.had_in, "had_out": layer.had_out, "seed": layer.seed,
-            "su_dtype": str(layer.su.dtype).removeprefix("torch."),
-            "sv_dtype": str(layer.sv.dtype).removeprefix("torch.")}
+        entry.update(kind="dequant", grid=layer.grid, block=list(layer.block))
+    else:
+        entry.update(kind="packed", had_in=layer.had_in, had_out=layer.had_out, seed=layer.seed,
+                     su_dtype=str(layer.su.dtype).removeprefix("torch."),
+                     sv_dtype=str(layer.sv.dtype).removeprefix("torch."))
+    return {**entry, "sha256": checksum(layer.state_dict(), checksum_fields(entry))}
+
+
+def checksum_fields(entry: dict) -> dict:
+    """The entry's fields that change what its tensors compute: covered by its checksum (the
+    shapes and dtypes are the tensors' own; method and seed are records)."""
+    return {k: entry.get(k) for k in ("kind", "had_in", "had_out", "grid", "block")}
 
 
 def _field(entry: dict, key: str, types: tuple, what: str):
@@ -103,8 +111,9 @@ def verify_checksum_of(tensors: dict, entry: dict, version: int) -> None:
         return
     if not isinstance(expected, str):
         raise ValueError(f"sha256 must be the hex checksum of the layer's tensors, got {expected!r}")
-    if checksum(tensors) != expected:
-        raise ValueError("its tensors do not match the checksum saved with them: the checkpoint is damaged")
+    if checksum(tensors, checksum_fields(entry)) != expected:
+        raise ValueError("its tensors and block sizes do not match the checksum saved with them: the checkpoint "
+                         "is damaged")
 
 
 def hf_quantization_config(path: str | os.PathLike) -> dict | None:

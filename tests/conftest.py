@@ -34,12 +34,14 @@ def rehash_checkpoint(path) -> None:
     from safetensors.torch import load_file
 
     from pyquant.format import checksum
+    from pyquant.io import checksum_fields
 
     cfg_file = path / "quantization_config.json"
     config, tensors = json.loads(cfg_file.read_text()), load_file(path / "model.safetensors")
     for fqn, entry in config["layers"].items():
         entry["sha256"] = checksum({k.removeprefix(fqn + "."): v for k, v in tensors.items()
-                                    if k.startswith(fqn + ".") and "." not in k.removeprefix(fqn + ".")})
+                                    if k.startswith(fqn + ".") and "." not in k.removeprefix(fqn + ".")},
+                                   checksum_fields(entry))
     cfg_file.write_text(json.dumps(config))
 
 
