@@ -168,6 +168,8 @@ def quantize_cmd(args) -> int:
     if args.vector and not Path(args.vector).is_file():
         raise CliError(f"--vector {args.vector}: no such file")
     _check_out(Path(args.out))
+    if args.stream:
+        return _stream(args)
     calibration = _calibration_texts(args)
 
     model, tokenizer = _load_hf(args.model)
@@ -183,6 +185,19 @@ def quantize_cmd(args) -> int:
     path = save_quantized(model, args.out)
     tokenizer.save_pretrained(path)  # self-contained: from_pretrained needs nothing else
     print(f"{len(quantized_modules(model))} layers, {bits_per_weight(model):.3f} bits/weight, saved to {path}")
+    return 0
+
+
+def _stream(args) -> int:
+    """``quantize --stream``: tensor by tensor, never holding the dense model (data-free RTN)."""
+    from .streaming import quantize_checkpoint
+
+    if args.method not in ("rtn", "best") or args.vector or args.base or args.model == "minilm":
+        raise CliError("--stream takes a model directory and --method rtn (the data-free method), without "
+                       "--vector / --base")
+    t0 = time.perf_counter()
+    path = quantize_checkpoint(args.model, args.out, filter_fn=encoder_filter if args.encoder_only else None)
+    print(f"streamed {args.model} -> {path} in {time.perf_counter() - t0:.0f} s (RTN, 2 bits)")
     return 0
 
 
@@ -261,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", type=int, default=128, help="calibration texts (at most)")
     p.add_argument("--calibration-file", help="a text file: one calibration text per non-empty line "
                    "(default: real sentences that ship with Python)")
+    p.add_argument("--stream", action="store_true", help="read the checkpoint one tensor at a time (RTN; for "
+                   "checkpoints larger than memory)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.set_defaults(func=quantize_cmd)
 

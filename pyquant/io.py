@@ -121,8 +121,8 @@ def hf_quantization_config(path: str | os.PathLike) -> dict | None:
     cfg = Path(path) / "config.json"
     try:
         qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{cfg} is not a valid config.json ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{cfg} is not a valid config.json ({type(e).__name__}: {e})") from None
     return qc if isinstance(qc, dict) and qc.get("quant_method") == "pyquant" else None
 
 

@@ -217,27 +217,11 @@ def quantize_model(model: nn.Module, config: QuantConfig,
         raise TypeError(f"config must be a pyquant QuantConfig (e.g. pyquant.RTNConfig()), got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, fqn) -> bool")
-    head = model.get_output_embeddings() if filter_fn is None and is_transformers_model(model) else None
-    targets, skipped, conv1d = {}, {}, {}
-    for fqn, module in list(model.named_modules()):
-        linear = linear_view(module) if is_conv1d(module) else module
-        if not isinstance(linear, nn.Linear):
-            continue
-        if head is not None and module is head:
-            skipped[fqn] = "the output head stays in full precision by default (pass a filter_fn to quantize it)"
-        elif filter_fn is not None and not filter_fn(linear, fqn):
-            skipped[fqn] = "excluded by filter_fn"
-        elif linear.in_features % 4:
-            skipped[fqn] = f"in_features={linear.in_features} is not divisible by 4"
-        elif linear.out_features == 0 or linear.in_features == 0:
-            skipped[fqn] = f"empty: {linear.in_features} -> {linear.out_features}"
-        elif linear.weight.device.type == "meta":
-            raise ValueError(f"{fqn}.weight is on the meta device: it has no values to quantize (load the "
-                             f"weights first; a checkpoint larger than memory is not read this way)")
-        else:
-            targets[fqn] = linear
-            if linear is not module:
-                conv1d[fqn] = module
+    targets, skipped, conv1d = select_targets(model, filter_fn)
+    for fqn, linear in targets.items():
+        if linear.weight.device.type == "meta":
+            raise ValueError(f"{fqn}.weight is on the meta device: it has no values to quantize (load the weights "
+                             f"first; pyquant.streaming.quantize_checkpoint reads a checkpoint larger than memory)")
     if skipped:
         log.info("pyquant: left %d linear layers unquantized: %s", len(skipped), skipped)
     if not targets:
@@ -272,6 +256,31 @@ def quantize_model(model: nn.Module, config: QuantConfig,
 
         attach(model)  # so that model.save_pretrained writes a pyquant quantization_config
     return model
+
+
+def select_targets(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
+                   ) -> tuple[dict[str, nn.Linear], dict[str, str], dict[str, nn.Module]]:
+    """The layers :func:`quantize_model` takes: ``(targets, skipped, conv1d)``: fqn -> ``nn.Linear``
+    (a transposed view for a ``Conv1D``), fqn -> why a linear layer is left, fqn -> the ``Conv1D``."""
+    head = model.get_output_embeddings() if filter_fn is None and is_transformers_model(model) else None
+    targets, skipped, conv1d = {}, {}, {}
+    for fqn, module in list(model.named_modules()):
+        linear = linear_view(module) if is_conv1d(module) else module
+        if not isinstance(linear, nn.Linear):
+            continue
+        if head is not None and module is head:
+            skipped[fqn] = "the output head stays in full precision by default (pass a filter_fn to quantize it)"
+        elif filter_fn is not None and not filter_fn(linear, fqn):
+            skipped[fqn] = "excluded by filter_fn"
+        elif linear.in_features % 4:
+            skipped[fqn] = f"in_features={linear.in_features} is not divisible by 4"
+        elif linear.out_features == 0 or linear.in_features == 0:
+            skipped[fqn] = f"empty: {linear.in_features} -> {linear.out_features}"
+        else:
+            targets[fqn] = linear
+            if linear is not module:
+                conv1d[fqn] = module
+    return targets, skipped, conv1d
 
 
 def is_conv1d(module: nn.Module) -> bool:

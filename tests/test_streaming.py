@@ -1,0 +1,65 @@
+"""Streaming quantization of a sharded checkpoint (pyquant.streaming, issue 20): the output loads
+with from_pretrained and computes exactly what quantize_model's does on the model in memory."""
+import json
+
+import pytest
+import torch
+
+import pyquant
+from pyquant.streaming import quantize_checkpoint
+
+from test_causal_lm import make, prompt
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_a_sharded_checkpoint_quantizes_tensor_by_tensor(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make(family)
+    model.save_pretrained(tmp_path / "src", max_shard_size="100KB")  # several shards
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2
+    out = quantize_checkpoint(tmp_path / "src", tmp_path / "dst", shard_bytes=40_000, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    streamed = AutoModelForCausalLM.from_pretrained(out)
+    in_memory = pyquant.quantize_model(make(family), pyquant.RTNConfig(bits=2), progress=False)
+    assert sorted(pyquant.nn.quantized_layers(streamed)) == sorted(pyquant.nn.quantized_layers(in_memory))
+    ids = prompt()
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
+        assert "lm_head" in streamed.pyquant_skipped
+
+
+def test_the_head_is_quantized_when_the_filter_takes_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make("llama", tie_word_embeddings=False).save_pretrained(tmp_path / "src")
+    out = quantize_checkpoint(tmp_path / "src", tmp_path / "dst", filter_fn=lambda m, fqn: True, progress=False)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).lm_head, pyquant.QuantLinear)
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    make("llama").save_pretrained(tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="unisvq needs calibration data"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "dst", pyquant.UniSVQConfig())
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        quantize_checkpoint(tmp_path, tmp_path / "dst")
+    with pytest.raises(ValueError, match="exists and is not a pyquant checkpoint"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "file")
+    with pytest.raises(ValueError, match="shard_bytes must be a positive int"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "dst", shard_bytes=0)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_the_cli_streams_a_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from pyquant import cli
+
+    make("qwen2").save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "rtn", "--out", str(tmp_path / "q")]) == 0
+    assert len(pyquant.nn.quantized_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "q"))) == 14
+    assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "unisvq", "--out",
+                     str(tmp_path / "u")]) == 2
+    assert "--stream takes" in capsys.readouterr().err
