@@ -9,6 +9,7 @@ of the transform: the quantizers fold them into ``su`` / ``sv``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -76,9 +77,15 @@ def blockwise_hadamard(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tens
         raise ValueError(f"dimension {dim} of size {size} is not divisible by the Hadamard block {block}")
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = hadamard_matrix(block, compute, x.device)
-    xt = x.movedim(dim, -1).to(compute)
-    y = (xt.reshape(*xt.shape[:-1], size // block, block) @ h).reshape(xt.shape)
-    return y.movedim(-1, dim).to(x.dtype)
+    d = dim % x.dim()
+    inner = math.prod(x.shape[d + 1:])
+    xc = x.to(compute)
+    if inner == 1:  # the last dimension: rows of blocks times H
+        return (xc.reshape(-1, block) @ h).reshape(x.shape).to(x.dtype)
+    # Another dimension: H (symmetric) times each [block, inner] slab, in place in memory. (Moving
+    # the dimension last instead gives matmul operands strided by the whole row: 80x slower.)
+    xr = xc.reshape(math.prod(x.shape[:d]) * (size // block), block, inner)
+    return torch.matmul(h, xr).reshape(x.shape).to(x.dtype)
 
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:

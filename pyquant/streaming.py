@@ -96,7 +96,7 @@ class _ShardWriter:
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig | None = None,
                         filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
-                        shard_bytes: int = 2**30, progress: bool = True) -> Path:
+                        shard_bytes: int = 2**29, progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint directory ``src`` into ``dst`` without loading it.
 
     Args:

@@ -35,7 +35,7 @@ def _search_scale(w: torch.Tensor, per_row: bool, steps: int = 40) -> torch.Tens
     over clipping ratios 0.3..1.0 of ``absmax / 1.5``."""
     amax = (w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().max().reshape(1, 1)).clamp_min(1e-12)
     if not per_row and w.numel() > 1 << 20:  # a global scale is well estimated from a strided sample
-        w = w.reshape(-1)[:: w.numel() >> 20].reshape(1, -1)
+        w = w.reshape(-1)[:: w.numel() >> 20].reshape(1, -1).contiguous()
     best_err = torch.full_like(amax, float("inf"))
     best = amax / _LEVEL_MAX
     for ratio in torch.linspace(0.3, 1.0, steps).tolist():
