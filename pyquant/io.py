@@ -20,6 +20,7 @@ atomically, so at every instant the target holds a complete checkpoint, the old 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -263,14 +264,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     layers = quantized_modules(model)
     if not layers:
         raise ValueError("model has no quantized layers: quantize it first (pyquant.quantize_model)")
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or not _replaceable(path)):
-        raise ValueError(f"path {str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
-        _honour_umask(tmp)  # mkdtemp makes it 0700: a checkpoint is for sharing like any saved file
+    with staged_checkpoint(Path(path)) as tmp:
         if is_transformers_model(model):
             model.save_pretrained(tmp)
         else:
@@ -279,13 +273,29 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
                       "modules_not_converted": sorted(getattr(model, "pyquant_skipped", {}))}
             save_model(model, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_checkpoint(path: Path):
+    """Write a checkpoint directory atomically: yields a new temporary directory beside ``path``
+    to write into; when the block completes, it becomes ``path`` (:func:`_put_in_place`), with the
+    umask's permissions; on any error (an interrupt included) it is removed and ``path`` is as it
+    was. ``path`` may be new, an empty directory or a pyquant checkpoint."""
+    if path.exists() and (not path.is_dir() or not _replaceable(path)):
+        raise ValueError(f"{str(path)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        _honour_umask(tmp)  # mkdtemp makes it 0700: a checkpoint is for sharing like any saved file
+        yield tmp
         for f in tmp.rglob("*"):
             _honour_umask(f)
         _put_in_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def read_config(path: str | os.PathLike) -> dict:

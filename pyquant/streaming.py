@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import _clean_leftovers, _honour_umask, _put_in_place, _replaceable, layer_entry, read_header
+from .io import layer_entry, read_header, staged_checkpoint
 from .nn import QuantLinear, select_targets
 from .quantizers import QuantConfig, RTNConfig
 from .quantizers.base import check_weight
@@ -124,8 +123,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{str(src)!r} is not a Hugging Face model directory (no config.json)")
-    if dst.exists() and (not dst.is_dir() or not _replaceable(dst)):
-        raise ValueError(f"dst {str(dst)!r} exists and is not a pyquant checkpoint directory; refusing to overwrite")
     files = checkpoint_files(src)
     header = read_header(files)
     where = {}
@@ -146,25 +143,22 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     weight_of = {k: fqn for fqn, k in keys.items()}
     biases = {k.removesuffix(".weight") + ".bias" for k in weight_of}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
-    try:
+    with staged_checkpoint(dst) as tmp:
         writer, entries = _ShardWriter(tmp, shard_bytes), {}
         for key in tqdm(list(where), desc=f"{config.method} streaming", disable=not progress):
             if key in biases:
                 continue  # written with its layer
             with safe_open(str(where[key]), framework="pt") as h:  # per tensor: no mapping stays resident
                 t = h.get_tensor(key)
-                fqn = weight_of.get(key)
-                if fqn is None:
-                    writer.add(key, t)
-                    continue
-                bias_key = key.removesuffix(".weight") + ".bias"
-                bias = h.get_tensor(bias_key) if bias_key in where and where[bias_key] == where[key] else None
-            if bias is None and bias_key in where:
-                with safe_open(str(where[bias_key]), framework="pt") as hb:
-                    bias = hb.get_tensor(bias_key)
+            fqn = weight_of.get(key)
+            if fqn is None:
+                writer.add(key, t)
+                continue
+            bias_key = key.removesuffix(".weight") + ".bias"
+            bias = None
+            if bias_key in where:
+                with safe_open(str(where[bias_key]), framework="pt") as h:
+                    bias = h.get_tensor(bias_key)
             weight = t.t() if fqn in conv1d else t  # transformers' Conv1D stores [in, out]
             layer = QuantLinear.from_packed(config.quantize_weight(check_weight(weight, key)), bias)
             entries[fqn] = layer_entry(layer)
@@ -180,11 +174,4 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         for f in src.iterdir():  # tokenizer, generation config, ...
             if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX_NAME, "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        for f in tmp.rglob("*"):
-            _honour_umask(f)
-        _honour_umask(tmp)
-        _put_in_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
