@@ -5,6 +5,7 @@ Q2_K / Q4_0 and pyquant 2-bit, on the same weights, machine and thread count, in
     nice -n 10 python benchmarks/decode_cpu.py [--layers 8] [--threads 2] [--batches 1 4]
                                               [--prompt 16] [--new-tokens 64] [--out benchmarks/results]
     python benchmarks/decode_cpu.py --layers 2 --new-tokens 8 --out /tmp/dc    # smoke test
+    python benchmarks/decode_cpu.py --prepare-only      # only build what is cached (no timing)
 
 Model: ``LlamaForCausalLM`` from a ``LlamaConfig`` with Llama-2-7B's dimensions (hidden 4096, MLP
 11008, 32 heads, vocab 32000) and ``--layers`` of its 32 decoder layers, random (seeded) weights,
@@ -39,8 +40,10 @@ short input. Memory: the process's peak RSS (``wait4``'s ``ru_maxrss``: loading 
 included, and for llama.cpp its mmapped model) and, for the Python columns, the peak RSS while
 decoding (``VmHWM`` reset just before the timed ``generate``).
 
-Writes ``decode_cpu.json`` and ``decode_cpu.md`` to ``--out``. One machine, one run: on a machine
-shared with other work the load average at each column's start is recorded with it.
+Writes ``decode_cpu.json`` and ``decode_cpu.md`` to ``--out``. One machine, one run, and it must be
+quiet: a thread that shares its core with another process stalls every parallel region, which
+costs the short quantized kernels far more than bf16's long GEMVs. The load average at each
+column's start is recorded, and the table warns when it was above the CPUs left free.
 """
 from __future__ import annotations
 
@@ -323,7 +326,10 @@ def load_pyquant(args, head_2bit: bool):
     model = LlamaForCausalLM.from_pretrained(ckpt_dir(args.layers) / "pyquant-rtn2", dtype=torch.bfloat16).eval()
     if not head_2bit:  # the default of quantize_model: lm_head in bf16, the checkpoint's own weights
         head = torch.nn.Linear(LLAMA2_7B["hidden_size"], LLAMA2_7B["vocab_size"], bias=False, dtype=torch.bfloat16)
-        with safe_open(str(ckpt_dir(args.layers) / "model.safetensors"), framework="pt") as f:
+        ckpt = ckpt_dir(args.layers)
+        index = ckpt / "model.safetensors.index.json"  # a sharded checkpoint names the file
+        name = json.loads(index.read_text())["weight_map"]["lm_head.weight"] if index.is_file() else "model.safetensors"
+        with safe_open(str(ckpt / name), framework="pt") as f:
             head.weight.data = f.get_tensor("lm_head.weight")
         model.lm_head = head
     return model
@@ -343,8 +349,10 @@ def col_python(args) -> dict:
     torch.set_num_threads(args.threads)
     name = args.column
     res: dict = {"column": name}
+    ref_file = ckpt_dir(args.layers) / "bf16_short_logits.pt"  # written by the bf16 column
     if name == "bf16":
         model = load_bf16(args)
+        torch.save(short_logits(model), ref_file)
     elif name == "int4":
         model = load_bf16(args)
         ref = short_logits(model)
@@ -360,6 +368,8 @@ def col_python(args) -> dict:
         res.update(backend_check(model))
         log(f"  logits vs torch reference backend: relative error {res['rel_err_vs_torch_backend']:.2e} "
             f"({res['backends']})")
+        if ref_file.is_file():  # how far 2-bit RTN is from bf16 (information, not a check)
+            res["rel_err_vs_bf16"] = rel_err(short_logits(model), torch.load(ref_file))
     res["model_rss_mb"] = proc_status_mb("VmRSS")
     if name != "pyquant_compiled":
         res["batches"] = time_batches(model, args)
@@ -375,6 +385,13 @@ def col_python(args) -> dict:
     if got is not None:
         res["compiled_tokens_equal_eager"] = got == eager
         res["compiled_eager_first_mismatch"] = next((i for i, (a, b) in enumerate(zip(got, eager)) if a != b), None)
+        # Where they differ, is it a near-tie? The eager model, fed the compiled tokens, scores
+        # each of them against its own best: the largest gap, in units of the logits' std.
+        seq = torch.cat([prompt_ids(1, args.prompt), torch.tensor([got])], 1)
+        with torch.no_grad():
+            lg = model(seq).logits[0, args.prompt - 1:-1].float()
+        gap = (lg.max(-1).values - lg.gather(-1, seq[0, args.prompt:, None])[:, 0]) / lg.std(-1)
+        res["compiled_tokens_max_eager_gap_std"] = gap.max().item()
     return res
 
 
@@ -520,8 +537,8 @@ def markdown(meta: dict, results: dict, args) -> str:
              f"- greedy, prompt {args.prompt} random tokens, {args.new_tokens} new tokens; decode tok/s = batch x "
              f"(N-1) / time first->last new token (llama-bench: -p 0 -n {args.new_tokens}, mean of 5)",
              f"- command: `{meta['command']}`; wall time {meta.get('wall_s', 0) / 60:.1f} min", "",
-             "| column | batch | tok/s | x llama.cpp Q2_K | x bf16 | peak RSS MiB | RSS decoding MiB | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| column | batch | tok/s | x llama.cpp Q2_K | x bf16 | x int4 | peak RSS MiB | RSS decoding MiB | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for col, label in COLUMNS.items():
         r = results.get(col)
         if r is None:
@@ -540,14 +557,17 @@ def markdown(meta: dict, results: dict, args) -> str:
                 if "rel_err_vs_bf16" in r:
                     notes.append(f"logits vs bf16 {r['rel_err_vs_bf16']:.3f}")
                 if "compiled_tokens_equal_eager" in r:
-                    notes.append(f"compiled tokens == eager: {r['compiled_tokens_equal_eager']}")
+                    notes.append(f"compiled tokens == eager: {r['compiled_tokens_equal_eager']}" + (
+                        f" (eager logit gap of compiled's tokens <= {r['compiled_tokens_max_eager_gap_std']:.3f} std)"
+                        if not r["compiled_tokens_equal_eager"] else ""))
             if row.get("warmup_s") and col == "pyquant_compiled":
                 notes.append(f"compile + warm-up {row['warmup_s']:.0f} s")
-            q2, bf = tok("llama_q2_k", b), tok("bf16", b)
+            q2, bf, i4 = tok("llama_q2_k", b), tok("bf16", b), tok("int4", b)
             rss = row.get("peak_rss_mb", r.get("peak_rss_mb"))
             lines.append("| " + " | ".join([
                 label, str(b), f"{t:.2f}" if t else "n/a",
                 f"{t / q2:.2f}x" if t and q2 else "-", f"{t / bf:.2f}x" if t and bf else "-",
+                f"{t / i4:.2f}x" if t and i4 else "-",
                 f"{rss:.0f}" if rss else "-", f"{row['decode_rss_mb']:.0f}" if "decode_rss_mb" in row else "-",
                 "; ".join(notes)]) + " |")
     lines += ["", "Peak RSS: the column's whole process (wait4 ru_maxrss: loading, quantizing, llama.cpp's mmapped "
@@ -560,6 +580,11 @@ def markdown(meta: dict, results: dict, args) -> str:
         lines.append(f"- {k}: {v}")
     lines.append("Load average at each column's start: " + ", ".join(
         f"{c} {r['loadavg']:.1f}" for c, r in results.items() if "loadavg" in r))
+    if any(r.get("loadavg", 0) > meta["logical_cpus"] - args.threads + 0.5 for r in results.values()):
+        # threads that share a core with another process wait at every parallel region's barrier:
+        # short kernels (2-bit, int4, llama.cpp's) lose far more than long bf16 GEMVs
+        lines.append("**Warning: other work was running (load average above the free CPUs): the numbers are "
+                     "disturbed, the quantized columns the most.**")
     return "\n".join(lines) + "\n"
 
 
@@ -572,6 +597,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
     p.add_argument("--compile-timeout", type=int, default=600, help="seconds for compile + warm-up of a batch")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build the cached checkpoint, GGUFs, pyquant checkpoint and llama.cpp, time nothing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--column", help=argparse.SUPPRESS)  # internal: run one column in this process
     args = p.parse_args(argv)
@@ -623,6 +650,9 @@ def main(argv=None) -> int:
         if qinfo.is_file():
             meta["pyquant_quantize"] = json.loads(qinfo.read_text())
 
+    if args.prepare_only:
+        log(f"prepared in {(time.time() - t0) / 60:.1f} min: {ckpt}; {meta['errors'] or 'no errors'}")
+        return 0 if not meta["errors"] else 1
     results = {}
     for col in args.columns:
         log(f"column {col}: {COLUMNS[col]}")

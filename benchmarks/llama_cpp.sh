@@ -51,18 +51,29 @@ fi
 BUILD=$CACHE/build
 targets="llama-bench llama-quantize"
 grep -rqs "llama-batched-bench" "$SRC/tools" "$SRC/examples" && targets="$targets llama-batched-bench"
+# GGML_NATIVE: -march=native, as a CPU user building it for their own machine gets; but without
+# AMX (LLAMA_CPP_AMX=1 keeps it): on an AMX Xeon (a firecracker VM, llama.cpp 0c1e570) its AMX
+# matmul dies with SIGILL at `tilezero` whenever a batch has more than one token (a prompt, or
+# batched decode), in llama-batched-bench and llama-cli alike; llama-bench -p 0 never gets there.
+# Without it ggml uses its AVX-512 paths, what every non-AMX x86 CPU runs (Zen included).
+# Static, so the binaries run without LD_LIBRARY_PATH; no curl (no network anyway).
+noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+[ "${LLAMA_CPP_AMX:-0}" = 1 ] && noamx=""
+flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF
+       -DGGML_VULKAN=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+       "-DCMAKE_C_FLAGS=$noamx" "-DCMAKE_CXX_FLAGS=$noamx")
 missing=""
+# a build made with other options is redone (the stamp holds the options it was made with)
+[ "$(cat "$BUILD/pyquant-build-flags" 2>/dev/null)" = "${flags[*]}" ] || missing=" (options changed)"
 for t in $targets; do [ -x "$BUILD/bin/$t" ] || missing="$missing $t"; done
 if [ -n "$missing" ]; then
-  log "building$missing in $BUILD with $JOBS jobs (about 8 minutes on 2 cores)"
-  # GGML_NATIVE: -march=native, as a CPU user building it for their own machine gets.
-  # Static, so the binaries run without LD_LIBRARY_PATH; no curl (no network anyway).
-  "$CMAKE" -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >"$CACHE/cmake.log" 2>&1 \
+  missing=$targets
+  log "building $missing in $BUILD with $JOBS jobs (about 8 minutes on 2 cores)"
+  "$CMAKE" -S "$SRC" -B "$BUILD" "${flags[@]}" >"$CACHE/cmake.log" 2>&1 \
     || { tail -30 "$CACHE/cmake.log" >&2; exit 1; }
   "$CMAKE" --build "$BUILD" --config Release -j "$JOBS" --target $missing >"$CACHE/build.log" 2>&1 \
     || { tail -30 "$CACHE/build.log" >&2; exit 1; }
+  echo "${flags[*]}" >"$BUILD/pyquant-build-flags"
 fi
 
 # 5. the converter's python dependencies, only if missing (gguf from this tree: pinned to it)

@@ -10,8 +10,9 @@ from torch import nn
 import pyquant
 from pyquant.calibration import collect_hessians
 from pyquant.format import codebook, dequantize
+from pyquant.quantizers.blockwise import find_blocks
 from pyquant.quantizers.rtn import RTNConfig
-from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl, find_blocks, fit_codebook, ldlq,
+from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl, fit_codebook, ldlq,
                                        nearest_codeword, proxy_loss, refine, round_to_nearest)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

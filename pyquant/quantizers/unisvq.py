@@ -21,8 +21,8 @@ Per layer (``W`` ``[N, K]``, calibration Hessian ``H = E[x xᵀ]``):
    ``A`` starts as ``Q/√1.25``, ``b = −1.5·Q·1/√1.25`` (``Q`` random
    orthogonal): the uniform 2-bit grid, rotated, with unit-variance codewords.
 
-Per model (:meth:`UniSVQConfig.apply`): one full-precision pass over the
-calibration data checks every selected layer's input (bad data fails before
+Per model (:meth:`UniSVQConfig.apply`, driven by :mod:`.blockwise`): one full-precision pass over
+the calibration data checks every selected layer's input (bad data fails before
 any work) and records the first block's inputs. The transformer blocks, found
 generically (the repeated children of a ``ModuleList``), are then processed in
 order, each fed the outputs of the already-quantized blocks before it: its
@@ -53,9 +53,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import calibration as cal
-from .. import kernels
 from ..format import PackedWeight, code_vectors, codebook, dequantize
 from ..hadamard import blockwise_hadamard, default_block, random_signs
+from . import blockwise
 from .base import QuantConfig, SwapFn, check_weight
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ __all__ = [
     "proxy_loss",
     "rotate_weight",
     "round_to_nearest",
-    "find_blocks",
 ]
 
 _VEC = 4
@@ -315,57 +314,6 @@ def _check_hessian(hessian, k: int) -> torch.Tensor | None:
 # Per-model helpers
 # --------------------------------------------------------------------------
 
-def find_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, list[nn.Module]]:
-    """``(name, blocks)``: the ``ModuleList`` of same-class children that holds
-    the most target layers (the transformer blocks, e.g. ``BertLayer``,
-    ``LlamaDecoderLayer``); ``("", [])`` when there is none."""
-    best: tuple[int, str, list] = (0, "", [])
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
-            prefix = f"{name}." if name else ""
-            n = sum(f.startswith(prefix) for f in targets)
-            if n > best[0]:
-                best = (n, name, list(mod))
-    return best[1], best[2]
-
-
-def _hidden(out):
-    """The hidden state of a block's output (a tensor, or the first item of a tuple)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the hidden state in a block output of type {type(out).__name__}")
-
-
-class _BlockInput:
-    """One calibration batch as a block sees it: its call arguments, with the
-    hidden state swappable, and the batch's token mask."""
-
-    def __init__(self, args: tuple, kwargs: dict, mask: torch.Tensor | None):
-        self.args, self.kwargs, self.mask = args, dict(kwargs), mask
-        if args:
-            self.key = None
-        elif "hidden_states" in kwargs:
-            self.key = "hidden_states"
-        else:
-            self.key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
-            if self.key is None:
-                raise TypeError("the transformer block was called without a tensor argument")
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        return self.args[0] if self.key is None else self.kwargs[self.key]
-
-    def with_hidden(self, x: torch.Tensor) -> "_BlockInput":
-        if self.key is None:
-            return _BlockInput((x, *self.args[1:]), self.kwargs, self.mask)
-        return _BlockInput((), {**self.kwargs, self.key: x}, self.mask)
-
-    def __call__(self, block: nn.Module) -> torch.Tensor:
-        return _hidden(block(*self.args, **self.kwargs))
-
-
 class _TrainableQuant(nn.Module):
     """Differentiable stand-in for a ``QuantLinear`` during fine-tuning: the
     layer output from the format's reference math (:func:`format.dequantize`)
@@ -414,15 +362,6 @@ def _norm_parameters(block: nn.Module) -> list[nn.Parameter]:
 def _set_child(root: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, child = fqn.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _masked_mse(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over real tokens (padding excluded when the mask fits ``[B, T]``)."""
-    err = (y.float() - target.float()).square()
-    if mask is not None and err.dim() == 3 and tuple(err.shape[:2]) == tuple(mask.shape):
-        m = mask.to(err.device, err.dtype).unsqueeze(-1)
-        return (err * m).sum() / (m.sum() * err.shape[-1]).clamp_min(1)
-    return err.mean()
 
 
 # --------------------------------------------------------------------------
@@ -555,7 +494,7 @@ class UniSVQConfig(QuantConfig):
         """The norms of the transformer blocks, which block fine-tuning trains."""
         if not (self.finetune and self.ft_epochs > 0):
             return []
-        return [p for block in find_blocks(model, targets)[1] for p in _norm_parameters(block)]
+        return [p for block in blockwise.find_blocks(model, targets)[1] for p in _norm_parameters(block)]
 
     def _apply(self, model, targets, calibration_data, swap, progress) -> None:
         for fqn, linear in targets.items():  # every weight before any work, named
@@ -564,132 +503,35 @@ class UniSVQConfig(QuantConfig):
         cal.check_token_ids(model, data)
         if not targets:
             return
-        block_name, blocks = find_blocks(model, targets)
-        prefixes = [f"{block_name}.{i}." if block_name else f"{i}." for i in range(len(blocks))]
-        in_block = [[f for f in targets if f.startswith(p)] for p in prefixes]
-        leftovers = {f: m for f, m in targets.items() if not any(f.startswith(p) for p in prefixes)}
-        from ..nn import is_transformers_model  # here: nn imports this package
-
-        if not blocks and is_transformers_model(model):
-            lists = [f"{n} ({len(m)}: {', '.join(sorted({type(c).__name__ for c in m}))})"
-                     for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-            raise ValueError(f"unisvq: cannot find the transformer blocks of this {type(model).__name__}: searched "
-                             f"for an nn.ModuleList of >= 2 modules of one class holding the selected layers; its "
-                             f"ModuleLists: {'; '.join(lists) or 'none'}")
-        if self.finetune and not blocks:
+        if self.finetune and not blockwise.find_blocks(model, targets)[1]:
             log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
+        finetune = self.finetune and self.ft_epochs > 0
+        n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
 
-        # Pass 1 (full precision): the first block's inputs, and Hessians of layers outside the blocks.
-        inputs, h_left = self._first_pass(model, targets, blocks[0] if blocks else None, leftovers, data, progress)
+        def quantize_block(index, block, names, inputs, y_fp):
+            """Hessians on the block's (quantized-prefix) inputs, then quantize and swap its layers
+            one by one, then fine-tune the block towards ``y_fp`` (the fp model's outputs of this
+            block) or, when None, towards the fp block's outputs on the same inputs. (Collecting each
+            layer's Hessian with the layers before it in the block already quantized, GPTQ's "true
+            sequential", was measured no better on MiniLM: mean cosine 0.9112 vs 0.9121, and slower.)"""
+            hess, y_block = blockwise.block_hessians(block, names, inputs, want_outputs=finetune and y_fp is None)
+            layers = {}
+            for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
+                layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
+            if finetune:
+                self._finetune(model, block, layers, inputs, y_fp if y_fp is not None else y_block, n_hold, index,
+                               progress)
 
-        was_training = model.training
-        model.eval()
-        try:
-            # Quantized blocks run on the torch reference math while fitting, so the
-            # result does not depend on which kernels this machine has built.
-            with kernels.force_backend("torch"):
-                n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
-                # The full-precision trajectory, when fine-tuning targets the fp model's outputs.
-                inputs_fp = inputs if self.finetune and self.ft_epochs > 0 and self.ft_target == "model" else None
-                for i, block in enumerate(tqdm(blocks, desc="unisvq blocks", disable=not progress)):
-                    names = {f: targets[f] for f in in_block[i]}
-                    y_fp = None
-                    if inputs_fp is not None:  # before any layer of this block is swapped
-                        inputs_fp = self._advance(block, inputs_fp)
-                        y_fp = [inp.hidden for inp in inputs_fp]
-                    if names:
-                        self._quantize_block(model, i, block, names, inputs, y_fp, n_hold, swap, progress)
-                    inputs = self._advance(block, inputs)
-                for fqn in tqdm(list(leftovers), desc="unisvq other layers", disable=not progress or not leftovers):
-                    swap(fqn, self.quantize_weight(leftovers[fqn].weight, h_left.pop(fqn), seed=self._seed(fqn)))
-        finally:
-            model.train(was_training)
+        def quantize_leftover(fqn, linear, hessian):
+            swap(fqn, self.quantize_weight(linear.weight, hessian, seed=self._seed(fqn)))
 
-    def _quantize_block(self, model, index, block, names, inputs, y_fp, n_hold, swap, progress) -> None:
-        """Hessians on the block's (quantized-prefix) inputs, then quantize and swap
-        its layers one by one, then fine-tune the block towards ``y_fp`` (the fp
-        model's outputs of this block) or, when None, towards the fp block's
-        outputs on the same inputs. (Collecting each layer's Hessian with the layers
-        before it in the block already quantized, GPTQ's "true sequential", was
-        measured no better on MiniLM: mean cosine 0.9112 vs 0.9121, and slower.)"""
-        want = self.finetune and self.ft_epochs > 0
-        hess, y_block = self._block_hessians(block, names, inputs, want_outputs=want and y_fp is None)
-        layers = {}
-        for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
-            layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
-        if want:
-            self._finetune(model, block, layers, inputs, y_fp if y_fp is not None else y_block, n_hold, index,
-                           progress)
+        blockwise.run(model, targets, data, quantize_block, quantize_leftover, method="unisvq",
+                      fp_trajectory=finetune and self.ft_target == "model", progress=progress)
 
     def _seed(self, fqn: str) -> int:
         """A per-layer seed: layers get independent signs, and a layer's result
         does not depend on which other layers are selected."""
         return (self.seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**31)
-
-    @torch.no_grad()
-    def _first_pass(self, model, targets, first_block, leftovers, data, progress):
-        """One full-precision pass over the calibration data: checks every selected
-        layer's input for NaN/Inf (so bad data fails before any layer is
-        quantized), captures the first block's inputs and collects the Hessians
-        of the selected layers outside the blocks."""
-        inputs: list[_BlockInput] = []
-        state = {"mask": None}
-
-        def capture(module, args, kwargs):
-            inputs.append(_BlockInput(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                                      kwargs, state["mask"]))
-
-        handle = first_block.register_forward_pre_hook(capture, with_kwargs=True) if first_block is not None else None
-        # A transformers decoder would hand its blocks a KV cache that fills up call after call:
-        # the captured inputs must be of the calibration batch alone, replayable any number of times.
-        config = getattr(model, "config", None)
-        use_cache = getattr(config, "use_cache", None)
-        if use_cache:
-            config.use_cache = False
-        try:
-            with cal.HessianCollector(leftovers) as col, cal.FiniteCheck(targets) as check:
-                for i, batch in enumerate(tqdm(data, desc="unisvq calibration", leave=False, disable=not progress)):
-                    state["mask"] = col.mask = check.mask = cal.batch_mask(batch)
-                    col.batch_index = check.batch_index = i
-                    cal.run_model(model, batch, i)
-                    col._last = None
-                    if first_block is not None and len(inputs) != i + 1:
-                        raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not call its "
-                                                   "first transformer block exactly once")
-                h_left = col.hessians() if leftovers else {}
-            missing = sorted(set(targets) - check.called)
-            if missing:
-                raise cal.CalibrationError(f"the model's forward on the calibration data never calls {missing}; "
-                                           "leave these layers out with filter_fn")
-        finally:
-            if handle is not None:
-                handle.remove()
-            if use_cache:
-                config.use_cache = use_cache
-        return inputs, h_left
-
-    @torch.no_grad()
-    def _block_hessians(self, block, names, inputs, want_outputs):
-        local = dict(names)
-        outs = []
-        with cal.HessianCollector(local) as col:
-            for i, inp in enumerate(inputs):
-                col.mask, col.batch_index = inp.mask, i
-                y = inp(block)
-                col._last = None
-                if want_outputs:
-                    outs.append(y.detach())
-            return col.hessians(), outs
-
-    @torch.no_grad()
-    def _advance(self, block, inputs):
-        out = []
-        for i, inp in enumerate(inputs):
-            y = inp(block).detach()
-            if not torch.isfinite(y).all():
-                raise FloatingPointError(f"unisvq: block output on calibration batch {i} holds NaN or Inf")
-            out.append(inp.with_hidden(y))
-        return out
 
     def _finetune(self, model, block, layers, inputs, targets_fp, n_hold, index, progress):
         """Adam on the block's quantization scales, codebooks and norms, codes
@@ -716,7 +558,7 @@ class UniSVQConfig(QuantConfig):
 
         def held_out_loss() -> float:
             with torch.no_grad():
-                return sum(float(_masked_mse(inputs[i](block), targets_fp[i], inputs[i].mask)) for i in hold) / len(hold)
+                return sum(float(blockwise.masked_mse(inputs[i](block), targets_fp[i], inputs[i].mask)) for i in hold) / len(hold)
 
         best_state = snapshot()
         try:
@@ -741,7 +583,7 @@ class UniSVQConfig(QuantConfig):
             for _ in bar:
                 for i in torch.randperm(len(train), generator=gen).tolist():
                     j = train[i]
-                    loss = _masked_mse(inputs[j](block), targets_fp[j], inputs[j].mask)
+                    loss = blockwise.masked_mse(inputs[j](block), targets_fp[j], inputs[j].mask)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
