@@ -63,3 +63,37 @@ def test_the_cli_streams_a_checkpoint(tmp_path, capsys):
     assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "unisvq", "--out",
                      str(tmp_path / "u")]) == 2
     assert "--stream takes" in capsys.readouterr().err
+
+
+def _calibration():
+    return [{"input_ids": torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(i)),
+             "attention_mask": torch.ones(2, 12, dtype=torch.long)} for i in range(3)]
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_unisvq_streams_block_by_block_as_it_quantizes_in_memory(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make(family).save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    config = pyquant.UniSVQConfig(ft_epochs=2)
+    out = quantize_checkpoint(tmp_path / "src", tmp_path / "dst", config, calibration_data=_calibration(),
+                              progress=False)
+    streamed = AutoModelForCausalLM.from_pretrained(out)
+    in_memory = pyquant.quantize_model(make(family), config, calibration_data=_calibration(), progress=False)
+    ids = prompt()
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, in_memory(ids).logits)
+    assert streamed.config.quantization_config.method == "unisvq"
+
+
+def test_unisvq_streaming_refuses_what_it_cannot_do(tmp_path):
+    make("gpt2").save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="Conv1D"):
+        quantize_checkpoint(tmp_path / "gpt2", tmp_path / "d", pyquant.UniSVQConfig(), calibration_data=_calibration())
+    make("llama", tie_word_embeddings=False).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_checkpoint(tmp_path / "llama", tmp_path / "d", pyquant.UniSVQConfig())
+    with pytest.raises(ValueError, match="outside them: \\['lm_head'\\]"):
+        quantize_checkpoint(tmp_path / "llama", tmp_path / "d", pyquant.UniSVQConfig(), lambda m, fqn: True,
+                            calibration_data=_calibration())
+    assert not (tmp_path / "d").exists()

@@ -106,20 +106,27 @@ def masked_mse(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None)
     return err.mean()
 
 
+class _Stop(BaseException):
+    """Ends a capture forward at the first block (a BaseException: nothing on the way catches it)."""
+
+
 @torch.no_grad()
 def capture(model: nn.Module, targets: dict[str, nn.Module], first_block: nn.Module | None,
-            leftovers: dict[str, nn.Module], data: list, progress: bool = True, desc: str = "calibration"
-            ) -> tuple[list[BlockInput], dict[str, torch.Tensor]]:
+            leftovers: dict[str, nn.Module], data: list, progress: bool = True, desc: str = "calibration",
+            stop_at_first_block: bool = False) -> tuple[list[BlockInput], dict[str, torch.Tensor]]:
     """One full-precision pass over the calibration data: checks every selected
     layer's input for NaN/Inf (so bad data fails before any layer is
     quantized), captures the first block's inputs and collects the Hessians
-    of the selected layers outside the blocks."""
+    of the selected layers outside the blocks. ``stop_at_first_block``: the forward ends there
+    (the later blocks may have no weights yet); only the layers before it are then checked."""
     inputs: list[BlockInput] = []
     state = {"mask": None}
 
     def record(module, args, kwargs):
         inputs.append(BlockInput(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
                                  kwargs, state["mask"]))
+        if stop_at_first_block:
+            raise _Stop
 
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True) if first_block is not None else None
     # A transformers decoder would hand its blocks a KV cache that fills up call after call:
@@ -133,14 +140,17 @@ def capture(model: nn.Module, targets: dict[str, nn.Module], first_block: nn.Mod
             for i, batch in enumerate(tqdm(data, desc=desc, leave=False, disable=not progress)):
                 state["mask"] = col.mask = check.mask = cal.batch_mask(batch)
                 col.batch_index = check.batch_index = i
-                cal.run_model(model, batch, i)
+                try:
+                    cal.run_model(model, batch, i)
+                except _Stop:
+                    pass
                 col._last = None
                 if first_block is not None and len(inputs) != i + 1:
                     raise cal.CalibrationError(f"calibration_data[{i}]: the model's forward did not call its "
                                                "first transformer block exactly once")
             h_left = col.hessians() if leftovers else {}
         missing = sorted(set(targets) - check.called)
-        if missing:
+        if missing and not stop_at_first_block:
             raise cal.CalibrationError(f"the model's forward on the calibration data never calls {missing}; "
                                        "leave these layers out with filter_fn")
     finally:
@@ -185,20 +195,35 @@ LeftoverFn = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 def run(model: nn.Module, targets: dict[str, nn.Module], data: list, quantize_block: BlockFn,
-        quantize_leftover: LeftoverFn, *, method: str, fp_trajectory: bool = False, progress: bool = True) -> None:
+        quantize_leftover: LeftoverFn, *, method: str, fp_trajectory: bool = False, progress: bool = True,
+        load_block: Callable[[int, nn.Module], None] | None = None,
+        release_block: Callable[[int, nn.Module], None] | None = None) -> None:
     """Quantize ``targets`` block by block (see the module docstring). ``fp_trajectory``: also
     give each block the full-precision model's outputs of it (from fp inputs), computed before
     any of its layers is swapped. Quantized layers run the torch reference math meanwhile, so the
-    result does not depend on which kernels this machine has."""
+    result does not depend on which kernels this machine has.
+
+    ``load_block(i, block)`` / ``release_block(i, block)``: called before a block is first used and
+    after it is done, for a model whose blocks are not all in memory (``pyquant.streaming``); the
+    calibration pass then stops at the first block, and there must be no selected layer outside
+    the blocks."""
     blocks, in_block, leftovers = locate_blocks(model, targets, method)
+    streaming = load_block is not None
+    if streaming and (leftovers or not blocks):
+        raise ValueError(f"{method} block by block from a checkpoint quantizes the layers of the transformer blocks "
+                         f"only; these are outside them: {sorted(leftovers) or 'all (no blocks found)'}")
+    if streaming:
+        load_block(0, blocks[0])
     inputs, h_left = capture(model, targets, blocks[0] if blocks else None, leftovers, data, progress,
-                             desc=f"{method} calibration")
+                             desc=f"{method} calibration", stop_at_first_block=streaming)
     was_training = model.training
     model.eval()
     try:
         with kernels.force_backend("torch"):
             inputs_fp = inputs if fp_trajectory else None
             for i, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
+                if streaming and i:
+                    load_block(i, block)
                 y_fp = None
                 if inputs_fp is not None:
                     inputs_fp = advance(block, inputs_fp)
@@ -206,6 +231,8 @@ def run(model: nn.Module, targets: dict[str, nn.Module], data: list, quantize_bl
                 if in_block[i]:
                     quantize_block(i, block, in_block[i], inputs, y_fp)
                 inputs = advance(block, inputs)
+                if release_block is not None:
+                    release_block(i, block)
             for fqn in tqdm(list(leftovers), desc=f"{method} other layers", disable=not progress or not leftovers):
                 quantize_leftover(fqn, leftovers[fqn], h_left.pop(fqn))
     finally:

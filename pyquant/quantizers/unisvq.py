@@ -505,6 +505,11 @@ class UniSVQConfig(QuantConfig):
             return
         if self.finetune and not blockwise.find_blocks(model, targets)[1]:
             log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
+        self.run_blocks(model, targets, data, swap, progress)
+
+    def run_blocks(self, model, targets, data, swap, progress, **hooks) -> None:
+        """:func:`blockwise.run` with UniSVQ's per-block step (``hooks``: its ``load_block`` /
+        ``release_block``, for :mod:`pyquant.streaming`)."""
         finetune = self.finetune and self.ft_epochs > 0
         n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
 
@@ -525,8 +530,9 @@ class UniSVQConfig(QuantConfig):
         def quantize_leftover(fqn, linear, hessian):
             swap(fqn, self.quantize_weight(linear.weight, hessian, seed=self._seed(fqn)))
 
-        blockwise.run(model, targets, data, quantize_block, quantize_leftover, method="unisvq",
-                      fp_trajectory=finetune and self.ft_target == "model", progress=progress)
+        with _num_threads(self.threads):
+            blockwise.run(model, targets, data, quantize_block, quantize_leftover, method="unisvq",
+                          fp_trajectory=finetune and self.ft_target == "model", progress=progress, **hooks)
 
     def _seed(self, fqn: str) -> int:
         """A per-layer seed: layers get independent signs, and a layer's result
