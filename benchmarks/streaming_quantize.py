@@ -12,7 +12,10 @@
    decoder projection is a ``QuantLinear`` and that a forward on 8 tokens gives finite logits:
    wall time and peak memory again.
 
-Writes ``streaming_quantize.{md,json}`` to ``--out``.
+``--method unisvq`` (with ``--layers 4``): the same with UniSVQ block by block, calibrated on
+``--sequences`` random token-id sequences of ``--tokens`` tokens; the time per block is reported.
+
+Writes ``streaming_quantize_<method>.{md,json}`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -75,6 +78,19 @@ def write_checkpoint(path: Path, layers: int) -> None:
     config.save_pretrained(path)
 
 
+# UniSVQ block by block: a few random token-id sequences as calibration (the weights are random too).
+UNISVQ = """
+import sys, time, torch, pyquant
+from pyquant.streaming import quantize_checkpoint
+n, tokens = int(sys.argv[3]), int(sys.argv[4])
+g = torch.Generator().manual_seed(0)
+data = [{"input_ids": torch.randint(0, 32000, (1, tokens), generator=g),
+         "attention_mask": torch.ones(1, tokens, dtype=torch.long)} for _ in range(n)]
+t0 = time.perf_counter()
+quantize_checkpoint(sys.argv[1], sys.argv[2], pyquant.UniSVQConfig(), calibration_data=data)
+print(time.perf_counter() - t0)
+"""
+
 LOAD = """
 import sys, time, torch, pyquant
 from transformers import AutoModelForCausalLM
@@ -108,37 +124,57 @@ def child(kind: str, target: str, *argv: str) -> tuple[str, float, float]:
     return proc.stdout, wall, peak / 2**20
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "pyquant" / "streaming")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--method", choices=["rtn", "unisvq"], default="rtn")
+    parser.add_argument("--sequences", type=int, default=4, help="unisvq: calibration sequences")
+    parser.add_argument("--tokens", type=int, default=128, help="unisvq: tokens per sequence")
     args = parser.parse_args()
-    src, dst = args.work / f"llama7b-{args.layers}l-bf16", args.work / f"llama7b-{args.layers}l-pyquant"
+    src = args.work / f"llama7b-{args.layers}l-bf16"
+    dst = args.work / f"llama7b-{args.layers}l-pyquant-{args.method}"
 
     t0 = time.perf_counter()
     write_checkpoint(src, args.layers)
     src_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
     print(f"checkpoint: {src} ({src_gb:.1f} GB) ready after {time.perf_counter() - t0:.0f} s", flush=True)
 
-    _, q_wall, q_peak = child("-m", "pyquant", "quantize", str(src), "--stream", "--method", "rtn", "--out", str(dst))
+    if args.method == "rtn":
+        _, q_wall, q_peak = child("-m", "pyquant", "quantize", str(src), "--stream", "--method", "rtn", "--out", str(dst))
+        what = "`quantize --stream --method rtn`"
+    else:
+        _, q_wall, q_peak = child("-c", UNISVQ, str(src), str(dst), str(args.sequences), str(args.tokens))
+        what = (f"`quantize_checkpoint(..., UniSVQConfig(), calibration_data=...)`, {args.sequences} x {args.tokens} "
+                f"tokens, {q_wall / args.layers:.0f} s per block")
     quant = (q_wall, q_peak)
     print(f"quantized in {q_wall:.0f} s, peak {q_peak:.2f} GiB", flush=True)
     out, l_wall, l_peak = child("-c", LOAD, str(dst))
     n_layers = out.split()[-2]
     dst_gb = sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 1e9
-    result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+    result = {"method": args.method, "date": datetime.date.today().isoformat(), "machine": cpu_name(),
               "cpus": os.cpu_count(), "layers": args.layers, "checkpoint_gb": round(src_gb, 2),
               "output_gb": round(dst_gb, 2), "quantize_wall_s": round(quant[0], 1),
               "quantize_peak_rss_gib": round(quant[1], 2), "load_wall_s": round(l_wall, 1),
               "load_peak_rss_gib": round(l_peak, 2), "quantized_layers": int(n_layers)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming_quantize.json").write_text(json.dumps(result, indent=2))
+    stem = f"streaming_quantize_{args.method}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     md = ["| step | wall (s) | peak RSS (GiB) |", "|---|---:|---:|",
-          f"| `quantize --stream --method rtn` ({src_gb:.1f} GB bf16 -> {dst_gb:.2f} GB) | {quant[0]:.0f} | {quant[1]:.2f} |",
+          f"| {what} ({src_gb:.1f} GB bf16 -> {dst_gb:.2f} GB) | {quant[0]:.0f} | {quant[1]:.2f} |",
           f"| `from_pretrained` + forward ({n_layers} QuantLinear) | {l_wall:.0f} | {l_peak:.2f} |"]
-    (args.out / "streaming_quantize.md").write_text(
-        f"Llama-2-7B-shaped, {args.layers} layers, random bf16; {result['date']}, {os.cpu_count()} CPUs\n\n"
+    (args.out / f"{stem}.md").write_text(
+        f"Llama-2-7B-shaped, {args.layers} layers, random bf16; {result['date']}, {result['machine']}, "
+        f"{os.cpu_count()} CPUs\n\n"
         + "\n".join(md) + "\n")
     print("\n".join(md))
 
