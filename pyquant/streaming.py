@@ -102,7 +102,7 @@ class _ShardWriter:
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: QuantConfig | None = None,
                         filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
-                        calibration_data: Iterable | None = None, shard_bytes: int = 2**29,
+                        calibration_data: Iterable | None = None, shard_bytes: int = 2**28,
                         progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint directory ``src`` into ``dst`` without loading it.
 

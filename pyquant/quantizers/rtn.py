@@ -90,10 +90,10 @@ class RTNConfig(QuantConfig):
             s_in, s_out = random_signs(k, gen).to(dev), random_signs(n, gen).to(dev)
             row_rms = w.square().mean(dim=1).sqrt()
             row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
-            rotated = (w / row_rms[:, None]) * s_out[:, None] * s_in[None, :]
+            rotated = (w / row_rms[:, None]).mul_(s_out[:, None]).mul_(s_in[None, :])  # in place: one weight's memory
             rotated = blockwise_hadamard(blockwise_hadamard(rotated, had_in, dim=1), had_out, dim=0)
             scale = _search_scale(rotated, per_row=False)
-            z = _round_to_grid(rotated, scale)
+            z = rotated.div_(scale).add_(1.5).round_().clamp_(0, 3)  # _round_to_grid, in place
             su, sv, w_scale = s_in, s_out * row_rms, scale.reshape(())
         else:
             had_in = had_out = 0
