@@ -42,8 +42,9 @@ decoding (``VmHWM`` reset just before the timed ``generate``).
 
 Writes ``decode_cpu.json`` and ``decode_cpu.md`` to ``--out``. One machine, one run, and it must be
 quiet: a thread that shares its core with another process stalls every parallel region, which
-costs the short quantized kernels far more than bf16's long GEMVs. The load average at each
-column's start is recorded, and the table warns when it was above the CPUs left free.
+costs the short quantized kernels far more than bf16's long GEMVs. Other work's CPU use during
+each column is measured (/proc/stat less the column's own CPU time), and the table warns when it
+took more than the CPUs left free.
 """
 from __future__ import annotations
 
@@ -94,6 +95,22 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- memory
+def cpu_busy_s() -> float:
+    """CPU-seconds all CPUs have been busy since boot (/proc/stat, USER_HZ = 100)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# CPU-seconds of other work while a child of this run ran (the machine's busy time less the
+# child's own user + system time), and those children's wall seconds: other_cpus() of a column.
+OTHERS = [0.0, 0.0]
+
+
+def others_since(mark: tuple) -> float:
+    """Average CPUs that other work kept busy while this run's children ran since ``mark``."""
+    return (OTHERS[0] - mark[0]) / max(OTHERS[1] - mark[1], 1e-9)
+
+
 def proc_status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -116,7 +133,7 @@ def reset_peak_rss() -> None:
 def run_child(cmd: list[str], timeout: float, stderr=None) -> tuple[int, str, float, float]:
     """(exit code, stdout, peak RSS in MiB, wall seconds) of ``cmd``; the peak is wait4's
     ru_maxrss of that one child (Linux reports KiB)."""
-    t0 = time.time()
+    t0, busy0 = time.time(), cpu_busy_s()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     timer = threading.Timer(timeout, p.kill)
     timer.start()
@@ -124,7 +141,10 @@ def run_child(cmd: list[str], timeout: float, stderr=None) -> tuple[int, str, fl
     _, status, ru = os.wait4(p.pid, 0)
     timer.cancel()
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return p.returncode, out, ru.ru_maxrss / 1024, time.time() - t0
+    wall = time.time() - t0
+    OTHERS[0] += max(cpu_busy_s() - busy0 - ru.ru_utime - ru.ru_stime, 0.0)
+    OTHERS[1] += wall
+    return p.returncode, out, ru.ru_maxrss / 1024, wall
 
 
 def python_child(args, column: str, timeout: float) -> dict:
@@ -208,17 +228,32 @@ class Int4Linear(torch.nn.Module):
         super().__init__()
         n, k = linear.weight.shape
         self.n, self.k, self.group = n, k, group
-        w = linear.weight.detach().float().reshape(n, k // group, group)
+        q, scale, zero = self.quantize(linear.weight, group)
+        # inner_k_tiles is the CUDA layout's; the CPU packing takes it and ignores it
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        self.bias = linear.bias
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, group: int):
+        """Codes [n, k] int32 in 0..15 and bf16 scales and zeros [n, k / group]."""
+        n, k = weight.shape
+        w = weight.detach().float().reshape(n, k // group, group)
         lo, hi = w.amin(-1), w.amax(-1)
         # scales and zeros rounded to bf16 first (what the kernel reads), then the codes from them
         scale = ((hi - lo).clamp(min=1e-6) / 15).to(torch.bfloat16)
         zero = (lo + scale.float() * 8).to(torch.bfloat16)
         low = zero.float() - scale.float() * 8
         q = ((w - low[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        # inner_k_tiles is the CUDA layout's; the CPU packing takes it and ignores it
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
-        self.bias = linear.bias
+        return q, scale, zero
+
+    @classmethod
+    def reference_weight(cls, weight: torch.Tensor, group: int = 128) -> torch.Tensor:
+        """What the kernel should apply, in plain torch: (q - 8) * scale + zero."""
+        q, scale, zero = cls.quantize(weight, group)
+        n, k = weight.shape
+        q = q.float().reshape(n, k // group, group)
+        return ((q - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
 
     def forward(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.k).to(torch.bfloat16), self.weight,
@@ -227,15 +262,21 @@ class Int4Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def to_int4(model) -> int:
-    n = 0
+def to_int4(model) -> tuple[int, float]:
+    """Swap every decoder nn.Linear; returns how many, and the relative error of the first one's
+    kernel output against its weight dequantized in plain torch (packing and layout check)."""
+    n, check = 0, None
     for layer in model.model.layers:
         for fqn, m in list(layer.named_modules()):
             if isinstance(m, torch.nn.Linear):
+                q = Int4Linear(m)
+                if check is None:
+                    x = torch.randn(4, m.in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+                    check = rel_err(q(x).float(), x.float() @ Int4Linear.reference_weight(m.weight).t())
                 parent, _, child = fqn.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, child, Int4Linear(m))
+                setattr(layer.get_submodule(parent) if parent else layer, child, q)
                 n += 1
-    return n
+    return n, check
 
 
 # ---------------------------------------------------------------- timing
@@ -356,10 +397,11 @@ def col_python(args) -> dict:
     elif name == "int4":
         model = load_bf16(args)
         ref = short_logits(model)
-        res["swapped_linears"] = to_int4(model)
+        res["swapped_linears"], res["rel_err_kernel_vs_dequantized"] = to_int4(model)
         gc.collect()
         res["rel_err_vs_bf16"] = rel_err(short_logits(model), ref)
-        log(f"  int4 logits vs bf16: relative error {res['rel_err_vs_bf16']:.3f}")
+        log(f"  int4 kernel vs its weight dequantized in torch: relative error {res['rel_err_kernel_vs_dequantized']:.1e}; "
+            f"int4 logits vs bf16: {res['rel_err_vs_bf16']:.3f}")
     else:
         import pyquant
 
@@ -535,10 +577,12 @@ def markdown(meta: dict, results: dict, args) -> str:
              f"(torch.set_num_threads, llama.cpp -t)",
              f"- torch {meta['torch']}, transformers {meta['transformers']}; llama.cpp: {meta.get('llama_cpp', 'n/a')}",
              f"- greedy, prompt {args.prompt} random tokens, {args.new_tokens} new tokens; decode tok/s = batch x "
-             f"(N-1) / time first->last new token (llama-bench: -p 0 -n {args.new_tokens}, mean of 5)",
+             f"(N-1) / time first->last new token (llama-bench: -p 0 -n {args.new_tokens}, mean of 5); "
+             f"'at median step': batch / median step time (less sensitive to other work)",
              f"- command: `{meta['command']}`; wall time {meta.get('wall_s', 0) / 60:.1f} min", "",
-             "| column | batch | tok/s | x llama.cpp Q2_K | x bf16 | x int4 | peak RSS MiB | RSS decoding MiB | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| column | batch | tok/s | x llama.cpp Q2_K | x bf16 | x int4 | tok/s at median step | peak RSS MiB | "
+             "RSS decoding MiB | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for col, label in COLUMNS.items():
         r = results.get(col)
         if r is None:
@@ -554,8 +598,10 @@ def markdown(meta: dict, results: dict, args) -> str:
                     notes.append(f"{r['bits_per_weight']:.2f} bits/weight")
                 if "rel_err_vs_torch_backend" in r:
                     notes.append(f"logits vs torch backend {r['rel_err_vs_torch_backend']:.1e}")
+                if "rel_err_kernel_vs_dequantized" in r:
+                    notes.append(f"int4 kernel vs dequantized weight {r['rel_err_kernel_vs_dequantized']:.1e}")
                 if "rel_err_vs_bf16" in r:
-                    notes.append(f"logits vs bf16 {r['rel_err_vs_bf16']:.3f}")
+                    notes.append(f"logits vs bf16 {r['rel_err_vs_bf16']:.2f}")
                 if "compiled_tokens_equal_eager" in r:
                     notes.append(f"compiled tokens == eager: {r['compiled_tokens_equal_eager']}" + (
                         f" (eager logit gap of compiled's tokens <= {r['compiled_tokens_max_eager_gap_std']:.3f} std)"
@@ -568,22 +614,25 @@ def markdown(meta: dict, results: dict, args) -> str:
                 label, str(b), f"{t:.2f}" if t else "n/a",
                 f"{t / q2:.2f}x" if t and q2 else "-", f"{t / bf:.2f}x" if t and bf else "-",
                 f"{t / i4:.2f}x" if t and i4 else "-",
+                f"{1e3 * b / row['step_ms_median']:.2f}" if row.get("step_ms_median") else "-",
                 f"{rss:.0f}" if rss else "-", f"{row['decode_rss_mb']:.0f}" if "decode_rss_mb" in row else "-",
                 "; ".join(notes)]) + " |")
     lines += ["", "Peak RSS: the column's whole process (wait4 ru_maxrss: loading, quantizing, llama.cpp's mmapped "
-              "model); RSS decoding: its VmHWM over the timed generate (Python columns)."]
+              "model); RSS decoding: its VmHWM over the timed generate (Python columns). Logits vs bf16: the "
+              "relative error of the short input's logits against the bf16 model's, for information (on random "
+              "weights the error grows layer after layer; 2-bit RTN's own weight error is about 0.36)."]
     if meta.get("pyquant_quantize"):
         q = meta["pyquant_quantize"]
         lines.append(f"pyquant RTN 2-bit of every linear layer (lm_head included) took {q['quantize_s']:.0f} s "
                      f"({q['bits_per_weight']:.3f} bits/weight), once; the columns load its checkpoint.")
     for k, v in meta.get("errors", {}).items():
         lines.append(f"- {k}: {v}")
-    lines.append("Load average at each column's start: " + ", ".join(
-        f"{c} {r['loadavg']:.1f}" for c, r in results.items() if "loadavg" in r))
-    if any(r.get("loadavg", 0) > meta["logical_cpus"] - args.threads + 0.5 for r in results.values()):
+    lines.append("CPUs kept busy by other work while each column ran (/proc/stat less the column's own CPU time): "
+                 + ", ".join(f"{c} {r['others_cpu']:.2f}" for c, r in results.items() if r.get("others_cpu") is not None))
+    if any((r.get("others_cpu") or 0) > max(0.25, meta["logical_cpus"] - args.threads) for r in results.values()):
         # threads that share a core with another process wait at every parallel region's barrier:
         # short kernels (2-bit, int4, llama.cpp's) lose far more than long bf16 GEMVs
-        lines.append("**Warning: other work was running (load average above the free CPUs): the numbers are "
+        lines.append("**Warning: other work was running on the CPUs this run uses: the numbers are "
                      "disturbed, the quantized columns the most.**")
     return "\n".join(lines) + "\n"
 
@@ -656,7 +705,7 @@ def main(argv=None) -> int:
     results = {}
     for col in args.columns:
         log(f"column {col}: {COLUMNS[col]}")
-        load = os.getloadavg()[0]
+        mark = tuple(OTHERS)
         if col in GGUF_TYPES:
             if col not in ggufs:
                 results[col] = {"error": meta["errors"].get("llama.cpp", "no GGUF"), "batches": {}}
@@ -666,7 +715,7 @@ def main(argv=None) -> int:
                     log(f"  batch {b}: {row.get('tok_s', float('nan')):.2f} tok/s {row.get('error', '')}")
         else:
             results[col] = python_child(args, col, 3 * 3600)
-        results[col]["loadavg"] = load
+        results[col]["others_cpu"] = others_since(mark) if OTHERS[1] > mark[1] else None
         if "error" in results[col]:
             log(f"  error: {results[col]['error']}")
     meta["wall_s"] = time.time() - t0
