@@ -66,11 +66,24 @@ class QuantLinear(nn.Module):
 
     # ---- construction -------------------------------------------------
     @classmethod
-    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
-        """Wrap a validated :class:`PackedWeight` (and an optional fp bias of shape ``[N]``)."""
+    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None = None, *, share: bool = False) -> "QuantLinear":
+        """Wrap a validated :class:`PackedWeight` (and an optional fp bias of shape ``[N]``).
+
+        ``share=True`` makes the layer hold ``pw``'s tensors themselves (views stay views: a
+        serving engine's fused parameters, see :mod:`pyquant.tp`) instead of copies; the bias,
+        if any, is then used as it is too."""
         pw.validate()
         if bias is not None and tuple(bias.shape) != (pw.out_features,):
             raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
+        if share:
+            layer = cls(pw.in_features, pw.out_features, False, had_in=pw.had_in, had_out=pw.had_out,
+                        scale_dtype=pw.su.dtype, method=pw.method, seed=pw.seed, device="meta")
+            for name in _PACKED_TENSORS:
+                layer._buffers[name] = getattr(pw, name)
+            if bias is not None:
+                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            layer.validate().invalidate()
+            return layer
         layer = cls(pw.in_features, pw.out_features, bias is not None, had_in=pw.had_in, had_out=pw.had_out,
                     scale_dtype=pw.su.dtype, method=pw.method, seed=pw.seed, device=pw.codes.device)
         if pw.sv.dtype != pw.su.dtype:
