@@ -57,9 +57,13 @@ setup(
     name="pyquant",
     version="0.1.0",
     description="2-bit affine-codebook quantization with CPU, Triton and CUDA kernels",
-    packages=["pyquant", "pyquant.backends", "pyquant.quantizers", "triton_kernels"],
+    packages=["pyquant", "pyquant.backends", "pyquant.quantizers", "pyquant.triton_kernels"],
     python_requires=">=3.10",
     ext_modules=extensions,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["pyquant=pyquant.cli:main"]},
+    entry_points={
+        "console_scripts": ["pyquant=pyquant.cli:main"],
+        # vLLM calls pyquant.vllm:register in each of its processes: quant_method "pyquant" (pyquant/vllm.py)
+        "vllm.general_plugins": ["pyquant = pyquant.vllm:register"],
+    },
 )

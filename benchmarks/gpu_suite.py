@@ -20,7 +20,7 @@ every call, so weights come from HBM as in a real model. Columns:
 - cuda (when the CUDA extension is built): ``pyquant.kernels.force_backend("cuda")``.
 
 Speed-ups are cuBLAS fp16 time / method time. ``pyquant.kernels.tune`` tunes each
-shape and batch before it is timed (cached on disk, see ``triton_kernels.autotune``).
+shape and batch before it is timed (cached on disk, see ``pyquant.triton_kernels.autotune``).
 Writes ``gpu_<gpu name>.json`` and ``.md`` to ``--out``. Exits 0 with a message
 when no CUDA GPU is present.
 """

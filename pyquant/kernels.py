@@ -184,7 +184,7 @@ def explain(x: torch.Tensor, layer) -> dict[str, str]:
 def tune(model: torch.nn.Module, batch_sizes=(1, 8, 16, 64, 512), dtype: torch.dtype = torch.float16) -> int:
     """Autotune the Triton kernels for every distinct layer shape of ``model`` (a module holding
     QuantLinear layers, or one) on its GPU, at these batch sizes, outside any forward. The
-    choices go to the on-disk cache (``triton_kernels.autotune``), where the forward finds them.
+    choices go to the on-disk cache (``pyquant.triton_kernels.autotune``), where the forward finds them.
     Returns how many configs were tuned now (0 off a GPU, or when all were cached)."""
     from .nn import QuantLinear
 

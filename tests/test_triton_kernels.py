@@ -1,7 +1,7 @@
 """Triton kernels against the torch reference (``pyquant.format``).
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter
-(``TRITON_INTERPRET=1``, set here before ``triton_kernels`` is imported, and only
+(``TRITON_INTERPRET=1``, set here before ``pyquant.triton_kernels`` is imported, and only
 while this module's tests run so other modules keep their CPU backends); shapes
 are small to keep the interpreter fast. With a GPU the same tests run compiled
 on CUDA tensors, plus the ``cuda``-marked tests at real sizes and in bf16.
@@ -27,11 +27,11 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' decoration
 try:
     triton = pytest.importorskip("triton")
-    from triton_kernels import autotune
-    from triton_kernels.common import interpreted
-    from triton_kernels.gemm_dequant import GemmConfig, gemm_dequant
-    from triton_kernels.gemv_splitk import GemvConfig, fuses_output, gemv_fused, gemv_partials, split_layout
-    from triton_kernels.transform import input_transform, output_transform
+    from pyquant.triton_kernels import autotune
+    from pyquant.triton_kernels.common import interpreted
+    from pyquant.triton_kernels.gemm_dequant import GemmConfig, gemm_dequant
+    from pyquant.triton_kernels.gemv_splitk import GemvConfig, fuses_output, gemv_fused, gemv_partials, split_layout
+    from pyquant.triton_kernels.transform import input_transform, output_transform
 finally:
     if _prev_interpret is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -42,7 +42,7 @@ if not HAS_CUDA and not interpreted():
     # Something imported the kernels before this module could set TRITON_INTERPRET=1:
     # say so rather than fail deep inside Triton. (triton itself being imported
     # earlier is fine: the kernels avoid its compiled-mode library functions.)
-    raise RuntimeError("triton_kernels was imported (compiled mode) before this module set TRITON_INTERPRET=1")
+    raise RuntimeError("pyquant.triton_kernels was imported (compiled mode) before this module set TRITON_INTERPRET=1")
 
 import pyquant.backends.triton as tb  # noqa: E402
 from pyquant import QuantLinear, kernels  # noqa: E402
@@ -451,8 +451,8 @@ def test_triton_interpreter_works_when_triton_was_imported_first():
         "import os, torch, triton\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "from pyquant.backends import triton as tb\n"
-        "from triton_kernels.gemv_splitk import GemvConfig\n"
-        "from triton_kernels.gemm_dequant import GemmConfig\n"
+        "from pyquant.triton_kernels.gemv_splitk import GemvConfig\n"
+        "from pyquant.triton_kernels.gemm_dequant import GemmConfig\n"
         "from pyquant.format import PackedWeight, dequantize\n"
         "g = torch.Generator().manual_seed(0)\n"
         "pw = PackedWeight(torch.randint(0, 256, (37, 25), dtype=torch.uint8, generator=g), torch.randn(4, 4, generator=g),\n"
@@ -486,7 +486,7 @@ def test_triton_kernels_compile_for_sm90():
     """Lower a few variants of every kernel to sm_90 cubins: catches GPU-only compile errors without a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--quick", "--arch", "90"],
+    proc = subprocess.run([sys.executable, "-m", "pyquant.triton_kernels.aot_check", "--quick", "--arch", "90"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout

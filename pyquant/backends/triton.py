@@ -1,4 +1,4 @@
-"""The Triton backend: ``torch.ops.pyquant.triton_linear``, kernels from the ``triton_kernels`` package.
+"""The Triton backend: ``torch.ops.pyquant.triton_linear``, kernels from the ``pyquant.triton_kernels`` package.
 
 - 1-16 tokens: fused activation transform (``su``, ``H_in``, ``A^T``, per-token
   constant) -> split-K INT2 GEMV -> output pass (split sum, ``w_scale``, ``H_out``,
@@ -14,7 +14,7 @@ layers that need gradients. Runs on CUDA tensors, and on CPU tensors through the
 interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported (testing only).
 
 Configs: the forward takes the tuned config from the on-disk cache of
-:mod:`triton_kernels.autotune` when there is one, else the heuristic default; it never times
+:mod:`pyquant.triton_kernels.autotune` when there is one, else the heuristic default; it never times
 anything. :func:`tune` (``pyquant.kernels.tune(model)``) fills the cache for a layer's shapes.
 
 Split-K reduction: deterministic by default (partials summed in a fixed order, bit-identical
@@ -58,7 +58,7 @@ def available() -> bool:
 def _kernels_interpreted() -> bool:
     # Imported here, not at module top: Triton fixes compiled vs interpreted when
     # the kernels are decorated, so the import must wait until a caller needs them.
-    from triton_kernels.common import interpreted
+    from pyquant.triton_kernels.common import interpreted
 
     return interpreted()
 
@@ -69,7 +69,7 @@ def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
     try:
         _kernels_interpreted()
     except Exception as e:  # a broken triton install: fall back, don't crash the dispatcher
-        return f"triton_kernels failed to import: {type(e).__name__}: {e}"
+        return f"pyquant.triton_kernels failed to import: {type(e).__name__}: {e}"
     device = layer.codes.device
     if device.type == "cuda":
         if _kernels_interpreted():
@@ -78,10 +78,10 @@ def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
         if not _interpret_env():
             return "CPU layer: Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
         if not _kernels_interpreted():
-            return "CPU layer: triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
+            return "CPU layer: pyquant.triton_kernels was imported before TRITON_INTERPRET=1 was set (restart the process)"
     else:
         return f"device {device.type} is not supported"
-    from triton_kernels.common import MAX_HADAMARD
+    from pyquant.triton_kernels.common import MAX_HADAMARD
 
     for name in ("had_in", "had_out"):
         if getattr(layer, name) > MAX_HADAMARD:
@@ -132,20 +132,20 @@ def _device_info(device: torch.device) -> tuple[str, int]:
 
 
 def _gemv_key(m, n, k, dtype, deterministic) -> str:
-    from triton_kernels.autotune import m_bucket
+    from pyquant.triton_kernels.autotune import m_bucket
 
     return f"N={n}|K={k}|M={m_bucket(m)}|x={str(dtype)[6:]}|det={int(deterministic)}"
 
 
 def _gemm_key(m, n, k, dtype, had_out) -> str:
-    from triton_kernels.autotune import m_bucket
+    from pyquant.triton_kernels.autotune import m_bucket
 
     return f"N={n}|K={k}|M={m_bucket(m)}|x={str(dtype)[6:]}|had_out={had_out}"
 
 
 def _config(x: torch.Tensor, pw: PackedWeight, deterministic: bool):
     """The cached tuned config for this call's shape, else the heuristic default."""
-    from triton_kernels import autotune as at
+    from pyquant.triton_kernels import autotune as at
 
     m, n, k = x.shape[0], pw.out_features, pw.in_features
     gpu, sms = _device_info(x.device)
@@ -161,7 +161,7 @@ def tune(layer, batch_sizes=(1, 8, 16, 64, 512), dtype: torch.dtype = torch.floa
     """Time the config space for ``layer``'s shape at each batch size (on its GPU) and keep the
     fastest in the on-disk cache, where later forwards find it. Returns how many keys were tuned
     now (0 when all were cached, when tuning is off, or off a GPU)."""
-    from triton_kernels import autotune as at
+    from pyquant.triton_kernels import autotune as at
 
     if layer.codes.device.type != "cuda" or _kernels_interpreted() or not at.tuning_enabled():
         return 0
@@ -187,9 +187,9 @@ def tune(layer, batch_sizes=(1, 8, 16, 64, 512), dtype: torch.dtype = torch.floa
 # ---------------------------------------------------------------------------- the two paths
 
 def run_gemv(x, pw, bias, cfg, deterministic: bool) -> torch.Tensor:
-    """The 1-16 token path with an explicit :class:`~triton_kernels.gemv_splitk.GemvConfig`."""
-    from triton_kernels.gemv_splitk import fuses_output, gemv_fused, gemv_partials
-    from triton_kernels.transform import input_transform, output_transform
+    """The 1-16 token path with an explicit :class:`~pyquant.triton_kernels.gemv_splitk.GemvConfig`."""
+    from pyquant.triton_kernels.gemv_splitk import fuses_output, gemv_fused, gemv_partials
+    from pyquant.triton_kernels.transform import input_transform, output_transform
 
     xt, cpart = input_transform(x, pw.su, pw.A, pw.b, pw.had_in)
     if fuses_output(pw.codes.shape[1], pw.had_out, cfg):
@@ -199,9 +199,9 @@ def run_gemv(x, pw, bias, cfg, deterministic: bool) -> torch.Tensor:
 
 
 def run_gemm(x, pw, bias, cfg) -> torch.Tensor:
-    """The >16 token path with an explicit :class:`~triton_kernels.gemm_dequant.GemmConfig`."""
-    from triton_kernels.gemm_dequant import gemm_dequant, operand_dtype
-    from triton_kernels.transform import input_transform, output_transform
+    """The >16 token path with an explicit :class:`~pyquant.triton_kernels.gemm_dequant.GemmConfig`."""
+    from pyquant.triton_kernels.gemm_dequant import gemm_dequant, operand_dtype
+    from pyquant.triton_kernels.transform import input_transform, output_transform
 
     op = operand_dtype(x.dtype, _kernels_interpreted())
     xp, _ = input_transform(x, pw.su, pw.A, pw.b, pw.had_in, apply_a=False, out_dtype=op)

@@ -1,6 +1,6 @@
 """Compile every kernel variant for NVIDIA targets without a GPU.
 
-``python -m triton_kernels.aot_check [--arch 80 90] [--quick]`` lowers each kernel
+``python -m pyquant.triton_kernels.aot_check [--arch 80 90] [--quick]`` lowers each kernel
 through Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas)
 for the given compute capabilities. It catches what the interpreter cannot:
 layout, shape and dtype errors that only the GPU compiler raises. Must run
