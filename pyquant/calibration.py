@@ -14,7 +14,7 @@ the hooks check every activation, so bad input fails with a clear
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ def materialize(calibration_data: Iterable | None) -> list:
     if calibration_data is None:
         raise CalibrationError("calibration_data is required: an iterable of model inputs "
                                "(tensors, or dicts such as tokenizer outputs)")
-    if isinstance(calibration_data, (torch.Tensor, dict)):
+    if isinstance(calibration_data, (torch.Tensor, Mapping)):
         raise TypeError("calibration_data must be an iterable of batches (e.g. a list of tokenizer outputs), "
                         f"not a single {type(calibration_data).__name__}; wrap it in a list")
     if isinstance(calibration_data, (str, bytes)):
@@ -112,6 +112,8 @@ def materialize(calibration_data: Iterable | None) -> list:
         raise TypeError(f"calibration_data must be an iterable of batches, got {type(calibration_data).__name__}") from None
     out = []
     for i, batch in enumerate(iterator):
+        if isinstance(batch, Mapping) and not isinstance(batch, dict):
+            batch = dict(batch)  # a tokenizer's BatchEncoding (a UserDict), or another mapping of inputs
         _check_batch(batch, i)
         out.append(batch)
     if not out:

@@ -191,3 +191,14 @@ def test_unisvq_rejects_a_selected_layer_the_forward_never_calls():
     with pytest.raises(ValueError, match=r"\['side'\]"):
         pyquant.quantize_model(model, pyquant.UniSVQConfig(), calibration_data=data, progress=False)
     assert not any(isinstance(m, pyquant.QuantLinear) for m in model.modules())
+
+
+def test_tokenizer_outputs_are_taken_as_they_come():
+    """A tokenizer returns a ``BatchEncoding`` (a mapping, not a dict): passed as it is."""
+    from transformers import BatchEncoding
+
+    batch = BatchEncoding({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3)})
+    (got,) = materialize([batch])
+    assert isinstance(got, dict) and got["input_ids"] is batch["input_ids"]
+    with pytest.raises(TypeError, match="single BatchEncoding"):
+        materialize(batch)
