@@ -51,6 +51,10 @@ from . import tp
 from .format import READABLE_FORMAT_VERSIONS
 
 QUANT_METHOD = "pyquant"
+# Layer names some vLLM model code gets wrong, and the names its weights load under: vLLM 0.32's
+# BertSelfAttention is built with its sibling's ".output" prefix, so BERT's fused QKV is named
+# "...attention.output.qkv_proj" while it loads "...attention.self.{query,key,value}".
+PREFIX_QUIRKS = ((".attention.output.qkv_proj", ".attention.self.qkv_proj"),)
 
 
 def register() -> None:
@@ -106,6 +110,13 @@ class PyquantVllmConfig(QuantizationConfig):
     def entries_for(self, prefix: str) -> list[tuple[str, dict]]:
         """The checkpoint entries of vLLM layer ``prefix``: one per fused partition (through the
         model's ``packed_modules_mapping``), ``[]`` for a layer left in full precision."""
+        found = self._entries_for(prefix)
+        for wrong, right in PREFIX_QUIRKS:
+            if not found and prefix.endswith(wrong):
+                found = self._entries_for(prefix.removesuffix(wrong) + right)
+        return found
+
+    def _entries_for(self, prefix: str) -> list[tuple[str, dict]]:
         head, _, last = prefix.rpartition(".")
         subs = self.packed_modules_mapping.get(last)
         names = [f"{head}.{s}" if head else s for s in subs] if subs and subs != [last] else [prefix]
