@@ -111,15 +111,17 @@ class Shard:
                              f"are not whole code bytes (4 weights each)")
         if had_in and (cols % had_in or self.col_start % had_in):
             raise ValueError(f"{self.name}: its Hadamard blocks of {had_in} input columns cannot be split into "
-                             f"shards of {cols} columns (had_in must divide in_features / tp = {cols}); use a "
-                             f"tensor-parallel size that keeps them whole, or quantize with a smaller hadamard_block")
+                             f"shards of {cols} columns (had_in must divide the in_features / tp = {cols} columns "
+                             f"a rank holds); use a tensor-parallel size that keeps them whole, or quantize with "
+                             f"a smaller hadamard_block")
         if p.row_start + p.rows > e["out_features"] or p.rows <= 0:
             raise ValueError(f"{self.name}: rows [{p.row_start}, {p.row_start + p.rows}) are outside the "
                              f"{e['out_features']} rows of the checkpoint's matrix")
         if had_out and (p.rows % had_out or p.row_start % had_out):
             raise ValueError(f"{self.name}: its Hadamard blocks of {had_out} output rows cannot be split into "
-                             f"shards of {p.rows} rows (had_out must divide out_features / tp = {p.rows}); use a "
-                             f"tensor-parallel size that keeps them whole, or quantize with a smaller hadamard_block")
+                             f"shards of {p.rows} rows (had_out must divide the {p.rows} rows of its "
+                             f"{e['out_features']}-row matrix a rank holds); use a tensor-parallel size that keeps "
+                             f"them whole, or quantize with a smaller hadamard_block")
 
     # ---- the rank's tensors ------------------------------------------
     def empty(self, device=None) -> dict[str, torch.Tensor]:

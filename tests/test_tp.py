@@ -111,7 +111,7 @@ def test_the_shards_share_the_loaded_tensors_and_verify_the_checksum_when_whole(
 
 def test_cuts_that_split_a_hadamard_block_are_refused_naming_the_layer():
     down = quantized(MLP, HIDDEN, seed=2, block=128)  # had_in = 128
-    with pytest.raises(ValueError, match=r"down_proj.*had_in must divide in_features / tp = 64"):
+    with pytest.raises(ValueError, match=r"down_proj.*had_in must divide the in_features / tp = 64 columns"):
         tp.Shard.row("down_proj", layer_entry(down), 0, 8)
     k = quantized(HIDDEN, KV_HEADS * HEAD_DIM, seed=3, block=64)  # had_out = 64 rows, 32 per rank at tp 2
     with pytest.raises(ValueError, match=r"qkv_proj.*had_out must divide"):

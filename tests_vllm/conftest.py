@@ -60,14 +60,17 @@ def causal_lm(family: str):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """``{name: directory}``: pyquant 2-bit checkpoints written by ``save_pretrained``:
-    ``llama-rtn`` (Llama, RTN), ``qwen2-unisvq`` (Qwen2: biased q/k/v, UniSVQ on real sentences)."""
+    ``llama-rtn`` (Llama, RTN), ``qwen2-unisvq`` (Qwen2: biased q/k/v, UniSVQ on real sentences),
+    ``llama-rtn-h256`` (RTN with 256-wide Hadamard blocks)."""
     root = tmp_path_factory.mktemp("vllm_ckpt")
     texts = sentences()
     tok = tokenizer_for(texts[:2000])
     out = {}
-    for name, family in (("llama-rtn", "llama"), ("qwen2-unisvq", "qwen2")):
+    for name, family in (("llama-rtn", "llama"), ("qwen2-unisvq", "qwen2"), ("llama-rtn-h256", "llama")):
         model = causal_lm(family)
-        if name.endswith("rtn"):
+        if name.endswith("h256"):  # Hadamard blocks of 256: k/v (256 rows) cannot be cut at tp = 2
+            pyquant.quantize_model(model, pyquant.RTNConfig(hadamard_block=256), progress=False)
+        elif name.endswith("rtn"):
             pyquant.quantize_model(model, pyquant.RTNConfig(), progress=False)
         else:
             data = [tok(texts[i:i + 4], return_tensors="pt", padding=True) for i in range(2000, 2032, 4)]
