@@ -70,6 +70,7 @@ def test_minilm_embeddings_match_pyquants(minilm_dir):
     got = torch.tensor([o.outputs.embedding for o in llm.embed(heldout, use_tqdm=False)])
     close(llm)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    print(f"MiniLM through vLLM: min cosine to pyquant's embeddings {cos.min().item():.7f} over {len(heldout)}")
     assert got.shape == want.shape and cos.min() >= 0.9999, cos.min()
 
 
@@ -174,3 +175,21 @@ def test_a_quantized_head_is_refused_with_a_clear_message(checkpoints, tmp_path)
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="lm_head: this pyquant checkpoint quantizes the output head"):
         vllm.LLM(model=str(path), enforce_eager=True, **ENGINE)
+
+
+def test_layer_names_map_to_checkpoint_entries(checkpoints):
+    """vLLM's fused and prefixed names find the checkpoint's entries; half a fused layer is refused."""
+    from pyquant.vllm import PyquantVllmConfig
+
+    qc = json.loads((checkpoints["llama-rtn"] / "config.json").read_text())["quantization_config"]
+    cfg = PyquantVllmConfig.from_config(qc)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    names = [n for n, _ in cfg.entries_for("model.layers.1.self_attn.qkv_proj")]
+    assert names == [f"model.layers.1.self_attn.{p}_proj" for p in "qkv"]
+    assert [n for n, _ in cfg.entries_for("outer.model.layers.0.mlp.down_proj")] == ["outer.model.layers.0.mlp.down_proj"]
+    assert cfg.entries_for("lm_head") == []
+    del cfg.layers["model.layers.0.self_attn.k_proj"]
+    with pytest.raises(ValueError, match=r"quantizes only .*q_proj.*v_proj.*quantize all of them or none"):
+        cfg.entries_for("model.layers.0.self_attn.qkv_proj")
+    with pytest.raises(ValueError, match="lists no quantized layers"):
+        PyquantVllmConfig.from_config({**qc, "layers": {}})

@@ -1,0 +1,113 @@
+"""vLLM on CPU: a pyquant 2-bit checkpoint against the same model in bf16 (issue 14, acceptance 4).
+
+    bash scripts/setup_vllm.sh && .venv-vllm/bin/python benchmarks/vllm_throughput.py [--layers 4]
+
+The model: Llama-2-7B-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000) with ``--layers``
+decoder layers and random bf16 weights (``benchmarks/streaming_quantize.py`` writes it, and its
+RTN output is made here with ``python -m pyquant quantize --stream --method rtn``; lm_head and
+embeddings stay bf16). Each model runs in its own child process with vLLM's defaults (bf16
+activations, its torch.compile, continuous batching); the load and compile are not timed. Timed:
+``LLM.generate`` on ``batch`` requests of 128 random prompt tokens, 64 new tokens each
+(``ignore_eos``), after one warm-up request; output tokens per second = batch * 64 / wall.
+
+Writes ``vllm_throughput.{md,json}`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from streaming_quantize import cpu_name, write_checkpoint  # noqa: E402
+
+CHILD = r"""
+import json, os, resource, sys, time
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    import random
+    path, batches, prompt_len, new = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
+    t0 = time.perf_counter()
+    llm = LLM(model=path, skip_tokenizer_init=True, max_model_len=512, gpu_memory_utilization=0.5, seed=0,
+              max_num_seqs=max(batches))
+    load = time.perf_counter() - t0
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+    def prompts(n):
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(3, 32000) for _ in range(prompt_len)]) for _ in range(n)]
+    llm.generate(prompts(1), params, use_tqdm=False)  # warm-up
+    out = {"load_s": load}
+    for b in batches:
+        t0 = time.perf_counter()
+        res = llm.generate(prompts(b), params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        assert all(len(r.outputs[0].token_ids) == new for r in res)
+        out[f"tok_s_b{b}"] = b * new / wall
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)
+"""
+
+
+def run(path: Path, batches: list[int], prompt_len: int, new: int) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "HF_HUB_OFFLINE": "1"}
+    log = Path("/tmp") / f"vllm_throughput_{path.name}.log"
+    with open(log, "w") as f:  # a file: vLLM's helper processes may outlive the child
+        rc = subprocess.run([sys.executable, "-c", CHILD, str(path), ",".join(map(str, batches)), str(prompt_len),
+                             str(new)], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    text = log.read_text()
+    if rc or "RESULT " not in text:
+        raise SystemExit(f"vLLM on {path} failed (log {log}):\n{text[-3000:]}")
+    return json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "pyquant" / "streaming")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=64)
+    args = parser.parse_args()
+    src = args.work / f"llama7b-{args.layers}l-bf16"
+    dst = args.work / f"llama7b-{args.layers}l-pyquant-rtn"
+    write_checkpoint(src, args.layers)
+    if not (dst / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "pyquant", "quantize", str(src), "--stream", "--method", "rtn",
+                        "--out", str(dst)], check=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = {}
+    for name, path in (("bf16", src), ("pyquant 2-bit (RTN)", dst)):
+        rows[name] = run(path, batches, args.prompt, args.new)
+        print(name, rows[name], flush=True)
+    gb = {name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for name, p in
+          (("bf16", src), ("pyquant 2-bit (RTN)", dst))}
+    base = rows["bf16"]
+    result = {"date": datetime.date.today().isoformat(), "machine": cpu_name(), "cpus": os.cpu_count(),
+              "layers": args.layers, "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,
+              "checkpoint_gb": gb}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vllm_throughput.json").write_text(json.dumps(result, indent=2))
+    head = "| model | checkpoint GB | " + " | ".join(f"batch {b} tok/s (× bf16)" for b in batches) + \
+        " | load + compile s | peak RSS GiB |"
+    md = [head, "|---|---:|" + "---:|" * len(batches) + "---:|---:|"]
+    for name, r in rows.items():
+        cells = " | ".join(f"{r[f'tok_s_b{b}']:.2f} ({r[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}×)" for b in batches)
+        md.append(f"| {name} | {gb[name]:.2f} | {cells} | {r['load_s']:.0f} | {r['peak_rss_gib']:.2f} |")
+    (args.out / "vllm_throughput.md").write_text(
+        f"vLLM {__import__('vllm').__version__} (CPU build), Llama-2-7B-shaped, {args.layers} layers, random weights, "
+        f"{args.prompt} prompt + {args.new} new tokens a request; {result['date']}, {result['machine']}, "
+        f"{os.cpu_count()} CPUs\n\n" + "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
