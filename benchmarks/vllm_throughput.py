@@ -6,9 +6,11 @@ The model: Llama-2-7B-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000) wit
 decoder layers and random bf16 weights (``benchmarks/streaming_quantize.py`` writes it, and its
 RTN output is made here with ``python -m pyquant quantize --stream --method rtn``; lm_head and
 embeddings stay bf16). Each model runs in its own child process with vLLM's defaults (bf16
-activations, its torch.compile, continuous batching); the load and compile are not timed. Timed:
-``LLM.generate`` on ``batch`` requests of 128 random prompt tokens, 64 new tokens each
-(``ignore_eos``), after one warm-up request; output tokens per second = batch * 64 / wall.
+activations, its torch.compile, continuous batching); the load and compile are not timed. Timed,
+after one warm-up request, per batch size: ``LLM.generate`` on ``batch`` requests of 128 random
+prompt tokens with 1 new token (the prefill), then on ``batch`` fresh ones with 64 new tokens
+each (``ignore_eos``). Output tok/s = batch * 64 / wall; decode tok/s = batch * 63 / (wall -
+prefill wall); prefill tok/s = batch * 128 / prefill wall.
 
 Writes ``vllm_throughput.{md,json}`` to ``--out``.
 """
@@ -43,12 +45,18 @@ if __name__ == "__main__":
         return [TokensPrompt(prompt_token_ids=[rng.randrange(3, 32000) for _ in range(prompt_len)]) for _ in range(n)]
     llm.generate(prompts(1), params, use_tqdm=False)  # warm-up
     out = {"load_s": load}
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     for b in batches:
+        t0 = time.perf_counter()
+        llm.generate(prompts(b), first, use_tqdm=False)  # the prefill alone (fresh prompts: no prefix cache)
+        t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = llm.generate(prompts(b), params, use_tqdm=False)
         wall = time.perf_counter() - t0
         assert all(len(r.outputs[0].token_ids) == new for r in res)
         out[f"tok_s_b{b}"] = b * new / wall
+        out[f"prefill_tok_s_b{b}"] = b * prompt_len / t_prefill
+        out[f"decode_tok_s_b{b}"] = b * (new - 1) / max(wall - t_prefill, 1e-9)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(out), flush=True)
     os._exit(0)
@@ -96,11 +104,12 @@ def main() -> None:
               "checkpoint_gb": gb}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_throughput.json").write_text(json.dumps(result, indent=2))
-    head = "| model | checkpoint GB | " + " | ".join(f"batch {b} tok/s (× bf16)" for b in batches) + \
-        " | load + compile s | peak RSS GiB |"
-    md = [head, "|---|---:|" + "---:|" * len(batches) + "---:|---:|"]
+    kinds = [("tok_s", "output tok/s"), ("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")]
+    cols = [(f"{k}_b{b}", f"batch {b} {what} (× bf16)") for b in batches for k, what in kinds]
+    md = ["| model | checkpoint GB | " + " | ".join(c for _, c in cols) + " | load + compile s | peak RSS GiB |",
+          "|---|---:|" + "---:|" * len(cols) + "---:|---:|"]
     for name, r in rows.items():
-        cells = " | ".join(f"{r[f'tok_s_b{b}']:.2f} ({r[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}×)" for b in batches)
+        cells = " | ".join(f"{r[k]:.2f} ({r[k] / base[k]:.2f}×)" for k, _ in cols)
         md.append(f"| {name} | {gb[name]:.2f} | {cells} | {r['load_s']:.0f} | {r['peak_rss_gib']:.2f} |")
     (args.out / "vllm_throughput.md").write_text(
         f"vLLM {__import__('vllm').__version__} (CPU build), Llama-2-7B-shaped, {args.layers} layers, random weights, "
