@@ -18,10 +18,10 @@ A fused layer (vLLM's ``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up) is se
 matrices, each quantized on its own with its own codebook ``A``, ``b``, ``w_scale`` and its own
 ``su`` (its own random signs). The choice here is one kernel call per partition on the shared
 input, outputs concatenated: exact, and no change to how checkpoints are made; the cost is one
-input transform per partition instead of one per layer and a concatenation (measured in the
-README, "vLLM on CPU": 1.03–1.21× one fused kernel). The partitions' codes and ``sv`` are stored concatenated along the
-output (vLLM's layout), ``su`` / ``A`` / ``b`` / ``w_scale`` stacked along a first dimension
-of one row per partition.
+input transform per partition instead of one per layer and a concatenation (1.03–1.21× one
+fused kernel: README, "vLLM on CPU"). The partitions' codes and ``sv`` are stored concatenated
+along the output (vLLM's layout), ``su`` / ``A`` / ``b`` / ``w_scale`` stacked along a first
+dimension of one row per partition.
 """
 from __future__ import annotations
 
