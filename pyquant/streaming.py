@@ -247,6 +247,7 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
             writer.add(key, t.detach().to(stored[header[key][0]]))  # norms (fine-tuned), unselected layers
         for fqn in [f for f in targets if f.startswith(prefixes[i])]:
             _write_layer(model.get_submodule(fqn), fqn, writer, entries)
+            targets[fqn].to("meta")  # the swapped-out dense layer: the driver still refers to it
         block.to("meta")  # drop the block's memory
 
     config.run_blocks(model, targets, data, swap, progress, load_block=load_block, release_block=release_block)

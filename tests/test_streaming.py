@@ -86,6 +86,30 @@ def test_unisvq_streams_block_by_block_as_it_quantizes_in_memory(family, tmp_pat
     assert streamed.config.quantization_config.method == "unisvq"
 
 
+def test_unisvq_streaming_drops_each_block_once_written(tmp_path, monkeypatch):
+    """Memory stays at about one block: when a block is written, neither its quantized layers nor
+    the dense layers they replaced (which the block driver still refers to) keep their tensors."""
+    import pyquant.streaming as streaming
+
+    seen = {}
+
+    def spy(model, filter_fn=None):
+        out = select_targets(model, filter_fn)
+        seen.update(out[0])
+        return out
+
+    select_targets = streaming.select_targets
+    monkeypatch.setattr(streaming, "select_targets", spy)
+    written = []
+    write = streaming._write_layer
+    monkeypatch.setattr(streaming, "_write_layer", lambda layer, fqn, *a: (written.append(fqn), write(layer, fqn, *a)))
+    make("llama").save_pretrained(tmp_path / "src")
+    quantize_checkpoint(tmp_path / "src", tmp_path / "dst", pyquant.UniSVQConfig(ft_epochs=1),
+                        calibration_data=_calibration(), progress=False)
+    assert sorted(written) == sorted(seen) and len(seen) == 14
+    assert all(linear.weight.device.type == "meta" for linear in seen.values())
+
+
 def test_unisvq_streaming_refuses_what_it_cannot_do(tmp_path):
     make("gpt2").save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="Conv1D"):
