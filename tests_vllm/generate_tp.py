@@ -2,7 +2,6 @@
 (worker processes, one core each), printed as one JSON line. A script, because vLLM's workers
 re-import the main module (it must be guarded by ``__name__ == "__main__"``)."""
 import json
-import os
 import sys
 
 if __name__ == "__main__":
@@ -13,4 +12,4 @@ if __name__ == "__main__":
               tensor_parallel_size=tp, distributed_executor_backend="mp", seed=0)
     out = llm.generate(prompts, SamplingParams(max_tokens=16, min_tokens=16, temperature=0.0), use_tqdm=False)
     print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in out]), flush=True)
-    os._exit(0)  # skip vLLM's slow worker teardown
+    llm.llm_engine.engine_core.shutdown()  # stops the worker processes (an os._exit would orphan them)

@@ -134,9 +134,38 @@ def run_tp(path, tp: int, tmp_path) -> tuple[int, str, str]:
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     # files, not pipes: vLLM's helper processes inherit them and may outlive the script
     with open(out, "w") as o, open(err, "w") as e:
-        rc = subprocess.run([sys.executable, script, str(path), str(tp), *PROMPTS], env=env, stdout=o, stderr=e,
-                            timeout=600).returncode
+        proc = subprocess.Popen([sys.executable, script, str(path), str(tp), *PROMPTS], env=env, stdout=o, stderr=e,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            leaked = session_processes(proc.pid)
+    assert not leaked, f"vLLM left {len(leaked)} processes running (killed now): {leaked}"
     return rc, out.read_text(), err.read_text()
+
+
+def session_processes(sid: int, grace: float = 30.0) -> list[str]:
+    """The processes still in session ``sid`` after ``grace`` seconds (vLLM's workers and helpers
+    of a finished script); they are killed."""
+    import psutil
+
+    def alive():
+        out = []
+        for p in psutil.process_iter(["pid", "name"]):
+            try:
+                if p.pid != sid and os.getsid(p.pid) == sid:
+                    out.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return out
+
+    deadline = time.monotonic() + grace
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(1)
+    names = [f"{p.pid} {p.info['name']}" for p in left]
+    for p in left:
+        p.kill()
+    return names
 
 
 def test_tensor_parallel_2_gives_pyquants_tokens(checkpoints, tmp_path):
@@ -144,7 +173,7 @@ def test_tensor_parallel_2_gives_pyquants_tokens(checkpoints, tmp_path):
     path = checkpoints["llama-rtn"]
     rc, out, err = run_tp(path, 2, tmp_path)
     assert rc == 0, out[-3000:] + err[-3000:]
-    got = json.loads(out.rsplit("TOKENS ", 1)[1])
+    got = json.loads(out.rsplit("TOKENS ", 1)[1].splitlines()[0])
     assert got == pyquant_greedy(path, PROMPTS, NEW_TOKENS)
 
 
