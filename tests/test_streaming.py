@@ -86,6 +86,15 @@ def test_unisvq_streams_block_by_block_as_it_quantizes_in_memory(family, tmp_pat
     assert streamed.config.quantization_config.method == "unisvq"
 
 
+def test_a_one_layer_decoder_streams_block_by_block(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make("llama", num_hidden_layers=1).save_pretrained(tmp_path / "src")
+    out = quantize_checkpoint(tmp_path / "src", tmp_path / "dst", pyquant.UniSVQConfig(ft_epochs=1),
+                              calibration_data=_calibration(), progress=False)
+    assert len(pyquant.nn.quantized_layers(AutoModelForCausalLM.from_pretrained(out))) == 7
+
+
 def test_unisvq_streaming_drops_each_block_once_written(tmp_path, monkeypatch):
     """Memory stays at about one block: when a block is written, neither its quantized layers nor
     the dense layers they replaced (which the block driver still refers to) keep their tensors."""

@@ -30,14 +30,18 @@ __all__ = ["BlockInput", "find_blocks", "locate_blocks", "capture", "block_hessi
 def find_blocks(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, list[nn.Module]]:
     """``(name, blocks)``: the ``ModuleList`` of same-class children that holds
     the most target layers (the transformer blocks, e.g. ``BertLayer``,
-    ``LlamaDecoderLayer``); ``("", [])`` when there is none."""
+    ``LlamaDecoderLayer``); ``("", [])`` when there is none. A list of one child counts when
+    that child holds target layers without being one (a one-layer decoder)."""
     best: tuple[int, str, list] = (0, "", [])
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
-            prefix = f"{name}." if name else ""
-            n = sum(f.startswith(prefix) for f in targets)
-            if n > best[0]:
-                best = (n, name, list(mod))
+        if not isinstance(mod, nn.ModuleList) or len({type(c) for c in mod}) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        if len(mod) == 1 and f"{prefix}0" in targets:  # one layer in a list, not a block of layers
+            continue
+        n = sum(f.startswith(prefix) for f in targets)
+        if n > best[0]:
+            best = (n, name, list(mod))
     return best[1], best[2]
 
 
@@ -55,7 +59,7 @@ def locate_blocks(model: nn.Module, targets: dict[str, nn.Module], method: str
         lists = [f"{n} ({len(m)}: {', '.join(sorted({type(c).__name__ for c in m}))})"
                  for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
         raise ValueError(f"{method}: cannot find the transformer blocks of this {type(model).__name__}: searched "
-                         f"for an nn.ModuleList of >= 2 modules of one class holding the selected layers; its "
+                         f"for an nn.ModuleList of modules of one class holding the selected layers; its "
                          f"ModuleLists: {'; '.join(lists) or 'none'}")
     return blocks, in_block, leftovers
 
