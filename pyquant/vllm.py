@@ -19,13 +19,14 @@ This module imports vLLM; ``import pyquant`` never imports it.
   ones whole Hadamard blocks of columns), builds one ``QuantLinear`` per fused partition sharing
   those tensors in ``process_weights_after_loading`` (kernel state, once), and runs them in
   ``apply`` (the ``torch.ops.pyquant`` ops, which vLLM's ``torch.compile`` keeps in one graph).
-  Layers the checkpoint left in full precision (``lm_head``, a pooler) get vLLM's unquantized
-  method.
+  A quantized ``lm_head`` (vLLM's ``ParallelLMHead``) is served the same way, its vocabulary cut
+  across ranks as vLLM cuts it. Layers the checkpoint left in full precision get vLLM's
+  unquantized method.
 
 Refused at load, with the layer named: a format version this pyquant does not read, a
 tensor-parallel size whose cut does not fall on whole Hadamard blocks, a fused layer of which
-only some partitions are quantized, a quantized ``lm_head`` or embedding (not served yet: keep
-them in full precision, the default), DAQ's ``dequant`` layers.
+only some partitions are quantized, a quantized head tied to the embeddings, DAQ's ``dequant``
+layers.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.utils import set_weight_attrs
 
 from . import tp
@@ -99,13 +100,12 @@ class PyquantVllmConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: nn.Module, prefix: str):
         found = self.entries_for(prefix)
-        if isinstance(layer, LinearBase):
+        if isinstance(layer, LinearBase) or (isinstance(layer, ParallelLMHead) and found):
             return PyquantLinearMethod(self, prefix, found) if found else UnquantizedLinearMethod()
         if isinstance(layer, VocabParallelEmbedding) and found:
-            raise ValueError(f"{prefix}: this pyquant checkpoint quantizes the output head or an embedding, which "
-                             f"pyquant's vLLM method does not serve yet; quantize with lm_head in full precision "
-                             f"(quantize_model's default)")
-        return None
+            raise ValueError(f"{prefix}: this pyquant checkpoint quantizes an input embedding, which pyquant's vLLM "
+                             f"method does not serve (pyquant quantizes linear layers only)")
+        return None  # vLLM's own (unquantized) method
 
     def entries_for(self, prefix: str) -> list[tuple[str, dict]]:
         """The checkpoint entries of vLLM layer ``prefix``: one per fused partition (through the
@@ -149,6 +149,18 @@ class PyquantLinearMethod(LinearMethodBase):
         """The :class:`pyquant.tp.Shard` this rank holds of ``layer``."""
         rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
         name, entries = self.prefix, self.entries
+        if isinstance(layer, ParallelLMHead):
+            # the rank's slice of the vocabulary, then zero rows up to vLLM's padded size (sliced off
+            # from the logits by vLLM)
+            idx = layer.shard_indices
+            if len(entries) != 1 or idx.num_added_elements:
+                raise ValueError(f"{name}: a quantized output head is served as one matrix without added vocabulary")
+            shard = tp.Shard(name, [tp.Part(entries[0], idx.num_org_elements, idx.org_vocab_start_index, 0)],
+                             entries[0]["in_features"])
+            if shard.in_features != input_size_per_partition:
+                raise ValueError(f"{name}: the checkpoint's head takes {shard.in_features} inputs, vLLM's "
+                                 f"{input_size_per_partition}")
+            return shard
         if isinstance(layer, RowParallelLinear):
             if len(entries) != 1:
                 raise ValueError(f"{name}: a row-parallel layer fused from {len(entries)} checkpoint matrices")
@@ -177,6 +189,7 @@ class PyquantLinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
         shard = self.shard(layer, input_size_per_partition, output_partition_sizes)
+        layer.pyquant_pad = sum(output_partition_sizes) - shard.out_features  # a head's padded vocabulary rows
         for name, t in shard.empty().items():
             param = nn.Parameter(t, requires_grad=False)
             # our loader, not vLLM's (which would narrow by output_dim / input_dim attributes)
@@ -193,7 +206,12 @@ class PyquantLinearMethod(LinearMethodBase):
             tensors, bias.data if bias is not None else None, self.config.format_version if checked else None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return tp.forward(layer.pyquant_layers, x, bias)
+        y = tp.forward(layer.pyquant_layers, x, bias)
+        return torch.nn.functional.pad(y, (0, layer.pyquant_pad)) if layer.pyquant_pad else y
+
+    def tie_weights(self, layer: nn.Module, embed_tokens: nn.Module):
+        raise ValueError(f"{self.prefix}: a quantized output head cannot be tied to the input embeddings "
+                         f"(tie_word_embeddings is set): keep a tied head in full precision, quantize_model's default")
 
 
 def _load(shard: tp.Shard, name: str, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:

@@ -61,15 +61,19 @@ def causal_lm(family: str):
 def checkpoints(tmp_path_factory):
     """``{name: directory}``: pyquant 2-bit checkpoints written by ``save_pretrained``:
     ``llama-rtn`` (Llama, RTN), ``qwen2-unisvq`` (Qwen2: biased q/k/v, UniSVQ on real sentences),
-    ``llama-rtn-h256`` (RTN with 256-wide Hadamard blocks)."""
+    ``llama-rtn-h256`` (RTN with 256-wide Hadamard blocks), ``llama-rtn-head`` (lm_head quantized too)."""
     root = tmp_path_factory.mktemp("vllm_ckpt")
     texts = sentences()
     tok = tokenizer_for(texts[:2000])
     out = {}
-    for name, family in (("llama-rtn", "llama"), ("qwen2-unisvq", "qwen2"), ("llama-rtn-h256", "llama")):
+    for name, family in (("llama-rtn", "llama"), ("qwen2-unisvq", "qwen2"), ("llama-rtn-h256", "llama"),
+                         ("llama-rtn-head", "llama")):
         model = causal_lm(family)
         if name.endswith("h256"):  # Hadamard blocks of 256: k/v (256 rows) cannot be cut at tp = 2
             pyquant.quantize_model(model, pyquant.RTNConfig(hadamard_block=256), progress=False)
+        elif name.endswith("head"):  # lm_head quantized too
+            pyquant.quantize_model(model, pyquant.RTNConfig(), filter_fn=lambda m, fqn: True, progress=False)
+            assert "lm_head" in json.dumps(pyquant.hf.PyquantConfig.from_model(model).layers)
         elif name.endswith("rtn"):
             pyquant.quantize_model(model, pyquant.RTNConfig(), progress=False)
         else:
