@@ -4,8 +4,8 @@
 
 The model: Llama-2-7B-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000) with ``--layers``
 decoder layers and random bf16 weights (``benchmarks/streaming_quantize.py`` writes it, and its
-RTN output is made here with ``python -m pyquant quantize --stream --method rtn``; lm_head and
-embeddings stay bf16). Each model runs in its own child process with vLLM's defaults (bf16
+RTN output is made here with ``python -m pyquant quantize --stream --method rtn``, lm_head and
+embeddings bf16; and with ``quantize_checkpoint`` taking lm_head too). Each model runs in its own child process with vLLM's defaults (bf16
 activations, its torch.compile, continuous batching); the load and compile are not timed. Timed,
 after one warm-up request, per batch size: ``LLM.generate`` on ``batch`` requests of 128 random
 prompt tokens with 1 new token (the prefill), then on ``batch`` fresh ones with 64 new tokens
@@ -91,13 +91,19 @@ def main() -> None:
     if not (dst / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "pyquant", "quantize", str(src), "--stream", "--method", "rtn",
                         "--out", str(dst)], check=True)
+    head = args.work / f"llama7b-{args.layers}l-pyquant-rtn-head"  # lm_head quantized too
+    if not (head / "config.json").is_file():
+        import pyquant
+        from pyquant.streaming import quantize_checkpoint
+
+        quantize_checkpoint(src, head, pyquant.RTNConfig(), filter_fn=lambda module, fqn: True)
     batches = [int(b) for b in args.batches.split(",")]
+    models = (("bf16", src), ("pyquant 2-bit (RTN)", dst), ("pyquant 2-bit, 2-bit lm_head", head))
     rows = {}
-    for name, path in (("bf16", src), ("pyquant 2-bit (RTN)", dst)):
+    for name, path in models:
         rows[name] = run(path, batches, args.prompt, args.new)
         print(name, rows[name], flush=True)
-    gb = {name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for name, p in
-          (("bf16", src), ("pyquant 2-bit (RTN)", dst))}
+    gb = {name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for name, p in models}
     base = rows["bf16"]
     result = {"date": datetime.date.today().isoformat(), "machine": cpu_name(), "cpus": os.cpu_count(),
               "layers": args.layers, "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,

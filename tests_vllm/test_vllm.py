@@ -170,9 +170,11 @@ def session_processes(sid: int, grace: float = 30.0) -> list[str]:
     return names
 
 
-def test_tensor_parallel_2_gives_pyquants_tokens(checkpoints, tmp_path):
-    """tp = 2: q/k/v, gate/up column-parallel, o/down row-parallel (partial sums all-reduced)."""
-    path = checkpoints["llama-rtn"]
+@pytest.mark.parametrize("name", ["llama-rtn", "llama-rtn-head"])
+def test_tensor_parallel_2_gives_pyquants_tokens(checkpoints, tmp_path, name):
+    """tp = 2: q/k/v, gate/up column-parallel, o/down row-parallel (partial sums all-reduced), and
+    a 2-bit lm_head's vocabulary split."""
+    path = checkpoints[name]
     rc, out, err = run_tp(path, 2, tmp_path)
     assert rc == 0, out[-3000:] + err[-3000:]
     got = json.loads(out.rsplit("TOKENS ", 1)[1].splitlines()[0])
