@@ -18,6 +18,7 @@ from torch import nn
 
 import pyquant
 from pyquant import tp
+from pyquant.format import PACKED_TENSORS
 from pyquant.io import layer_entry
 
 SETS, ROUNDS, CALLS = 8, 7, 40
@@ -34,7 +35,7 @@ def partitions(k: int, rows: list[int], seed: int) -> list[pyquant.QuantLinear]:
     shard = tp.Shard.column("fused", [layer_entry(p) for p in parts], rows, [0] * len(rows))
     tensors = shard.empty()
     for i, p in enumerate(parts):
-        for name in ("codes", "A", "b", "su", "sv", "w_scale"):
+        for name in PACKED_TENSORS:
             shard.load(tensors, name, getattr(p, name), i)
     return shard.layers(tensors)
 

@@ -50,6 +50,7 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 VECTOR_DIM = 4
 SCALE_DTYPES = (torch.float16, torch.float32)
 SCALE_DTYPE_NAMES = {"float16": torch.float16, "float32": torch.float32}  # as a checkpoint spells them
+PACKED_TENSORS = ("codes", "A", "b", "su", "sv", "w_scale")  # a PackedWeight's tensors, as a layer stores them
 # A layer that could make a weight larger than this is refused: no trained network has one, and its
 # outputs would overflow fp32 (3.4e38) for ordinary inputs. Such values come from damaged files.
 MAX_WEIGHT = 1e30
@@ -163,7 +164,7 @@ class PackedWeight:
                              f"outputs would overflow (a damaged checkpoint?)")
 
     def to(self, device) -> "PackedWeight":
-        move = {k: getattr(self, k).to(device) for k in ("codes", "A", "b", "su", "sv", "w_scale")}
+        move = {k: getattr(self, k).to(device) for k in PACKED_TENSORS}
         return PackedWeight(**move, had_in=self.had_in, had_out=self.had_out, seed=self.seed,
                             method=self.method, extra=dict(self.extra))
 

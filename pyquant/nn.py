@@ -10,13 +10,12 @@ from torch import nn
 
 from . import kernels
 from .fakequant import DequantLinear
-from .format import PackedWeight, dequantize, stored_bytes
+from .format import PACKED_TENSORS, PackedWeight, dequantize, stored_bytes
 from .quantizers import QuantConfig, RTNConfig
 
 log = logging.getLogger(__name__)
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PACKED_TENSORS = ("codes", "A", "b", "su", "sv", "w_scale")
 
 
 class QuantLinear(nn.Module):
@@ -70,18 +69,18 @@ class QuantLinear(nn.Module):
         """Wrap a validated :class:`PackedWeight` (and an optional fp bias of shape ``[N]``).
 
         ``share=True`` makes the layer hold ``pw``'s tensors themselves (views stay views: a
-        serving engine's fused parameters, see :mod:`pyquant.tp`) instead of copies; the bias,
-        if any, is then used as it is too."""
+        serving engine's fused parameters, see :mod:`pyquant.tp`) instead of copies; such a layer
+        has no bias (a fused layer adds its bias once, after its partitions)."""
         pw.validate()
         if bias is not None and tuple(bias.shape) != (pw.out_features,):
             raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
         if share:
+            if bias is not None:
+                raise ValueError("from_packed(share=True) makes a bias-free layer; add the bias after it")
             layer = cls(pw.in_features, pw.out_features, False, had_in=pw.had_in, had_out=pw.had_out,
                         scale_dtype=pw.su.dtype, method=pw.method, seed=pw.seed, device="meta")
-            for name in _PACKED_TENSORS:
+            for name in PACKED_TENSORS:
                 layer._buffers[name] = getattr(pw, name)
-            if bias is not None:
-                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
             layer.validate().invalidate()
             return layer
         layer = cls(pw.in_features, pw.out_features, bias is not None, had_in=pw.had_in, had_out=pw.had_out,
@@ -89,7 +88,7 @@ class QuantLinear(nn.Module):
         if pw.sv.dtype != pw.su.dtype:
             layer.sv = layer.sv.to(pw.sv.dtype)
         with torch.no_grad():
-            for name in _PACKED_TENSORS:
+            for name in PACKED_TENSORS:
                 getattr(layer, name).copy_(getattr(pw, name))
             if bias is not None:
                 layer.bias.copy_(bias.detach().float())

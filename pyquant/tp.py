@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import SCALE_DTYPE_NAMES, PackedWeight
+from .format import PACKED_TENSORS, SCALE_DTYPE_NAMES, PackedWeight
 from .io import skeleton_layer, verify_checksum_of
 from .nn import QuantLinear
 
@@ -67,8 +67,8 @@ class Shard:
         if not parts:
             raise ValueError(f"{name}: a layer needs at least one partition")
         self.name, self.parts, self.in_features, self.col_start = name, tuple(parts), in_features, col_start
-        for p in parts:
-            self._check(p)
+        # each partition's full-size layer on the meta device: its checkpoint tensors' shapes and dtypes
+        self._full = [self._check(p) for p in parts]
         dtypes = {(p.entry["su_dtype"], p.entry["sv_dtype"]) for p in parts}
         if len(dtypes) > 1:
             raise ValueError(f"{name}: its fused partitions store su/sv in different dtypes {sorted(dtypes)}; "
@@ -95,13 +95,13 @@ class Shard:
             raise ValueError(f"{name}: in_features={k} does not split into {tp} tensor-parallel ranks")
         return cls(name, [Part(entry, entry["out_features"], 0, 0)], k // tp, rank * (k // tp))
 
-    def _check(self, p: Part) -> None:
+    def _check(self, p: Part) -> QuantLinear:
         e = p.entry
         if isinstance(e, dict) and e.get("kind", "packed") != "packed":
             raise ValueError(f"{self.name}: a {e.get('kind')!r} layer (DAQ's fp8 / int-n) is not a packed 2-bit "
                              f"layer; pyquant's vLLM method serves packed layers only")
         try:
-            skeleton_layer(e, torch.device("meta"))  # every field present and of its kind
+            full = skeleton_layer(e, torch.device("meta"))  # every field present and of its kind
         except (TypeError, ValueError) as err:
             raise ValueError(f"{self.name}: its quantization_config entry is invalid: {err}") from err
         k_full, had_in, had_out = e["in_features"], e.get("had_in") or 0, e.get("had_out") or 0
@@ -122,6 +122,7 @@ class Shard:
                              f"shards of {p.rows} rows (had_out must divide the {p.rows} rows of its "
                              f"{e['out_features']}-row matrix a rank holds); use a tensor-parallel size that keeps "
                              f"them whole, or quantize with a smaller hadamard_block")
+        return full
 
     # ---- the rank's tensors ------------------------------------------
     def empty(self, device=None) -> dict[str, torch.Tensor]:
@@ -149,17 +150,14 @@ class Shard:
     def load(self, tensors: dict[str, torch.Tensor], name: str, full: torch.Tensor, shard_id=None) -> None:
         """Copy this rank's slice of the checkpoint tensor ``full`` (``codes``, ``A``, ``b``,
         ``su``, ``sv`` or ``w_scale`` of partition ``shard_id``) into ``tensors``."""
-        p = self.parts[self.part_index(shard_id)]
-        i, e = self.parts.index(p), p.entry
-        n, k = e["out_features"], e["in_features"]
-        want = {"codes": ((n, k // 4), (torch.uint8,)), "A": ((4, 4), (F32,)), "b": ((4,), (F32,)),
-                "su": ((k,), (self.su_dtype,)), "sv": ((n,), (self.sv_dtype,)), "w_scale": ((), (F32,))}
-        if name not in want:
+        i = self.part_index(shard_id)
+        p = self.parts[i]
+        if name not in PACKED_TENSORS:
             raise ValueError(f"{self.name}: unexpected checkpoint tensor {name!r}")
-        shape, dtypes = want[name]
-        if tuple(full.shape) != shape or full.dtype not in dtypes:
+        want = getattr(self._full[i], name)
+        if full.shape != want.shape or full.dtype != want.dtype:
             raise ValueError(f"{self.name}.{name} (partition {shard_id!r}): the checkpoint has {full.dtype} "
-                             f"{tuple(full.shape)}, expected {dtypes[0]} {shape}")
+                             f"{tuple(full.shape)}, expected {want.dtype} {tuple(want.shape)}")
         c0, c1 = self.col_start, self.col_start + self.in_features
         rows = slice(p.row_start, p.row_start + p.rows)
         dst = slice(p.offset, p.offset + p.rows)
@@ -196,10 +194,10 @@ class Shard:
         ``format_version`` is given, each partition's checksum is verified too (with its slice of
         the fused ``bias``), so a damaged checkpoint fails at load."""
         out = []
-        for p, pw in zip(self.parts, self.packed(tensors)):
+        for i, (p, pw) in enumerate(zip(self.parts, self.packed(tensors))):
             try:
                 if format_version is not None and self.is_whole():
-                    state = {n: getattr(pw, n) for n in ("codes", "A", "b", "su", "sv", "w_scale")}
+                    state = {n: getattr(pw, n) for n in PACKED_TENSORS}
                     if p.entry.get("bias"):
                         if bias is None:
                             raise ValueError("the checkpoint entry has a bias, the layer has none")
@@ -207,7 +205,7 @@ class Shard:
                     verify_checksum_of(state, p.entry, format_version)
                 out.append(QuantLinear.from_packed(pw, share=True))
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{self.name} (partition {self.parts.index(p)}): {e}") from e
+                raise ValueError(f"{self.name} (partition {i}): {e}") from e
         return out
 
 

@@ -49,7 +49,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.utils import set_weight_attrs
 
 from . import tp
-from .format import READABLE_FORMAT_VERSIONS
+from .format import PACKED_TENSORS, READABLE_FORMAT_VERSIONS
 
 QUANT_METHOD = "pyquant"
 # Layer names some vLLM model code gets wrong, and the names its weights load under: vLLM 0.32's
@@ -198,7 +198,7 @@ class PyquantLinearMethod(LinearMethodBase):
         layer.pyquant_shard = shard
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        tensors = {n: getattr(layer, n).data for n in ("codes", "A", "b", "su", "sv", "w_scale")}
+        tensors = {n: getattr(layer, n).data for n in PACKED_TENSORS}
         bias = getattr(layer, "bias", None)
         # a bias vLLM converted to a lower precision no longer matches the saved checksum: checked without it
         checked = bias is None or bias.dtype == torch.float32

@@ -25,8 +25,11 @@ _GRID_B = torch.full((4,), -1.5)
 _LEVEL_MAX = 1.5  # largest |codeword| of the uniform grid
 
 
-def _round_to_grid(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Nearest level z in 0..3 of ``w / scale`` on the grid ``z - 1.5``."""
+def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Nearest level z in 0..3 of ``w / scale`` on the grid ``z - 1.5`` (``inplace``: in ``w``'s
+    memory, which it overwrites)."""
+    if inplace:
+        return w.div_(scale).add_(1.5).round_().clamp_(0, 3)
     return torch.clamp(torch.round(w / scale + 1.5), 0, 3)
 
 
@@ -93,7 +96,7 @@ class RTNConfig(QuantConfig):
             rotated = (w / row_rms[:, None]).mul_(s_out[:, None]).mul_(s_in[None, :])  # in place: one weight's memory
             rotated = blockwise_hadamard(blockwise_hadamard(rotated, had_in, dim=1), had_out, dim=0)
             scale = _search_scale(rotated, per_row=False)
-            z = rotated.div_(scale).add_(1.5).round_().clamp_(0, 3)  # _round_to_grid, in place
+            z = _round_to_grid(rotated, scale, inplace=True)  # one weight's memory
             su, sv, w_scale = s_in, s_out * row_rms, scale.reshape(())
         else:
             had_in = had_out = 0
