@@ -241,7 +241,21 @@ class HessianCollector:
         if missing:
             raise CalibrationError(f"no calibration token reached {missing}: these layers are not used by the "
                                    "model's forward on the calibration data")
-        return {n: self.sums[n] / self.counts[n] for n in self.modules}
+        # In place (no second copy of every [K, K] sum); layers that saw the same inputs (q/k/v,
+        # gate/up) get one shared tensor. Callers must not modify the results in place.
+        out: dict[str, torch.Tensor] = {}
+        firsts: list[str] = []  # the first layer of each distinct sum
+        for n in self.modules:
+            acc = self.sums[n]
+            twin = next((m for m in firsts if self.counts[m] == self.counts[n] and self.sums[m].shape == acc.shape
+                         and torch.equal(self.sums[m], acc)), None)
+            if twin is None:
+                firsts.append(n)
+            out[n] = out[twin] if twin is not None else acc
+        for n in firsts:
+            out[n].div_(self.counts[n])
+        self.sums = dict(out)
+        return out
 
 
 class FiniteCheck:
@@ -282,7 +296,8 @@ def collect_hessians(model: nn.Module, modules: dict[str, nn.Module], calibratio
                      progress: bool = False) -> dict[str, torch.Tensor]:
     """``{name: H = E[x xᵀ]}`` (float64 ``[K, K]``) of the inputs of ``modules``
     (submodules of ``model``, typically ``nn.Linear``), over every real token of
-    ``calibration_data`` run through ``model``."""
+    ``calibration_data`` run through ``model``. Modules that saw the same inputs (q/k/v
+    projections) share one tensor: do not modify the results in place."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(modules, dict) or not all(isinstance(m, nn.Module) for m in modules.values()):

@@ -164,7 +164,19 @@ def check_tensor(key: str, expected: torch.Tensor, found: tuple[str, tuple] | No
 def _replaceable(path: Path) -> bool:
     """An empty directory or a pyquant checkpoint (either layout): what a save may replace."""
     files = set(os.listdir(path))
-    return not files or files <= {WEIGHTS_NAME, CONFIG_NAME} or hf_quantization_config(path) is not None
+    return not files or files <= {WEIGHTS_NAME, CONFIG_NAME} or _written_by_pyquant(path)
+
+
+def _written_by_pyquant(path: Path) -> bool:
+    """A Hugging Face directory pyquant wrote: its own format, or an FP8 one from ``daq_checkpoint``
+    (marked with a ``pyquant`` entry in its ``quantization_config``)."""
+    if hf_quantization_config(path) is not None:
+        return True
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(qc, dict) and isinstance(qc.get("pyquant"), dict)
 
 
 def _honour_umask(path: Path) -> None:

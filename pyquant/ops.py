@@ -12,6 +12,8 @@ op                  what
 ``linear_backward`` the gradient formula (below, in torch ops).
 ``cpu_linear``      the same C++ kernel with its instruction set, mode and algorithm selectable
                     (keyword-only ``isa``, ``mode``, ``algo``); for tests and benchmarks.
+``nearest_codeword`` UniSVQ's fit: per row of ``lin [M, 4]`` the first ``argmax_c lin . cb2t[:, c]
+                    - norms[c]`` (long ``[M]``), the exact nearest codeword (C++, CPU).
 ``cuda_linear``     the CUDA kernels (csrc/cuda) on their repacked codes; writes its ``counters``
                     scratch (declared ``Tensor(a!)``), so it has no autograd formula: layers that
                     need gradients on a GPU run the Triton op. Present where ``_C_cuda`` is built.
@@ -106,6 +108,20 @@ def _linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out):
 @torch.library.register_fake("pyquant::cpu_linear")
 def _cpu_linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out, *, isa="", mode="", algo="auto"):
     return _linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out)
+
+
+@torch.library.register_fake("pyquant::nearest_codeword")
+def _nearest_codeword_fake(lin, cb2t, norms):
+    for name, t in (("lin", lin), ("cb2t", cb2t), ("norms", norms)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if lin.dim() != 2 or lin.shape[1] != VECTOR_DIM:
+        raise ValueError(f"lin must have shape [M, {VECTOR_DIM}], got {list(lin.shape)}")
+    if cb2t.dim() != 2 or cb2t.shape[0] != VECTOR_DIM or cb2t.shape[1] == 0:
+        raise ValueError(f"cb2t must have shape [{VECTOR_DIM}, C] with C > 0, got {list(cb2t.shape)}")
+    if norms.dim() != 1 or norms.shape[0] != cb2t.shape[1]:
+        raise ValueError(f"norms must have shape [{cb2t.shape[1]}], got {list(norms.shape)}")
+    return lin.new_empty((lin.shape[0],), dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -12,15 +12,21 @@ checkpoint that ``from_pretrained`` loads (after ``import pyquant``), quantizing
   the outer parts, one block with its fine-tuning state, and the activations of the calibration
   batches at one block (a few sequences).
 
-DAQ needs the base model too: ``quantize_model`` then ``save_pretrained``.
+- DAQ (:func:`daq_checkpoint`): a post-trained checkpoint against its base, both read tensor by
+  tensor (either may be FP8 block-scaled, as DeepSeek-V3-style checkpoints are), written as a
+  Hugging Face FP8 block-scaled checkpoint, the layout transformers and vLLM load natively.
+
+:class:`CheckpointTensors` reads any of these checkpoints one tensor at a time.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -30,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .io import layer_entry, read_header, staged_checkpoint
 from .nn import QuantLinear, select_targets, set_submodule
-from .quantizers import QuantConfig, RTNConfig, UniSVQConfig, blockwise
+from .quantizers import DAQConfig, QuantConfig, RTNConfig, UniSVQConfig, blockwise
 from .quantizers.base import check_weight
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -136,12 +142,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ValueError(f"{str(src)!r} is not a Hugging Face model directory (no config.json)")
-    files = checkpoint_files(src)
-    header = read_header(files)
-    where = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            where.update({k: f for k in h.keys()})
+    reader = CheckpointTensors(src)
+    header = reader.header
 
     hf_config = AutoConfig.from_pretrained(src)
     model = skeleton(hf_config, buffers=by_block)
@@ -152,7 +154,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     for fqn in targets:
         if f"{fqn}.weight" not in header:
             raise ValueError(f"the checkpoint lacks {fqn}.weight")
-    reader = _Reader(where)
     with staged_checkpoint(dst) as tmp:
         writer, entries = _ShardWriter(tmp, shard_bytes), {}
         if by_block:
@@ -164,25 +165,182 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                            **{k: getattr(config, k) for k in ("bits", "hadamard") if hasattr(config, k)})
         hf_config.quantization_config = qc.to_dict()
         hf_config.save_pretrained(tmp)
-        for f in src.iterdir():  # tokenizer, generation config, ...
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX_NAME, "config.json"):
-                shutil.copy2(f, tmp / f.name)
+        _copy_other_files(src, tmp)
     return dst
 
 
-class _Reader:
-    """One tensor from the checkpoint; each read opens its file anew, so that no memory mapping
-    (counted as resident once read) outlives it."""
+def daq_checkpoint(post: str | os.PathLike, dst: str | os.PathLike, config: DAQConfig,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None, *, shard_bytes: int = 2**30,
+                   progress: bool = True) -> Path:
+    """DAQ of the post-trained checkpoint directory ``post`` against ``config.base`` (a checkpoint
+    directory or a ``.safetensors`` file), one tensor at a time, written to ``dst`` as a Hugging Face FP8
+    block-scaled checkpoint: each quantized layer's ``weight`` in float8_e4m3fn with its
+    ``weight_scale_inv`` (float32, ``[⌈N/b⌉, ⌈K/b⌉]``), ``quantization_config`` ``{quant_method:
+    "fp8", fmt: "e4m3", activation_scheme: "dynamic", weight_block_size: [b, b]}`` with
+    ``b = config.block``; every other tensor as ``post`` stores it. Either checkpoint may itself be
+    FP8 block-scaled (read dequantized, see :class:`CheckpointTensors`) and sharded.
 
-    def __init__(self, where: dict[str, Path]):
-        self.where = where
+    ``config``: a :class:`DAQConfig` with ``grid="fp8"``, ``granularity="block"`` and ``base`` a path
+    (None with ``search=False``: plain absmax scales). ``filter_fn`` as for ``quantize_model`` (default:
+    every linear layer but the output head). Everything is checked before anything is written: the
+    layers' weights in both checkpoints, of one shape and floating-point. Returns ``dst``;
+    ``dst`` is replaced atomically, as :func:`quantize_checkpoint` does.
+    """
+    from transformers import AutoConfig
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
+    if not isinstance(config, DAQConfig):
+        raise TypeError(f"config must be a DAQConfig, got {type(config).__name__}")
+    if config.grid != "fp8" or config.granularity != "block":
+        raise ValueError(f"daq_checkpoint writes the FP8 block-scaled layout: DAQConfig(grid='fp8', "
+                         f"granularity='block'), got grid={config.grid!r}, granularity={config.granularity!r}")
+    if config.base is not None and not isinstance(config.base, (str, os.PathLike)):
+        raise TypeError(f"daq_checkpoint reads the base from disk: DAQConfig.base must be a checkpoint directory or "
+                        f".safetensors file, got {type(config.base).__name__}")
+    if not isinstance(shard_bytes, int) or shard_bytes <= 0:
+        raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
+    post, dst = Path(post), Path(dst)
+    if not (post / "config.json").is_file():
+        raise ValueError(f"post: {str(post)!r} is not a Hugging Face model directory (no config.json)")
+    post_t = CheckpointTensors(post)
+    base_t = CheckpointTensors(config.base) if config.base is not None else None
+    hf_config = AutoConfig.from_pretrained(post)
+    targets, skipped, conv1d = select_targets(skeleton(hf_config), filter_fn)
+    if conv1d:
+        raise ValueError(f"the FP8 layout is for nn.Linear weights; this model has Conv1D layers: {sorted(conv1d)[:3]}")
+    if not targets:
+        raise ValueError("no layer selected: nothing to quantize")
+    for fqn in targets:
+        key = f"{fqn}.weight"
+        for name, t in [("post", post_t)] + ([("base", base_t)] if base_t is not None else []):
+            if key not in t:
+                raise ValueError(f"{name} checkpoint {str(t.path)!r} lacks {key}")
+            dtype = t.header[key][0]
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{name} {key} is stored as {dtype}, not floating point")
+            if t.is_fp8(key) and not t.block_scaled(key):
+                raise ValueError(f"{name} {key} is stored in {dtype} without its {key}{SCALE_SUFFIX}")
+        if base_t is not None and post_t.shape(key) != base_t.shape(key):
+            raise ValueError(f"{key}: post has shape {list(post_t.shape(key))}, base {list(base_t.shape(key))}: "
+                             "base is another model")
 
-    def __call__(self, key: str) -> torch.Tensor:
+    report = {}
+    with staged_checkpoint(dst) as tmp:
+        writer = _ShardWriter(tmp, shard_bytes)
+        for key in tqdm(list(post_t), desc="daq streaming", disable=not progress):
+            fqn = key.removesuffix(".weight") if key.endswith(".weight") else None
+            if fqn not in targets:
+                writer.add(key, post_t.raw(key))
+                if post_t.block_scaled(key):  # a layer left as it was stored, FP8 with its scale
+                    writer.add(key + SCALE_SUFFIX, post_t.raw(key + SCALE_SUFFIX))
+                continue
+            res = config._quantize(post_t[key], None if base_t is None else base_t[key])
+            writer.add(key, res.codes)
+            writer.add(key + SCALE_SUFFIX, res.scales.float())
+            report[fqn] = {"plain": res.plain, "chosen": res.chosen, "blocks_changed": int((res.multipliers != 1).sum()),
+                           "blocks": res.multipliers.numel()}
+        writer.finish()
+        hf_config.quantization_config = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [config.block, config.block], "modules_to_not_convert": sorted(skipped),
+            "pyquant": {"method": "daq", "metric": config.metric, "search": config.search}}
+        hf_config.save_pretrained(tmp)
+        _copy_other_files(post, tmp)
+        (tmp / "daq_report.json").write_text(json.dumps(report, indent=1))
+    return dst
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """The tokenizer, generation config and other files of a checkpoint directory."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX_NAME, "config.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", *FP8_DTYPES}
+SCALE_SUFFIX = "_scale_inv"  # transformers' fine-grained FP8: `<name>.weight` + `<name>.weight_scale_inv`
+
+
+class CheckpointTensors(Mapping):
+    """The tensors of a safetensors checkpoint (a directory, sharded through its index JSON, or one
+    ``.safetensors`` file), each read from disk when asked for: nothing stays in memory.
+
+    A block-scaled FP8 weight (``weight`` in float8 plus ``weight_scale_inv`` of shape
+    ``[⌈N/bn⌉, ⌈K/bk⌉]``, ``[bn, bk]`` the ``weight_block_size`` of the directory's
+    ``quantization_config``, default ``[128, 128]``) reads as its dequantized float32 value
+    ``weight * weight_scale_inv`` (per block), and its scale is not a key of its own; :meth:`raw`
+    reads any tensor as stored. :attr:`header` maps every stored name to its ``(dtype, shape)``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            files, cfg = checkpoint_files(path), path / "config.json"
+        elif path.is_file() and path.suffix == ".safetensors":
+            files, cfg = [path], path.parent / "config.json"
+        else:
+            raise ValueError(f"{str(path)!r} is neither a checkpoint directory nor a .safetensors file")
+        self.path = path
+        self.header = read_header(files)
+        self.where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                self.where.update({k: f for k in h.keys()})
+        block = [128, 128]
+        if cfg.is_file():
+            try:
+                qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+                raise ValueError(f"{cfg} is not a valid config.json ({type(e).__name__}: {e})") from None
+            if isinstance(qc, dict) and qc.get("weight_block_size") is not None:
+                block = qc["weight_block_size"]
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"{cfg}: weight_block_size must be two positive ints, got {block!r}")
+        self.block = tuple(block)
+        self._scaled = {k for k in self.header if self.header[k][0] in FP8_DTYPES and k + SCALE_SUFFIX in self.header}
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self.where if not (k.endswith(SCALE_SUFFIX) and k[:-len(SCALE_SUFFIX)] in self._scaled))
+
+    def __len__(self) -> int:
+        return len(self.where) - len(self._scaled)
+
+    def __contains__(self, key) -> bool:
+        return key in self.where and not (key.endswith(SCALE_SUFFIX) and key[:-len(SCALE_SUFFIX)] in self._scaled)
+
+    def block_scaled(self, key: str) -> bool:
+        """Stored in float8 with a ``weight_scale_inv``."""
+        return key in self._scaled
+
+    def is_fp8(self, key: str) -> bool:
+        """Stored in float8 (with or without a block scale)."""
+        return self.header[key][0] in FP8_DTYPES
+
+    def shape(self, key: str) -> tuple:
+        return self.header[key][1]
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor as stored. Each read opens its file anew, so that no memory mapping (counted
+        as resident once read) outlives it."""
         with safe_open(str(self.where[key]), framework="pt") as h:
             return h.get_tensor(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self:
+            raise KeyError(key)
+        if key not in self._scaled:
+            if self.is_fp8(key):
+                raise ValueError(f"{key} is stored in {self.header[key][0]} without its {key}{SCALE_SUFFIX}: its "
+                                 "values cannot be recovered")
+            return self.raw(key)
+        w, scale = self.raw(key), self.raw(key + SCALE_SUFFIX).float()
+        (n, k), (bn, bk) = w.shape, self.block
+        if w.dim() != 2 or tuple(scale.shape) != (math.ceil(n / bn), math.ceil(k / bk)):
+            raise ValueError(f"{key}{SCALE_SUFFIX} has shape {list(scale.shape)}; a {list(w.shape)} weight in "
+                             f"{bn}x{bk} blocks needs [{math.ceil(n / bn)}, {math.ceil(k / bk)}]")
+        full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        return w.float() * full
 
 
 def _write_layer(layer: QuantLinear, fqn: str, writer: "_ShardWriter", entries: dict) -> None:
@@ -199,11 +357,11 @@ def _stream_tensors(targets, conv1d, config, reader, writer, entries, progress) 
         if key in biases:
             continue  # written with its layer
         if fqn not in targets:
-            writer.add(key, reader(key))
+            writer.add(key, reader.raw(key))
             continue
-        weight = reader(key)
+        weight = reader.raw(key)
         weight = weight.t() if fqn in conv1d else weight  # transformers' Conv1D stores [in, out]
-        bias = reader(f"{fqn}.bias") if f"{fqn}.bias" in reader else None
+        bias = reader.raw(f"{fqn}.bias") if f"{fqn}.bias" in reader else None
         _write_layer(QuantLinear.from_packed(config.quantize_weight(check_weight(weight, key)), bias), fqn,
                      writer, entries)
         del weight
@@ -223,7 +381,7 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
 
     def load(keys):
         for key in keys:
-            set_module_tensor_to_device(model, key, "cpu", value=reader(key).float())
+            set_module_tensor_to_device(model, key, "cpu", value=reader.raw(key).float())
 
     load(k for k, _ in model.named_parameters() if not in_blocks(k) and k in reader)
     model.tie_weights()  # a tied head shares the embedding just loaded
@@ -253,4 +411,4 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
     config.run_blocks(model, targets, data, swap, progress, load_block=load_block, release_block=release_block)
     for key in reader.where:  # the outer parts as they were stored
         if not in_blocks(key):
-            writer.add(key, reader(key))
+            writer.add(key, reader.raw(key))

@@ -45,6 +45,32 @@ def test_hessian_is_second_moment_of_real_tokens(toy):
     torch.testing.assert_close(h["fc2"], hid.T @ hid / hid.shape[0], rtol=1e-5, atol=1e-7)
 
 
+class TwoHeads(nn.Module):
+    """Two layers reading the same input (like q/k/v), a third reading another."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 8)
+        self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        return self.out(self.q(x) * self.k(x))
+
+
+def test_layers_with_one_input_share_one_hessian():
+    model = TwoHeads().eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [_batch(torch.randint(1, 50, (2, 5), generator=gen), [5, 3]) for _ in range(3)]
+    h = collect_hessians(model, {"q": model.q, "k": model.k, "out": model.out}, data)
+    assert h["q"] is h["k"] and h["out"] is not h["q"]  # one [K, K] tensor in memory, not two
+    rows = torch.cat([model.emb(b["input_ids"])[b["attention_mask"].bool()] for b in data]).double()
+    torch.testing.assert_close(h["q"], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-7)
+    alone = collect_hessians(model, {"out": model.out}, data)["out"]
+    torch.testing.assert_close(h["out"], alone, rtol=0, atol=0)
+
+
 def test_padding_does_not_count(toy):
     ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
     short = _batch(ids, [3, 2])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyquant
-from pyquant.fakequant import FP8_MAX, DequantLinear, absmax_scales, expand_scales, parse_grid
+from pyquant.fakequant import (FP8_MAX, DequantLinear, absmax_scales, dequantize_codes, expand_scales, parse_grid,
+                               quantize_codes)
 from pyquant.format import dequantize
 from pyquant.nn import QuantLinear
 from pyquant.quantizers import daq as daq_mod
@@ -92,19 +93,84 @@ def test_the_tensor_scored_in_the_search_is_bit_identical_to_the_deployed_one(ba
     deployed = dequantize(layer.packed) if isinstance(layer, QuantLinear) else layer.dequantize_weight()
     assert isinstance(layer, QuantLinear if grid == "pyquant2" else DequantLinear)
 
-    # replay the search from what the scorer saw: per block, the first candidate with the strictly best score
+    # replay the search from what the scorer saw: the plain scales, 5 coarse, 10 fine candidates; per
+    # block the first best fine candidate, or the plain scales where it scores below them
     assert len(seen) == 1 + 5 + 10
     block = seen[0][2]
-    best_deq, best_score = seen[0][0], seen[0][1]
-    for deq, score, _ in seen[1:]:
-        better = score > best_score
-        best_score = torch.where(better, score, best_score)
-        best_deq = torch.where(expand_scales(better, tuple(w.shape), block), deq, best_deq)
+    plain_deq, plain_score = seen[0][0], seen[0][1]
+    fine_scores = torch.stack([score for _, score, _ in seen[6:]])
+    pick = fine_scores.argmax(0)
+    best_score = fine_scores.gather(0, pick[None])[0]
+    best_deq = plain_deq.clone()
+    for i, (deq, _, _) in enumerate(seen[6:]):
+        best_deq = torch.where(expand_scales(pick == i, tuple(w.shape), block), deq, best_deq)
+    keep = (best_score < plain_score) | plain_score.isnan()
+    best_deq = torch.where(expand_scales(keep, tuple(w.shape), block), plain_deq, best_deq)
     assert torch.equal(deployed, best_deq)
     assert not torch.equal(deployed, seen[0][0])  # not simply the plain scales
     if isinstance(layer, DequantLinear):
         x = torch.randn(5, w.shape[1])
         assert torch.equal(layer(x), F.linear(x, deployed, layer.bias))
+
+
+def _block_sums(x, block):
+    n, k = x.shape
+    gr, gc = -(-n // block), -(-k // block)
+    return F.pad(x, (0, gc * block - k, 0, gr * block - n)).reshape(gr, block, gc, block).sum(dim=(1, 3))
+
+
+def _reference_multipliers(w, wb, grid, metric, block=128):
+    """Tencent/AngelSlim's blockwise scale search (daq/scale_search.py), written again from its
+    description: 5 ratios in [0.8, 1.5], the first best; 10 in [max(c - step/2, 0.8), min(c + step/2,
+    1.5)], the first best; the default scale where that scores below it. Scored on the tensor the
+    deployed layer computes with (fakequant's codes and scales). The one change pyquant makes: a
+    block with no delta keeps 1.0."""
+    g = parse_grid(grid)
+    s0 = absmax_scales(w, g, (block, block))
+    delta = w - wb
+    sig = delta.abs() > 1e-5
+
+    def deployed(scales):
+        full = expand_scales(scales, tuple(w.shape), (block, block))
+        return dequantize_codes(quantize_codes(w, full, g), full)
+
+    def score(ratio):
+        dq = deployed(s0 * ratio) - wb
+        if metric == "sign":
+            kept = (sig & (torch.sign(dq) == torch.sign(delta))).float()
+            return _block_sums(kept, block) / _block_sums(sig.float(), block).clamp(min=1)
+        dot = _block_sums(delta * dq, block)
+        return dot / (_block_sums(delta.square(), block).sqrt().clamp(min=1e-10)
+                      * _block_sums(dq.square(), block).sqrt().clamp(min=1e-10))
+
+    lo, hi, n_coarse, n_fine = 0.8, 1.5, 5, 10
+    ratios = torch.linspace(lo, hi, n_coarse)
+    coarse = torch.stack([score(torch.full(s0.shape, float(r))) for r in ratios])
+    best_coarse = ratios[coarse.argmax(0)]
+    step = (hi - lo) / max(n_coarse - 1, 1)
+    f_min, f_max = torch.clamp(best_coarse - step / 2, min=lo), torch.clamp(best_coarse + step / 2, max=hi)
+    fine_ratios = torch.stack([f_min + t * (f_max - f_min) for t in torch.linspace(0, 1, n_fine)])
+    fine = torch.stack([score(r) for r in fine_ratios])
+    idx = fine.argmax(0, keepdim=True)
+    ratio, best = fine_ratios.gather(0, idx)[0], fine.gather(0, idx)[0]
+    ratio = torch.where(best < score(torch.ones(s0.shape)), torch.ones_like(ratio), ratio)
+    return torch.where(_block_sums(sig.float(), block) > 0, ratio, torch.ones_like(ratio))
+
+
+@pytest.mark.parametrize("grid,metric", [("fp8", "sign"), ("fp8", "cosine"), ("int4", "sign"), ("int3", "cosine")])
+def test_chosen_multipliers_equal_the_reference_search(grid, metric):
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(3):
+        wb = torch.randn(300, 400, generator=gen) * 0.02  # ragged blocks at both edges
+        delta = torch.randn(300, 400, generator=gen) * 0.002 * (trial + 1)
+        delta *= torch.rand(300, 400, generator=gen) < 0.6  # sparse, like a fine-tuning delta
+        delta[128:256, 128:256] = 0  # one block that post-training left alone
+        w = wb + delta
+        got = daq_quantize(w, wb, grid=grid, granularity="block", metric=metric).multipliers
+        want = _reference_multipliers(w, wb, grid, metric)
+        assert torch.equal(got, want), (trial, got, want)
+        assert got[1, 1] == 1.0 and (got != 1).any()
+        assert ((got == 1) | ((got >= 0.8) & (got <= 1.5))).all()
 
 
 def test_plain_scales_are_kept_when_there_is_no_delta(base_post):

@@ -67,7 +67,58 @@ def test_every_registered_cpu_op_is_checked():
     """A new op in the library needs a test here (the CUDA and Triton ones run on a GPU)."""
     names = {op for op in dir(torch.ops.pyquant) if not op.startswith("_") and op not in ("name", "_dir")}
     cpu_ops = {n for n in names if not n.startswith(("cuda_", "triton_"))}
-    assert cpu_ops == {"linear", "cpu_linear", "linear_backward"}, names
+    assert cpu_ops == {"linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
+
+
+def _nearest_reference(lin, cb2t, norms):
+    return torch.addmm(norms, lin, cb2t, beta=-1).argmax(1)
+
+
+@pytest.mark.parametrize("m,c", [(1, 256), (37, 256), (4096, 256), (33, 7)])
+def test_nearest_codeword_op_equals_torch(m, c):
+    gen = torch.Generator().manual_seed(m + c)
+    lin, cb2t, norms = torch.randn(m, 4, generator=gen), torch.randn(4, c, generator=gen), torch.randn(c, generator=gen)
+    torch.library.opcheck(torch.ops.pyquant.nearest_codeword.default, (lin, cb2t, norms))
+    got = torch.ops.pyquant.nearest_codeword(lin, cb2t, norms)
+    want = _nearest_reference(lin, cb2t, norms)
+    scores = torch.addmm(norms.double(), lin.double(), cb2t.double(), beta=-1)
+    # The same index, or (float rounding of a near tie) one whose exact score is as good.
+    same = got == want
+    assert same.float().mean() > 0.999
+    torch.testing.assert_close(scores.gather(1, got[:, None]), scores.gather(1, want[:, None]), rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_codeword_op_ties_and_non_finite_scores_follow_torch():
+    cb2t = torch.zeros(4, 40)
+    norms = torch.zeros(40)
+    norms[[5, 9, 30]] = -1.0  # three equal best scores: the first wins
+    lin = torch.zeros(20, 4)
+    lin[3, 0] = float("nan")  # every score NaN: index 0, as torch's argmax
+    lin[4] = float("inf")  # inf * 0 = NaN
+    norms2 = norms.clone()
+    got = torch.ops.pyquant.nearest_codeword(lin, cb2t, norms)
+    assert torch.equal(got, _nearest_reference(lin, cb2t, norms))
+    assert got[0] == 5 and got[3] == 0
+    norms2[17] = float("nan")  # one NaN codeword wins every row
+    assert torch.equal(torch.ops.pyquant.nearest_codeword(torch.randn(20, 4), torch.randn(4, 40), norms2),
+                       torch.full((20,), 17))
+    norms3 = torch.randn(40)
+    norms3[12] = float("-inf")  # an infinite best score
+    assert torch.equal(torch.ops.pyquant.nearest_codeword(torch.randn(20, 4), torch.randn(4, 40), norms3),
+                       torch.full((20,), 12))
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.randn(5, 3), torch.randn(4, 256), torch.randn(256)), ValueError, r"lin must"),
+    ((torch.randn(5, 4), torch.randn(3, 256), torch.randn(256)), ValueError, r"cb2t must"),
+    ((torch.randn(5, 4), torch.randn(4, 256), torch.randn(255)), ValueError, r"norms must"),
+    ((torch.randn(5, 4).double(), torch.randn(4, 256), torch.randn(256)), TypeError, r"float32"),
+])
+def test_nearest_codeword_op_rejects_bad_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        torch.ops.pyquant.nearest_codeword(*args)
+    with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc, match=match):
+        torch.ops.pyquant.nearest_codeword(*args)
 
 
 @pytest.mark.parametrize("bad,exc,match", [

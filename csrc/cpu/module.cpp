@@ -104,11 +104,14 @@ TORCH_LIBRARY(pyquant, m) {
   m.def(
       "linear_backward(Tensor grad, Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, "
       "Tensor w_scale, Tensor? bias, int had_in, int had_out, bool[] needs) -> Tensor[]");
+  // UniSVQ's fit: per row of lin [M, 4], argmax_c lin . cb2t[:, c] - norms[c] (long [M]).
+  m.def("nearest_codeword(Tensor lin, Tensor cb2t, Tensor norms) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
   m.impl("linear", &linear);
   m.impl("cpu_linear", &cpu_linear);
+  m.impl("nearest_codeword", &pyquant::nearest_codeword);
 }
 
 TORCH_LIBRARY_IMPL(pyquant, Autograd, m) { m.impl("linear", &linear_autograd); }

@@ -13,6 +13,9 @@ namespace pyquant {
 torch::Tensor pack_codes(const torch::Tensor& z);
 torch::Tensor unpack_codes(const torch::Tensor& codes);
 
+// codebook_search.cpp
+torch::Tensor nearest_codeword(const torch::Tensor& lin, const torch::Tensor& cb2t, const torch::Tensor& norms);
+
 // qlinear.cpp
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
                       const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,

@@ -4,9 +4,12 @@ that best keep what post-training changed.
 With ``dW = W_post - W_base`` and ``dW_hat = Q(W_post) - W_base``, plain absmax
 scales minimise nothing about ``dW``, and a small fine-tuning delta easily drowns
 in rounding noise. DAQ searches one scale multiplier per 128x128 block (or per
-row, or per tensor) — coarse grid 0.8..1.5 (5 points), then 10 points within
-±0.0875 of the best — and keeps a multiplier only when it strictly beats the
-plain scale on the chosen metric:
+row, or per tensor) with the reference's grids (Tencent/AngelSlim, ``scale_search.py``):
+the best of 5 points in 0.8..1.5 (the first on ties), then the best of 10 points in
+``[max(c − 0.0875, 0.8), min(c + 0.0875, 1.5)]`` around that best ``c``, kept unless it
+scores below the plain scale (multiplier 1) on the chosen metric. Unlike the reference, a
+block with no delta to keep (the metric undefined there) keeps 1.0 (the reference ends at
+0.8 there). Metrics:
 
 * ``sign``: share of entries with ``|dW| > 1e-5`` whose sign ``dW_hat`` keeps
   (a quantized delta of 0 counts as lost);
@@ -29,7 +32,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -49,7 +51,7 @@ METRICS = ("sign", "cosine", "mse")
 GRANULARITIES = ("block", "row", "tensor")
 SIGN_THRESHOLD = 1e-5
 COARSE = (0.8, 1.5, 5)      # lo, hi, points
-FINE = (0.0875, 10)         # half-width around the coarse best, points
+FINE_POINTS = 10            # in [max(c - h, lo), min(c + h, hi)], h = half a coarse step (0.0875)
 
 
 # ---------------------------------------------------------------- metrics
@@ -107,37 +109,29 @@ def delta_metrics(w_post: torch.Tensor, w_base: torch.Tensor, deq: torch.Tensor)
 
 # ---------------------------------------------------------------- the search
 def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tuple[int, int], score: Callable,
-                    select: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], search: bool):
-    """Multipliers ``m`` (``shape_m``, one per block) maximising ``score(build(m))`` per block.
-
-    ``build(m)`` returns the deployed dense weight for multipliers ``m``;
-    ``select(mask, new, old)`` takes the blocks of ``new`` where the per-block
-    ``mask`` holds and those of ``old`` elsewhere. Returns the
-    best ``m``, the dense weight assembled from the scored candidates, and the plain one (``m = 1``).
-    """
-    best_m = torch.ones(shape_m)
-    best_w = plain_w = build(best_m)
+                    search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multipliers ``m`` (``shape_m``, one per block) as the reference search picks them (module
+    docstring), every candidate scored on ``build(m)``, the deployed dense weight for multipliers
+    ``m``. Returns ``m``, ``build(m)`` and the plain weight ``build(1)``. A block's deployed values
+    depend on its own multiplier only, so ``build(m)`` holds exactly the scored blocks."""
+    ones = torch.ones(shape_m)
+    plain_w = build(ones)
     if not search:
-        return best_m, best_w, plain_w
-    best_s = score(best_w)
+        return ones, plain_w, plain_w
+    plain_s = score(plain_w)
 
-    def consider(m: torch.Tensor) -> None:
-        nonlocal best_m, best_w, best_s
-        w = build(m)
-        s = score(w)
-        better = s > best_s  # strict, and False wherever a score is NaN: the plain scale stays
-        best_m = torch.where(better, m, best_m)
-        best_s = torch.where(better, s, best_s)
-        best_w = select(better, w, best_w)
+    def best_of(candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.stack([score(build(m)) for m in candidates])
+        i = scores.argmax(0, keepdim=True)  # the first best on ties
+        return torch.stack(candidates).gather(0, i).squeeze(0), scores.gather(0, i).squeeze(0)
 
     lo, hi, points = COARSE
-    for c in torch.linspace(lo, hi, points):
-        consider(torch.full(shape_m, float(c)))
-    half, points = FINE
-    centre = best_m.clone()
-    for off in torch.linspace(-half, half, points):
-        consider((centre + off).clamp_min(0.05))
-    return best_m, best_w, plain_w
+    c, _ = best_of([torch.full(shape_m, float(r)) for r in torch.linspace(lo, hi, points)])
+    half = (hi - lo) / max(points - 1, 1) / 2
+    f_lo, f_hi = (c - half).clamp_min(lo), (c + half).clamp_max(hi)
+    m, best_s = best_of([f_lo + t * (f_hi - f_lo) for t in torch.linspace(0, 1, FINE_POINTS)])
+    m = torch.where((best_s < plain_s) | plain_s.isnan(), ones, m)  # NaN: no delta in the block
+    return m, build(m), plain_w
 
 
 @dataclass
@@ -221,15 +215,7 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
     if score is not None and not bool(score.defined.any()):
         search = False  # no block has a delta to keep: every multiplier would be refused anyway
 
-    def select(mask, new, old):
-        n, k = w.shape
-        gr, gc = mask.shape
-        if gr * blk[0] == n and gc * blk[1] == k:
-            shape4 = (gr, blk[0], gc, blk[1])
-            return torch.where(mask.view(gr, 1, gc, 1), new.view(shape4), old.view(shape4)).view(n, k)
-        return torch.where(expand_scales(mask, (n, k), blk), new, old)
-
-    m, scored, plain = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, select, search)
+    m, scored, plain = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, search)
     rep, _ = build_rep(m)
     out = DAQResult(grid=grid, scored=scored, multipliers=m)
     if grid == "pyquant2":
@@ -270,7 +256,7 @@ def _pyquant2_builder(w: torch.Tensor, granularity: str, hadamard: bool, hadamar
         rotated = blockwise_hadamard(w * su[None, :], had_in, dim=1)
         s0 = _search_scale(rotated, per_row=True)  # [N, 1]
         # one storage dtype for every candidate, so the chosen rows can be assembled from the scored ones
-        probe = _fit_scale_dtype(torch.cat([s0 * COARSE[0] * 0.5, s0 * (COARSE[1] + FINE[0])]).reshape(-1), scale_dtype)
+        probe = _fit_scale_dtype(torch.cat([s0 * COARSE[0], s0 * COARSE[1]]).reshape(-1), scale_dtype)
         sv_dtype, su_stored = probe.dtype, _fit_scale_dtype(su, scale_dtype)
 
         def build(m):
@@ -303,20 +289,20 @@ def _pyquant2_builder(w: torch.Tensor, granularity: str, hadamard: bool, hadamar
 
 
 # ---------------------------------------------------------------- the config
-def _load_state(base) -> dict[str, torch.Tensor]:
+def _load_state(base) -> Mapping[str, torch.Tensor]:
+    """The base's tensors by name; a path is read lazily, one tensor when asked for (sharded and
+    FP8 block-scaled checkpoints too: :class:`pyquant.streaming.CheckpointTensors`)."""
     if isinstance(base, nn.Module):
         return {k: v.detach() for k, v in base.state_dict().items()}
     if isinstance(base, Mapping):
         return dict(base)
     if isinstance(base, (str, os.PathLike)):
-        from safetensors.torch import load_file
+        from ..streaming import CheckpointTensors  # here: streaming imports this package
 
-        path = Path(base)
-        if path.is_dir() and (path / "model.safetensors").is_file():
-            path = path / "model.safetensors"
-        if not path.is_file():
-            raise ValueError(f"DAQConfig.base: no safetensors file at {str(base)!r}")
-        return load_file(str(path))
+        try:
+            return CheckpointTensors(base)
+        except ValueError as e:
+            raise ValueError(f"DAQConfig.base: {e}") from None
     raise TypeError(f"DAQConfig.base must be an nn.Module, a state dict or a safetensors path, got {type(base).__name__}")
 
 
@@ -330,10 +316,11 @@ def _base_weight(state: Mapping[str, torch.Tensor], fqn: str, shape) -> torch.Te
             raise ValueError(f"DAQConfig.base has no weight for layer {fqn!r} (looked for {key!r}"
                              f"{'; ambiguous: ' + str(hits) if hits else ''})")
         key = hits[0]
-    if tuple(state[key].shape) != tuple(shape):
-        raise ValueError(f"DAQConfig.base weight {key!r} has shape {tuple(state[key].shape)}, "
+    t = state[key]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"DAQConfig.base weight {key!r} has shape {tuple(t.shape)}, "
                          f"the layer {fqn!r} has {tuple(shape)}: base is another model")
-    return state[key].detach().float().cpu()
+    return t.detach().float().cpu()
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

@@ -50,9 +50,11 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import calibration as cal
+from .. import ops  # noqa: F401  (registers pyquant::nearest_codeword)
 from ..format import PackedWeight, code_vectors, codebook, dequantize
 from ..hadamard import blockwise_hadamard, default_block, random_signs
 from . import blockwise
@@ -75,6 +77,7 @@ __all__ = [
 _VEC = 4
 _CHUNK = 32  # vectors per lazy-update chunk (128 columns) in LDLQ / refinement
 _GRID_VAR = 1.25  # variance of the levels z - 1.5, z in 0..3
+_SLAB = 1024  # columns of a [K, K] Hessian handled at a time where a full float64 copy would be large
 
 
 # --------------------------------------------------------------------------
@@ -113,7 +116,10 @@ def nearest_codeword(w: torch.Tensor, cb: torch.Tensor, metric: torch.Tensor | N
 
 def _best_codeword(lin: torch.Tensor, cb2t: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``argmax_c lin·2c − norms[c]``: with ``lin = w G`` and ``norms = c G cᵀ`` the
-    nearest codeword in metric ``G`` (``cb2t`` is ``2 cbᵀ``, ``[4, C]``)."""
+    nearest codeword in metric ``G`` (``cb2t`` is ``2 cbᵀ``, ``[4, C]``). On CPU the C++ search
+    (csrc/cpu/codebook_search.cpp, ~12x torch's score matrix and argmax on one core)."""
+    if lin.device.type == "cpu" and lin.dtype == cb2t.dtype == norms.dtype == torch.float32:
+        return torch.ops.pyquant.nearest_codeword(lin, cb2t, norms)
     return torch.addmm(norms, lin, cb2t, beta=-1).argmax(1)
 
 
@@ -123,9 +129,10 @@ def _metric_norms(cb: torch.Tensor, metrics: torch.Tensor) -> torch.Tensor:
 
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: the expected squared output error for inputs with ``E[x xᵀ] = H``."""
-    d = w.detach().double() - w_hat.detach().double()
-    return float(((d @ h.double()) * d).sum())
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: the expected squared output error for inputs with ``E[x xᵀ] = H``.
+    In float64, over slabs of ``H``'s columns (no float64 copy of a wide ``H``)."""
+    d = w.detach().double().sub_(w_hat.detach())
+    return float(sum(((d @ h[:, c:c + _SLAB].double()) * d[:, c:c + _SLAB]).sum() for c in range(0, h.shape[1], _SLAB)))
 
 
 def block_ldl(h: torch.Tensor, block: int = _VEC) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +145,14 @@ def block_ldl(h: torch.Tensor, block: int = _VEC) -> tuple[torch.Tensor, torch.T
     lo = torch.linalg.cholesky(h.double())
     idx = torch.arange(nb)
     diag = lo.reshape(nb, block, nb, block)[idx, :, idx, :]  # [nb, block, block], lower-triangular
-    m = torch.einsum("knp,npq->knq", lo.reshape(k, nb, block), torch.linalg.inv(diag)).reshape(k, k)
-    m.reshape(nb, block, nb, block)[idx, :, idx, :] = 0
-    return m, diag @ diag.transpose(1, 2)
+    inv = torch.linalg.inv(diag)
+    # In place, a slab of block columns at a time: no second [K, K] float64 matrix.
+    step = max(1, _SLAB // block)
+    for j in range(0, nb, step):
+        cols = lo[:, j * block:(j + step) * block].reshape(k, -1, block)
+        cols.copy_(torch.einsum("knp,npq->knq", cols, inv[j:j + step]))
+    lo.reshape(nb, block, nb, block)[idx, :, idx, :] = 0
+    return lo, diag @ diag.transpose(1, 2)
 
 
 def ldlq(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -149,7 +161,7 @@ def ldlq(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     nb = k // _VEC
     mdot, dblk = block_ldl(h)
-    mdot, dblk = mdot.to(w.dtype), dblk.to(w.dtype)
+    mdot, dblk = mdot.to(w.dtype), dblk.to(w.dtype)  # (the float64 factor is freed here)
     codes = torch.empty(n, nb, dtype=torch.long)
     delta = torch.zeros_like(w)  # W − Ŵ on the columns done so far (later columns first)
     with _one_thread():
@@ -178,22 +190,32 @@ def refine(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, codes: torch.Tens
     """Block coordinate descent on ``tr((W − Ŵ) H (W − Ŵ)ᵀ)``: each vector in turn
     becomes the exact best codeword with all others fixed (the best ``c`` for
     ``2 (Ŵ_j H_jj + G_j)·c − c H_jj cᵀ``, ``G = (W − Ŵ) H``). Never increases the loss."""
-    if passes <= 0:
-        return codes
+    return _refine(w, h, cb, codes, passes)[0]
+
+
+def _refine(w, h, cb, codes, passes, must_beat: float = math.inf) -> tuple[torch.Tensor, float, float] | None:
+    """:func:`refine` that also returns the proxy loss before and after (float32 ``G``, summed
+    in float64: the loss comes with the gradient the descent needs anyway). None, with nothing
+    done past the first product, when the loss before is not below ``must_beat``."""
     n, k = w.shape
     nb = k // _VEC
     codes = codes.clone()
+    w_hat = cb[codes].reshape(n, k)
+    diff = w - w_hat
+    g = diff @ h  # exact once; the passes keep it up to date
+    start = float((diff * g).sum(dtype=torch.float64))
+    if not start < must_beat:
+        return None
     idx = torch.arange(nb)
     hjj = h.reshape(nb, _VEC, nb, _VEC)[idx, :, idx, :].contiguous()  # [nb, 4, 4]
     cb2t, norms = 2 * cb.T.contiguous(), _metric_norms(cb, hjj)
     for _ in range(passes):
-        w_hat = cb[codes].reshape(n, k)
-        g = (w - w_hat) @ h  # recomputed each pass so float rounding cannot drift
         with _one_thread():
             changed_any = _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj)
         if not changed_any:
             break
-    return codes
+    end = float(((w - w_hat) * g).sum(dtype=torch.float64)) if passes > 0 else start
+    return codes, start, end
 
 
 def _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj) -> bool:
@@ -205,6 +227,7 @@ def _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj) -> bool:
         c_end = min(nb, c_start + _CHUNK)
         s, e = c_start * _VEC, c_end * _VEC
         moved = torch.zeros(n, e - s, dtype=w.dtype)  # Ŵ_new − Ŵ_old in this chunk
+        rows = torch.zeros(n, dtype=torch.bool)  # the rows where some code of the chunk moved
         for j in range(c_start, c_end):
             a, b = j * _VEC, (j + 1) * _VEC
             old = w_hat[:, a:b]
@@ -215,16 +238,22 @@ def _refine_pass(w, h, cb, cb2t, norms, codes, w_hat, g, hjj) -> bool:
             if not changed.any():
                 continue
             changed_any = True
+            rows |= changed
             d = cb[z] - old
             codes[:, j] = z
             w_hat[:, a:b] = cb[z]
             moved[:, a - s:b - s] = d
             g[:, s:e] -= d @ h[a:b, s:e]  # keep this chunk's gradient exact
-        if e - s and moved.any():  # the rest of G, lazily, once per chunk
-            if s:
-                g[:, :s] -= moved @ h[s:e, :s]
-            if e < k:
-                g[:, e:] -= moved @ h[s:e, e:]
+        if rows.any():  # the rest of G, lazily, once per chunk, on the rows that moved
+            # One product over all of G's columns (half the time of two strided ones), the chunk's
+            # own columns, already exact, put back.
+            own = g[:, s:e].clone()
+            if rows.all():
+                g.addmm_(moved, h[s:e], alpha=-1)
+            else:
+                r = rows.nonzero().squeeze(1)
+                g.index_add_(0, r, moved[r] @ h[s:e], alpha=-1)
+            g[:, s:e] = own
     return changed_any
 
 
@@ -236,9 +265,17 @@ def fit_codebook(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor) -> tuple
     nb = k // _VEC
     z = code_vectors()[codes]  # [N, nb, 4] levels
     feats = torch.cat([z.permute(2, 0, 1), torch.ones(1, n, nb)], 0)  # [5, N, nb]: z0..z3, 1
-    ff = torch.einsum("qnj,snl->qsjl", feats, feats).double()  # [5, 5, nb, nb]
-    hb = h.double().reshape(nb, _VEC, nb, _VEC)
-    gram = torch.einsum("jplr,qsjl->pqrs", hb, ff).reshape(20, 20)
+    # gram[p,q,r,s] = Σ_jl H[4j+p, 4l+r] ff[q,s,j,l] with ff = Σ_n feats[q,n,j] feats[s,n,l], over
+    # slabs of j. ff sums products of levels 0..3: exact as an int8 matmul (int32 sums), ~4x fp32.
+    f8 = feats.to(torch.int8).permute(1, 0, 2).reshape(n, 5 * nb)  # [N, 5 nb], column q nb + j
+    gram = torch.zeros(_VEC, 5, _VEC, 5, dtype=torch.float64)
+    step = max(1, _SLAB // _VEC)
+    for j in range(0, nb, step):
+        fj = feats[:, :, j:j + step].to(torch.int8).transpose(1, 2).reshape(-1, n)  # [5 step, N]
+        ff = torch._int_mm(fj, f8).reshape(5, fj.shape[0] // 5, 5, nb).permute(0, 2, 1, 3).double()  # [q,s,j,l]
+        hb = h[j * _VEC:(j + step) * _VEC].double().reshape(-1, _VEC, nb, _VEC)
+        gram += torch.einsum("jplr,qsjl->pqrs", hb, ff)
+    gram = gram.reshape(20, 20)
     wh = (w @ h).reshape(n, nb, _VEC).double()
     rhs = torch.einsum("njp,qnj->pq", wh, feats.double()).reshape(20)
     ridge = 1e-9 * gram.diagonal().mean() * torch.eye(20, dtype=torch.float64)
@@ -268,8 +305,10 @@ def rotate_weight(weight: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, had_
 def rotate_hessian(h: torch.Tensor, su: torch.Tensor, had_in: int) -> torch.Tensor:
     """``Hr = H_in diag(su) H diag(su) H_in`` (float64): ``E[x' x'ᵀ]`` of ``x' = H_in(su ⊙ x)``."""
     s = su.double()
-    hr = h.double() * s[:, None] * s[None, :]
-    return blockwise_hadamard(blockwise_hadamard(hr, had_in, dim=1), had_in, dim=0)
+    hr = h.double() * s[:, None]
+    hr *= s[None, :]
+    hr = blockwise_hadamard(hr, had_in, dim=1)
+    return blockwise_hadamard(hr, had_in, dim=0)
 
 
 def round_to_nearest(weight: torch.Tensor, like: PackedWeight) -> PackedWeight:
@@ -286,15 +325,17 @@ def round_to_nearest(weight: torch.Tensor, like: PackedWeight) -> PackedWeight:
 
 
 def _positive_definite(h: torch.Tensor) -> torch.Tensor:
-    """``h`` (unit mean diagonal), with more damping where it is not numerically
-    positive-definite (a rank-deficient Hessian with ``damp=0``): LDLQ needs its
-    Cholesky factor."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    """``h`` (float64, unit mean diagonal) as float32, with more damping where it is not
+    numerically positive-definite (a rank-deficient Hessian with ``damp=0``): LDLQ needs its
+    Cholesky factor. The damping is added on the diagonal in float64 before rounding."""
+    diag = h.diagonal().clone()
+    hf = h.float()
     for extra in (0.0, 1e-6, 1e-4, 1e-2, 1.0):
-        if torch.linalg.cholesky_ex(h.float() + extra * eye.float()).info == 0:
+        hf.diagonal().copy_(diag + extra)
+        if torch.linalg.cholesky_ex(hf).info == 0:
             if extra:
                 log.warning("unisvq: Hessian not positive-definite; added %g to its diagonal", extra)
-            return h + extra * eye
+            return hf
     raise ValueError("hessian is not positive semi-definite (damping up to 1.0 did not help)")
 
 
@@ -339,6 +380,11 @@ class _TrainableQuant(nn.Module):
                             had_in=q.had_in, had_out=q.had_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Recomputed in the backward rather than saved: the dense weight and its Hadamard stages
+        # would otherwise stay in memory for every layer of the block (4 GB at Llama-2-7B width).
+        return checkpoint(self._forward, x, use_reentrant=False)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.q[0].bias is None else self.q[0].bias.detach().float()
         return F.linear(x.float(), dequantize(self.packed()), bias).to(x.dtype)
 
@@ -456,25 +502,26 @@ class UniSVQConfig(QuantConfig):
             hr = torch.eye(k, dtype=torch.float64)
         else:
             hr = rotate_hessian(h, su, had_in)
-            hr = hr / hr.diagonal().mean().clamp_min(1e-30)
-        hr = _positive_definite(hr + self.damp * torch.eye(k, dtype=torch.float64)).float()
+            hr /= hr.diagonal().mean().clamp_min(1e-30)
+        hr.diagonal().add_(self.damp)
+        hr = _positive_definite(hr)  # float32
 
         a, b = grid_codebook(random_orthogonal(_VEC, gen))
         # Start at the scale that suits a unit-variance grid on a Gaussian; the codebook fit corrects it.
         w0 = float(wr.square().mean().sqrt()) / 0.9
         a, b = (w0 * a).double(), (w0 * b).double()  # the codebook including its scale, until the end
         cb = codebook(a, b).float()
-        codes = refine(wr, hr, cb, ldlq(wr, hr, cb), self.refine_passes)
-        loss = proxy_loss(wr, cb[codes].reshape(n, k), hr)
+        codes, _, loss = _refine(wr, hr, cb, ldlq(wr, hr, cb), self.refine_passes)
         for _ in range(self.codebook_iters):
             a2, b2 = fit_codebook(wr, hr, codes)
             cb2 = codebook(a2, b2).float()
-            loss2 = proxy_loss(wr, cb2[codes].reshape(n, k), hr)
-            if not loss2 < loss:  # numerically no better: keep what we have
+            # Refined only if the new codebook is better on the current codes (numerically no
+            # better: keep what we have).
+            step = _refine(wr, hr, cb2, codes, max(1, self.refine_passes), must_beat=loss)
+            if step is None:
                 break
             a, b, cb = a2, b2, cb2
-            codes = refine(wr, hr, cb, codes, max(1, self.refine_passes))
-            loss = proxy_loss(wr, cb[codes].reshape(n, k), hr)
+            codes, _, loss = step
         # Stored: a codebook with unit-RMS codewords, its size in w_scale.
         w_scale = codebook(a, b).square().mean().sqrt().clamp_min(1e-30)
         return PackedWeight(
