@@ -8,7 +8,7 @@ per-output-channel absmax at ``--bits`` (default 3: levels -3..3) on every
 ``nn.Linear`` of the encoder; the head stays in full precision.
 
 To fit a 2-core machine, fine-tuning and QAT train only the last
-``--train-layers`` transformer layers (default 2) plus the head; the layers
+``--train-layers`` transformer layers (default 6, all of them) plus the head; the layers
 below stay pre-trained (and, under quantization, quantized), so their outputs
 are computed once per weight set and cached. Every model is still evaluated
 end to end: the cache is keyed by the exact prefix tensors (``torch.equal``).

@@ -5,9 +5,11 @@ A *vector* is a ``dict[str, Tensor]`` keyed by state-dict names. The quantizatio
 vector of a donor task D is ``tau_q = theta_QAT,D - theta_FT,D`` (two runs from
 the same init, seed and hyper-parameters, one of them with fake quantization);
 patching a receiver R is ``theta_R' = theta_FT,R + lam * tau_q``, then the usual
-quantize -> swap. Only the backbone's quantizable layers are in a vector by
-default (weights and biases of ``nn.Linear`` layers with ``in_features % 4 == 0``),
-never the task head, whose classes differ between tasks.
+quantize -> swap. By default a vector holds every floating-point backbone tensor, as the
+reference (dansolombrino/qat-transfer) builds it: linear weights and biases, LayerNorms,
+embeddings (:func:`backbone_names`); never the task head, whose classes differ between
+tasks. ``scope="quantizable"`` keeps only what the quantizers take (:func:`quantizable_names`).
+``lam`` is chosen on the reference's grid, ties to the smallest (:func:`search_lambda`).
 
     v = quantization_vector(qat_model, ft_model)          # donor
     apply_vector(receiver, v, lam=1.0)                     # in place
@@ -39,7 +41,9 @@ from .fakequant import fake_quantize_rows_ste
 __all__ = [
     "HEAD_NAMES",
     "DEFAULT_LAMBDA_GRID",
+    "PROJECT_LAMBDA_GRID",
     "is_head",
+    "backbone_names",
     "quantizable_names",
     "quantization_vector",
     "task_vector",
@@ -62,8 +66,13 @@ NameFilter = Callable[[str], bool]
 
 # Module names that mark a task head: a tensor below one of these is never in a vector by default.
 HEAD_NAMES = frozenset({"head", "heads", "classifier", "lm_head", "score", "qa_outputs"})
-# The paper's receiver-side grid (0.15 ... 1.5).
-DEFAULT_LAMBDA_GRID = (0.15, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+# The reference's receiver-side grid (qat-transfer's ALLOWED_ALPHAS; its selection keeps the first
+# best in ascending order, so ties go to the smallest). Its code notes that this filter was never
+# applied, so its published BERT numbers were selected over 40 values 0.05..2.00.
+DEFAULT_LAMBDA_GRID = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
+# This project's earlier, coarser grid (not the paper's).
+PROJECT_LAMBDA_GRID = (0.15, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+SCOPES = ("backbone", "quantizable")
 
 
 # ---------------------------------------------------------------- names and states
@@ -82,6 +91,18 @@ def _state(obj, arg: str) -> dict[str, torch.Tensor]:
                 raise TypeError(f"{arg} must map str names to tensors; entry {k!r} is {type(v).__name__}")
         return {k: v.detach() for k, v in obj.items()}
     raise TypeError(f"{arg} must be an nn.Module or a state dict, got {type(obj).__name__}")
+
+
+def backbone_names(model_or_state) -> set[str]:
+    """Names of every floating-point tensor (parameters and buffers) outside the head: the
+    reference's vector scope (it drops the head and the integer tensors, e.g. ``position_ids``)."""
+    return {n for n, t in _state(model_or_state, "model_or_state").items() if t.is_floating_point() and not is_head(n)}
+
+
+def _scope_filter(scope: str, source) -> NameFilter:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return (backbone_names if scope == "backbone" else quantizable_names)(source).__contains__
 
 
 def quantizable_names(model_or_state) -> set[str]:
@@ -120,14 +141,14 @@ def _check_vector(v, arg: str = "v") -> Vector:
 
 
 # ---------------------------------------------------------------- vectors
-def task_vector(post, pre, filter_fn: NameFilter | None = None, dtype: torch.dtype = torch.float64) -> Vector:
-    """``post - pre`` over the names ``filter_fn(name)`` keeps (default: :func:`quantizable_names`
-    of ``post``, or of ``pre`` when ``post`` is a bare state dict and ``pre`` a module)."""
+def task_vector(post, pre, filter_fn: NameFilter | None = None, dtype: torch.dtype = torch.float64,
+                scope: str = "backbone") -> Vector:
+    """``post - pre`` over the names ``filter_fn(name)`` keeps (default: the ``scope``'s names,
+    :func:`backbone_names` or :func:`quantizable_names`, of ``post``, or of ``pre`` when ``post``
+    is a bare state dict and ``pre`` a module)."""
     ps, qs = _state(post, "post"), _state(pre, "pre")
     if filter_fn is None:
-        source = post if isinstance(post, nn.Module) or not isinstance(pre, nn.Module) else pre
-        keep = quantizable_names(source)
-        filter_fn = keep.__contains__
+        filter_fn = _scope_filter(scope, post if isinstance(post, nn.Module) or not isinstance(pre, nn.Module) else pre)
     elif not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(name) -> bool")
     names = sorted(n for n in ps if ps[n].is_floating_point() and filter_fn(n))
@@ -143,10 +164,12 @@ def task_vector(post, pre, filter_fn: NameFilter | None = None, dtype: torch.dty
     return {n: ps[n].to(dtype) - qs[n].to(dtype) for n in names}
 
 
-def quantization_vector(qat, ft, filter_fn: NameFilter | None = None, dtype: torch.dtype = torch.float64) -> Vector:
-    """``tau_q = theta_QAT - theta_FT`` (latent float QAT weights minus plain
-    fine-tuned weights of the same task) over the backbone's quantizable tensors."""
-    return task_vector(qat, ft, filter_fn, dtype)
+def quantization_vector(qat, ft, filter_fn: NameFilter | None = None, dtype: torch.dtype = torch.float64,
+                        scope: str = "backbone") -> Vector:
+    """``tau_q = theta_QAT - theta_FT`` (latent float QAT weights minus plain fine-tuned weights of
+    the same task) over the backbone's floating tensors (``scope="quantizable"``: its quantizable
+    layers only)."""
+    return task_vector(qat, ft, filter_fn, dtype, scope)
 
 
 def _check_fits(state: dict[str, torch.Tensor], v: Vector) -> None:
@@ -186,10 +209,11 @@ def apply_vector(model, v: Mapping[str, torch.Tensor], lam: float = 1.0):
 
 
 def search_lambda(model, v: Mapping[str, torch.Tensor], eval_fn: Callable[[nn.Module], float],
-                  grid: Iterable[float] | None = None, return_scores: bool = False):
+                  grid: Iterable[float] | None = None, return_scores: bool = False, ties: str = "smallest"):
     """The ``lam`` of ``grid`` (default :data:`DEFAULT_LAMBDA_GRID`) whose patched
     model scores highest under ``eval_fn(model) -> float`` (higher is better;
-    run it on a validation split). Ties go to the ``lam`` closest to 1.
+    run it on a validation split). Ties go to the smallest ``lam``, as in the reference
+    (``ties="closest_to_one"``: to the ``lam`` closest to 1, this project's earlier rule).
 
     ``eval_fn`` gets the patched full-precision model and must not change its
     tensors (quantize a copy). ``model`` is restored exactly afterwards.
@@ -198,6 +222,8 @@ def search_lambda(model, v: Mapping[str, torch.Tensor], eval_fn: Callable[[nn.Mo
     v = _check_vector(v)
     if not callable(eval_fn):
         raise TypeError("eval_fn must be callable as eval_fn(model) -> float")
+    if ties not in ("smallest", "closest_to_one"):
+        raise ValueError(f"ties must be 'smallest' or 'closest_to_one', got {ties!r}")
     grid = list(DEFAULT_LAMBDA_GRID if grid is None else grid)
     if not grid or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) for g in grid):
         raise ValueError(f"grid must be a non-empty list of finite numbers, got {grid!r}")
@@ -216,7 +242,7 @@ def search_lambda(model, v: Mapping[str, torch.Tensor], eval_fn: Callable[[nn.Mo
         with torch.no_grad():
             for n, t in saved.items():
                 state[n].copy_(t)
-    best = max(scores, key=lambda g: (scores[g], -abs(g - 1.0)))
+    best = max(scores, key=lambda g: (scores[g], -g if ties == "smallest" else -abs(g - 1.0)))
     return (best, scores) if return_scores else best
 
 

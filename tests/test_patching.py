@@ -73,8 +73,13 @@ def test_qat_differs_from_ft_and_trains_through_the_quantizer(ft_qat):
     # identical first step input and init: the first losses differ only by the fake quantization
     assert ft_losses[0] != qat_losses[0]
     v = patching.quantization_vector(qat, ft)
-    assert set(v) == {"backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias"}
+    # the reference's scope: every floating backbone tensor, the LayerNorm (backbone.3) too
+    assert set(v) == {f"backbone.{i}.{p}" for i in (0, 2, 3) for p in ("weight", "bias")}
     assert all(t.abs().max() > 0 for t in v.values())
+    assert set(patching.quantization_vector(qat, ft, scope="quantizable")) == {
+        "backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias"}
+    with pytest.raises(ValueError, match="scope"):
+        patching.quantization_vector(qat, ft, scope="linear")
 
 
 def test_extract_then_apply_reproduces_qat_exactly_and_spares_the_head(ft_qat):
@@ -86,7 +91,7 @@ def test_extract_then_apply_reproduces_qat_exactly_and_spares_the_head(ft_qat):
     ps, qs, fs = patched.state_dict(), qat.state_dict(), ft.state_dict()
     for n in v:
         assert torch.equal(ps[n], qs[n]), n
-    for n in ("head.weight", "head.bias", "backbone.3.weight", "backbone.3.bias"):  # head and LayerNorm: not in v
+    for n in ("head.weight", "head.bias"):  # the head: not in v
         assert torch.equal(ps[n], fs[n]), n
     assert not torch.equal(qs["head.weight"], fs["head.weight"])  # so "untouched" is a real check
 
@@ -108,6 +113,11 @@ def test_quantizable_names_of_minilm_from_module_and_state_dict_agree(minilm):
     assert len(names) == 2 * 37  # 36 encoder Linear layers + the pooler, weight and bias each
     assert names == patching.quantizable_names(model.state_dict())
     assert not any("embeddings" in n or "LayerNorm" in n for n in names)
+    backbone = patching.backbone_names(model)
+    assert names < backbone and backbone == patching.backbone_names(model.state_dict())
+    assert {"embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
+            "encoder.layer.0.attention.output.LayerNorm.bias"} <= backbone
+    assert backbone == {n for n, t in model.state_dict().items() if t.is_floating_point()}  # no head to drop
 
 
 def test_mismatched_vectors_raise_and_leave_the_model_untouched(ft_qat, task):
@@ -164,11 +174,17 @@ def test_search_lambda_picks_the_best_and_restores_the_model(ft_qat):
     def eval_fn(m):  # best when the patch is exactly half the vector
         return -(m.backbone[0].weight.double() - target).abs().sum().item()
 
-    lam, scores = patching.search_lambda(model, v, eval_fn, return_scores=True)
-    assert lam == 0.5 and list(scores) == list(patching.DEFAULT_LAMBDA_GRID)
+    lam, scores = patching.search_lambda(model, v, eval_fn, grid=patching.PROJECT_LAMBDA_GRID, return_scores=True)
+    assert lam == 0.5 and list(scores) == list(patching.PROJECT_LAMBDA_GRID)
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
-    # ties go to the lam closest to 1
-    assert patching.search_lambda(model, v, lambda m: 0.0, grid=[0.25, 1.5, 1.25]) == 1.25
+    # the reference's grid, and its tie rule: the smallest of the best
+    assert patching.DEFAULT_LAMBDA_GRID == (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
+    flat = lambda m: 0.0  # noqa: E731
+    assert patching.search_lambda(model, v, flat) == 0.15
+    assert patching.search_lambda(model, v, flat, grid=[1.5, 0.25, 1.25]) == 0.25
+    assert patching.search_lambda(model, v, flat, grid=[0.25, 1.5, 1.25], ties="closest_to_one") == 1.25
+    with pytest.raises(ValueError, match="ties"):
+        patching.search_lambda(model, v, flat, ties="largest")
     with pytest.raises(ValueError, match="grid"):
         patching.search_lambda(model, v, eval_fn, grid=[])
 
@@ -183,7 +199,7 @@ def test_vector_arithmetic(ft_qat):
     assert all(t.abs().max() == 0 for t in zero.values())
     assert patching.vector_norm(patching.scale_vector(v, 2.0)) == pytest.approx(2 * patching.vector_norm(v))
     only_w = patching.restrict(v, lambda n: n.endswith(".weight"))
-    assert set(only_w) == {"backbone.0.weight", "backbone.2.weight"}
+    assert set(only_w) == {"backbone.0.weight", "backbone.2.weight", "backbone.3.weight"}
     with pytest.raises(ValueError, match="other names"):
         patching.add_vectors(v, only_w)
     with pytest.raises(ValueError, match="different names"):
