@@ -12,8 +12,9 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import ENGINE, PROMPTS, pyquant_greedy
+from conftest import ENGINE, PROMPTS, causal_lm, pyquant_greedy, sentences, tokenizer_for
 
+import pyquant
 from pyquant.sentences import split_sentences
 
 vllm = pytest.importorskip("vllm")  # this directory runs in the vLLM venv only (scripts/test_vllm.sh)
@@ -58,6 +59,43 @@ def test_greedy_tokens_match_pyquants_generate(checkpoints, name, eager):
     got = greedy(llm, PROMPTS, NEW_TOKENS)
     close(llm)
     assert got == want
+
+
+def test_daq_fp8_output_is_served_by_vllms_fp8_method_as_transformers_reads_it(tmp_path):
+    """DAQ's Hugging Face FP8 block-scaled output (issue 17) in vLLM's own FP8 method (bf16, which
+    it needs): the log-probabilities transformers computes from the same checkpoint (it dequantizes
+    it on CPU), and the same first greedy tokens (later ones flip: this random model's logits are
+    nearly tied and the two bf16 computations differ in the last bits)."""
+    from transformers import AutoModelForCausalLM
+
+    from pyquant.streaming import daq_checkpoint
+
+    base, post = causal_lm("llama"), causal_lm("llama")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in post.parameters():
+            p += 0.002 * torch.randn(p.shape, generator=gen)
+    base.save_pretrained(tmp_path / "base")
+    post.save_pretrained(tmp_path / "post")
+    tokenizer_for(sentences()[:2000]).save_pretrained(tmp_path / "post")
+    out = daq_checkpoint(tmp_path / "post", tmp_path / "fp8", pyquant.DAQConfig(base=str(tmp_path / "base")),
+                         progress=False)
+    want_tokens = pyquant_greedy(out, PROMPTS, 4)
+    llm = vllm.LLM(model=str(out), enforce_eager=True, **{**ENGINE, "dtype": "bfloat16"})
+    layer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0]
+    assert type(layer.self_attn.qkv_proj.quant_method).__name__ == "Fp8LinearMethod"
+    assert layer.mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    got_tokens = greedy(llm, PROMPTS, 4)
+    scored = llm.generate(PROMPTS, vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    close(llm)
+    assert got_tokens == want_tokens
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    for r in scored:
+        ids = torch.tensor([r.prompt_token_ids])
+        got = torch.tensor([d[t].logprob for d, t in zip(r.prompt_logprobs[1:], r.prompt_token_ids[1:])])
+        with torch.no_grad():
+            want = hf(ids).logits.float().log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
+        assert (got - want).abs().max() < 0.05, (got, want)
 
 
 def test_minilm_embeddings_match_pyquants(minilm_dir):
