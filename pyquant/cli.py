@@ -189,15 +189,43 @@ def quantize_cmd(args) -> int:
 
 
 def _stream(args) -> int:
-    """``quantize --stream``: tensor by tensor, never holding the dense model (data-free RTN)."""
-    from .streaming import quantize_checkpoint
+    """``quantize --stream``: never holding the dense model. RTN tensor by tensor; UniSVQ block by
+    block (calibration texts through the checkpoint's own tokenizer); DAQ tensor by tensor against
+    ``--base``, written as a Hugging Face FP8 block-scaled checkpoint (``--grid fp8``)."""
+    from .streaming import daq_checkpoint, quantize_checkpoint
 
-    if args.method not in ("rtn", "best") or args.vector or args.base or args.model == "minilm":
-        raise CliError("--stream takes a model directory and --method rtn (the data-free method), without "
-                       "--vector / --base")
+    method = "unisvq" if args.method == "best" else args.method
+    if args.vector or args.model == "minilm" or (args.base and method != "daq"):
+        raise CliError("--stream takes a model directory, without --vector (and --base only with --method daq)")
+    filter_fn = encoder_filter if args.encoder_only else None
     t0 = time.perf_counter()
-    path = quantize_checkpoint(args.model, args.out, filter_fn=encoder_filter if args.encoder_only else None)
-    print(f"streamed {args.model} -> {path} in {time.perf_counter() - t0:.0f} s (RTN, 2 bits)")
+    if method == "rtn":
+        path = quantize_checkpoint(args.model, args.out, filter_fn=filter_fn)
+        what = "RTN, 2 bits"
+    elif method == "daq":
+        if args.grid != "fp8" or args.base == "minilm":
+            raise CliError("--stream --method daq writes the FP8 block-scaled layout: pass --grid fp8 and a --base "
+                           "directory")
+        path = daq_checkpoint(args.model, args.out, _config("daq", args.base, "fp8"), filter_fn)
+        what = "DAQ, fp8 e4m3, 128x128 block scales"
+    else:
+        from transformers import AutoTokenizer
+
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+        why = "none" if not any((Path(args.model) / f).is_file() for f in files) else ""
+        try:
+            tokenizer = None if why else AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            why = f"none that loads ({type(e).__name__})"
+        if tokenizer is None:
+            raise CliError(f"--stream --method unisvq tokenizes its calibration texts with the checkpoint's "
+                           f"tokenizer, and {args.model} has {why}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        data = batches(tokenizer, _calibration_texts(args))
+        path = quantize_checkpoint(args.model, args.out, _config("unisvq"), filter_fn, calibration_data=data)
+        what = "UniSVQ, block by block"
+    print(f"streamed {args.model} -> {path} in {time.perf_counter() - t0:.0f} s ({what})")
     return 0
 
 
@@ -276,8 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", type=int, default=128, help="calibration texts (at most)")
     p.add_argument("--calibration-file", help="a text file: one calibration text per non-empty line "
                    "(default: real sentences that ship with Python)")
-    p.add_argument("--stream", action="store_true", help="read the checkpoint one tensor at a time (RTN; for "
-                   "checkpoints larger than memory)")
+    p.add_argument("--stream", action="store_true", help="for checkpoints larger than memory: rtn tensor by "
+                   "tensor, unisvq block by block, daq (--grid fp8) tensor by tensor to the FP8 block-scaled layout")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.set_defaults(func=quantize_cmd)
 

@@ -195,6 +195,12 @@ def test_cli_quantizes_a_causal_lm_directory_with_a_calibration_file(tmp_path, c
     ids = tokenizer(["The module provides"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0).shape[1] == ids.shape[1] + 8
+    # the same, streamed block by block from the checkpoint: the same model
+    assert cli.main(["quantize", str(src), "--stream", "--method", "unisvq", "--calibration-file", str(calib),
+                     "--calibration", "16", "--out", str(tmp_path / "streamed")]) == 0
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, model(ids).logits, rtol=0, atol=0)
     (tmp_path / "empty.txt").write_text("\n \n")
     assert cli.main(["quantize", str(src), "--method", "rtn", "--calibration-file", str(tmp_path / "empty.txt"),
                      "--out", str(tmp_path / "out2")]) == 2

@@ -60,9 +60,23 @@ def test_the_cli_streams_a_checkpoint(tmp_path, capsys):
     make("qwen2").save_pretrained(tmp_path / "src", max_shard_size="100KB")
     assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "rtn", "--out", str(tmp_path / "q")]) == 0
     assert len(pyquant.nn.quantized_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "q"))) == 14
+    # UniSVQ tokenizes its calibration texts with the checkpoint's tokenizer: this one has none
     assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "unisvq", "--out",
                      str(tmp_path / "u")]) == 2
+    assert "tokenizer, and" in capsys.readouterr().err
+    assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--vector", __file__, "--out",
+                     str(tmp_path / "u")]) == 2
     assert "--stream takes" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
+    # DAQ to the FP8 block-scaled layout, against a base checkpoint
+    make("qwen2").save_pretrained(tmp_path / "base")
+    assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "daq", "--base", str(tmp_path / "base"),
+                     "--out", str(tmp_path / "d")]) == 2
+    assert "--grid fp8" in capsys.readouterr().err
+    assert cli.main(["quantize", str(tmp_path / "src"), "--stream", "--method", "daq", "--base", str(tmp_path / "base"),
+                     "--grid", "fp8", "--out", str(tmp_path / "d")]) == 0
+    qc = json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128]
 
 
 def _calibration():
