@@ -16,7 +16,8 @@ checkpoint that ``from_pretrained`` loads (after ``import pyquant``), quantizing
   tensor (either may be FP8 block-scaled, as DeepSeek-V3-style checkpoints are), written as a
   Hugging Face FP8 block-scaled checkpoint, the layout transformers and vLLM load natively.
 
-:class:`CheckpointTensors` reads any of these checkpoints one tensor at a time.
+:class:`CheckpointTensors` reads any of these checkpoints one tensor at a time; an FP8 block-scaled
+source is read dequantized (its FP8 weights that stay unquantized are written in bfloat16).
 """
 from __future__ import annotations
 
@@ -326,6 +327,11 @@ class CheckpointTensors(Mapping):
         with safe_open(str(self.where[key]), framework="pt") as h:
             return h.get_tensor(key)
 
+    def as_stored_or_bf16(self, key: str) -> torch.Tensor:
+        """The tensor as stored, but an FP8 block-scaled one dequantized to bfloat16: what a
+        checkpoint that is not in the FP8 layout can hold."""
+        return self[key].to(torch.bfloat16) if key in self._scaled else self[key]
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self:
             raise KeyError(key)
@@ -352,14 +358,14 @@ def _write_layer(layer: QuantLinear, fqn: str, writer: "_ShardWriter", entries: 
 def _stream_tensors(targets, conv1d, config, reader, writer, entries, progress) -> None:
     """RTN: every tensor in checkpoint order, the targets' weights quantized."""
     biases = {f"{fqn}.bias" for fqn in targets}
-    for key in tqdm(list(reader.where), desc=f"{config.method} streaming", disable=not progress):
+    for key in tqdm(list(reader), desc=f"{config.method} streaming", disable=not progress):
         fqn = key.removesuffix(".weight") if key.endswith(".weight") else None
         if key in biases:
             continue  # written with its layer
         if fqn not in targets:
-            writer.add(key, reader.raw(key))
+            writer.add(key, reader.as_stored_or_bf16(key))
             continue
-        weight = reader.raw(key)
+        weight = reader[key]
         weight = weight.t() if fqn in conv1d else weight  # transformers' Conv1D stores [in, out]
         bias = reader.raw(f"{fqn}.bias") if f"{fqn}.bias" in reader else None
         _write_layer(QuantLinear.from_packed(config.quantize_weight(check_weight(weight, key)), bias), fqn,
@@ -381,7 +387,7 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
 
     def load(keys):
         for key in keys:
-            set_module_tensor_to_device(model, key, "cpu", value=reader.raw(key).float())
+            set_module_tensor_to_device(model, key, "cpu", value=reader[key].float())
 
     load(k for k, _ in model.named_parameters() if not in_blocks(k) and k in reader)
     model.tie_weights()  # a tied head shares the embedding just loaded
@@ -402,13 +408,14 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
             owner = key.rpartition(".")[0]
             if isinstance(model.get_submodule(owner), QuantLinear):
                 continue
-            writer.add(key, t.detach().to(stored[header[key][0]]))  # norms (fine-tuned), unselected layers
+            dtype = torch.bfloat16 if reader.block_scaled(key) else stored[header[key][0]]
+            writer.add(key, t.detach().to(dtype))  # norms (fine-tuned), unselected layers
         for fqn in [f for f in targets if f.startswith(prefixes[i])]:
             _write_layer(model.get_submodule(fqn), fqn, writer, entries)
             targets[fqn].to("meta")  # the swapped-out dense layer: the driver still refers to it
         block.to("meta")  # drop the block's memory
 
     config.run_blocks(model, targets, data, swap, progress, load_block=load_block, release_block=release_block)
-    for key in reader.where:  # the outer parts as they were stored
+    for key in reader:  # the outer parts as they were stored
         if not in_blocks(key):
-            writer.add(key, reader.raw(key))
+            writer.add(key, reader.as_stored_or_bf16(key))

@@ -46,7 +46,8 @@ def _save_fp8(model, path, shards=3):
     model.config.save_pretrained(path)
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": [type(model).__name__],
+                                                  "quantization_config": qc}))
     tensors = {}
     for name, t in model.state_dict().items():
         if name.endswith("proj.weight"):
@@ -147,6 +148,30 @@ def test_an_fp8_sharded_base_serves_quantize_model(checkpoints):
     pyquant.quantize_model(by_dict, DAQConfig(base=dense), filter_fn=only, progress=False)
     assert torch.equal(by_path.get_submodule(fqn).dequantize_weight(), by_dict.get_submodule(fqn).dequantize_weight())
     assert by_path.pyquant_daq[fqn]["blocks_changed"] > 0
+
+
+@pytest.mark.parametrize("method", ["rtn", "unisvq"])
+def test_an_fp8_source_streams_dequantized(checkpoints, tmp_path, method):
+    """RTN / UniSVQ streaming of an FP8 block-scaled checkpoint: what quantize_model gives on the
+    dequantized model (FP8 weights are never taken for their raw float8 values)."""
+    from transformers import AutoModelForCausalLM
+
+    from pyquant.streaming import quantize_checkpoint
+
+    root, _, _ = checkpoints
+    src = CheckpointTensors(root / "base_fp8")
+    dense = make("llama", **SHAPE)
+    dense.load_state_dict({k: src[k].float() for k in src}, strict=False)
+    data = [{"input_ids": torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(i)),
+             "attention_mask": torch.ones(2, 12, dtype=torch.long)} for i in range(3)]
+    config = pyquant.RTNConfig() if method == "rtn" else pyquant.UniSVQConfig(ft_epochs=1)
+    kw = {} if method == "rtn" else {"calibration_data": data}
+    out = quantize_checkpoint(root / "base_fp8", tmp_path / "q", config, progress=False, **kw)
+    pyquant.quantize_model(dense, config, progress=False, **kw)
+    streamed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not any(k.endswith("_scale_inv") for k in CheckpointTensors(out).header)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(prompt()).logits, dense(prompt()).logits, rtol=0, atol=0)
 
 
 def _variant(src, dst, edit):
