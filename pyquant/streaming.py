@@ -301,14 +301,17 @@ class CheckpointTensors(Mapping):
         self.block = tuple(block)
         self._scaled = {k for k in self.header if self.header[k][0] in FP8_DTYPES and k + SCALE_SUFFIX in self.header}
 
+    def _is_scale_of_a_weight(self, key: str) -> bool:
+        return key.endswith(SCALE_SUFFIX) and key[:-len(SCALE_SUFFIX)] in self._scaled
+
     def __iter__(self) -> Iterator[str]:
-        return (k for k in self.where if not (k.endswith(SCALE_SUFFIX) and k[:-len(SCALE_SUFFIX)] in self._scaled))
+        return (k for k in self.where if not self._is_scale_of_a_weight(k))
 
     def __len__(self) -> int:
         return len(self.where) - len(self._scaled)
 
     def __contains__(self, key) -> bool:
-        return key in self.where and not (key.endswith(SCALE_SUFFIX) and key[:-len(SCALE_SUFFIX)] in self._scaled)
+        return key in self.where and not self._is_scale_of_a_weight(key)
 
     def block_scaled(self, key: str) -> bool:
         """Stored in float8 with a ``weight_scale_inv``."""
