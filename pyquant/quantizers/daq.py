@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fakequant import (DequantLinear, Grid, absmax_scales, block_shape, dequantize_codes, expand_scales,
+from ..fakequant import (DequantLinear, absmax_scales, block_shape, dequantize_codes, expand_scales,
                          parse_grid, quantize_codes)
 from ..format import PackedWeight, dequantize, pack_codes
 from ..hadamard import blockwise_hadamard, default_block, random_signs
