@@ -188,6 +188,7 @@ class HessianCollector:
         self._last: tuple | None = None  # (input tensor, its rows' product, row count, version)
         self._buffers: dict = {}
         self._current = ""
+        self._hessians: dict[str, torch.Tensor] | None = None
 
     def __enter__(self) -> "HessianCollector":
         for name, module in self.modules.items():
@@ -236,7 +237,10 @@ class HessianCollector:
         return hook
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        """``{name: E[x xᵀ]}`` (float64); a module that saw no token is an error."""
+        """``{name: E[x xᵀ]}`` (float64); a module that saw no token is an error. Ends the
+        collection: the sums become the means (a second call returns the same tensors)."""
+        if self._hessians is not None:
+            return self._hessians
         missing = [n for n, c in self.counts.items() if c == 0]
         if missing:
             raise CalibrationError(f"no calibration token reached {missing}: these layers are not used by the "
@@ -254,7 +258,7 @@ class HessianCollector:
             out[n] = out[twin] if twin is not None else acc
         for n in firsts:
             out[n].div_(self.counts[n])
-        self.sums = dict(out)
+        self._hessians = out
         return out
 
 

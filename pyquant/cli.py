@@ -153,6 +153,14 @@ def _calibration_texts(args) -> list[str]:
     return texts
 
 
+def _with_pad_token(tokenizer):
+    """``tokenizer``, given a pad token if it has none (decoders' tokenizers often have none;
+    padding is masked out of calibration anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
 def quantize_cmd(args) -> int:
     """patch (optional) -> quantize -> swap -> save."""
     from . import patching
@@ -177,8 +185,7 @@ def quantize_cmd(args) -> int:
         patching.apply_vector(model, patching.load_vector(args.vector), lam=args.lam)
         print(f"patched with {args.vector} (lambda = {args.lam})")
     base = _load_hf(args.base)[0] if args.base else None
-    if tokenizer.pad_token is None:  # decoders' tokenizers often have none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    _with_pad_token(tokenizer)
     config = _config(args.method, base, args.grid)
     quantize_model(model, config, filter_fn=encoder_filter if args.encoder_only else None,
                    calibration_data=batches(tokenizer, calibration))
@@ -211,18 +218,16 @@ def _stream(args) -> int:
     else:
         from transformers import AutoTokenizer
 
+        need = (f"--stream --method unisvq tokenizes its calibration texts with the checkpoint's tokenizer, and "
+                f"{args.model} has")
         files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-        why = "none" if not any((Path(args.model) / f).is_file() for f in files) else ""
+        if not any((Path(args.model) / f).is_file() for f in files):
+            raise CliError(f"{need} none")
         try:
-            tokenizer = None if why else AutoTokenizer.from_pretrained(args.model)
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError) as e:
-            why = f"none that loads ({type(e).__name__})"
-        if tokenizer is None:
-            raise CliError(f"--stream --method unisvq tokenizes its calibration texts with the checkpoint's "
-                           f"tokenizer, and {args.model} has {why}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        data = batches(tokenizer, _calibration_texts(args))
+            raise CliError(f"{need} none that loads ({type(e).__name__})") from None
+        data = batches(_with_pad_token(tokenizer), _calibration_texts(args))
         path = quantize_checkpoint(args.model, args.out, _config("unisvq"), filter_fn, calibration_data=data)
         what = "UniSVQ, block by block"
     print(f"streamed {args.model} -> {path} in {time.perf_counter() - t0:.0f} s ({what})")

@@ -117,14 +117,20 @@ def verify_checksum_of(tensors: dict, entry: dict, version: int) -> None:
                          "is damaged")
 
 
-def hf_quantization_config(path: str | os.PathLike) -> dict | None:
-    """The ``quantization_config`` of a Hugging Face directory, if it is a pyquant one."""
+def quantization_config_of(path: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a Hugging Face directory's ``config.json`` (any method), if any."""
     cfg = Path(path) / "config.json"
     try:
         qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{cfg} is not a valid config.json ({type(e).__name__}: {e})") from None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == "pyquant" else None
+    return qc if isinstance(qc, dict) else None
+
+
+def hf_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a Hugging Face directory, if it is a pyquant one."""
+    qc = quantization_config_of(path)
+    return qc if qc is not None and qc.get("quant_method") == "pyquant" else None
 
 
 # The safetensors header's names of the dtypes a checkpoint holds.
@@ -170,13 +176,8 @@ def _replaceable(path: Path) -> bool:
 def _written_by_pyquant(path: Path) -> bool:
     """A Hugging Face directory pyquant wrote: its own format, or an FP8 one from ``daq_checkpoint``
     (marked with a ``pyquant`` entry in its ``quantization_config``)."""
-    if hf_quantization_config(path) is not None:
-        return True
-    try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
-    return isinstance(qc, dict) and isinstance(qc.get("pyquant"), dict)
+    qc = quantization_config_of(path)
+    return qc is not None and (qc.get("quant_method") == "pyquant" or isinstance(qc.get("pyquant"), dict))
 
 
 def _honour_umask(path: Path) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .io import layer_entry, read_header, staged_checkpoint
+from .io import SAFETENSORS_DTYPES, layer_entry, quantization_config_of, read_header, staged_checkpoint
 from .nn import QuantLinear, select_targets, set_submodule
 from .quantizers import DAQConfig, QuantConfig, RTNConfig, UniSVQConfig, blockwise
 from .quantizers.base import check_weight
@@ -144,7 +144,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     if not (src / "config.json").is_file():
         raise ValueError(f"{str(src)!r} is not a Hugging Face model directory (no config.json)")
     reader = CheckpointTensors(src)
-    header = reader.header
 
     hf_config = AutoConfig.from_pretrained(src)
     model = skeleton(hf_config, buffers=by_block)
@@ -153,12 +152,12 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         raise ValueError("unisvq streaming takes nn.Linear models (Llama, Qwen2, Mistral, Phi-3); this one has "
                          "Conv1D layers (GPT-2): quantize it in memory")
     for fqn in targets:
-        if f"{fqn}.weight" not in header:
+        if f"{fqn}.weight" not in reader:
             raise ValueError(f"the checkpoint lacks {fqn}.weight")
     with staged_checkpoint(dst) as tmp:
         writer, entries = _ShardWriter(tmp, shard_bytes), {}
         if by_block:
-            _stream_blocks(model, targets, config, calibration_data, reader, header, writer, entries, progress)
+            _stream_blocks(model, targets, config, calibration_data, reader, writer, entries, progress)
         else:
             _stream_tensors(targets, conv1d, config, reader, writer, entries, progress)
         writer.finish()
@@ -257,6 +256,7 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+SAFETENSORS_NAMES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", *FP8_DTYPES}
 SCALE_SUFFIX = "_scale_inv"  # transformers' fine-grained FP8: `<name>.weight` + `<name>.weight_scale_inv`
@@ -276,28 +276,23 @@ class CheckpointTensors(Mapping):
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if path.is_dir():
-            files, cfg = checkpoint_files(path), path / "config.json"
+            files, directory = checkpoint_files(path), path
         elif path.is_file() and path.suffix == ".safetensors":
-            files, cfg = [path], path.parent / "config.json"
+            files, directory = [path], path.parent
         else:
             raise ValueError(f"{str(path)!r} is neither a checkpoint directory nor a .safetensors file")
         self.path = path
-        self.header = read_header(files)
+        self.header: dict[str, tuple[str, tuple]] = {}
         self.where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                self.where.update({k: f for k in h.keys()})
-        block = [128, 128]
-        if cfg.is_file():
-            try:
-                qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
-                raise ValueError(f"{cfg} is not a valid config.json ({type(e).__name__}: {e})") from None
-            if isinstance(qc, dict) and qc.get("weight_block_size") is not None:
-                block = qc["weight_block_size"]
+        for f in files:  # one header read per file gives both
+            names = read_header([f])
+            self.header.update(names)
+            self.where.update(dict.fromkeys(names, f))
+        block = (quantization_config_of(directory) or {}).get("weight_block_size")
+        block = [128, 128] if block is None else block
         if (not isinstance(block, (list, tuple)) or len(block) != 2
                 or not all(isinstance(b, int) and b > 0 for b in block)):
-            raise ValueError(f"{cfg}: weight_block_size must be two positive ints, got {block!r}")
+            raise ValueError(f"{directory / 'config.json'}: weight_block_size must be two positive ints, got {block!r}")
         self.block = tuple(block)
         self._scaled = {k for k in self.header if self.header[k][0] in FP8_DTYPES and k + SCALE_SUFFIX in self.header}
 
@@ -330,10 +325,14 @@ class CheckpointTensors(Mapping):
         with safe_open(str(self.where[key]), framework="pt") as h:
             return h.get_tensor(key)
 
-    def as_stored_or_bf16(self, key: str) -> torch.Tensor:
-        """The tensor as stored, but an FP8 block-scaled one dequantized to bfloat16: what a
-        checkpoint that is not in the FP8 layout can hold."""
-        return self[key].to(torch.bfloat16) if key in self._scaled else self[key]
+    def dense_dtype(self, key: str) -> torch.dtype:
+        """The dtype ``key`` keeps in a checkpoint that is not in the FP8 layout: as stored, but
+        bfloat16 for an FP8 block-scaled weight."""
+        return torch.bfloat16 if key in self._scaled else SAFETENSORS_NAMES[self.header[key][0]]
+
+    def dense(self, key: str) -> torch.Tensor:
+        """``self[key]`` in :meth:`dense_dtype`."""
+        return self[key].to(self.dense_dtype(key))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self:
@@ -366,7 +365,7 @@ def _stream_tensors(targets, conv1d, config, reader, writer, entries, progress) 
         if key in biases:
             continue  # written with its layer
         if fqn not in targets:
-            writer.add(key, reader.as_stored_or_bf16(key))
+            writer.add(key, reader.dense(key))
             continue
         weight = reader[key]
         weight = weight.t() if fqn in conv1d else weight  # transformers' Conv1D stores [in, out]
@@ -376,17 +375,15 @@ def _stream_tensors(targets, conv1d, config, reader, writer, entries, progress) 
         del weight
 
 
-def _stream_blocks(model, targets, config, calibration_data, reader, header, writer, entries, progress) -> None:
+def _stream_blocks(model, targets, config, calibration_data, reader, writer, entries, progress) -> None:
     """UniSVQ: the outer parts, then one block at a time, loaded, quantized, written, dropped."""
     from accelerate.utils import set_module_tensor_to_device
 
     from . import calibration as cal
-    from .io import SAFETENSORS_DTYPES
 
     block_name, blocks = blockwise.find_blocks(model, targets)
     prefixes = [f"{block_name}.{i}." for i in range(len(blocks))]
     in_blocks = lambda key: any(key.startswith(p) for p in prefixes)  # noqa: E731
-    stored = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
     def load(keys):
         for key in keys:
@@ -411,8 +408,7 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
             owner = key.rpartition(".")[0]
             if isinstance(model.get_submodule(owner), QuantLinear):
                 continue
-            dtype = torch.bfloat16 if reader.block_scaled(key) else stored[header[key][0]]
-            writer.add(key, t.detach().to(dtype))  # norms (fine-tuned), unselected layers
+            writer.add(key, t.detach().to(reader.dense_dtype(key)))  # norms (fine-tuned), unselected layers
         for fqn in [f for f in targets if f.startswith(prefixes[i])]:
             _write_layer(model.get_submodule(fqn), fqn, writer, entries)
             targets[fqn].to("meta")  # the swapped-out dense layer: the driver still refers to it
@@ -421,4 +417,4 @@ def _stream_blocks(model, targets, config, calibration_data, reader, header, wri
     config.run_blocks(model, targets, data, swap, progress, load_block=load_block, release_block=release_block)
     for key in reader:  # the outer parts as they were stored
         if not in_blocks(key):
-            writer.add(key, reader.as_stored_or_bf16(key))
+            writer.add(key, reader.dense(key))

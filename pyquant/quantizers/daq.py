@@ -109,15 +109,15 @@ def delta_metrics(w_post: torch.Tensor, w_base: torch.Tensor, deq: torch.Tensor)
 
 # ---------------------------------------------------------------- the search
 def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tuple[int, int], score: Callable,
-                    search: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Multipliers ``m`` (``shape_m``, one per block) as the reference search picks them (module
     docstring), every candidate scored on ``build(m)``, the deployed dense weight for multipliers
-    ``m``. Returns ``m``, ``build(m)`` and the plain weight ``build(1)``. A block's deployed values
-    depend on its own multiplier only, so ``build(m)`` holds exactly the scored blocks."""
+    ``m``. Returns ``m`` and the plain weight ``build(1)``. A block's deployed values depend on its
+    own multiplier only, so ``build(m)`` holds exactly the scored blocks."""
     ones = torch.ones(shape_m)
     plain_w = build(ones)
     if not search:
-        return ones, plain_w, plain_w
+        return ones, plain_w
     plain_s = score(plain_w)
 
     def best_of(candidates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ def _coarse_to_fine(build: Callable[[torch.Tensor], torch.Tensor], shape_m: tupl
     f_lo, f_hi = (c - half).clamp_min(lo), (c + half).clamp_max(hi)
     m, best_s = best_of([f_lo + t * (f_hi - f_lo) for t in torch.linspace(0, 1, FINE_POINTS)])
     m = torch.where((best_s < plain_s) | plain_s.isnan(), ones, m)  # NaN: no delta in the block
-    return m, build(m), plain_w
+    return m, plain_w
 
 
 @dataclass
@@ -215,8 +215,8 @@ def daq_quantize(w_post: torch.Tensor, w_base: torch.Tensor | None, *, grid: str
     if score is not None and not bool(score.defined.any()):
         search = False  # no block has a delta to keep: every multiplier would be refused anyway
 
-    m, scored, plain = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, search)
-    rep, _ = build_rep(m)
+    m, plain = _coarse_to_fine(lambda mm: build_rep(mm)[1], m_shape, score, search)
+    rep, scored = build_rep(m)
     out = DAQResult(grid=grid, scored=scored, multipliers=m)
     if grid == "pyquant2":
         out.packed = rep
