@@ -4,7 +4,9 @@ extension ``pyquant._C_cuda`` (only where torch has CUDA and nvcc is found).
 Install with ``pip install --no-build-isolation -e .`` after torch.
 """
 import glob
+import json
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -31,11 +33,25 @@ def _cuda_buildable() -> tuple[bool, str]:
     return True, ""
 
 
+# csrc/cpu/arch_sources.json names the files only one architecture builds (its kernels); every
+# other file of csrc/cpu is portable C++ and builds everywhere, with the portable kernels alone on
+# an architecture the file does not list.
+ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def cpu_sources(machine: str) -> list[str]:
+    with open(os.path.join(HERE, "csrc", "cpu", "arch_sources.json")) as f:
+        per_arch = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    arch = ARCH_ALIASES.get(machine.lower(), machine.lower())
+    others = {name for a, names in per_arch.items() if a != arch for name in names}
+    return [p for p in _sources("csrc/cpu/*.cpp") if os.path.basename(p) not in others]
+
+
 cpu_args = ["-O3", "-std=c++17", "-fopenmp"]
 extensions = [
     cpp_extension.CppExtension(
         "pyquant._C",
-        _sources("csrc/cpu/*.cpp"),
+        cpu_sources(platform.machine()),
         extra_compile_args=cpu_args,
         extra_link_args=["-fopenmp"],
     )

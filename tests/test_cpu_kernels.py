@@ -215,9 +215,12 @@ def test_bad_inputs_raise_clear_errors():
         run(x, pw, mode="int4")
     with pytest.raises(ValueError, match="algo"):
         run(x, pw, algo="fast")
-    if "avx512" not in ISAS:
-        with pytest.raises(ValueError, match="not supported by this CPU"):
-            run(x, pw, isa="avx512")
+    for isa in sorted({"scalar", "avx2", "avx512", "neon"} - set(ISAS)):
+        # a set this build has but this CPU lacks, or one of another architecture
+        with pytest.raises(ValueError, match=f"isa '{isa}' is not supported by this CPU|in this build, got '{isa}'"):
+            run(x, pw, isa=isa)
+    with pytest.raises(ValueError, match="algo 'gemm' needs mode 'int' and an isa with a GEMM"):
+        run(x, pw, isa="scalar", algo="gemm")
 
 
 def test_set_isa_forces_the_default_path():

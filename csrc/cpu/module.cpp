@@ -124,7 +124,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transform_activations", &pyquant::transform_activations,
         "(xt [M, K] fp32, const [M] fp32): the kernels' activation transform, as format.transform_activations",
         py::arg("x"), py::arg("su"), py::arg("A"), py::arg("b"), py::arg("had_in"));
-  m.def("set_isa", &pyquant::set_isa, "force 'scalar', 'avx2' or 'avx512' for calls with isa='' ('auto' undoes)",
+  m.def("set_isa", &pyquant::set_isa, "force a kernel set of supported_isas() for calls with isa='' ('auto' undoes)",
         py::arg("name"));
   m.def("get_isa", &pyquant::get_isa, "the ISA the kernels use when called with isa=''");
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");

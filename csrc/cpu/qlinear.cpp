@@ -4,11 +4,11 @@
 //  1. per token, the fused activation transform: su * x, blockwise FWHT of H_in, per-4-chunk A^T,
 //     the per-token constant sum_j b . x'_j, and (int mode) rounding to 16-bit fixed point split
 //     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h);
-//  2. per range of output rows, the unsigned INT2 dot products on the ISA chosen at run time
-//     (AVX-512 VNNI, AVX2 or portable): GEMV up to 32 tokens (8 for a layer whose codes fit in cache),
-//     cache-blocked GEMM above;
+//  2. per range of output rows, the unsigned INT2 dot products of the kernel set chosen at run time
+//     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 32 tokens (8 for a layer
+//     whose codes fit in cache), a cache-blocked GEMM above where the set has one;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
-// Passes 1 and 3 (transform.h) have an SSE2 and an AVX-512 build that round identically, and the
+// Passes 1 and 3 (transform.h) have a portable and an AVX-512 build that round identically, and the
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and
 // thread count; float mode is deterministic per ISA.
 #include "ops.h"
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "kernel_api.h"
+#include "kernel_table.h"
 #include "transform.h"
 
 namespace pyquant {
@@ -33,46 +34,28 @@ namespace {
 using cpu::kGroupCodes;
 using cpu::kGroupElems;
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+using cpu::KernelSet;
 enum class Mode { kInt = 0, kFloat = 1 };
 
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-Isa best_isa() {
-  static const Isa best = [] {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vnni"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-    return Isa::kScalar;
-  }();
-  return best;
-}
-
-std::atomic<int> g_isa{-1};  // -1: automatic (best_isa)
+std::atomic<const KernelSet*> g_isa{nullptr};  // null: automatic (the best this CPU supports)
 std::atomic<int> g_mode{static_cast<int>(Mode::kInt)};
 
-Isa parse_isa(const std::string& name, const char* arg) {
-  if (name.empty()) return g_isa.load() < 0 ? best_isa() : static_cast<Isa>(g_isa.load());
-  Isa isa;
-  if (name == "auto") isa = best_isa();
-  else if (name == "scalar") isa = Isa::kScalar;
-  else if (name == "avx2") isa = Isa::kAvx2;
-  else if (name == "avx512") isa = Isa::kAvx512;
-  else TORCH_CHECK_VALUE(false, arg, " must be one of 'auto', 'scalar', 'avx2', 'avx512', got '", name, "'");
-  TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best_isa()), arg, " '", name,
-                    "' is not supported by this CPU (best available: '", isa_name(best_isa()), "')");
-  return isa;
+std::string known_isas() {
+  int n;
+  const KernelSet* sets = cpu::kernel_sets(&n);
+  std::string out = "'auto'";
+  for (int i = 0; i < n; ++i) out += std::string(", '") + sets[i].name + "'";
+  return out;
+}
+
+const KernelSet& parse_isa(const std::string& name, const char* arg) {
+  if (name.empty()) return g_isa.load() ? *g_isa.load() : cpu::best_kernel_set();
+  if (name == "auto") return cpu::best_kernel_set();
+  const KernelSet* set = cpu::find_kernel_set(name.c_str());
+  TORCH_CHECK_VALUE(set, arg, " must be one of ", known_isas(), " in this build, got '", name, "'");
+  TORCH_CHECK_VALUE(set->supported(), arg, " '", name, "' is not supported by this CPU (best available: '",
+                    cpu::best_kernel_set().name, "')");
+  return *set;
 }
 
 Mode parse_mode(const std::string& name) {
@@ -112,34 +95,29 @@ const float* vector_f32(const torch::Tensor& t, int64_t n, const char* name, std
   return buf.data();
 }
 
-// The per-token math (transform.h): the AVX-512 build with the AVX-512 kernels, else SSE2.
-// Both give the same bits.
+// The per-token math (transform.h) of the chosen kernel set; every build gives the same bits.
 struct TokenMath {
-  bool wide;
+  const cpu::TransformOps& ops;
   template <typename T>
   void scale_input(const T* x, const float* su, int64_t K, float* xt) const {
     if constexpr (std::is_same_v<T, float>) {
-      wide ? cpu::avx512::scale_input(x, su, K, xt) : cpu::scale_input(x, su, K, xt);
+      ops.scale_f32(x, su, K, xt);
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      const auto* raw = reinterpret_cast<const uint16_t*>(x);
-      wide ? cpu::avx512::scale_input(raw, su, K, xt) : cpu::scale_input(raw, su, K, xt);
+      ops.scale_bf16(reinterpret_cast<const uint16_t*>(x), su, K, xt);
     } else {
       for (int64_t k = 0; k < K; ++k) xt[k] = static_cast<float>(x[k]) * su[k];
     }
   }
   double transform(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) const {
-    return wide ? cpu::avx512::transform_activations(xt, K, had, A, b, amax)
-                : cpu::transform_activations(xt, K, had, A, b, amax);
+    return ops.transform(xt, K, had, A, b, amax);
   }
   double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) const {
-    return wide ? cpu::avx512::encode_int(xt, amax, G, plane, dst) : cpu::encode_int(xt, amax, G, plane, dst);
+    return ops.encode_int(xt, amax, G, plane, dst);
   }
-  template <typename D>
-  void dequant_row(const D* d, int64_t N, float a, float c, float* row) const {
-    wide ? cpu::avx512::dequant_row(d, N, a, c, row) : cpu::dequant_row(d, N, a, c, row);
-  }
+  void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row) const { ops.dequant_i32(d, N, a, c, row); }
+  void dequant_row(const float* d, int64_t N, float a, float c, float* row) const { ops.dequant_f32(d, N, a, c, row); }
   void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias) const {
-    wide ? cpu::avx512::output_transform(row, N, had, sv, bias) : cpu::output_transform(row, N, had, sv, bias);
+    ops.output_transform(row, N, had, sv, bias);
   }
 };
 
@@ -339,11 +317,12 @@ thread_local Workspace t_workspace;
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 template <typename T>
-void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bool gemm, torch::Tensor& y) {
+void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
+                  torch::Tensor& y) {
   const int64_t M = x.size(0);
   const RowSplit split(L.N, L.N * L.K * M);
   const T* xp = x.data_ptr<T>();
-  const TokenMath math{isa == Isa::kAvx512};
+  const TokenMath math{*set.math};
   std::vector<double> scale(M);
   std::vector<double> cst(M);
   if (mode == Mode::kInt) {
@@ -358,10 +337,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
     cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, act_stride(L), M,
                       narrow ? static_cast<int32_t*>(dot) : nullptr, narrow ? nullptr : static_cast<int64_t*>(dot),
                       nullptr};
-    auto kernel = gemm ? cpu::int_gemm_avx512
-                       : isa == Isa::kAvx512 ? cpu::int_plane_avx512
-                       : isa == Isa::kAvx2   ? cpu::int_plane_avx2
-                                             : cpu::int_plane_scalar;
+    const cpu::IntKernel kernel = gemm ? set.int_gemm : set.int_gemv;
     split.run([&](int64_t n0, int64_t n1, int64_t worker) {
       cpu::IntArgs mine = args;
       mine.scratch = reinterpret_cast<uint32_t*>(scratch + worker * slot);
@@ -376,10 +352,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, Isa isa, Mode mode, bo
     auto* dot = reinterpret_cast<float*>(ws + act_bytes);
     prepare_tokens(xp, L, math, mode, /*plane=*/true, M, act, scale.data(), cst.data());
     const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, M, dot};
-    auto kernel = isa == Isa::kAvx512 ? cpu::float_plane_avx512
-                  : isa == Isa::kAvx2 ? cpu::float_plane_avx2
-                                      : cpu::float_plane_scalar;
-    split.run([&](int64_t n0, int64_t n1, int64_t) { kernel(args, n0, n1); });
+    split.run([&](int64_t n0, int64_t n1, int64_t) { set.float_gemv(args, n0, n1); });
     finish_tokens(dot, L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
   }
 }
@@ -393,21 +366,22 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
                       const std::string& mode_name, const std::string& algo) {
   const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias);
   check_input(x, L);
-  const Isa isa = parse_isa(isa_name_arg, "isa");
+  const KernelSet& set = parse_isa(isa_name_arg, "isa");
   const Mode mode = parse_mode(mode_name);
   TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
                     algo, "'");
-  const bool gemm_possible = mode == Mode::kInt && isa == Isa::kAvx512;
-  TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and isa 'avx512'");
+  const bool gemm_possible = mode == Mode::kInt && set.int_gemm != nullptr;
+  TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and an isa with a GEMM ('",
+                    set.name, "' has ", set.int_gemm ? "one" : "none", ")");
   const int64_t gemv_max =
       L.N * L.K4 <= cpu::kSmallLayerCodeBytes ? cpu::kGemvMaxTokensSmallLayer : cpu::kGemvMaxTokens;
   const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > gemv_max));
   auto y = torch::empty({x.size(0), L.N}, x.options());
   if (x.size(0) == 0) return y;
   switch (x.scalar_type()) {
-    case torch::kFloat: qlinear_impl<float>(x, L, isa, mode, gemm, y); break;
-    case torch::kBFloat16: qlinear_impl<c10::BFloat16>(x, L, isa, mode, gemm, y); break;
-    default: qlinear_impl<c10::Half>(x, L, isa, mode, gemm, y); break;
+    case torch::kFloat: qlinear_impl<float>(x, L, set, mode, gemm, y); break;
+    case torch::kBFloat16: qlinear_impl<c10::BFloat16>(x, L, set, mode, gemm, y); break;
+    default: qlinear_impl<c10::Half>(x, L, set, mode, gemm, y); break;
   }
   return y;
 }
@@ -436,12 +410,15 @@ std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tens
 }
 
 void set_isa(const std::string& name) {
-  g_isa.store(name == "auto" ? -1 : static_cast<int>(parse_isa(name.empty() ? "auto" : name, "isa")));
+  g_isa.store(name.empty() || name == "auto" ? nullptr : &parse_isa(name, "isa"));
 }
-std::string get_isa() { return isa_name(parse_isa("", "isa")); }
+std::string get_isa() { return parse_isa("", "isa").name; }
 std::vector<std::string> supported_isas() {
+  int n;
+  const KernelSet* sets = cpu::kernel_sets(&n);
   std::vector<std::string> out;
-  for (int i = 0; i <= static_cast<int>(best_isa()); ++i) out.emplace_back(isa_name(static_cast<Isa>(i)));
+  for (int i = 0; i < n; ++i)
+    if (sets[i].supported()) out.emplace_back(sets[i].name);
   return out;
 }
 void set_mode(const std::string& name) { g_mode.store(static_cast<int>(parse_mode(name.empty() ? "int" : name))); }

@@ -7,9 +7,9 @@
 namespace pyquant {
 namespace cpu {
 
-// Two builds of each: baseline SSE2 (transform.cpp, any x86-64 CPU) and AVX-512
-// (transform_avx512.cpp, used with the AVX-512 kernels). Both do the same IEEE operations in the
-// same order per element, so they give the same bits.
+// Two builds of each: portable C++ (transform.cpp, any CPU) and AVX-512 (transform_avx512.cpp,
+// x86-64 only, used with the AVX-512 kernels). Both do the same IEEE operations in the same order
+// per element, so they give the same bits. A kernel set (kernel_table.h) names the build it uses.
 
 // In place: the unnormalized Walsh-Hadamard transform of every block of h elements of x[0, n)
 // (h a power of two dividing n; h <= 1 does nothing).
@@ -52,6 +52,19 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
 
 // (shared helper) the constant from the four component sums, and amax with non-finite tokens
 double finish_constant(const double* sums, const float* b, float mx, float* amax);
+
+// One build of the per-token math, as the driver (qlinear.cpp) calls it.
+struct TransformOps {
+  void (*scale_f32)(const float* x, const float* su, int64_t K, float* xt);
+  void (*scale_bf16)(const uint16_t* x_bf16, const float* su, int64_t K, float* xt);
+  double (*transform)(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax);
+  double (*encode_int)(float* xt, float amax, int64_t G, bool plane, int8_t* dst);
+  void (*dequant_i32)(const int32_t* d, int64_t N, float a, float c, float* row);
+  void (*dequant_f32)(const float* d, int64_t N, float a, float c, float* row);
+  void (*output_transform)(float* row, int64_t N, int64_t had, const float* sv, const float* bias);
+};
+extern const TransformOps kPortableMath;  // transform.cpp
+extern const TransformOps kAvx512Math;    // transform_avx512.cpp (x86-64 builds only)
 
 namespace avx512 {
 void fwht(float* x, int64_t n, int64_t h);

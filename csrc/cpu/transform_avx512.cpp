@@ -213,6 +213,11 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
 }
 
 }  // namespace avx512
+
+const TransformOps kAvx512Math = {avx512::scale_input, avx512::scale_input, avx512::transform_activations,
+                                  avx512::encode_int, avx512::dequant_row, avx512::dequant_row,
+                                  avx512::output_transform};
+
 }  // namespace cpu
 }  // namespace pyquant
 

@@ -1,14 +1,15 @@
 """The C++ CPU backend: ``torch.ops.pyquant.linear`` (csrc/cpu).
 
-The kernels pick the widest instruction set the CPU has at run time (AVX-512 with VNNI, AVX2, or
-portable C++) and thread with torch's thread pool. Activations are transformed once per token and
+The kernels pick the widest instruction set the CPU has at run time (AVX-512 with VNNI or AVX2 on
+x86-64, NEON on AArch64, portable C++ everywhere; ``_C.supported_isas()`` lists them) and thread
+with torch's thread pool. Activations are transformed once per token and
 rounded to 16-bit fixed point (two int8 halves), so the weight product is an exact integer dot
 product of the 2-bit levels (relative error about 1e-5 against fp32, bit-identical on every ISA).
 The op takes the stored tensors as they are (fp16 ``su`` / ``sv`` are widened inside the call),
 so this backend keeps no state; its gradient is the formula in :mod:`pyquant.ops`.
 
 Environment overrides, read when this module is imported:
-``PYQUANT_CPU_ISA=scalar|avx2|avx512`` forces an instruction set (for tests and comparisons),
+``PYQUANT_CPU_ISA=scalar|avx2|avx512|neon`` forces an instruction set (for tests and comparisons),
 ``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison).
 """
 from __future__ import annotations

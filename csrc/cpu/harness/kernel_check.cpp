@@ -1,0 +1,224 @@
+// Standalone check of the CPU kernels, no torch: every kernel set of this build that the CPU runs
+// (kernel_table.h) against the portable one, on random layers. Int mode must give the same exact
+// integers (and the portable kernel the integers of a naive loop over the unpacked levels); float
+// mode must agree within 1e-5 of sum |z * x|; every build of the per-token math must give the
+// portable build's bits. Built and run by scripts/check_portable.sh, natively and, cross-compiled,
+// under qemu-aarch64. Exit code 0 when everything agrees.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernel_api.h"
+#include "kernel_table.h"
+#include "transform.h"
+
+using namespace pyquant::cpu;
+
+namespace {
+
+int g_failures = 0;
+
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    if (!(cond)) {                               \
+      ++g_failures;                              \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                  \
+      std::printf("\n");                         \
+    }                                            \
+  } while (0)
+
+struct Aligned {  // 64-byte aligned, zeroed bytes
+  explicit Aligned(size_t bytes) : p(static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64))) {
+    std::memset(p, 0, (bytes + 63) / 64 * 64 + 64);
+  }
+  ~Aligned() { std::free(p); }
+  Aligned(const Aligned&) = delete;
+  uint8_t* p;
+};
+
+struct Case {
+  int64_t N, K, M, had;
+};
+
+// The per-token math of `ops` on x [M, K]: encoded activations and per-token scales.
+void prepare(const TransformOps& ops, const std::vector<float>& x, const std::vector<float>& su, const float* A,
+             const float* b, const Case& c, int64_t G, bool plane, int8_t* act, std::vector<double>& scale,
+             std::vector<double>& cst) {
+  std::vector<float> xt(G * kGroupElems);
+  for (int64_t m = 0; m < c.M; ++m) {
+    std::fill(xt.begin(), xt.end(), 0.f);
+    float amax;
+    ops.scale_f32(x.data() + m * c.K, su.data(), c.K, xt.data());
+    cst[m] = ops.transform(xt.data(), c.K, c.had, A, b, &amax);
+    scale[m] = ops.encode_int(xt.data(), amax, G, plane, act + m * G * 512);
+  }
+}
+
+void run_case(const Case& c, std::mt19937& rng) {
+  const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
+  // Inputs from the raw integer stream (mt19937 is specified bit for bit), converted exactly: the
+  // standard distributions' floats depend on the libm and on FMA contraction, which differ
+  // between architectures, and the digests must compare like with like.
+  const auto uniform = [&rng](float lo, float hi) { return lo + (hi - lo) * static_cast<float>(rng() >> 8) * 0x1p-24f; };
+  std::vector<uint8_t> codes(c.N * K4);
+  for (auto& v : codes) v = static_cast<uint8_t>(rng() >> 24);
+  std::vector<float> x(c.M * c.K), su(c.K);
+  for (auto& v : x) v = uniform(-2.f, 2.f);
+  for (auto& v : su) v = uniform(0.5f, 2.f);
+  float A[16], b[4];
+  for (auto& v : A) v = uniform(-1.f, 1.f);
+  for (auto& v : b) v = uniform(-1.f, 1.f);
+
+  int n_sets;
+  const KernelSet* sets = kernel_sets(&n_sets);
+  const KernelSet& portable = sets[0];
+  const bool narrow = c.K <= kInt32MaxK;
+
+  // Portable reference: plane-layout activations, int and float dot products.
+  Aligned act(c.M * G * 512), actf(c.M * G * kGroupElems * 4);
+  std::vector<double> scale(c.M), cst(c.M);
+  prepare(*portable.math, x, su, A, b, c, G, true, reinterpret_cast<int8_t*>(act.p), scale, cst);
+  std::vector<int64_t> want(c.M * c.N);
+  {
+    std::vector<int32_t> o32(c.M * c.N);
+    IntArgs a{codes.data(), c.N, K4, G, reinterpret_cast<int8_t*>(act.p), G * 512, c.M,
+              narrow ? o32.data() : nullptr, narrow ? nullptr : want.data(), nullptr};
+    portable.int_gemv(a, 0, c.N);
+    if (narrow)
+      for (size_t i = 0; i < o32.size(); ++i) want[i] = o32[i];
+  }
+  // ... which must be the naive sum over the unpacked levels of z * (256 hi + lo).
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; n += 7) {
+      int64_t v = 0;
+      const int8_t* t = reinterpret_cast<int8_t*>(act.p) + m * G * 512;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const int64_t j = k / 4, i = k % 4, g = j / kGroupCodes, p = j % kGroupCodes;
+        const int z = (codes[n * K4 + j] >> (6 - 2 * i)) & 3;
+        v += z * (256 * t[g * 512 + i * 64 + p] + t[g * 512 + 256 + i * 64 + p]);
+      }
+      CHECK(v == want[m * c.N + n], "portable int kernel vs naive sum: N=%lld K=%lld m=%lld n=%lld",
+            (long long)c.N, (long long)c.K, (long long)m, (long long)n);
+    }
+  // What int mode promises to be the same on every CPU, x86-64 and AArch64 alike: the encoded
+  // activations, the per-token scales and constants, and the dot products. scripts/check_portable.sh
+  // compares this line of a native run with that of the AArch64 build under qemu.
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  const auto mix = [&h](const void* p, size_t n) {
+    for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 1099511628211ull;
+  };
+  mix(act.p, c.M * G * 512);
+  mix(scale.data(), 8 * c.M);
+  mix(cst.data(), 8 * c.M);
+  mix(want.data(), 8 * want.size());
+  std::printf("digest %016llx\n", (unsigned long long)h);
+
+  std::vector<float> xtf(G * kGroupElems), wantf(c.M * c.N), bound(c.M * c.N, 0.f);
+  for (int64_t m = 0; m < c.M; ++m) {
+    std::fill(xtf.begin(), xtf.end(), 0.f);
+    float amax;
+    portable.math->scale_f32(x.data() + m * c.K, su.data(), c.K, xtf.data());
+    portable.math->transform(xtf.data(), c.K, c.had, A, b, &amax);
+    encode_float(xtf.data(), G, reinterpret_cast<float*>(actf.p) + m * G * kGroupElems);
+    for (int64_t n = 0; n < c.N; ++n)
+      for (int64_t k = 0; k < c.K; ++k)
+        bound[m * c.N + n] += 3.f * std::fabs(xtf[k]);
+  }
+  FloatArgs fa{codes.data(), c.N, K4, G, reinterpret_cast<float*>(actf.p), c.M, wantf.data()};
+  portable.float_gemv(fa, 0, c.N);
+
+  for (int s = 1; s < n_sets; ++s) {
+    const KernelSet& set = sets[s];
+    if (!set.supported()) {
+      std::printf("  (%s: not supported by this CPU, skipped)\n", set.name);
+      continue;
+    }
+    // Its per-token math: the same bytes and scales as the portable build's.
+    Aligned act2(c.M * G * 512);
+    std::vector<double> scale2(c.M), cst2(c.M);
+    prepare(*set.math, x, su, A, b, c, G, true, reinterpret_cast<int8_t*>(act2.p), scale2, cst2);
+    CHECK(std::memcmp(act.p, act2.p, c.M * G * 512) == 0 && scale == scale2 && cst == cst2,
+          "%s per-token math differs from the portable build's (N=%lld K=%lld)", set.name, (long long)c.N,
+          (long long)c.K);
+    std::vector<float> row(c.N), row2(c.N), sv(c.N, 0.75f), bias(c.N, 0.25f);
+    std::vector<int32_t> d(c.N);
+    for (int64_t n = 0; n < c.N; ++n) d[n] = static_cast<int32_t>(want[n] % 100000);
+    portable.math->dequant_i32(d.data(), c.N, 1e-3f, 0.5f, row.data());
+    set.math->dequant_i32(d.data(), c.N, 1e-3f, 0.5f, row2.data());
+    const int64_t had_out = (c.N & (c.N - 1)) == 0 ? c.N : 1;
+    portable.math->output_transform(row.data(), c.N, had_out, sv.data(), bias.data());
+    set.math->output_transform(row2.data(), c.N, had_out, sv.data(), bias.data());
+    CHECK(std::memcmp(row.data(), row2.data(), 4 * c.N) == 0, "%s output transform differs (N=%lld)", set.name,
+          (long long)c.N);
+
+    // Int GEMV over two row ranges (the driver's tiles start at multiples of kRowTile).
+    std::vector<int32_t> o32(c.M * c.N, -1);
+    std::vector<int64_t> o64(c.M * c.N, -1);
+    IntArgs a{codes.data(), c.N, K4, G, reinterpret_cast<int8_t*>(act.p), G * 512, c.M,
+              narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+    const int64_t cut = c.N > kRowTile ? kRowTile : c.N;
+    set.int_gemv(a, 0, cut);
+    set.int_gemv(a, cut, c.N);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < c.M * c.N; ++i) bad += (narrow ? o32[i] : o64[i]) != want[i];
+    CHECK(bad == 0, "%s int GEMV: %lld of %lld outputs differ (N=%lld K=%lld M=%lld)", set.name, (long long)bad,
+          (long long)(c.M * c.N), (long long)c.N, (long long)c.K, (long long)c.M);
+
+    if (set.int_gemm) {  // natural layout
+      Aligned nat(c.M * G * 512), scratch(gemm_scratch_bytes(K4));
+      prepare(*set.math, x, su, A, b, c, G, false, reinterpret_cast<int8_t*>(nat.p), scale2, cst2);
+      std::fill(o32.begin(), o32.end(), -1);
+      std::fill(o64.begin(), o64.end(), -1);
+      IntArgs g{codes.data(), c.N, K4, G, reinterpret_cast<int8_t*>(nat.p), G * 512, c.M,
+                narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), reinterpret_cast<uint32_t*>(scratch.p)};
+      set.int_gemm(g, 0, cut);
+      set.int_gemm(g, cut, c.N);
+      bad = 0;
+      for (int64_t i = 0; i < c.M * c.N; ++i) bad += (narrow ? o32[i] : o64[i]) != want[i];
+      CHECK(bad == 0, "%s int GEMM: %lld of %lld outputs differ (N=%lld K=%lld M=%lld)", set.name, (long long)bad,
+            (long long)(c.M * c.N), (long long)c.N, (long long)c.K, (long long)c.M);
+    }
+
+    std::vector<float> of(c.M * c.N, NAN);
+    FloatArgs f{codes.data(), c.N, K4, G, reinterpret_cast<float*>(actf.p), c.M, of.data()};
+    set.float_gemv(f, 0, cut);
+    set.float_gemv(f, cut, c.N);
+    double worst = 0;
+    for (int64_t i = 0; i < c.M * c.N; ++i) {
+      const double err = std::fabs(static_cast<double>(of[i]) - wantf[i]) / (bound[i] + 1e-30);
+      worst = std::isnan(err) ? INFINITY : (err > worst ? err : worst);
+    }
+    CHECK(worst <= 1e-5, "%s float GEMV: error %.3g of sum |z x| (N=%lld K=%lld M=%lld)", set.name, worst,
+          (long long)c.N, (long long)c.K, (long long)c.M);
+  }
+}
+
+}  // namespace
+
+int main() {
+  int n_sets;
+  const KernelSet* sets = kernel_sets(&n_sets);
+  std::printf("kernel sets in this build:");
+  for (int s = 0; s < n_sets; ++s) std::printf(" %s%s", sets[s].name, sets[s].supported() ? "" : " (unsupported)");
+  std::printf("; best: %s\n", best_kernel_set().name);
+  std::mt19937 rng(0);
+  // Partial last groups (K4 % 64 != 0), rows that are not a multiple of the row blocks, one and
+  // several tokens, Hadamard on and off, and a K above kInt32MaxK (int64 outputs).
+  const Case cases[] = {{37, 384, 1, 128},  {64, 256, 3, 0},   {67, 1536, 5, 512}, {45, 100, 2, 4},
+                        {96, 4096, 40, 128}, {33, 22016, 2, 256}, {130, 1028, 33, 4}};
+  for (const auto& c : cases) {
+    std::printf("N=%lld K=%lld M=%lld had=%lld\n", (long long)c.N, (long long)c.K, (long long)c.M, (long long)c.had);
+    run_case(c, rng);
+  }
+  if (g_failures) {
+    std::printf("%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("all kernel sets agree with the portable kernels\n");
+  return 0;
+}

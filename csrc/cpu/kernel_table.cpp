@@ -1,0 +1,62 @@
+// The kernel table (kernel_table.h): which kernel sets this build compiled, and which this CPU runs.
+#include "kernel_table.h"
+
+#include <cstring>
+
+namespace pyquant {
+namespace cpu {
+namespace {
+
+bool always() { return true; }
+
+#if defined(__x86_64__)
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+const KernelSet kSets[] = {
+    {"scalar", always, int_plane_scalar, nullptr, float_plane_scalar, &kPortableMath},
+#if defined(__x86_64__)
+    {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kPortableMath},
+    {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
+#endif
+#if defined(__aarch64__)
+    // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.
+    {"neon", always, int_plane_neon, nullptr, float_plane_neon, &kPortableMath},
+#endif
+};
+constexpr int kNumSets = sizeof(kSets) / sizeof(kSets[0]);
+
+}  // namespace
+
+const KernelSet* kernel_sets(int* count) {
+  *count = kNumSets;
+  return kSets;
+}
+
+const KernelSet& best_kernel_set() {
+  static const KernelSet* best = [] {
+    const KernelSet* b = &kSets[0];
+    for (const auto& s : kSets)
+      if (s.supported()) b = &s;
+    return b;
+  }();
+  return *best;
+}
+
+const KernelSet* find_kernel_set(const char* name) {
+  for (const auto& s : kSets)
+    if (std::strcmp(s.name, name) == 0) return &s;
+  return nullptr;
+}
+
+}  // namespace cpu
+}  // namespace pyquant

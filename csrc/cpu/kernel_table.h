@@ -1,0 +1,35 @@
+// The kernel sets this build holds, one row per instruction set: a new one is its kernel file
+// (kernels_<isa>.cpp, implementing kernel_api.h), its row in kernel_table.cpp and its file in
+// setup.py's per-architecture list. Plain C++ (no torch): the standalone harness
+// (csrc/cpu/harness/kernel_check.cpp) runs every row against the portable one.
+#pragma once
+
+#include "kernel_api.h"
+#include "transform.h"
+
+namespace pyquant {
+namespace cpu {
+
+using IntKernel = void (*)(const IntArgs&, int64_t n0, int64_t n1);
+using FloatKernel = void (*)(const FloatArgs&, int64_t n0, int64_t n1);
+
+struct KernelSet {
+  const char* name;           // what set_isa / PYQUANT_CPU_ISA take
+  bool (*supported)();        // whether this CPU runs it (checked at run time)
+  IntKernel int_gemv;         // plane layout, any number of tokens
+  IntKernel int_gemm;         // natural layout, for many tokens (kGemvMaxTokens); null: the GEMV for all
+  FloatKernel float_gemv;     // plane layout
+  const TransformOps* math;   // the per-token math it runs with (every build gives the same bits)
+};
+
+// This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.
+const KernelSet* kernel_sets(int* count);
+
+// The last (fastest) set this CPU supports.
+const KernelSet& best_kernel_set();
+
+// The set called `name` if this build has it, else null.
+const KernelSet* find_kernel_set(const char* name);
+
+}  // namespace cpu
+}  // namespace pyquant
