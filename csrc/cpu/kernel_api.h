@@ -89,6 +89,16 @@ constexpr int64_t kGemvMaxTokens = 32;
 constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
 constexpr int64_t kGemvMaxTokensSmallLayer = 8;
 
+// The code bytes of group g of a row for kernels that load whole groups; a partial last group is
+// copied into zero-padded `tmp` (64 bytes): reading past the row could leave the tensor, and AVX2
+// and NEON have no masked byte loads. (Plain C++: compiled for the baseline in every file.)
+inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
+  const int64_t left = K4 - g * kGroupCodes;
+  if (left >= kGroupCodes) return row + g * kGroupCodes;
+  for (int64_t i = 0; i < kGroupCodes; ++i) tmp[i] = i < left ? row[g * kGroupCodes + i] : 0;
+  return tmp;
+}
+
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);
 

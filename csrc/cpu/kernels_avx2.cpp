@@ -16,15 +16,6 @@ namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// The code bytes of group g of a row; a partial last group is copied into zero-padded `tmp`
-// (AVX2 has no masked byte loads, and reading past the row could leave the tensor).
-inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
-  const int64_t left = K4 - g * kGroupCodes;
-  if (left >= kGroupCodes) return row + g * kGroupCodes;
-  for (int64_t i = 0; i < kGroupCodes; ++i) tmp[i] = i < left ? row[g * kGroupCodes + i] : 0;
-  return tmp;
-}
-
 template <int R, int MT>
 void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
   const __m256i three = _mm256_set1_epi8(3);

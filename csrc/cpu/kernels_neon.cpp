@@ -17,15 +17,6 @@ constexpr int kRows = 4;  // rows per block: each group of activations is loaded
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// The code bytes of group g of a row; a partial last group is copied into zero-padded `tmp`
-// (reading past the row could leave the tensor).
-inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
-  const int64_t left = K4 - g * kGroupCodes;
-  if (left >= kGroupCodes) return row + g * kGroupCodes;
-  for (int64_t i = 0; i < kGroupCodes; ++i) tmp[i] = i < left ? row[g * kGroupCodes + i] : 0;
-  return tmp;
-}
-
 // The four 2-bit fields of 16 code bytes as int8 levels 0..3 (z0 in the two high bits).
 inline void levels(uint8x16_t c, int8x16_t z[4]) {
   const uint8x16_t three = vdupq_n_u8(3);
