@@ -1,39 +1,46 @@
-"""Quantization-vector patching and DAQ on real text tasks: ``python benchmarks/patching_experiment.py``.
+"""Quantization-vector patching and DAQ on real text tasks, under qat-transfer's text protocol:
+``python benchmarks/patching_experiment.py``.
 
-Setting. The bundled MiniLM (all-MiniLM-L6-v2) with a small linear head on
-mean-pooled tokens, on text-classification tasks built from real sentences
-(the standard library's docstrings, :func:`pyquant.sentences.labelled_sentences`):
-"which family of modules does this sentence document". Quantization is RTN
-per-output-channel absmax at ``--bits`` (default 3: levels -3..3) on every
-``nn.Linear`` of the encoder; the head stays in full precision.
+Setting. The bundled MiniLM (all-MiniLM-L6-v2) with a linear head on mean-pooled
+tokens. Tasks: six labelings of one pool of real sentences (the standard
+library's docstrings, :func:`pyquant.sentences.labelled_sentences`) by the
+module each sentence documents: two topical groupings of the modules and four
+seeded random ones (2 to 5 classes, balanced by sentence count). One split of
+the pool serves every task (55/20/25 train/val/test), so no donor ever trains
+on a receiver's test sentences; every test split holds >= 400 sentences.
 
-To fit a 2-core machine, fine-tuning and QAT train only the last
-``--train-layers`` transformer layers (default 6, all of them) plus the head; the layers
-below stay pre-trained (and, under quantization, quantized), so their outputs
-are computed once per weight set and cached. Every model is still evaluated
-end to end: the cache is keyed by the exact prefix tensors (``torch.equal``).
+Protocol (dansolombrino/qat-transfer, text): full fine-tuning of the whole
+model, head and embeddings included; AdamW lr 1e-5, weight decay 0.1, linear
+warm-up (10 % of the steps) then cosine, gradient clipping 1.0, 5 epochs, batch
+32, max length 128; QAT is the same run (same seed, data order and dropout
+masks) with straight-through per-channel RTN fake quantization of every encoder
+``nn.Linear``; PTQ is RTN per-output-channel absmax of those layers (the head
+stays in full precision), at 3 and 2 bits. The vector ``tau_q = QAT - FT`` is
+every floating backbone tensor (LayerNorms, embeddings, biases), no head
+(:func:`pyquant.patching.backbone_names`); lam is searched on the receiver's
+validation split over the reference grid, ties to the smallest.
 
-Per task: FT (plain fine-tuning) and QAT (the same run, same seed and data
-order, with straight-through fake quantization). For every ordered pair
-donor -> receiver: receiver accuracy in full precision, after PTQ unpatched,
-patched with ``tau_q(donor)`` at lam = 1, patched at the lam chosen on the
-receiver's validation split, and the receiver's own QAT (the ceiling).
+For every ordered pair donor -> receiver and bit-width: receiver test accuracy
+after PTQ unpatched, patched with ``tau_q(donor)`` at lam = 1 and at the
+searched lam, and the receiver's own QAT (the ceiling). Summaries give the mean,
+median and share of pairs improved with bootstrap 95 % intervals (resampling
+the pairs). Patch -> UniSVQ: the receiver, unpatched and patched with the
+donor's 2-bit vector at lam = 1, quantized by UniSVQ (2.065 bits/weight,
+calibrated on the receiver's training sentences).
 
 DAQ: base = the pre-trained backbone, post = each fine-tuned backbone; absmax
-scales vs DAQ scales on the same grid: sign-preservation rate, delta cosine and
-weight MSE over the encoder's Linear weights, task accuracy, and the base
-model's own behaviour (cosine of the quantized post-model's sentence
-embeddings to the pre-trained model's, on sentences outside every task's
-training split).
+scales vs DAQ scales on the same grid: sign-preservation rate, delta cosine,
+weight MSE, task accuracy, and the cosine of the sentence embeddings to the
+pre-trained model's on test sentences.
 
-Fine-tuned models are cached under ``--cache-dir``; tables go to
+Trained models are cached under ``--cache-dir``; tables go to
 ``benchmarks/results/patching.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import contextlib
 import hashlib
 import json
 import os
@@ -50,179 +57,147 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyquant import patching
-from pyquant.evaluation import load_minilm
+from pyquant.evaluation import encoder_filter, load_minilm
 from pyquant.fakequant import DequantLinear, fake_quantize_rows
 from pyquant.nn import quantize_model
 from pyquant.quantizers.daq import DAQConfig, delta_metrics
+from pyquant.quantizers.unisvq import UniSVQConfig
 from pyquant.sentences import labelled_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_TOKENS = 32
 
-# task -> class -> standard-library modules whose docstring sentences make up the class
-TASKS: dict[str, dict[str, list[str]]] = {
-    "family": {
-        "concurrency": ["asyncio", "threading", "subprocess", "concurrent.futures", "sched", "queue"],
-        "files": ["shutil", "io", "os", "tempfile", "pathlib", "glob", "fnmatch", "filecmp"],
-        "network": ["urllib.request", "socket", "smtplib", "ftplib", "imaplib", "http.client", "poplib"],
-        "debugging": ["doctest", "pdb", "traceback", "unittest", "timeit", "tracemalloc"],
-        "text": ["difflib", "codecs", "re", "textwrap", "locale", "gettext", "shlex"],
-        "cli-config": ["configparser", "argparse", "optparse", "cmd", "getopt", "logging"],
-    },
-    "concurrency": {
-        "asyncio": ["asyncio"],
-        "threads": ["threading", "concurrent.futures", "queue", "sched"],
-        "processes": ["subprocess", "signal", "selectors", "multiprocessing"],
-    },
-    "types-vs-introspection": {
-        "types": ["typing", "dataclasses", "abc", "enum", "numbers", "functools", "weakref"],
-        "introspection": ["inspect", "ast", "dis", "tokenize", "importlib", "zipimport"],
-    },
-    "testing-tools": {
-        "testing": ["doctest", "unittest"],
-        "debugging": ["pdb", "traceback", "tracemalloc", "warnings"],
-        "docs-timing": ["pydoc", "timeit", "trace"],
-    },
-    "internet": {
-        "web": ["urllib.request", "http.client", "mimetypes"],
-        "mail": ["smtplib", "imaplib", "poplib", "email", "mailbox"],
-        "sockets-ftp": ["socket", "ftplib"],
-    },
-    "archives-vs-files": {
-        "archives": ["lzma", "bz2", "gzip", "zipfile", "tarfile", "zlib"],
-        "filesystem": ["shutil", "os", "pathlib", "tempfile", "glob", "fnmatch", "filecmp", "stat"],
-    },
-    "text-kinds": {
-        "diff": ["difflib"],
-        "encodings": ["codecs", "base64", "binascii"],
-        "patterns": ["re", "textwrap", "string", "shlex"],
-        "locale": ["locale", "gettext", "calendar"],
-    },
-    "config-cli": {
-        "config": ["configparser"],
-        "cli": ["argparse", "optparse", "getopt", "cmd"],
-        "logging": ["logging"],
-    },
+# two topical groupings of the modules; every module of the pool belongs to one class of each
+TOPICS: dict[str, list[str]] = {
+    "concurrency": ["asyncio", "threading", "subprocess", "concurrent.futures", "sched", "queue", "selectors",
+                    "signal", "multiprocessing", "mmap"],
+    "files-archives": ["shutil", "io", "os", "tempfile", "pathlib", "glob", "fnmatch", "filecmp", "stat", "lzma",
+                       "bz2", "gzip", "zipfile", "tarfile", "zlib", "csv", "plistlib", "netrc", "sqlite3", "wave"],
+    "network-mail": ["urllib.request", "socket", "smtplib", "ftplib", "imaplib", "http.client", "poplib", "email",
+                     "mailbox", "mimetypes", "html.parser", "xml.dom.minidom", "xml.etree.ElementTree"],
+    "debug-test": ["doctest", "pdb", "traceback", "unittest", "timeit", "tracemalloc", "trace", "pydoc",
+                   "warnings", "gc"],
+    "text": ["difflib", "codecs", "re", "textwrap", "locale", "gettext", "shlex", "string", "base64", "binascii",
+             "json", "pickle", "struct", "pprint", "calendar", "time", "datetime"],
+    "language": ["typing", "inspect", "ast", "dis", "tokenize", "importlib", "zipimport", "keyword", "dataclasses",
+                 "abc", "enum", "functools", "weakref", "contextlib", "copy", "operator", "collections",
+                 "itertools", "ctypes", "array"],
+    "numbers-crypto": ["statistics", "fractions", "decimal", "math", "cmath", "numbers", "random", "heapq",
+                       "bisect", "uuid", "hashlib", "hmac", "secrets", "colorsys"],
+    "config-platform": ["configparser", "argparse", "optparse", "getopt", "cmd", "logging", "platform",
+                        "sysconfig", "site", "venv"],
 }
+IO_CLASSES = ("concurrency", "files-archives", "network-mail")  # "io-vs-compute": these vs the rest
 
 
-# six tasks by default: 30 ordered pairs; the other two are there for longer runs
-DEFAULT_TASKS = ["family", "concurrency", "types-vs-introspection", "testing-tools", "text-kinds", "config-cli"]
-
-
-# ---------------------------------------------------------------- data
 @dataclass
 class Task:
     name: str
     classes: list[str]
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # split -> (sentence ids, labels)
+    labels: torch.Tensor  # [n_sentences], one label per sentence of the pool
+    splits: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> sentence ids (shared by all tasks)
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.splits[name]
+        return ids, self.labels[ids]
 
 
-def build_tasks(names: list[str], sentences: list[str], modules: list[str], per_class: int, seed: int) -> list[Task]:
-    """Balanced-ish classes (at most ``per_class`` sentences each), split 55/20/25
-    into train/val/test per class, deterministically."""
+def _random_grouping(modules: list[str], k: int, seed: int) -> dict[str, int]:
+    """Modules in a seeded random order, each put in the class with the fewest sentences so far."""
+    counts: dict[str, int] = {}
+    for m in modules:
+        counts[m] = counts.get(m, 0) + 1
+    order = sorted(counts)
+    random.Random(f"grouping-{k}-{seed}").shuffle(order)
+    order.sort(key=lambda m: -counts[m])  # stable: the biggest first, ties in the random order
+    sizes, out = [0] * k, {}
+    for m in order:
+        c = min(range(k), key=lambda j: (sizes[j], j))
+        out[m], sizes[c] = c, sizes[c] + counts[m]
+    return out
+
+
+TASK_NAMES = ("topic", "io-vs-compute", "random-2", "random-3", "random-4", "random-5")
+
+
+def build_tasks(names: list[str], modules: list[str], seed: int) -> list[Task]:
+    """Every task labels every sentence; one seeded 55/20/25 split for all of them."""
+    topic_of = {m: t for t, mods in TOPICS.items() for m in mods}
+    missing = sorted(set(modules) - set(topic_of))
+    if missing:
+        raise ValueError(f"modules without a topic: {missing}")
+    ids = list(range(len(modules)))
+    random.Random(f"split-{seed}").shuffle(ids)
+    n_tr, n_va = int(0.55 * len(ids)), int(0.20 * len(ids))
+    splits = {"train": sorted(ids[:n_tr]), "val": sorted(ids[n_tr:n_tr + n_va]), "test": sorted(ids[n_tr + n_va:])}
     tasks = []
     for name in names:
-        spec = TASKS[name]
-        t = Task(name, list(spec))
-        parts = {"train": [], "val": [], "test": []}
-        for label, (cls, mods) in enumerate(spec.items()):
-            ids = [i for i, m in enumerate(modules) if m in mods]
-            random.Random(f"{seed}-{name}-{cls}").shuffle(ids)
-            ids = ids[:per_class]
-            n_tr, n_va = int(0.55 * len(ids)), int(0.2 * len(ids))
-            for split, chunk in (("train", ids[:n_tr]), ("val", ids[n_tr:n_tr + n_va]), ("test", ids[n_tr + n_va:])):
-                parts[split] += [(i, label) for i in chunk]
-        for split, pairs in parts.items():
-            pairs.sort()
-            t.splits[split] = (torch.tensor([i for i, _ in pairs]), torch.tensor([y for _, y in pairs]))
-        tasks.append(t)
+        if name == "topic":
+            classes = list(TOPICS)
+            label = {m: classes.index(t) for m, t in topic_of.items()}
+        elif name == "io-vs-compute":
+            classes = ["io", "compute"]
+            label = {m: 0 if t in IO_CLASSES else 1 for m, t in topic_of.items()}
+        elif name.startswith("random-"):
+            k = int(name.split("-")[1])
+            classes = [f"group-{j}" for j in range(k)]
+            label = _random_grouping(modules, k, seed)
+        else:
+            raise ValueError(f"unknown task {name!r}; known: {TASK_NAMES}")
+        labels = torch.tensor([label[m] for m in modules])
+        tasks.append(Task(name, classes, labels, {k: torch.tensor(v) for k, v in splits.items()}))
     return tasks
 
 
 # ---------------------------------------------------------------- model pieces
-class PrefixCache:
-    """Hidden states after the frozen prefix (embeddings + the first ``split`` layers)
-    for every sentence, one entry per distinct set of prefix tensors."""
-
-    def __init__(self, tokens: dict, split: int, batch_size: int = 64):
-        self.ids, self.mask, self.split, self.batch_size = tokens["input_ids"], tokens["attention_mask"], split, batch_size
-        self.lengths = self.mask.sum(1)
-        self.entries: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self.computed = 0
-
-    def _prefix_tensors(self, bert) -> list[torch.Tensor]:
-        mods = [bert.embeddings, *bert.encoder.layer[: self.split]]
-        return [t.detach() for m in mods for t in m.state_dict().values()]
-
-    @torch.no_grad()  # not inference_mode: training reads these tensors under autograd
-    def hidden(self, bert) -> torch.Tensor:
-        """``[n_sentences, MAX_TOKENS, hidden]`` (zero past each sentence's end)."""
-        key = self._prefix_tensors(bert)
-        for ref, h in self.entries:
-            if len(ref) == len(key) and all(torch.equal(a, b) for a, b in zip(ref, key)):
-                return h
-        self.computed += 1
-        out = torch.zeros(*self.ids.shape, bert.config.hidden_size)
-        order = torch.argsort(self.lengths)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            L = int(self.lengths[idx].max())
-            ids, mask = self.ids[idx, :L], self.mask[idx, :L]
-            h = bert.embeddings(input_ids=ids)
-            ext = _extended_mask(bert, mask, h)
-            for layer in bert.encoder.layer[: self.split]:
-                h = _unwrap(layer(h, attention_mask=ext))
-            out[idx, :L] = h
-        self.entries.append(([t.clone() for t in key], out))
-        if len(self.entries) > 6:  # a few weight sets are reused (fp, PTQ, one per DAQ grid); bound the memory
-            self.entries.pop(0)
-        return out
-
-
-def _unwrap(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _extended_mask(bert, mask, h):
-    # the model's own mask construction (sdpa / eager alike)
-    return bert._create_attention_masks(attention_mask=mask, encoder_attention_mask=None, embedding_output=h,
-                                        encoder_hidden_states=None, past_key_values=None)[0]
-
-
 class TaskModel(nn.Module):
-    """``backbone`` (the whole BertModel, so state-dict names match the full
-    model) + linear ``head`` on mean-pooled tokens; runs the layers from
-    ``split`` on, on hidden states taken from a :class:`PrefixCache`."""
+    """``backbone`` (the whole BertModel, so state-dict names match the full model) +
+    linear ``head`` on mean-pooled tokens."""
 
-    def __init__(self, backbone, n_classes: int, split: int, cache: PrefixCache, seed: int):
+    def __init__(self, backbone, n_classes: int, seed: int):
         super().__init__()
-        self.backbone, self.split, self.cache = backbone, split, cache
+        self.backbone = backbone
         torch.manual_seed(seed)
         self.head = nn.Linear(backbone.config.hidden_size, n_classes)
 
-    def pooled(self, idx: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.cache.hidden(self.backbone) if hidden is None else hidden
-        L = int(self.cache.lengths[idx].max())
-        h, mask = hidden[idx, :L], self.cache.mask[idx, :L]
-        ext = _extended_mask(self.backbone, mask, h)
-        for layer in self.backbone.encoder.layer[self.split:]:
-            h = _unwrap(layer(h, attention_mask=ext))
-        m = mask.unsqueeze(-1).float()
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
-    def forward(self, idx: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.pooled(idx, hidden))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask))
+
+
+class Tokens:
+    """The pool tokenized once; ``batch(ids)`` trims the padding to the longest sentence of the batch."""
+
+    def __init__(self, tokenizer, sentences: list[str], max_length: int):
+        enc = tokenizer(sentences, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
+        self.lengths = self.mask.sum(1)
+
+    def batch(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        L = int(self.lengths[ids].max())
+        return {"input_ids": self.ids[ids, :L], "attention_mask": self.mask[ids, :L]}
+
+    def batches(self, ids: torch.Tensor, batch_size: int):
+        """Batches of ``ids`` sorted by length (for inference): ``(positions in ids, inputs)``."""
+        order = torch.argsort(self.lengths[ids], stable=True)
+        for s in range(0, len(order), batch_size):
+            o = order[s:s + batch_size]
+            yield o, self.batch(ids[o])
 
 
 class Batches:
-    """Training batches of sentence ids in the same order for every run with the same
-    seed; each batch holds sentences of similar length (less padding to compute)."""
+    """One epoch of training batches per iteration, in the same order for every run with the
+    same seed; each batch holds sentences of similar length (less padding to compute)."""
 
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, batch_size: int, seed: int,
-                 hidden: torch.Tensor):
-        self.ids, self.labels, self.lengths, self.batch_size, self.hidden = ids, labels, lengths, batch_size, hidden
+    def __init__(self, tokens: Tokens, ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+        self.tokens, self.ids, self.labels, self.batch_size = tokens, ids, labels, batch_size
         self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.ids) // self.batch_size
 
     def __iter__(self):
         perm = torch.randperm(len(self.ids), generator=self.gen)
@@ -230,11 +205,11 @@ class Batches:
         batches = []
         for s in range(0, len(perm), pool):  # sort by length within pools of 8 batches, then shuffle the batches
             chunk = perm[s:s + pool]
-            chunk = chunk[torch.argsort(self.lengths[self.ids[chunk]], stable=True)]
+            chunk = chunk[torch.argsort(self.tokens.lengths[self.ids[chunk]], stable=True)]
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
         for b in torch.randperm(len(batches), generator=self.gen).tolist():
             p = batches[b]
-            yield {"idx": self.ids[p], "hidden": self.hidden}, self.labels[p]
+            yield self.tokens.batch(self.ids[p]), self.labels[p]
 
 
 def encoder_linears(bert) -> dict[str, nn.Linear]:
@@ -258,158 +233,161 @@ def ptq(bert, bits: int):
 
 
 @torch.inference_mode()
-def accuracy(model: TaskModel, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
+def accuracy(model: TaskModel, tokens: Tokens, ids: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
-    hidden = model.cache.hidden(model.backbone)
-    order = torch.argsort(model.cache.lengths[ids])
     correct = 0
-    for s in range(0, len(order), batch_size):
-        o = order[s:s + batch_size]
-        correct += int((model(ids[o], hidden).argmax(-1) == labels[o]).sum())
+    for o, inputs in tokens.batches(ids, 128):
+        correct += int((model(**inputs).argmax(-1) == labels[o]).sum())
     return correct / len(ids)
 
 
-def trainable_state(model: TaskModel) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def train(base_bert, task: Task, tokens: Tokens, args, bits: int | None, cache_dir: Path) -> TaskModel:
+    """The FT (``bits=None``) or QAT model of ``task``, loaded from ``cache_dir`` when present."""
+    model = TaskModel(copy.deepcopy(base_bert), len(task.classes), seed=args.seed)
+    path = cache_dir / f"{task.name}-{'ft' if bits is None else f'qat{bits}'}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        state = load_file(str(path))
+        model.load_state_dict(state)
+        return model
+    t0 = time.perf_counter()
+    ids, labels = task.split("train")
+    data = Batches(tokens, ids, labels, args.batch_size, args.seed)
+    steps = args.epochs * len(data)
+    # quantize exactly the layers PTQ quantizes (the encoder's), never the head
+    keep = {f"backbone.{n}.weight" for n in encoder_linears(model.backbone)}.__contains__
+    losses = patching.finetune(model, data, steps=steps, lr=args.lr, weight_decay=args.weight_decay,
+                               warmup=max(1, round(args.warmup * steps)), bits=bits, quant_filter=keep,
+                               seed=args.seed, grad_clip=1.0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    print(f"  trained {task.name} {'FT' if bits is None else f'QAT {bits}-bit'}: {steps} steps, loss "
+          f"{statistics.mean(losses[:10]):.3f} -> {statistics.mean(losses[-10:]):.3f}, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return model
 
 
-def make_model(base_bert, task: Task, args, cache: PrefixCache) -> TaskModel:
-    bert = copy.deepcopy(base_bert)
-    for p in bert.parameters():
-        p.requires_grad_(False)
-    for layer in bert.encoder.layer[args.split:]:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    return TaskModel(bert, len(task.classes), args.split, cache, seed=args.seed)
-
-
-def train_pair(base_bert, task: Task, args, cache: PrefixCache, cache_dir: Path) -> dict[str, TaskModel]:
-    """The FT and QAT models of ``task`` (loaded from ``cache_dir`` when present)."""
-    out = {}
-    for kind in ("ft", "qat"):
-        model = make_model(base_bert, task, args, cache)
-        path = cache_dir / f"{task.name}-{kind}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-            missing = set(trainable_state(model)) ^ set(state)
-            if missing:
-                raise ValueError(f"cached model {path} does not match this configuration ({sorted(missing)[:3]})")
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for n, t in state.items():
-                    params[n].copy_(t)
-            out[kind] = model
-            continue
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            hidden = cache.hidden(model.backbone) if kind == "ft" else _quantized_hidden(model.backbone, args.bits, cache)
-        ids, labels = task.splits["train"]
-        data = Batches(ids, labels, cache.lengths, args.batch_size, args.seed, hidden)
-        # quantize exactly the layers PTQ quantizes (the encoder's), never the head
-        keep = {f"backbone.{n}.weight" for n in encoder_linears(model.backbone)}.__contains__
-        patching.finetune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                          warmup=args.warmup, bits=args.bits if kind == "qat" else None, quant_filter=keep,
-                          seed=args.seed)
-        from safetensors.torch import save_file
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in trainable_state(model).items()}, str(tmp))
-        os.replace(tmp, path)
-        print(f"  trained {task.name} {kind}: {time.perf_counter() - t0:.1f} s", flush=True)
-        out[kind] = model
+# ---------------------------------------------------------------- statistics
+def bootstrap(gains: list[float], n: int = 10000, seed: int = 0) -> dict:
+    """Mean, median and share improved of the gains, each with a 95 % percentile
+    interval from resampling the gains (the pairs) with replacement."""
+    g = torch.tensor(gains, dtype=torch.float64)
+    idx = torch.randint(len(g), (n, len(g)), generator=torch.Generator().manual_seed(seed))
+    sample = g[idx]
+    stats = {"mean": (g.mean(), sample.mean(1)), "median": (g.median(), sample.median(1).values),
+             "share_improved": ((g > 0).double().mean(), (sample > 0).double().mean(1))}
+    out = {"n": len(gains)}
+    for k, (point, dist) in stats.items():
+        lo, hi = torch.quantile(dist, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        scale = 1.0 if k == "share_improved" else 100.0  # gains in percentage points
+        out[k] = point.item() * scale
+        out[f"{k}_ci"] = [lo * scale, hi * scale]
     return out
 
 
-def _quantized_hidden(bert, bits: int, cache: PrefixCache) -> torch.Tensor:
-    with ptq(bert, bits):
-        return cache.hidden(bert)
+def _restored(model: nn.Module, names):
+    """Context: the named parameters of ``model`` are put back as they were on exit."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in names if n in params}
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    params[n].copy_(t)
+    return ctx()
 
 
-def export_for_cli(receiver: TaskModel, tokenizer, donor: dict, out: Path) -> dict:
-    """A fine-tuned receiver backbone as a Hugging Face directory and a donor's
-    quantization vector with the backbone's own names, for
-    ``python -m pyquant quantize <model> --vector <v> --lam 1.0``."""
-    model_dir, vec = out / "receiver-ft", out / "donor-qv.safetensors"
-    if not (model_dir / "config.json").is_file():
-        receiver.backbone.save_pretrained(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
-    if not vec.is_file():
-        v = patching.quantization_vector(donor["qat"], donor["ft"])
-        patching.save_vector(patching.rename(v, remove_prefix="backbone."), vec)
-    return {"model": str(model_dir), "vector": str(vec)}
-
-
-# ---------------------------------------------------------------- the experiment
-def summarize(gains: list[float]) -> dict:
-    return {"mean_pp": 100 * statistics.mean(gains), "median_pp": 100 * statistics.median(gains),
-            "share_improved": sum(g > 0 for g in gains) / len(gains), "n": len(gains)}
-
-
-def _ratio(pairs: list[dict], key: str) -> float | None:
-    qat_gain = statistics.mean(p["qat"] - p["ptq"] for p in pairs)
-    return statistics.mean(p[key] - p["ptq"] for p in pairs) / qat_gain if qat_gain > 0 else None
-
-
-def patching_experiment(tasks, models, args) -> dict:
+# ---------------------------------------------------------------- the experiments
+def patching_experiment(tasks, tokens, ft, qat, vectors, bits: int, lam_grid) -> dict:
     per_task, pairs = {}, []
-    vectors = {t.name: patching.quantization_vector(models[t.name]["qat"], models[t.name]["ft"]) for t in tasks}
     for t in tasks:
-        ft, qat = models[t.name]["ft"], models[t.name]["qat"]
-        test, val = t.splits["test"], t.splits["val"]
-        with ptq(ft.backbone, args.bits):
-            ptq_acc = accuracy(ft, *test)
-        with ptq(qat.backbone, args.bits):
-            ceiling = accuracy(qat, *test)
-        per_task[t.name] = {"classes": len(t.classes), "train": len(t.splits["train"][0]), "val": len(val[0]),
-                            "test": len(test[0]), "fp": accuracy(ft, *test), "ptq": ptq_acc, "qat": ceiling,
+        with ptq(ft[t.name].backbone, bits):
+            ptq_acc = accuracy(ft[t.name], tokens, *t.split("test"))
+        with ptq(qat[t.name].backbone, bits):
+            ceiling = accuracy(qat[t.name], tokens, *t.split("test"))
+        per_task[t.name] = {"classes": len(t.classes), **{f"n_{s}": len(t.splits[s]) for s in t.splits},
+                            "fp": accuracy(ft[t.name], tokens, *t.split("test")), "ptq": ptq_acc, "qat": ceiling,
                             "qv_norm": patching.vector_norm(vectors[t.name])}
-        print(f"  {t.name}: fp {per_task[t.name]['fp']:.3f}  ptq {ptq_acc:.3f}  qat {ceiling:.3f}", flush=True)
+        print(f"  {bits}-bit {t.name}: fp {per_task[t.name]['fp']:.3f}  ptq {ptq_acc:.3f}  qat {ceiling:.3f}",
+              flush=True)
     for r in tasks:
-        ft = models[r.name]["ft"]
-        test, val = r.splits["test"], r.splits["val"]
+        model = ft[r.name]
         for d in tasks:
             if d is r:
                 continue
-            def eval_fn(model):
-                with ptq(model.backbone, args.bits):
-                    return accuracy(model, *val)
+            v = vectors[d.name]
 
-            lam, val_scores = patching.search_lambda(ft, vectors[d.name], eval_fn, grid=args.lam_grid,
-                                                     return_scores=True)
+            def eval_fn(m):
+                with ptq(m.backbone, bits):
+                    return accuracy(m, tokens, *r.split("val"))
+
+            lam, val_scores = patching.search_lambda(model, v, eval_fn, grid=lam_grid, return_scores=True)
             test_by_lam = {}
             for x in sorted({1.0, lam}):
-                saved = {n: p.detach().clone() for n, p in ft.named_parameters() if n in vectors[d.name]}
-                patching.apply_vector(ft, vectors[d.name], x)
-                with ptq(ft.backbone, args.bits):
-                    test_by_lam[x] = accuracy(ft, *test)
-                with torch.no_grad():
-                    for n, p in ft.named_parameters():
-                        if n in saved:
-                            p.copy_(saved[n])
+                with _restored(model, v):
+                    patching.apply_vector(model, v, x)
+                    with ptq(model.backbone, bits):
+                        test_by_lam[x] = accuracy(model, tokens, *r.split("test"))
             row = {"donor": d.name, "receiver": r.name, "fp": per_task[r.name]["fp"], "ptq": per_task[r.name]["ptq"],
                    "lam1": test_by_lam[1.0], "lam_searched": lam, "searched": test_by_lam[lam],
                    "qat": per_task[r.name]["qat"], "val_by_lam": val_scores,
-                   "cos_qv": patching.cosine(vectors[d.name], vectors[r.name])}
+                   "cos_qv": patching.cosine(v, vectors[r.name])}
             pairs.append(row)
-            print(f"  {d.name:>22} -> {r.name:<22} ptq {row['ptq']:.3f}  lam=1 {row['lam1']:.3f}  "
+            print(f"  {bits}-bit {d.name:>14} -> {r.name:<14} ptq {row['ptq']:.3f}  lam=1 {row['lam1']:.3f}  "
                   f"lam*={lam:<4} {row['searched']:.3f}  qat {row['qat']:.3f}", flush=True)
+    qat_gain = statistics.mean(p["qat"] - p["ptq"] for p in pairs)
     summary = {
-        "lam1": summarize([p["lam1"] - p["ptq"] for p in pairs]),
-        "searched": summarize([p["searched"] - p["ptq"] for p in pairs]),
-        "qat_ceiling": summarize([per_task[t.name]["qat"] - per_task[t.name]["ptq"] for t in tasks]),
-        "ptq_damage": summarize([per_task[t.name]["fp"] - per_task[t.name]["ptq"] for t in tasks]),
+        "lam1": bootstrap([p["lam1"] - p["ptq"] for p in pairs]),
+        "searched": bootstrap([p["searched"] - p["ptq"] for p in pairs]),
+        "qat_ceiling": bootstrap([p["qat"] - p["ptq"] for p in pairs]),
+        "ptq_damage": bootstrap([t["fp"] - t["ptq"] for t in per_task.values()]),
         # ratio of means over pairs (a per-pair ratio explodes where the QAT gain is one test sentence)
-        "recovered_share_lam1": _ratio(pairs, "lam1"),
-        "recovered_share_searched": _ratio(pairs, "searched"),
+        "recovered_share_lam1": statistics.mean(p["lam1"] - p["ptq"] for p in pairs) / qat_gain if qat_gain > 0 else None,
+        "recovered_share_searched": (statistics.mean(p["searched"] - p["ptq"] for p in pairs) / qat_gain
+                                     if qat_gain > 0 else None),
         "mean_abs_cos_between_vectors": statistics.mean(abs(p["cos_qv"]) for p in pairs),
     }
-    return {"per_task": per_task, "pairs": pairs, "summary": summary}
+    return {"bits": bits, "per_task": per_task, "pairs": pairs, "summary": summary}
 
 
-def quantized_copy(bert, config) -> nn.Module:
+def unisvq_experiment(tasks, tokens, ft, vectors, args) -> dict:
+    """Receiver unpatched vs patched (donor's vector at lam = 1), each quantized by UniSVQ."""
+    config = UniSVQConfig(finetune=args.unisvq_finetune, seed=args.seed)
+
+    def quantized_accuracy(model: TaskModel, task: Task) -> tuple[float, float]:
+        q = copy.deepcopy(model)
+        ids = task.splits["train"][: args.unisvq_calibration]
+        calib = [tokens.batch(ids[s:s + 32]) for s in range(0, len(ids), 32)]
+        t0 = time.perf_counter()
+        quantize_model(q.backbone, config, filter_fn=encoder_filter, calibration_data=calib, progress=False)
+        return accuracy(q, tokens, *task.split("test")), time.perf_counter() - t0
+
+    per_task, pairs = {}, []
+    for r in tasks:
+        acc, secs = quantized_accuracy(ft[r.name], r)
+        per_task[r.name] = {"unisvq": acc, "fit_s": secs}
+        print(f"  UniSVQ {r.name}: {acc:.3f} ({secs:.0f} s)", flush=True)
+        for d in tasks:
+            if d is r:
+                continue
+            with _restored(ft[r.name], vectors[d.name]):
+                patching.apply_vector(ft[r.name], vectors[d.name], 1.0)
+                patched, _ = quantized_accuracy(ft[r.name], r)
+            pairs.append({"donor": d.name, "receiver": r.name, "unisvq": acc, "patched": patched})
+            print(f"  UniSVQ {d.name:>14} -> {r.name:<14} {acc:.3f} -> {patched:.3f}", flush=True)
+    return {"per_task": per_task, "pairs": pairs,
+            "summary": {"lam1": bootstrap([p["patched"] - p["unisvq"] for p in pairs])},
+            "config": {"finetune": args.unisvq_finetune, "calibration_sentences": args.unisvq_calibration}}
+
+
+def quantized_copy(bert, config) -> tuple[nn.Module, dict]:
     """A dense BertModel whose encoder Linear weights are what ``config``'s deployed layers compute with."""
     q = copy.deepcopy(bert)
     quantize_model(q, config, filter_fn=lambda m, fqn: fqn.startswith("encoder."), progress=False)
@@ -423,31 +401,49 @@ def quantized_copy(bert, config) -> nn.Module:
     return dense, report
 
 
-def daq_experiment(base_bert, tasks, models, args, embed_ids) -> dict:
-    base_task = TaskModel(base_bert, 1, args.split, models[tasks[0].name]["ft"].cache, seed=args.seed)
-    ref = _embeddings(base_task, embed_ids)
+@torch.inference_mode()
+def _embeddings(model: TaskModel, tokens: Tokens, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    out = torch.empty(len(ids), model.backbone.config.hidden_size)
+    for o, inputs in tokens.batches(ids, 128):
+        out[o] = F.normalize(model.pooled(**inputs), dim=-1)
+    return out
+
+
+def _delta_metrics(post, base, dense) -> dict:
+    """Sign rate / delta cosine / weight MSE over all encoder Linear weights together."""
+    p = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(post).values()])
+    b = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(base).values()])
+    q = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(dense).values()])
+    m = delta_metrics(p[None], b[None], q[None])
+    return {"sign": m["sign"], "sign_n": m["sign_n"], "cosine": m["cosine"], "mse": m["mse"]}
+
+
+def daq_experiment(base_bert, tasks, tokens, ft, args, embed_ids) -> dict:
+    ref = _embeddings(TaskModel(base_bert, 1, seed=args.seed), tokens, embed_ids)
     rows = []
     for grid, gran in args.daq_grids:
         for t in tasks:
-            ft = models[t.name]["ft"]
-            post = ft.backbone
-            row = {"task": t.name, "grid": grid, "granularity": gran, "fp_acc": accuracy(ft, *t.splits["test"]),
-                   "fp_base_cos": F.cosine_similarity(_embeddings(ft, embed_ids), ref).mean().item(), "scales": {}}
+            model = ft[t.name]
+            post = model.backbone
+            row = {"task": t.name, "grid": grid, "granularity": gran, "fp_acc": accuracy(model, tokens, *t.split("test")),
+                   "fp_base_cos": F.cosine_similarity(_embeddings(model, tokens, embed_ids), ref).mean().item(),
+                   "scales": {}}
             configs = [("absmax", DAQConfig(base=base_bert, grid=grid, granularity=gran, search=False))]
             configs += [(f"daq-{m}", DAQConfig(base=base_bert, grid=grid, granularity=gran, metric=m))
                         for m in args.daq_metrics]
             for label, config in configs:
                 t0 = time.perf_counter()
                 dense, report = quantized_copy(post, config)
-                qmodel = TaskModel(dense, len(t.classes), args.split, ft.cache, seed=args.seed)
-                qmodel.head.load_state_dict(ft.head.state_dict())
+                qmodel = TaskModel(dense, len(t.classes), seed=args.seed)
+                qmodel.head.load_state_dict(model.head.state_dict())
                 row["scales"][label] = {
-                    **_delta_metrics(post, base_bert, dense), "acc": accuracy(qmodel, *t.splits["test"]),
-                    "base_cos": F.cosine_similarity(_embeddings(qmodel, embed_ids), ref).mean().item(),
+                    **_delta_metrics(post, base_bert, dense), "acc": accuracy(qmodel, tokens, *t.split("test")),
+                    "base_cos": F.cosine_similarity(_embeddings(qmodel, tokens, embed_ids), ref).mean().item(),
                     "blocks_changed": sum(r["blocks_changed"] for r in report.values()),
                     "blocks": sum(r["blocks"] for r in report.values()), "seconds": time.perf_counter() - t0}
             rows.append(row)
-            print(f"  {grid}/{gran} {t.name:<22} " + "  ".join(
+            print(f"  {grid}/{gran} {t.name:<14} " + "  ".join(
                 f"{k}: sign {v['sign']:.4f} cos {v['cosine']:.4f} acc {v['acc']:.3f} base {v['base_cos']:.4f}"
                 for k, v in row["scales"].items()), flush=True)
     summary = {}
@@ -461,83 +457,76 @@ def daq_experiment(base_bert, tasks, models, args, embed_ids) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-def _embeddings(model: TaskModel, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    with torch.inference_mode():
-        hidden = model.cache.hidden(model.backbone)
-        order = torch.argsort(model.cache.lengths[ids])
-        out = torch.empty(len(ids), model.backbone.config.hidden_size)
-        for s in range(0, len(order), batch_size):
-            o = order[s:s + batch_size]
-            out[o] = F.normalize(model.pooled(ids[o], hidden), dim=-1)
-        return out
-
-
-def _delta_metrics(post, base, dense) -> dict:
-    """Sign rate / delta cosine / weight MSE over all encoder Linear weights together."""
-    p = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(post).values()])
-    b = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(base).values()])
-    q = torch.cat([l.weight.detach().reshape(-1) for l in encoder_linears(dense).values()])
-    m = delta_metrics(p[None], b[None], q[None])
-    return {"sign": m["sign"], "sign_n": m["sign_n"], "cosine": m["cosine"], "mse": m["mse"]}
-
-
 # ---------------------------------------------------------------- report
-def _trained(n: int) -> str:
-    return "all 6 encoder layers" if n == 6 else f"the last {n} of 6 encoder layers"
-
-
 def _pct(x):
     return f"{100 * x:.1f}"
 
 
+def _ci_row(label: str, v: dict) -> str:
+    lo, hi = v["mean_ci"]
+    mlo, mhi = v["median_ci"]
+    slo, shi = v["share_improved_ci"]
+    return (f"| {label} | {v['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {v['median']:+.2f} [{mlo:+.2f}, {mhi:+.2f}] | "
+            f"{100 * v['share_improved']:.0f} % [{100 * slo:.0f}, {100 * shi:.0f}] of {v['n']} |")
+
+
 def markdown(result: dict) -> str:
-    cfg, pt = result["config"], result["patching"]
-    lines = [f"# Quantization-vector patching and DAQ on MiniLM text tasks",
-             "",
+    cfg = result["config"]
+    lines = ["# Quantization-vector patching and DAQ on MiniLM text tasks (qat-transfer's text protocol)", "",
              f"Command: `python benchmarks/patching_experiment.py` · machine: {result['machine']} · "
-             f"runtime {result['runtime_s']:.0f} s",
-             "",
-             f"Backbone: bundled all-MiniLM-L6-v2 + linear head on mean-pooled tokens. PTQ: RTN {cfg['bits']}-bit "
-             f"per-output-channel absmax on all {cfg['n_quantized_layers']} encoder Linear layers (head in fp32). "
-             f"FT/QAT train {_trained(cfg['train_layers'])} + head, embeddings frozen ({cfg['steps']} steps, batch "
-             f"{cfg['batch_size']}, AdamW lr {cfg['lr']}, wd {cfg['weight_decay']}, warm-up {cfg['warmup']}, cosine; "
-             f"QAT = same run + STE fake quantization). Vectors: weights and biases of the encoder Linear layers. "
-             f"lam grid {cfg['lam_grid']} searched on the receiver's validation split; accuracies on its test split.",
-             "",
-             "## Per task (test accuracy, %)",
-             "",
-             "| task | classes | train/val/test | full precision | PTQ | QAT ceiling | ‖τ_q‖ |",
-             "|---|---|---|---|---|---|---|"]
-    for name, t in pt["per_task"].items():
-        lines.append(f"| {name} | {t['classes']} | {t['train']}/{t['val']}/{t['test']} | {_pct(t['fp'])} | "
-                     f"{_pct(t['ptq'])} | {_pct(t['qat'])} | {t['qv_norm']:.3f} |")
-    s = pt["summary"]
-    lines += ["", f"## Summary over {s['lam1']['n']} ordered donor→receiver pairs ({cfg['bits']}-bit)", "",
-              "| gain over unpatched PTQ | mean (pp) | median (pp) | pairs improved |", "|---|---|---|---|"]
-    for key, label in (("lam1", "patched, λ = 1 (zero-shot)"), ("searched", "patched, λ searched on val"),
-                       ("qat_ceiling", "QAT ceiling (per receiver)"), ("ptq_damage", "PTQ damage: fp − PTQ (per task)")):
-        v = s[key]
-        lines.append(f"| {label} | {v['mean_pp']:+.1f} | {v['median_pp']:+.1f} | "
-                     f"{100 * v['share_improved']:.0f} % of {v['n']} |")
-    if s["recovered_share_lam1"] is not None:
-        lines += ["", f"Share of the QAT gain recovered (mean gain over pairs / mean QAT gain over pairs): "
-                      f"λ = 1 {100 * s['recovered_share_lam1']:.0f} %, searched λ "
-                      f"{100 * s['recovered_share_searched']:.0f} %."]
-    lines += ["", f"Mean |cosine| between different tasks' quantization vectors: "
-                  f"{s['mean_abs_cos_between_vectors']:.3f}."]
-    lines += ["", "## All pairs (test accuracy, %)", "",
-              "| donor → receiver | fp | PTQ | λ = 1 | λ* | searched | QAT | cos(τ_D, τ_R) |", "|---|---|---|---|---|---|---|---|"]
-    for p in pt["pairs"]:
-        lines.append(f"| {p['donor']} → {p['receiver']} | {_pct(p['fp'])} | {_pct(p['ptq'])} | {_pct(p['lam1'])} | "
-                     f"{p['lam_searched']} | {_pct(p['searched'])} | {_pct(p['qat'])} | {p['cos_qv']:.3f} |")
+             f"runtime {result['runtime_s']:.0f} s (training {result['phase_s']['train']:.0f} s)", "",
+             f"Backbone: bundled all-MiniLM-L6-v2 + linear head on mean-pooled tokens. Tasks: {len(cfg['tasks'])} "
+             f"labelings of the same {cfg['n_sentences']} standard-library docstring sentences by source module "
+             f"(two topical, four seeded random groupings), one shared split {cfg['split_sizes']} (train/val/test). "
+             f"FT: full fine-tuning (embeddings, all layers, head), {cfg['epochs']} epochs ({cfg['steps']} steps), "
+             f"batch {cfg['batch_size']}, max length {cfg['max_length']}, AdamW lr {cfg['lr']}, wd "
+             f"{cfg['weight_decay']}, warm-up {100 * cfg['warmup']:.0f} % then cosine, clip 1.0; QAT: the same run "
+             f"(same seed, data order, dropout) with STE per-channel RTN fake quantization. PTQ: RTN per-output-"
+             f"channel absmax on all {cfg['n_quantized_layers']} encoder Linear layers (head in fp32). Vector "
+             f"τ_q = QAT − FT over every floating backbone tensor (no head); λ grid {cfg['lam_grid']} searched on "
+             f"the receiver's validation split (ties to the smallest), accuracies on its test split. Intervals: "
+             f"bootstrap 95 % over the pairs (10 000 resamples; pairs share receivers and donors, so these are "
+             f"optimistic).", ""]
+    for pt in result["patching"]:
+        bits, s = pt["bits"], pt["summary"]
+        lines += [f"## RTN {bits}-bit", "", "| task | classes | full precision | PTQ | QAT ceiling | ‖τ_q‖ |",
+                  "|---|---|---|---|---|---|"]
+        for name, t in pt["per_task"].items():
+            lines.append(f"| {name} | {t['classes']} | {_pct(t['fp'])} | {_pct(t['ptq'])} | {_pct(t['qat'])} | "
+                         f"{t['qv_norm']:.3f} |")
+        lines += ["", f"Gain over unpatched PTQ, test accuracy in pp (95 % interval), {s['lam1']['n']} ordered pairs:",
+                  "", "| | mean | median | pairs improved |", "|---|---|---|---|",
+                  _ci_row("patched, λ = 1 (zero-shot)", s["lam1"]),
+                  _ci_row("patched, λ searched on val", s["searched"]),
+                  _ci_row("receiver's own QAT (ceiling)", s["qat_ceiling"])]
+        if s["recovered_share_lam1"] is not None:
+            lines += ["", f"Share of the QAT gain recovered (mean gain / mean QAT gain): λ = 1 "
+                          f"{100 * s['recovered_share_lam1']:.0f} %, searched λ {100 * s['recovered_share_searched']:.0f} %. "
+                          f"Mean |cos| between different tasks' vectors: {s['mean_abs_cos_between_vectors']:.3f}."]
+        lines += ["", "| donor → receiver | fp | PTQ | λ = 1 | λ* | searched | QAT | cos(τ_D, τ_R) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in pt["pairs"]:
+            lines.append(f"| {p['donor']} → {p['receiver']} | {_pct(p['fp'])} | {_pct(p['ptq'])} | {_pct(p['lam1'])} | "
+                         f"{p['lam_searched']} | {_pct(p['searched'])} | {_pct(p['qat'])} | {p['cos_qv']:.3f} |")
+        lines.append("")
+    u = result.get("unisvq")
+    if u:
+        c = u["config"]
+        lines += ["## Patch → UniSVQ (2.065 bits/weight)", "",
+                  f"The receiver's FT model, unpatched and patched with the donor's 2-bit τ_q at λ = 1, quantized by "
+                  f"UniSVQ (`UniSVQConfig(finetune={c['finetune']})`, calibrated on {c['calibration_sentences']} of "
+                  f"the receiver's training sentences).", "",
+                  "| receiver | UniSVQ test acc | fit s |", "|---|---|---|"]
+        for name, t in u["per_task"].items():
+            lines.append(f"| {name} | {_pct(t['unisvq'])} | {t['fit_s']:.0f} |")
+        lines += ["", "| | mean | median | pairs improved |", "|---|---|---|---|",
+                  _ci_row("patched (λ = 1) − unpatched, UniSVQ", u["summary"]["lam1"]), ""]
     if result.get("daq"):
-        lines += ["", "## DAQ: absmax vs delta-aware scales (base = pre-trained MiniLM, post = each FT model)", "",
+        lines += ["## DAQ: absmax vs delta-aware scales (base = pre-trained MiniLM, post = each FT model)", "",
                   "Same grid, same layers (the 36 encoder Linear layers); only the scales differ. sign = share of "
                   "weights with |ΔW| > 1e-5 whose quantized delta keeps the sign (0 counts as lost); cos = "
                   "cos(ΔW, ΔŴ); MSE = mean (Ŵ − W_post)²; task = test accuracy with the FT head; base = mean "
-                  "cosine of sentence embeddings to the pre-trained model's, on "
-                  f"{cfg['n_embed']} sentences outside every training split (fp32 post model: row 'fp32').", "",
-                  "Means over the tasks:", "",
+                  f"cosine of sentence embeddings to the pre-trained model's, on {cfg['n_embed']} test sentences.", "",
                   "| grid | scales | sign | cos | MSE | task acc | base cos |", "|---|---|---|---|---|---|---|"]
         for key, by in result["daq"]["summary"].items():
             fp = by["fp"]
@@ -546,21 +535,14 @@ def markdown(result: dict) -> str:
                 if label != "fp":
                     lines.append(f"| {key} | {label} | {v['sign']:.4f} | {v['cosine']:.4f} | {v['mse']:.3e} | "
                                  f"{_pct(v['acc'])} | {v['base_cos']:.4f} |")
-        lines += ["", "Per task:", "",
-                  "| grid | task | scales | sign | cos | MSE | task acc | base cos | blocks changed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in result["daq"]["rows"]:
-            key = f"{r['grid']}/{r['granularity']}"
-            lines.append(f"| {key} | {r['task']} | fp32 | | | | {_pct(r['fp_acc'])} | {r['fp_base_cos']:.4f} | |")
-            for label, v in r["scales"].items():
-                lines.append(f"| {key} | {r['task']} | {label} | {v['sign']:.4f} | {v['cosine']:.4f} | "
-                             f"{v['mse']:.3e} | {_pct(v['acc'])} | {v['base_cos']:.4f} | "
-                             f"{v['blocks_changed']}/{v['blocks']} |")
     return "\n".join(lines) + "\n"
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _parse_daq_grids(text: str) -> list[tuple[str, str]]:
@@ -573,38 +555,43 @@ def _parse_daq_grids(text: str) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/patching_experiment.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, at least 2 of {list(TASKS)}")
-    ap.add_argument("--bits", type=int, default=3, help="RTN bit-width of PTQ and QAT (2, 3, 4 or 8)")
-    ap.add_argument("--train-layers", type=int, default=6,
-                    help="FT/QAT train the last N of the 6 layers (fewer = faster; the rest stays pre-trained)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--per-class", type=int, default=80, help="at most this many sentences per class")
+    ap.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated, at least 2 of {TASK_NAMES}")
+    ap.add_argument("--bits", default="3,2", help="RTN bit-widths of PTQ and QAT (comma-separated, of 2, 3, 4, 8)")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent warming up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lam-grid", default=",".join(map(str, patching.DEFAULT_LAMBDA_GRID)))
+    ap.add_argument("--unisvq-calibration", type=int, default=256,
+                    help="receiver training sentences that calibrate UniSVQ; 0 = no patch -> UniSVQ experiment")
+    ap.add_argument("--unisvq-finetune", action="store_true", help="UniSVQ with block fine-tuning (about 2x slower)")
     ap.add_argument("--daq-grids", default="fp8:block", help="grid:granularity list (grids fp8, int2..int8, "
                     "pyquant2; granularity block, row, tensor); empty = no DAQ")
     ap.add_argument("--daq-metrics", default="sign,cosine", help="DAQ search metrics to compare (sign, cosine, mse)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads; 0 = 1 when the machine is oversubscribed (load >= cores), else torch's default")
-    ap.add_argument("--n-embed", type=int, default=128, help="sentences for the base-behaviour embedding cosine")
+    ap.add_argument("--n-embed", type=int, default=256, help="test sentences for the DAQ base-behaviour cosine")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache-dir", default=os.path.join(Path.home(), ".cache", "pyquant", "experiments"))
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--out-name", default="patching", help="result files: <out-dir>/<out-name>.{json,md}")
     args = ap.parse_args(argv)
     names = [n for n in args.tasks.split(",") if n]
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASK_NAMES]
     if unknown or len(names) < 2:
-        ap.error(f"--tasks needs at least 2 of {list(TASKS)}; unknown: {unknown}")
-    if not 1 <= args.train_layers <= 6:
-        ap.error("--train-layers must be 1..6")
-    args.split = 6 - args.train_layers
+        ap.error(f"--tasks needs at least 2 of {TASK_NAMES}; unknown: {unknown}")
+    try:
+        bit_widths = [int(b) for b in args.bits.split(",") if b]
+    except ValueError:
+        ap.error(f"--bits: comma-separated integers, got {args.bits!r}")
+    if not bit_widths or any(b not in (2, 3, 4, 8) for b in bit_widths):
+        ap.error(f"--bits: each of 2, 3, 4, 8, got {args.bits!r}")
     args.lam_grid = [float(x) for x in args.lam_grid.split(",")]
     if 1.0 not in args.lam_grid:
         ap.error("--lam-grid must contain 1.0 (the zero-shot patch is reported from it)")
+    if args.unisvq_calibration and 2 not in bit_widths:
+        ap.error("the patch -> UniSVQ experiment uses the 2-bit vectors: add 2 to --bits or pass --unisvq-calibration 0")
     args.daq_grids = _parse_daq_grids(args.daq_grids)
     args.daq_metrics = [m for m in args.daq_metrics.split(",") if m]
     if any(m not in ("sign", "cosine", "mse") for m in args.daq_metrics) or not args.daq_metrics:
@@ -612,65 +599,58 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        # on a busy machine one thread per process beats threads waiting on each other at every barrier
-        torch.set_num_threads(1)
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     bert, tokenizer = load_minilm()
-    pairs = labelled_sentences()
-    sentences, modules = [s for s, _ in pairs], [m for _, m in pairs]
-    tasks = build_tasks(names, sentences, modules, args.per_class, args.seed)
-    used = sorted({int(i) for t in tasks for ids, _ in t.splits.values() for i in ids})
-    train_used = {int(i) for t in tasks for i in t.splits["train"][0]}
-    rest = [i for i in range(len(sentences)) if i not in train_used]
-    random.Random(args.seed).shuffle(rest)
-    embed_set = sorted(rest[: args.n_embed])
-    keep = sorted(set(used) | set(embed_set))
-    remap = {old: new for new, old in enumerate(keep)}
-    for t in tasks:
-        t.splits = {k: (torch.tensor([remap[int(i)] for i in ids]), y) for k, (ids, y) in t.splits.items()}
-    embed_ids = torch.tensor([remap[i] for i in embed_set])
-    tokens = dict(tokenizer([sentences[i] for i in keep], padding="max_length", truncation=True,
-                            max_length=MAX_TOKENS, return_tensors="pt"))
-    cache = PrefixCache(tokens, args.split)
-    print(f"{len(tasks)} tasks over {len(keep)} real sentences; RTN {args.bits}-bit PTQ; FT/QAT train layers "
-          f"{args.split}..5 + head", flush=True)
+    pool = labelled_sentences()
+    sentences, modules = [s for s, _ in pool], [m for _, m in pool]
+    tasks = build_tasks(names, modules, args.seed)
+    tokens = Tokens(tokenizer, sentences, args.max_length)
+    sizes = {k: len(v) for k, v in tasks[0].splits.items()}
+    steps = args.epochs * (sizes["train"] // args.batch_size)
+    print(f"{len(tasks)} tasks over {len(sentences)} real sentences (train/val/test {sizes}); FT/QAT {steps} steps; "
+          f"RTN {bit_widths}-bit", flush=True)
 
     fingerprint = hashlib.sha256(json.dumps({
-        "tasks": {t: TASKS[t] for t in names}, "sentences": hashlib.sha256("\n".join(sentences).encode()).hexdigest(),
-        **{k: getattr(args, k) for k in ("bits", "split", "steps", "batch_size", "lr", "weight_decay", "warmup",
-                                         "per_class", "seed")}, "torch": torch.__version__,
+        "tasks": {t.name: t.labels.tolist() for t in tasks}, "topics": TOPICS,
+        "sentences": hashlib.sha256("\n".join(sentences).encode()).hexdigest(),
+        **{k: getattr(args, k) for k in ("epochs", "batch_size", "max_length", "lr", "weight_decay", "warmup",
+                                         "seed")}, "torch": torch.__version__, "protocol": "qat-transfer-text",
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(args.cache_dir) / f"patching-{fingerprint}"
-    print(f"[1/3] fine-tuning FT and QAT models (cache: {cache_dir})", flush=True)
-    models = {t.name: train_pair(bert, t, args, cache, cache_dir) for t in tasks}
+    print(f"[1/4] fine-tuning FT and QAT models (cache: {cache_dir})", flush=True)
+    ft = {t.name: train(bert, t, tokens, args, None, cache_dir) for t in tasks}
+    qat = {b: {t.name: train(bert, t, tokens, args, b, cache_dir) for t in tasks} for b in bit_widths}
     t_trained = time.perf_counter()
+    vectors = {b: {t.name: patching.quantization_vector(qat[b][t.name], ft[t.name]) for t in tasks}
+               for b in bit_widths}
 
-    export = export_for_cli(models[tasks[0].name]["ft"], tokenizer, models[tasks[1].name], cache_dir / "cli")
-    print(f"  CLI inputs: receiver {export['model']}, donor vector {export['vector']}", flush=True)
-
-    print("[2/3] quantization-vector patching, every ordered donor -> receiver pair", flush=True)
-    pt = patching_experiment(tasks, models, args)
+    print("[2/4] quantization-vector patching, every ordered donor -> receiver pair", flush=True)
+    pt = [patching_experiment(tasks, tokens, ft, qat[b], vectors[b], b, args.lam_grid) for b in bit_widths]
     t_patched = time.perf_counter()
-
+    unisvq = None
+    if args.unisvq_calibration:
+        print("[3/4] patch -> UniSVQ", flush=True)
+        unisvq = unisvq_experiment(tasks, tokens, ft, vectors[2], args)
+    t_unisvq = time.perf_counter()
     daq = None
     if args.daq_grids:
-        print(f"[3/3] DAQ ({args.daq_metrics}) vs absmax on {args.daq_grids}", flush=True)
-        daq = daq_experiment(bert, tasks, models, args, embed_ids)
+        print(f"[4/4] DAQ ({args.daq_metrics}) vs absmax on {args.daq_grids}", flush=True)
+        embed_ids = tasks[0].splits["test"][: args.n_embed]
+        daq = daq_experiment(bert, tasks, tokens, ft, args, embed_ids)
     runtime = time.perf_counter() - t_start
     result = {
-        "config": {"bits": args.bits, "train_layers": args.train_layers, "steps": args.steps,
-                   "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                   "warmup": args.warmup, "per_class": args.per_class, "seed": args.seed, "lam_grid": args.lam_grid,
-                   "daq_grids": args.daq_grids, "daq_metrics": args.daq_metrics, "n_embed": len(embed_set),
-                   "tasks": names, "n_quantized_layers": len(encoder_linears(bert)), "cache_key": fingerprint},
+        "config": {"bits": bit_widths, "epochs": args.epochs, "steps": steps, "batch_size": args.batch_size,
+                   "max_length": args.max_length, "lr": args.lr, "weight_decay": args.weight_decay,
+                   "warmup": args.warmup, "seed": args.seed, "lam_grid": args.lam_grid, "tasks": names,
+                   "n_sentences": len(sentences), "split_sizes": "/".join(str(sizes[k]) for k in ("train", "val", "test")),
+                   "daq_grids": args.daq_grids, "daq_metrics": args.daq_metrics, "n_embed": args.n_embed,
+                   "n_quantized_layers": len(encoder_linears(bert)), "cache_key": fingerprint},
         "machine": _machine(), "runtime_s": runtime,
-        "phase_s": {"train": t_trained - t_start, "patching": t_patched - t_trained,
-                    "daq": time.perf_counter() - t_patched},
-        "prefix_computations": cache.computed, "cli_export": export,
-        "patching": pt, "daq": daq,
+        "phase_s": {"train": t_trained - t_start, "patching": t_patched - t_trained, "unisvq": t_unisvq - t_patched,
+                    "daq": time.perf_counter() - t_unisvq},
+        "patching": pt, "unisvq": unisvq, "daq": daq,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
