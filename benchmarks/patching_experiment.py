@@ -288,20 +288,17 @@ def bootstrap(gains: list[float], n: int = 10000, seed: int = 0) -> dict:
     return out
 
 
+@contextlib.contextmanager
 def _restored(model: nn.Module, names):
-    """Context: the named parameters of ``model`` are put back as they were on exit."""
+    """The named parameters of ``model`` are put back as they were on exit."""
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in names if n in params}
-
-    @contextlib.contextmanager
-    def ctx():
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for n, t in saved.items():
-                    params[n].copy_(t)
-    return ctx()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
 
 
 # ---------------------------------------------------------------- the experiments
