@@ -138,6 +138,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                          f"load the model, quantize_model(...), then save_pretrained")
     if by_block and calibration_data is None:
         raise ValueError("unisvq needs calibration data: pass calibration_data (token-id batches)")
+    if by_block and config.e2e_epochs > 0:
+        raise ValueError(f"config.e2e_epochs={config.e2e_epochs}: end-to-end fine-tuning needs the whole model in "
+                         "memory; stream with e2e_epochs=0, or load the model and use quantize_model")
     if not isinstance(shard_bytes, int) or shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
     src, dst = Path(src), Path(dst)

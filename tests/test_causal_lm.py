@@ -205,3 +205,30 @@ def test_cli_quantizes_a_causal_lm_directory_with_a_calibration_file(tmp_path, c
     assert cli.main(["quantize", str(src), "--method", "rtn", "--calibration-file", str(tmp_path / "empty.txt"),
                      "--out", str(tmp_path / "out2")]) == 2
     assert "no non-empty line" in capsys.readouterr().err
+
+
+def test_unisvq_end_to_end_stage_matches_the_heads_input_and_leaves_a_quantized_head_alone():
+    """End-to-end fine-tuning of a causal LM: the target is the input of the output head (the
+    final norm's output), so the head, quantized here too, is not trained by it."""
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(3, VOCAB, (4, 16), generator=g),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(6)]
+    every_linear = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731  (lm_head included)
+    fp = make("llama", initializer_range=0.1)
+    runs = {e2e: pyquant.quantize_model(make("llama", initializer_range=0.1),
+                                        pyquant.UniSVQConfig(ft_epochs=1, refine_passes=1, e2e_epochs=e2e),
+                                        filter_fn=every_linear, calibration_data=data, progress=False)
+            for e2e in (0, 4)}
+
+    def final_hidden_error(model):
+        with torch.no_grad():
+            return float(sum((model.model(**b).last_hidden_state - fp.model(**b).last_hidden_state).square().mean()
+                             for b in data))
+
+    assert final_hidden_error(runs[4]) < final_hidden_error(runs[0])
+    heads = [pyquant.nn.quantized_layers(m)["lm_head"] for m in (runs[0], runs[4])]
+    for name in ("codes", "A", "b", "su", "sv", "w_scale"):
+        assert torch.equal(getattr(heads[0], name), getattr(heads[1], name)), name
+    q0, q4 = (pyquant.nn.quantized_layers(m) for m in (runs[0], runs[4]))
+    assert any(not torch.equal(q0[f].sv, q4[f].sv) for f in q0 if f != "lm_head")
+    assert not torch.equal(runs[0].model.norm.weight, runs[4].model.norm.weight)

@@ -43,6 +43,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="unisvq needs calibration data"):
         quantize_checkpoint(tmp_path / "src", tmp_path / "dst", pyquant.UniSVQConfig())
+    with pytest.raises(ValueError, match="e2e_epochs=2: end-to-end fine-tuning needs the whole model"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "dst", pyquant.UniSVQConfig(e2e_epochs=2),
+                            calibration_data=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         quantize_checkpoint(tmp_path, tmp_path / "dst")
     with pytest.raises(ValueError, match="exists and is not a pyquant checkpoint"):

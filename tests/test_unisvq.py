@@ -13,7 +13,8 @@ from pyquant.format import codebook, dequantize
 from pyquant.quantizers.blockwise import find_blocks
 from pyquant.quantizers.rtn import RTNConfig
 from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl, fit_codebook, ldlq,
-                                       nearest_codeword, proxy_loss, refine, round_to_nearest)
+                                       nearest_codeword, proxy_loss, refine, rotate_weight,
+                                       round_to_nearest)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -153,6 +154,32 @@ def test_quantize_weight_rejects_bad_hessian():
         UniSVQConfig(ft_holdout=1.5)
     with pytest.raises(ValueError, match="ft_target"):
         UniSVQConfig(ft_target="teacher")
+    with pytest.raises(ValueError, match="recipe"):
+        UniSVQConfig(recipe="quip")
+    with pytest.raises(ValueError, match="codebook_iters must be 0 with recipe='reference'"):
+        UniSVQConfig(recipe="reference", codebook_iters=2)
+    with pytest.raises(ValueError, match="e2e_epochs"):
+        UniSVQConfig(e2e_epochs=-1)
+
+
+def test_recipes_fill_in_their_defaults_and_keep_what_is_given():
+    ours, ref = UniSVQConfig(), UniSVQConfig(recipe="reference")
+    assert (ours.refine_passes, ours.codebook_iters, ours.ft_epochs, ours.ft_lr, ours.ft_norm_lr) == (3, 2, 4, 5e-3, 1e-4)
+    assert (ref.refine_passes, ref.codebook_iters, ref.ft_epochs, ref.ft_lr, ref.ft_norm_lr) == (10, 0, 1, 5e-4, 5e-5)
+    assert UniSVQConfig(recipe="reference", ft_epochs=3).ft_epochs == 3
+    assert ref.to_dict()["recipe"] == "reference" and ref.to_dict()["refine_passes"] == 10
+
+
+def test_reference_recipe_uses_the_fixed_grid_and_sign_scales(minilm_hessians):
+    w, h = minilm_hessians["encoder.layer.0.intermediate.dense"]
+    p = UniSVQConfig(recipe="reference").quantize_weight(w, h)
+    torch.testing.assert_close(p.A, torch.eye(4) / 1.25**0.5, rtol=0, atol=1e-6)
+    torch.testing.assert_close(p.b, torch.full((4,), -1.5 / 1.25**0.5), rtol=0, atol=1e-6)
+    assert torch.equal(p.su.abs(), torch.ones_like(p.su)) and torch.equal(p.sv.abs(), torch.ones_like(p.sv))
+    w_rot = rotate_weight(w, p.su, p.sv, p.had_in, p.had_out)
+    assert abs(float(p.w_scale) - float(w_rot.square().mean().sqrt()) / 0.83) < 1e-6 * float(p.w_scale)
+    # Its own LDLQ + 10 passes still beat nearest rounding on the same grid.
+    assert proxy_loss(w, dequantize(p), h) < proxy_loss(w, dequantize(round_to_nearest(w, p)), h)
 
 
 # ---- the whole-model pipeline, on a small random BERT -----------------------
@@ -274,6 +301,46 @@ def test_pipeline_is_deterministic(tiny_runs):
         assert torch.equal(sd1[k], sd2[k]), k
 
 
+def test_end_to_end_finetuning_lowers_the_held_out_error_and_keeps_the_codes(tiny_runs):
+    ref, data, runs = tiny_runs
+    held_out = _tiny_data(9)[6:]  # same generator: batches 6-8 are not calibration batches
+    model = _tiny_bert()
+    pyquant.quantize_model(model, UniSVQConfig(ft_epochs=3, e2e_epochs=6), filter_fn=_encoder,
+                           calibration_data=data, progress=False)
+    block_only = runs["model"]  # the same block stage, without the end-to-end one
+    assert _output_error(model, ref, held_out) < _output_error(block_only, ref, held_out)
+    q_e2e, q_block = pyquant.nn.quantized_layers(model), pyquant.nn.quantized_layers(block_only)
+    assert q_e2e.keys() == q_block.keys()
+    assert all(torch.equal(q_e2e[f].codes, q_block[f].codes) for f in q_e2e)  # codes frozen
+    for name in ("su", "sv", "A", "w_scale"):
+        assert any(not torch.equal(getattr(q_e2e[f], name), getattr(q_block[f], name)) for f in q_e2e), name
+    assert not torch.equal(model.embeddings.LayerNorm.weight, block_only.embeddings.LayerNorm.weight)
+    assert not any(isinstance(m, _TrainableQuant) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_reference_recipe_quantizes_each_block_from_full_precision_inputs():
+    """recipe='reference': a later block's layer gets the fp model's Hessian (so, without
+    fine-tuning, exactly quantize_weight of the fp weight and fp Hessian); its block fine-tuning
+    moves su/sv and the norms only, and never the codes (fp inputs: nothing upstream changes them)."""
+    fp, data = _tiny_bert(), _tiny_data()
+    runs = {}
+    for ft in (False, True):
+        runs[ft] = pyquant.quantize_model(_tiny_bert(), UniSVQConfig(recipe="reference", finetune=ft),
+                                          filter_fn=_encoder, calibration_data=data, progress=False)
+    cfg = UniSVQConfig(recipe="reference")
+    fqn = "encoder.layer.2.intermediate.dense"
+    linear = fp.get_submodule(fqn)
+    expected = cfg.quantize_weight(linear.weight, collect_hessians(fp, {fqn: linear}, data)[fqn], seed=cfg._seed(fqn))
+    assert torch.equal(runs[False].get_submodule(fqn).codes, expected.codes)
+    plain, tuned = pyquant.nn.quantized_layers(runs[False]), pyquant.nn.quantized_layers(runs[True])
+    for f in plain:
+        for name in ("codes", "A", "b", "w_scale"):
+            assert torch.equal(getattr(plain[f], name), getattr(tuned[f], name)), (f, name)
+    assert any(not torch.equal(plain[f].su, tuned[f].su) for f in plain)
+    assert any(not torch.equal(plain[f].sv, tuned[f].sv) for f in plain)
+
+
 def test_checkpoint_round_trip(tiny_runs, tmp_path):
     """A fine-tuned UniSVQ model (fine-tuned norms included) saves and loads exactly."""
     ref, data, runs = tiny_runs
@@ -283,7 +350,8 @@ def test_checkpoint_round_trip(tiny_runs, tmp_path):
         torch.testing.assert_close(loaded(**data[0]).last_hidden_state, runs["model"](**data[0]).last_hidden_state)
 
 
-def test_interrupt_during_finetuning_leaves_the_model_as_it_was(monkeypatch):
+@pytest.mark.parametrize("stage", ["block", "end-to-end"])
+def test_interrupt_during_finetuning_leaves_the_model_as_it_was(monkeypatch, stage):
     model, data = _tiny_bert(), _tiny_data()
     fresh = _tiny_bert()
     calls = {"n": 0}
@@ -291,14 +359,17 @@ def test_interrupt_during_finetuning_leaves_the_model_as_it_was(monkeypatch):
 
     def step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 8:  # in the second block's fine-tuning (5 training batches per epoch)
+        # 5 training batches per epoch: step 8 is in the second block's fine-tuning, step 18 in the
+        # end-to-end stage (after 3 blocks x 1 epoch)
+        if calls["n"] == (8 if stage == "block" else 18):
             raise KeyboardInterrupt
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     with pytest.raises(KeyboardInterrupt):
-        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=1), filter_fn=_encoder, calibration_data=data,
-                               progress=False)
+        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=1, e2e_epochs=2 if stage == "end-to-end" else 0),
+                               filter_fn=_encoder, calibration_data=data, progress=False)
+    assert calls["n"] == (8 if stage == "block" else 18)
     # All or nothing: the model is exactly as before (block 0 was quantized and its norms fine-tuned)
     assert not any(isinstance(m, (_TrainableQuant, pyquant.QuantLinear)) for m in model.modules())
     assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]

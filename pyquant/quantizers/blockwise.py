@@ -199,13 +199,17 @@ LeftoverFn = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 def run(model: nn.Module, targets: dict[str, nn.Module], data: list, quantize_block: BlockFn,
-        quantize_leftover: LeftoverFn, *, method: str, fp_trajectory: bool = False, progress: bool = True,
+        quantize_leftover: LeftoverFn, *, method: str, fp_trajectory: bool = False, fp_inputs: bool = False,
+        progress: bool = True,
         load_block: Callable[[int, nn.Module], None] | None = None,
         release_block: Callable[[int, nn.Module], None] | None = None) -> None:
     """Quantize ``targets`` block by block (see the module docstring). ``fp_trajectory``: also
     give each block the full-precision model's outputs of it (from fp inputs), computed before
-    any of its layers is swapped. Quantized layers run the torch reference math meanwhile, so the
-    result does not depend on which kernels this machine has.
+    any of its layers is swapped. ``fp_inputs``: each block gets the full-precision model's inputs
+    of it (its Hessians and fine-tuning then see no quantization error from the blocks before;
+    implies ``fp_trajectory``) instead of the outputs of the already-quantized blocks. Quantized
+    layers run the torch reference math meanwhile, so the result does not depend on which kernels
+    this machine has.
 
     ``load_block(i, block)`` / ``release_block(i, block)``: called before a block is first used and
     after it is done, for a model whose blocks are not all in memory (``pyquant.streaming``); the
@@ -224,17 +228,20 @@ def run(model: nn.Module, targets: dict[str, nn.Module], data: list, quantize_bl
     model.eval()
     try:
         with kernels.force_backend("torch"):
-            inputs_fp = inputs if fp_trajectory else None
+            inputs_fp = inputs if fp_trajectory or fp_inputs else None
             for i, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
                 if streaming and i:
                     load_block(i, block)
+                if fp_inputs:
+                    inputs = inputs_fp
                 y_fp = None
                 if inputs_fp is not None:
                     inputs_fp = advance(block, inputs_fp)
                     y_fp = [inp.hidden for inp in inputs_fp]
                 if in_block[i]:
                     quantize_block(i, block, in_block[i], inputs, y_fp)
-                inputs = advance(block, inputs)
+                if not fp_inputs:
+                    inputs = advance(block, inputs)
                 if release_block is not None:
                     release_block(i, block)
             for fqn in tqdm(list(leftovers), desc=f"{method} other layers", disable=not progress or not leftovers):

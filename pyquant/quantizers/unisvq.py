@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .. import calibration as cal
+from .. import kernels
 from .. import ops  # noqa: F401  (registers pyquant::nearest_codeword)
 from ..format import PackedWeight, code_vectors, codebook, dequantize
 from ..hadamard import blockwise_hadamard, default_block, random_signs
@@ -362,14 +363,15 @@ class _TrainableQuant(nn.Module):
     (so one learning rate fits scales of any magnitude) and ``A``, ``b`` as
     parameters; codes and bias frozen."""
 
-    def __init__(self, q: nn.Module):
+    def __init__(self, q: nn.Module, train_codebook: bool = True):
         super().__init__()
         self.q = [q]  # a list, so the QuantLinear is not registered as a child
         self.gu = nn.Parameter(torch.ones(q.in_features, device=q.codes.device))
         self.gv = nn.Parameter(torch.ones(q.out_features, device=q.codes.device))
-        self.gs = nn.Parameter(torch.ones((), device=q.codes.device))
-        self.A = nn.Parameter(q.A.detach().float().clone())
-        self.b = nn.Parameter(q.b.detach().float().clone())
+        # train_codebook=False (the reference recipe): A, b and w_scale stay as quantized.
+        self.gs = nn.Parameter(torch.ones((), device=q.codes.device), requires_grad=train_codebook)
+        self.A = nn.Parameter(q.A.detach().float().clone(), requires_grad=train_codebook)
+        self.b = nn.Parameter(q.b.detach().float().clone(), requires_grad=train_codebook)
         # Copies: write_back() overwrites the layer's buffers.
         self.su0, self.sv0, self.ws0 = (q.su.detach().float().clone(), q.sv.detach().float().clone(),
                                         q.w_scale.detach().float().clone())
@@ -414,27 +416,62 @@ def _set_child(root: nn.Module, fqn: str, module: nn.Module) -> None:
 # The config
 # --------------------------------------------------------------------------
 
+# The two recipes' defaults of the fields left None (UniSVQConfig's docstring).
+_RECIPES = {
+    "pyquant": {"refine_passes": 3, "codebook_iters": 2, "ft_epochs": 4, "ft_lr": 5e-3, "ft_norm_lr": 1e-4},
+    # The UniSVQ release (AI9Stars/UniSVQ): 10 tune passes, one epoch of block fine-tuning at
+    # 5e-4 (su, sv) and 5e-5 (the other parameters: norms).
+    "reference": {"refine_passes": 10, "codebook_iters": 0, "ft_epochs": 1, "ft_lr": 5e-4, "ft_norm_lr": 5e-5},
+}
+# The release scales its fixed grid to RMS(W)/0.83 (the grid's unit-variance codewords on a
+# near-Gaussian weight).
+_REFERENCE_SCALE = 0.83
+
+
 @dataclass
 class UniSVQConfig(QuantConfig):
     """UniSVQ: 2-bit affine-codebook vector quantization fitted with calibration data.
 
     Args:
+        recipe: ``"pyquant"`` (this project's: rows normalised by their RMS into ``sv``, a
+            rotated grid whose ``A``, ``b``, ``w_scale`` are fitted by least squares, Hessians
+            and block fine-tuning on the outputs of the already-quantized blocks, towards the
+            full-precision model's outputs, training scales, codebooks and norms) or
+            ``"reference"`` (the UniSVQ release's choices: sign-only ``su``/``sv``, the fixed
+            identity grid ``A = I/√1.25``, ``b = −1.5/√1.25``, ``w_scale = RMS(W_rot)/0.83``,
+            Hessians and block inputs from the full-precision model, block fine-tuning of
+            ``su``/``sv`` and norms only). The fields left None take the recipe's value:
+            refine_passes 3 / 10, codebook_iters 2 / 0, ft_epochs 4 / 1, ft_lr 5e-3 / 5e-4,
+            ft_norm_lr 1e-4 / 5e-5.
         damp: damping added to the diagonal of the unit-mean-diagonal Hessian.
         hadamard_block: largest Hadamard block (a power of two).
         refine_passes: coordinate-descent passes after LDLQ (and after each codebook update).
-        codebook_iters: rounds of (least-squares ``A``, ``b``, ``w_scale``; re-assign codes).
+        codebook_iters: rounds of (least-squares ``A``, ``b``, ``w_scale``; re-assign codes);
+            must be 0 with the reference recipe (its grid is fixed).
         finetune: block-wise fine-tuning after each block is quantized.
         ft_epochs: most fine-tuning epochs over the training calibration batches.
         ft_lr: Adam learning rate of the ``su``/``sv``/``w_scale`` gains and ``A``, ``b``.
         ft_norm_lr: Adam learning rate of the block's norm weights and biases.
         ft_patience: epochs without a better held-out loss before stopping (each
             such epoch rolls back to the best state and halves the learning rates).
+            Also for the end-to-end stage.
         ft_holdout: share of the calibration batches held out for early stopping
             (at least one batch; with a single batch, the training batch is used).
+            Also for the end-to-end stage.
         ft_target: what a fine-tuned block's output should match on its (quantized-
             prefix) inputs: ``"model"``, the full-precision model's output of that
             block, so each block also corrects the error that reaches it; or
-            ``"block"``, the full-precision block applied to the same inputs.
+            ``"block"``, the full-precision block applied to the same inputs. (The
+            reference recipe feeds each block the full-precision inputs, where both are one.)
+        e2e_epochs: most epochs of end-to-end fine-tuning after all blocks are quantized
+            (0: none): the ``su``/``sv``/``w_scale`` gains, ``A``, ``b`` of every quantized layer
+            and every norm of the model trained together, codes frozen, so that the model's
+            final hidden states (the input of its output head, or its ``last_hidden_state``)
+            match the full-precision model's on the calibration data; the same held-out early
+            stopping as the block stage. Needs the whole model in memory (not
+            ``pyquant.streaming``).
+        e2e_lr: Adam learning rate of the end-to-end stage's gains and codebooks.
+        e2e_norm_lr: Adam learning rate of the end-to-end stage's norms.
         seed: seed of the random signs, codebook rotations and batch order.
         scale_dtype: storage dtype of ``su``/``sv`` (float16 or float32).
         threads: torch intra-op threads while fitting (restored afterwards); None
@@ -443,27 +480,41 @@ class UniSVQConfig(QuantConfig):
             gain (measured 3-4x slower with 2 threads on a busy 2-core machine).
     """
 
+    recipe: str = "pyquant"
     damp: float = 0.01
     hadamard_block: int = 128
-    refine_passes: int = 3
-    codebook_iters: int = 2
+    refine_passes: int | None = None
+    codebook_iters: int | None = None
     finetune: bool = True
-    ft_epochs: int = 4
-    ft_lr: float = 5e-3
-    ft_norm_lr: float = 1e-4
+    ft_epochs: int | None = None
+    ft_lr: float | None = None
+    ft_norm_lr: float | None = None
     ft_patience: int = 2
     ft_holdout: float = 0.125
     ft_target: str = "model"
+    e2e_epochs: int = 0
+    e2e_lr: float = 1e-3
+    e2e_norm_lr: float = 1e-4
     seed: int = 0
     scale_dtype: torch.dtype = torch.float16
     threads: int | None = 1
     method = "unisvq"
 
     def __post_init__(self):
+        if self.recipe not in _RECIPES:
+            raise ValueError(f"UniSVQConfig.recipe must be one of {sorted(_RECIPES)}, got {self.recipe!r}")
+        if self.recipe == "reference" and self.codebook_iters:
+            raise ValueError(f"UniSVQConfig.codebook_iters must be 0 with recipe='reference' (its grid is fixed), "
+                             f"got {self.codebook_iters!r}")
+        for name, value in _RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         checks = (("damp", self.damp >= 0), ("refine_passes", self.refine_passes >= 0),
                   ("codebook_iters", self.codebook_iters >= 0), ("ft_epochs", self.ft_epochs >= 0),
                   ("ft_lr", self.ft_lr >= 0), ("ft_norm_lr", self.ft_norm_lr >= 0),
-                  ("ft_patience", self.ft_patience >= 1), ("ft_holdout", 0 < self.ft_holdout < 1))
+                  ("ft_patience", self.ft_patience >= 1), ("ft_holdout", 0 < self.ft_holdout < 1),
+                  ("e2e_epochs", self.e2e_epochs >= 0), ("e2e_lr", self.e2e_lr >= 0),
+                  ("e2e_norm_lr", self.e2e_norm_lr >= 0))
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"UniSVQConfig.{name} is out of range: {getattr(self, name)!r}")
@@ -475,6 +526,10 @@ class UniSVQConfig(QuantConfig):
             raise ValueError(f"UniSVQConfig.ft_target must be 'model' or 'block', got {self.ft_target!r}")
         if self.scale_dtype not in (torch.float16, torch.float32):
             raise TypeError(f"UniSVQConfig.scale_dtype must be torch.float16 or torch.float32, got {self.scale_dtype}")
+
+    @property
+    def _reference(self) -> bool:
+        return self.recipe == "reference"
 
     # ---- one layer ----------------------------------------------------
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None = None,
@@ -492,8 +547,11 @@ class UniSVQConfig(QuantConfig):
         gen = torch.Generator().manual_seed(seed)
         had_in, had_out = default_block(k, self.hadamard_block), default_block(n, self.hadamard_block)
         s_in, s_out = random_signs(k, gen), random_signs(n, gen)
-        row_rms = w.square().mean(dim=1).sqrt()
-        row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
+        if self._reference:
+            row_rms = torch.ones(n)
+        else:
+            row_rms = w.square().mean(dim=1).sqrt()
+            row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
         # su/sv as stored, so that the fit sees exactly the scales the layer will apply.
         su = _storage(s_in, self.scale_dtype)
         sv = _storage(s_out * row_rms, self.scale_dtype)
@@ -506,9 +564,14 @@ class UniSVQConfig(QuantConfig):
         hr.diagonal().add_(self.damp)
         hr = _positive_definite(hr)  # float32
 
-        a, b = grid_codebook(random_orthogonal(_VEC, gen))
-        # Start at the scale that suits a unit-variance grid on a Gaussian; the codebook fit corrects it.
-        w0 = float(wr.square().mean().sqrt()) / 0.9
+        rms = float(wr.square().mean().sqrt())
+        if self._reference:  # the fixed identity grid at RMS/0.83
+            a, b = grid_codebook(torch.eye(_VEC))
+            w0 = rms / _REFERENCE_SCALE
+        else:
+            a, b = grid_codebook(random_orthogonal(_VEC, gen))
+            # Start at the scale that suits a unit-variance grid on a Gaussian; the codebook fit corrects it.
+            w0 = rms / 0.9
         a, b = (w0 * a).double(), (w0 * b).double()  # the codebook including its scale, until the end
         cb = codebook(a, b).float()
         codes, _, loss = _refine(wr, hr, cb, ldlq(wr, hr, cb), self.refine_passes)
@@ -538,7 +601,9 @@ class UniSVQConfig(QuantConfig):
             self._apply(model, targets, calibration_data, swap, progress)
 
     def mutated_tensors(self, model, targets) -> list[torch.Tensor]:
-        """The norms of the transformer blocks, which block fine-tuning trains."""
+        """The norms that fine-tuning trains: the blocks' (block stage), the whole model's (end to end)."""
+        if self.e2e_epochs > 0:
+            return _norm_parameters(model)
         if not (self.finetune and self.ft_epochs > 0):
             return []
         return [p for block in blockwise.find_blocks(model, targets)[1] for p in _norm_parameters(block)]
@@ -552,54 +617,85 @@ class UniSVQConfig(QuantConfig):
             return
         if self.finetune and not blockwise.find_blocks(model, targets)[1]:
             log.warning("unisvq: no repeated transformer blocks found; quantizing without block fine-tuning")
-        self.run_blocks(model, targets, data, swap, progress)
+        final_fp = _final_hidden_states(model, data, progress) if self.e2e_epochs > 0 else None
+        layers = {}
+
+        def swap_and_keep(fqn, packed):
+            layers[fqn] = swap(fqn, packed)
+            return layers[fqn]
+
+        self.run_blocks(model, targets, data, swap_and_keep, progress)
+        if final_fp is not None:
+            self._finetune_e2e(model, layers, data, final_fp, progress)
 
     def run_blocks(self, model, targets, data, swap, progress, **hooks) -> None:
         """:func:`blockwise.run` with UniSVQ's per-block step (``hooks``: its ``load_block`` /
         ``release_block``, for :mod:`pyquant.streaming`)."""
         finetune = self.finetune and self.ft_epochs > 0
-        n_hold = max(1, round(len(data) * self.ft_holdout)) if len(data) > 1 else 0
+        n_hold = _holdout_size(len(data), self.ft_holdout)
 
         def quantize_block(index, block, names, inputs, y_fp):
-            """Hessians on the block's (quantized-prefix) inputs, then quantize and swap its layers
-            one by one, then fine-tune the block towards ``y_fp`` (the fp model's outputs of this
-            block) or, when None, towards the fp block's outputs on the same inputs. (Collecting each
-            layer's Hessian with the layers before it in the block already quantized, GPTQ's "true
+            """Hessians on the block's inputs, then quantize and swap its layers one by one, then
+            fine-tune the block towards ``y_fp`` (the fp model's outputs of this block) or, when
+            None, towards the fp block's outputs on the same inputs. (Collecting each layer's
+            Hessian with the layers before it in the block already quantized, GPTQ's "true
             sequential", was measured no better on MiniLM: mean cosine 0.9112 vs 0.9121, and slower.)"""
             hess, y_block = blockwise.block_hessians(block, names, inputs, want_outputs=finetune and y_fp is None)
             layers = {}
             for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
                 layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
             if finetune:
-                self._finetune(model, block, layers, inputs, y_fp if y_fp is not None else y_block, n_hold, index,
-                               progress)
+                y = y_fp if y_fp is not None else y_block
+                self._finetune(model, block, layers, lambda i: inputs[i](block), y, [inp.mask for inp in inputs],
+                               n_hold, seed=self.seed * 7919 + index, epochs=self.ft_epochs,
+                               lrs=(self.ft_lr, self.ft_norm_lr), desc=f"block {index} fine-tune", progress=progress)
 
         def quantize_leftover(fqn, linear, hessian):
             swap(fqn, self.quantize_weight(linear.weight, hessian, seed=self._seed(fqn)))
 
         with _num_threads(self.threads):
             blockwise.run(model, targets, data, quantize_block, quantize_leftover, method="unisvq",
-                          fp_trajectory=finetune and self.ft_target == "model", progress=progress, **hooks)
+                          fp_trajectory=finetune and self.ft_target == "model", fp_inputs=self._reference,
+                          progress=progress, **hooks)
 
     def _seed(self, fqn: str) -> int:
         """A per-layer seed: layers get independent signs, and a layer's result
         does not depend on which other layers are selected."""
         return (self.seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**31)
 
-    def _finetune(self, model, block, layers, inputs, targets_fp, n_hold, index, progress):
-        """Adam on the block's quantization scales, codebooks and norms, codes
-        frozen. After each epoch the held-out loss decides: a better state is kept;
-        otherwise training goes back to the best state with halved learning rates
-        (a rate too high for this block costs an epoch, not the block), and stops
-        after ``ft_patience`` such epochs. The model is left consistent
-        (QuantLinears back in place, best values written) even when interrupted."""
-        gen = torch.Generator().manual_seed(self.seed * 7919 + index)
-        order = torch.randperm(len(inputs), generator=gen).tolist()
+    def _finetune_e2e(self, model, layers, data, final_fp, progress) -> None:
+        """The end-to-end stage: every quantized layer on the path to the final hidden states
+        (not the output head itself) and every norm of the model, towards ``final_fp``."""
+        head = _output_head(model)
+        on_path = {fqn: q for fqn, q in layers.items() if q is not head}
+        masks = [cal.batch_mask(batch) for batch in data]
+        with kernels.force_backend("torch"), _num_threads(self.threads):
+            self._finetune(model, model, on_path, lambda i: _final_hidden(model, data[i], i), final_fp, masks,
+                           _holdout_size(len(data), self.ft_holdout), seed=self.seed * 7919 - 1,
+                           epochs=self.e2e_epochs, lrs=(self.e2e_lr, self.e2e_norm_lr), desc="end-to-end fine-tune",
+                           progress=progress)
+
+    def _finetune(self, model, scope, layers, forward, targets_fp, masks, n_hold, *, seed, epochs, lrs, desc,
+                  progress):
+        """Adam on the quantization scales, codebooks (not with the reference recipe) and norms
+        of ``scope`` (a block, or the whole model), codes frozen, so that ``forward(i)`` matches
+        ``targets_fp[i]`` on calibration batch ``i`` (MSE over real tokens). After each epoch the
+        held-out loss decides: a better state is kept; otherwise training goes back to the best
+        state with halved learning rates (a rate too high costs an epoch, not the result), and
+        stops after ``ft_patience`` such epochs. The model is left consistent (QuantLinears back
+        in place, best values written) even when interrupted."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(targets_fp), generator=gen).tolist()
         hold, train = (order[:n_hold], order[n_hold:]) if n_hold else (order, order)
-        norm_params = _norm_parameters(block)
-        wrappers = {fqn: _TrainableQuant(q) for fqn, q in layers.items()}
-        wrap_params = [p for w in wrappers.values() for p in w.parameters()]
-        flags = {p: p.requires_grad for p in block.parameters()}
+        was_training = model.training
+        model.eval()  # no dropout: the targets come from the model in eval mode
+        norm_params = _norm_parameters(scope)
+        wrappers = {fqn: _TrainableQuant(q, train_codebook=not self._reference) for fqn, q in layers.items()}
+        wrap_params = [p for w in wrappers.values() for p in w.parameters() if p.requires_grad]
+        flags = {p: p.requires_grad for p in scope.parameters()}
+
+        def loss_on(i):
+            return blockwise.masked_mse(forward(i), targets_fp[i], masks[i])
 
         def snapshot():
             return [p.detach().clone() for p in wrap_params + norm_params]
@@ -611,32 +707,31 @@ class UniSVQConfig(QuantConfig):
 
         def held_out_loss() -> float:
             with torch.no_grad():
-                return sum(float(blockwise.masked_mse(inputs[i](block), targets_fp[i], inputs[i].mask)) for i in hold) / len(hold)
+                return sum(float(loss_on(i)) for i in hold) / len(hold)
 
         best_state = snapshot()
         try:
-            for p in block.parameters():
+            for p in scope.parameters():
                 p.requires_grad_(False)
             for fqn, wrap in wrappers.items():
                 _set_child(model, fqn, wrap)
             for p in norm_params:
                 p.requires_grad_(True)
-            lrs = [self.ft_lr, self.ft_norm_lr]
+            rates = list(lrs)
 
             def optimizer():
-                groups = [{"params": wrap_params, "lr": lrs[0]}]
+                groups = [{"params": wrap_params, "lr": rates[0]}]
                 if norm_params:
-                    groups.append({"params": norm_params, "lr": lrs[1]})
+                    groups.append({"params": norm_params, "lr": rates[1]})
                 return torch.optim.Adam(groups)
 
             opt = optimizer()
             best = start = held_out_loss()
             bad = 0
-            bar = tqdm(range(self.ft_epochs), desc=f"block {index} fine-tune", leave=False, disable=not progress)
+            bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
             for _ in bar:
                 for i in torch.randperm(len(train), generator=gen).tolist():
-                    j = train[i]
-                    loss = blockwise.masked_mse(inputs[j](block), targets_fp[j], inputs[j].mask)
+                    loss = loss_on(train[i])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -649,9 +744,9 @@ class UniSVQConfig(QuantConfig):
                 if bad >= self.ft_patience:
                     break
                 restore(best_state)
-                lrs = [lr / 2 for lr in lrs]
+                rates = [lr / 2 for lr in rates]
                 opt = optimizer()
-            log.info("unisvq block %d: held-out MSE %.4g -> %.4g", index, start, best)
+            log.info("unisvq %s: held-out MSE %.4g -> %.4g", desc, start, best)
         finally:
             restore(best_state)
             with torch.no_grad():
@@ -660,6 +755,51 @@ class UniSVQConfig(QuantConfig):
                     _set_child(model, fqn, layers[fqn])
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+            model.train(was_training)
+
+
+def _holdout_size(batches: int, share: float) -> int:
+    """Calibration batches held out for early stopping: at least one, none with a single batch."""
+    return max(1, round(batches * share)) if batches > 1 else 0
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (a transformers model's ``get_output_embeddings()``), if any."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _final_hidden(model: nn.Module, batch, index: int) -> torch.Tensor:
+    """The model's final hidden states on one batch: the input of its output head when it has
+    one (a causal LM's logits would be vocabulary-wide), else its ``last_hidden_state``, else the
+    output itself (a tensor, or the first tensor of a tuple)."""
+    head = _output_head(model)
+    if head is not None:
+        seen = []
+        handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            cal.run_model(model, batch, index)
+        finally:
+            handle.remove()
+        if seen:
+            return seen[-1]
+    out = cal.run_model(model, batch, index)
+    last = getattr(out, "last_hidden_state", None)
+    return last if isinstance(last, torch.Tensor) else blockwise.hidden_state(out)
+
+
+@torch.no_grad()
+def _final_hidden_states(model: nn.Module, data: list, progress: bool) -> list[torch.Tensor]:
+    """The full-precision model's final hidden states on every calibration batch (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [_final_hidden(model, batch, i).detach()
+                for i, batch in enumerate(tqdm(data, desc="unisvq end-to-end targets", leave=False,
+                                               disable=not progress))]
+    finally:
+        model.train(was_training)
 
 
 def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
