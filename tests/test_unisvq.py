@@ -14,7 +14,7 @@ from pyquant.quantizers.blockwise import find_blocks
 from pyquant.quantizers.rtn import RTNConfig
 from pyquant.quantizers.unisvq import (UniSVQConfig, _TrainableQuant, block_ldl, fit_codebook, ldlq,
                                        nearest_codeword, proxy_loss, refine, rotate_weight,
-                                       round_to_nearest)
+                                       round_to_nearest, _input_groups)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -319,6 +319,26 @@ def test_end_to_end_finetuning_lowers_the_held_out_error_and_keeps_the_codes(tin
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_sequential_finetuning_quantizes_groups_in_order_and_beats_one_finetuning(tiny_runs):
+    ref, data, runs = tiny_runs
+    held_out = _tiny_data(9)[6:]
+    model = _tiny_bert()
+    linears = {n: m for n, m in model.encoder.layer[0].named_modules() if isinstance(m, nn.Linear)}
+    hess = collect_hessians(model.encoder.layer[0], linears, [torch.randn(2, 5, 64) for _ in range(2)])
+    assert _input_groups(list(linears), hess) == [
+        ["attention.self.query", "attention.self.key", "attention.self.value"], ["attention.output.dense"],
+        ["intermediate.dense"], ["output.dense"]]
+    pyquant.quantize_model(model, UniSVQConfig(ft_epochs=3, ft_sequential=True), filter_fn=_encoder,
+                           calibration_data=data, progress=False)
+    assert _output_error(model, ref, held_out) < _output_error(runs["model"], ref, held_out)
+    # The layers after the first group were trained in full precision before being quantized:
+    # their codes differ from the one-fine-tuning run's, the first group's do not.
+    first, last = "encoder.layer.0.attention.self.query", "encoder.layer.0.output.dense"
+    q_seq, q_one = pyquant.nn.quantized_layers(model), pyquant.nn.quantized_layers(runs["model"])
+    assert torch.equal(q_seq[first].codes, q_one[first].codes)
+    assert not torch.equal(q_seq[last].codes, q_one[last].codes)
+
+
 def test_reference_recipe_quantizes_each_block_from_full_precision_inputs():
     """recipe='reference': a later block's layer gets the fp model's Hessian (so, without
     fine-tuning, exactly quantize_weight of the fp weight and fp Hessian); its block fine-tuning
@@ -350,7 +370,7 @@ def test_checkpoint_round_trip(tiny_runs, tmp_path):
         torch.testing.assert_close(loaded(**data[0]).last_hidden_state, runs["model"](**data[0]).last_hidden_state)
 
 
-@pytest.mark.parametrize("stage", ["block", "end-to-end"])
+@pytest.mark.parametrize("stage", ["block", "sequential", "end-to-end"])
 def test_interrupt_during_finetuning_leaves_the_model_as_it_was(monkeypatch, stage):
     model, data = _tiny_bert(), _tiny_data()
     fresh = _tiny_bert()
@@ -359,17 +379,20 @@ def test_interrupt_during_finetuning_leaves_the_model_as_it_was(monkeypatch, sta
 
     def step(self, *a, **k):
         calls["n"] += 1
-        # 5 training batches per epoch: step 8 is in the second block's fine-tuning, step 18 in the
-        # end-to-end stage (after 3 blocks x 1 epoch)
-        if calls["n"] == (8 if stage == "block" else 18):
+        # 5 training batches per epoch: step 8 is in the second block's fine-tuning, or (sequential)
+        # in the first block's second one, after the first trained the fp weights of its o, up and
+        # down projections; step 18 is in the end-to-end stage (after 3 blocks x 1 epoch)
+        if calls["n"] == at:
             raise KeyboardInterrupt
         return real_step(self, *a, **k)
 
+    at = 18 if stage == "end-to-end" else 8
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     with pytest.raises(KeyboardInterrupt):
-        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=1, e2e_epochs=2 if stage == "end-to-end" else 0),
+        pyquant.quantize_model(model, UniSVQConfig(ft_epochs=1, e2e_epochs=2 if stage == "end-to-end" else 0,
+                                                   ft_sequential=stage == "sequential"),
                                filter_fn=_encoder, calibration_data=data, progress=False)
-    assert calls["n"] == (8 if stage == "block" else 18)
+    assert calls["n"] == at
     # All or nothing: the model is exactly as before (block 0 was quantized and its norms fine-tuned)
     assert not any(isinstance(m, (_TrainableQuant, pyquant.QuantLinear)) for m in model.modules())
     assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]

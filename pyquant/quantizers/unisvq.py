@@ -463,6 +463,11 @@ class UniSVQConfig(QuantConfig):
             block, so each block also corrects the error that reaches it; or
             ``"block"``, the full-precision block applied to the same inputs. (The
             reference recipe feeds each block the full-precision inputs, where both are one.)
+        ft_sequential: fine-tune after each group of a block's layers that share an input
+            (q/k/v, then o, then up/gate, then down) rather than once after all of them, the
+            block's not-yet-quantized layers' full-precision weights and biases trained too (at
+            ``ft_norm_lr``), so later layers are quantized after adapting to the earlier ones'
+            error (QuIP#'s order). About one block fine-tuning per group.
         e2e_epochs: most epochs of end-to-end fine-tuning after all blocks are quantized
             (0: none): the ``su``/``sv``/``w_scale`` gains, ``A``, ``b`` of every quantized layer
             and every norm of the model trained together, codes frozen, so that the model's
@@ -492,6 +497,7 @@ class UniSVQConfig(QuantConfig):
     ft_patience: int = 2
     ft_holdout: float = 0.125
     ft_target: str = "model"
+    ft_sequential: bool = False
     e2e_epochs: int = 0
     e2e_lr: float = 1e-3
     e2e_norm_lr: float = 1e-4
@@ -601,12 +607,17 @@ class UniSVQConfig(QuantConfig):
             self._apply(model, targets, calibration_data, swap, progress)
 
     def mutated_tensors(self, model, targets) -> list[torch.Tensor]:
-        """The norms that fine-tuning trains: the blocks' (block stage), the whole model's (end to end)."""
+        """What fine-tuning trains in place: the norms of the blocks (block stage) or of the whole
+        model (end to end), and with ``ft_sequential`` the selected layers' own weights and biases."""
+        finetune = self.finetune and self.ft_epochs > 0
+        out = []
+        if finetune and self.ft_sequential:
+            out += [p for linear in targets.values() for p in linear.parameters()]
         if self.e2e_epochs > 0:
-            return _norm_parameters(model)
-        if not (self.finetune and self.ft_epochs > 0):
-            return []
-        return [p for block in blockwise.find_blocks(model, targets)[1] for p in _norm_parameters(block)]
+            return out + _norm_parameters(model)
+        if not finetune:
+            return out
+        return out + [p for block in blockwise.find_blocks(model, targets)[1] for p in _norm_parameters(block)]
 
     def _apply(self, model, targets, calibration_data, swap, progress) -> None:
         for fqn, linear in targets.items():  # every weight before any work, named
@@ -641,14 +652,20 @@ class UniSVQConfig(QuantConfig):
             Hessian with the layers before it in the block already quantized, GPTQ's "true
             sequential", was measured no better on MiniLM: mean cosine 0.9112 vs 0.9121, and slower.)"""
             hess, y_block = blockwise.block_hessians(block, names, inputs, want_outputs=finetune and y_fp is None)
+            y = y_fp if y_fp is not None else y_block
+            groups = _input_groups(list(names), hess) if finetune and self.ft_sequential else [list(names)]
             layers = {}
-            for fqn in tqdm(list(names), desc=f"block {index} layers", leave=False, disable=not progress):
-                layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn), seed=self._seed(fqn)))
-            if finetune:
-                y = y_fp if y_fp is not None else y_block
-                self._finetune(model, block, layers, lambda i: inputs[i](block), y, [inp.mask for inp in inputs],
-                               n_hold, seed=self.seed * 7919 + index, epochs=self.ft_epochs,
-                               lrs=(self.ft_lr, self.ft_norm_lr), desc=f"block {index} fine-tune", progress=progress)
+            for g, group in enumerate(groups):
+                for fqn in tqdm(group, desc=f"block {index} layers", leave=False, disable=not progress):
+                    layers[fqn] = swap(fqn, self.quantize_weight(names[fqn].weight, hess.pop(fqn),
+                                                                 seed=self._seed(fqn)))
+                if finetune:
+                    # the not-yet-quantized layers of the block adapt too (ft_sequential only)
+                    later = [p for fqn in sum(groups[g + 1:], []) for p in names[fqn].parameters()]
+                    self._finetune(model, block, layers, lambda i: inputs[i](block), y, [inp.mask for inp in inputs],
+                                   n_hold, seed=self.seed * 7919 + index + 104729 * g, epochs=self.ft_epochs,
+                                   lrs=(self.ft_lr, self.ft_norm_lr), desc=f"block {index} fine-tune",
+                                   progress=progress, extra_params=later)
 
         def quantize_leftover(fqn, linear, hessian):
             swap(fqn, self.quantize_weight(linear.weight, hessian, seed=self._seed(fqn)))
@@ -676,20 +693,21 @@ class UniSVQConfig(QuantConfig):
                            progress=progress)
 
     def _finetune(self, model, scope, layers, forward, targets_fp, masks, n_hold, *, seed, epochs, lrs, desc,
-                  progress):
+                  progress, extra_params=()):
         """Adam on the quantization scales, codebooks (not with the reference recipe) and norms
         of ``scope`` (a block, or the whole model), codes frozen, so that ``forward(i)`` matches
         ``targets_fp[i]`` on calibration batch ``i`` (MSE over real tokens). After each epoch the
         held-out loss decides: a better state is kept; otherwise training goes back to the best
         state with halved learning rates (a rate too high costs an epoch, not the result), and
         stops after ``ft_patience`` such epochs. The model is left consistent (QuantLinears back
-        in place, best values written) even when interrupted."""
+        in place, best values written) even when interrupted. ``extra_params`` (full-precision
+        weights of ``scope``) train with the norms' learning rate."""
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(targets_fp), generator=gen).tolist()
         hold, train = (order[:n_hold], order[n_hold:]) if n_hold else (order, order)
         was_training = model.training
         model.eval()  # no dropout: the targets come from the model in eval mode
-        norm_params = _norm_parameters(scope)
+        norm_params = _norm_parameters(scope) + list(extra_params)
         wrappers = {fqn: _TrainableQuant(q, train_codebook=not self._reference) for fqn, q in layers.items()}
         wrap_params = [p for w in wrappers.values() for p in w.parameters() if p.requires_grad]
         flags = {p: p.requires_grad for p in scope.parameters()}
@@ -756,6 +774,18 @@ class UniSVQConfig(QuantConfig):
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             model.train(was_training)
+
+
+def _input_groups(names: list[str], hess: dict[str, torch.Tensor]) -> list[list[str]]:
+    """``names`` in order, consecutive layers that read the same input (equal Hessians: q/k/v,
+    gate/up) in one group."""
+    groups: list[list[str]] = []
+    for fqn in names:
+        if groups and torch.equal(hess[groups[-1][-1]], hess[fqn]):
+            groups[-1].append(fqn)
+        else:
+            groups.append([fqn])
+    return groups
 
 
 def _holdout_size(batches: int, share: float) -> int:
