@@ -168,6 +168,10 @@ def test_recipes_fill_in_their_defaults_and_keep_what_is_given():
     assert (ref.refine_passes, ref.codebook_iters, ref.ft_epochs, ref.ft_lr, ref.ft_norm_lr) == (10, 0, 1, 5e-4, 5e-5)
     assert UniSVQConfig(recipe="reference", ft_epochs=3).ft_epochs == 3
     assert ref.to_dict()["recipe"] == "reference" and ref.to_dict()["refine_passes"] == 10
+    best = UniSVQConfig.best(seed=3)
+    assert best.ft_sequential and best.ft_norm_lr == 1e-3 and best.seed == 3 and best.recipe == "pyquant"
+    from pyquant import cli
+    assert cli._config("best") == UniSVQConfig.best() and cli._config("unisvq") == UniSVQConfig()
 
 
 def test_reference_recipe_uses_the_fixed_grid_and_sign_scales(minilm_hessians):
@@ -359,6 +363,20 @@ def test_reference_recipe_quantizes_each_block_from_full_precision_inputs():
             assert torch.equal(getattr(plain[f], name), getattr(tuned[f], name)), (f, name)
     assert any(not torch.equal(plain[f].su, tuned[f].su) for f in plain)
     assert any(not torch.equal(plain[f].sv, tuned[f].sv) for f in plain)
+
+
+@pytest.mark.parametrize("config", [UniSVQConfig.best(ft_epochs=2, e2e_epochs=2), UniSVQConfig(recipe="reference")],
+                         ids=["best+e2e", "reference"])
+def test_every_recipe_is_deterministic(config):
+    """The same seed: bit-identical codes, scales, codebooks and norms (sequential and end-to-end
+    fine-tuning, the reference recipe)."""
+    data = _tiny_data()
+    a, b = (pyquant.quantize_model(_tiny_bert(), config, filter_fn=_encoder, calibration_data=data, progress=False)
+            for _ in range(2))
+    sd1, sd2 = a.state_dict(), b.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
 
 
 def test_checkpoint_round_trip(tiny_runs, tmp_path):

@@ -466,8 +466,9 @@ class UniSVQConfig(QuantConfig):
         ft_sequential: fine-tune after each group of a block's layers that share an input
             (q/k/v, then o, then up/gate, then down) rather than once after all of them, the
             block's not-yet-quantized layers' full-precision weights and biases trained too (at
-            ``ft_norm_lr``), so later layers are quantized after adapting to the earlier ones'
+            ``ft_weight_lr``), so later layers are quantized after adapting to the earlier ones'
             error (QuIP#'s order). About one block fine-tuning per group.
+        ft_weight_lr: Adam learning rate of those full-precision weights and biases.
         e2e_epochs: most epochs of end-to-end fine-tuning after all blocks are quantized
             (0: none): the ``su``/``sv``/``w_scale`` gains, ``A``, ``b`` of every quantized layer
             and every norm of the model trained together, codes frozen, so that the model's
@@ -498,6 +499,7 @@ class UniSVQConfig(QuantConfig):
     ft_holdout: float = 0.125
     ft_target: str = "model"
     ft_sequential: bool = False
+    ft_weight_lr: float = 1e-3
     e2e_epochs: int = 0
     e2e_lr: float = 1e-3
     e2e_norm_lr: float = 1e-4
@@ -519,7 +521,7 @@ class UniSVQConfig(QuantConfig):
                   ("codebook_iters", self.codebook_iters >= 0), ("ft_epochs", self.ft_epochs >= 0),
                   ("ft_lr", self.ft_lr >= 0), ("ft_norm_lr", self.ft_norm_lr >= 0),
                   ("ft_patience", self.ft_patience >= 1), ("ft_holdout", 0 < self.ft_holdout < 1),
-                  ("e2e_epochs", self.e2e_epochs >= 0), ("e2e_lr", self.e2e_lr >= 0),
+                  ("ft_weight_lr", self.ft_weight_lr >= 0), ("e2e_epochs", self.e2e_epochs >= 0), ("e2e_lr", self.e2e_lr >= 0),
                   ("e2e_norm_lr", self.e2e_norm_lr >= 0))
         for name, ok in checks:
             if not ok:
@@ -532,6 +534,13 @@ class UniSVQConfig(QuantConfig):
             raise ValueError(f"UniSVQConfig.ft_target must be 'model' or 'block', got {self.ft_target!r}")
         if self.scale_dtype not in (torch.float16, torch.float32):
             raise TypeError(f"UniSVQConfig.scale_dtype must be torch.float16 or torch.float32, got {self.scale_dtype}")
+
+    @classmethod
+    def best(cls, **overrides) -> "UniSVQConfig":
+        """The recipe of the MiniLM quality table's best row (README, ``benchmarks/minilm_quality.py``):
+        sequential block fine-tuning (``ft_sequential``) with the norms at the weights' rate
+        (1e-3). About 4x the block fine-tuning time of the defaults. ``overrides``: any field."""
+        return cls(**{"ft_sequential": True, "ft_norm_lr": 1e-3, **overrides})
 
     @property
     def _reference(self) -> bool:
@@ -664,8 +673,8 @@ class UniSVQConfig(QuantConfig):
                     later = [p for fqn in sum(groups[g + 1:], []) for p in names[fqn].parameters()]
                     self._finetune(model, block, layers, lambda i: inputs[i](block), y, [inp.mask for inp in inputs],
                                    n_hold, seed=self.seed * 7919 + index + 104729 * g, epochs=self.ft_epochs,
-                                   lrs=(self.ft_lr, self.ft_norm_lr), desc=f"block {index} fine-tune",
-                                   progress=progress, extra_params=later)
+                                   lrs=(self.ft_lr, self.ft_norm_lr, self.ft_weight_lr),
+                                   desc=f"block {index} fine-tune", progress=progress, weights=later)
 
         def quantize_leftover(fqn, linear, hessian):
             swap(fqn, self.quantize_weight(linear.weight, hessian, seed=self._seed(fqn)))
@@ -693,34 +702,37 @@ class UniSVQConfig(QuantConfig):
                            progress=progress)
 
     def _finetune(self, model, scope, layers, forward, targets_fp, masks, n_hold, *, seed, epochs, lrs, desc,
-                  progress, extra_params=()):
+                  progress, weights=()):
         """Adam on the quantization scales, codebooks (not with the reference recipe) and norms
         of ``scope`` (a block, or the whole model), codes frozen, so that ``forward(i)`` matches
         ``targets_fp[i]`` on calibration batch ``i`` (MSE over real tokens). After each epoch the
         held-out loss decides: a better state is kept; otherwise training goes back to the best
         state with halved learning rates (a rate too high costs an epoch, not the result), and
         stops after ``ft_patience`` such epochs. The model is left consistent (QuantLinears back
-        in place, best values written) even when interrupted. ``extra_params`` (full-precision
-        weights of ``scope``) train with the norms' learning rate."""
+        in place, best values written) even when interrupted. ``lrs``: the learning rates of the
+        quantized layers' parameters, of the norms and of ``weights`` (full-precision weights of
+        ``scope``, trained too)."""
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(targets_fp), generator=gen).tolist()
         hold, train = (order[:n_hold], order[n_hold:]) if n_hold else (order, order)
         was_training = model.training
         model.eval()  # no dropout: the targets come from the model in eval mode
-        norm_params = _norm_parameters(scope) + list(extra_params)
+        norm_params = _norm_parameters(scope)
+        weights = list(weights)
         wrappers = {fqn: _TrainableQuant(q, train_codebook=not self._reference) for fqn, q in layers.items()}
         wrap_params = [p for w in wrappers.values() for p in w.parameters() if p.requires_grad]
+        trained = wrap_params + norm_params + weights
         flags = {p: p.requires_grad for p in scope.parameters()}
 
         def loss_on(i):
             return blockwise.masked_mse(forward(i), targets_fp[i], masks[i])
 
         def snapshot():
-            return [p.detach().clone() for p in wrap_params + norm_params]
+            return [p.detach().clone() for p in trained]
 
         def restore(state):
             with torch.no_grad():
-                for p, v in zip(wrap_params + norm_params, state):
+                for p, v in zip(trained, state):
                     p.copy_(v)
 
         def held_out_loss() -> float:
@@ -733,14 +745,13 @@ class UniSVQConfig(QuantConfig):
                 p.requires_grad_(False)
             for fqn, wrap in wrappers.items():
                 _set_child(model, fqn, wrap)
-            for p in norm_params:
+            for p in norm_params + weights:
                 p.requires_grad_(True)
             rates = list(lrs)
 
             def optimizer():
-                groups = [{"params": wrap_params, "lr": rates[0]}]
-                if norm_params:
-                    groups.append({"params": norm_params, "lr": rates[1]})
+                groups = [{"params": params, "lr": lr} for params, lr in zip((wrap_params, norm_params, weights), rates)
+                          if params]
                 return torch.optim.Adam(groups)
 
             opt = optimizer()
