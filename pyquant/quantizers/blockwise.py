@@ -15,6 +15,8 @@ it, already quantized (so a block's Hessians and fine-tuning see the error that 
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import torch
@@ -114,6 +116,22 @@ class _Stop(BaseException):
     """Ends a capture forward at the first block (a BaseException: nothing on the way catches it)."""
 
 
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module):
+    """A transformers decoder's ``config.use_cache`` off for a while: it would hand its blocks a KV
+    cache that fills up call after call, where each calibration forward must be of its batch alone
+    (captured block inputs replayable any number of times, fine-tuning forwards independent)."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache:
+            config.use_cache = use_cache
+
+
 @torch.no_grad()
 def capture(model: nn.Module, targets: dict[str, nn.Module], first_block: nn.Module | None,
             leftovers: dict[str, nn.Module], data: list, progress: bool = True, desc: str = "calibration",
@@ -133,14 +151,8 @@ def capture(model: nn.Module, targets: dict[str, nn.Module], first_block: nn.Mod
             raise _Stop
 
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True) if first_block is not None else None
-    # A transformers decoder would hand its blocks a KV cache that fills up call after call:
-    # the captured inputs must be of the calibration batch alone, replayable any number of times.
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    if use_cache:
-        config.use_cache = False
     try:
-        with cal.HessianCollector(leftovers) as col, cal.FiniteCheck(targets) as check:
+        with no_kv_cache(model), cal.HessianCollector(leftovers) as col, cal.FiniteCheck(targets) as check:
             for i, batch in enumerate(tqdm(data, desc=desc, leave=False, disable=not progress)):
                 state["mask"] = col.mask = check.mask = cal.batch_mask(batch)
                 col.batch_index = check.batch_index = i
@@ -160,8 +172,6 @@ def capture(model: nn.Module, targets: dict[str, nn.Module], first_block: nn.Mod
     finally:
         if handle is not None:
             handle.remove()
-        if use_cache:
-            config.use_cache = use_cache
     return inputs, h_left
 
 

@@ -32,8 +32,13 @@ swapped in, and the block is fine-tuned (``su``, ``sv``, ``A``, ``b``,
 held-out calibration batches) to minimise the MSE between its output and the
 full-precision output (by default the fp model's output of that block, so a
 block also corrects the error that reaches it; ``ft_target="block"``: the fp
-block on the same inputs). Selected layers outside the blocks are quantized
-last, from Hessians of the full-precision model. While fitting, quantized
+block on the same inputs). With ``ft_sequential`` the block is instead quantized
+group by group (layers sharing an input), fine-tuned after each group with the
+later groups' full-precision weights trained too. Selected layers outside the
+blocks are quantized last, from Hessians of the full-precision model. With
+``e2e_epochs`` the whole quantized model is then fine-tuned towards the fp
+model's final hidden states. ``recipe="reference"`` feeds every block the fp
+model's inputs instead (the UniSVQ release's order). While fitting, quantized
 layers run on the torch reference math, so results do not depend on the kernels.
 
 References: QuIP# (LDLQ, incoherence) and the UniSVQ release (AI9Stars/UniSVQ).
@@ -695,7 +700,7 @@ class UniSVQConfig(QuantConfig):
         head = _output_head(model)
         on_path = {fqn: q for fqn, q in layers.items() if q is not head}
         masks = [cal.batch_mask(batch) for batch in data]
-        with kernels.force_backend("torch"), _num_threads(self.threads):
+        with kernels.force_backend("torch"), _num_threads(self.threads), blockwise.no_kv_cache(model):
             self._finetune(model, model, on_path, lambda i: _final_hidden(model, data[i], i), final_fp, masks,
                            _holdout_size(len(data), self.ft_holdout), seed=self.seed * 7919 - 1,
                            epochs=self.e2e_epochs, lrs=(self.e2e_lr, self.e2e_norm_lr), desc="end-to-end fine-tune",
@@ -836,9 +841,10 @@ def _final_hidden_states(model: nn.Module, data: list, progress: bool) -> list[t
     was_training = model.training
     model.eval()
     try:
-        return [_final_hidden(model, batch, i).detach()
-                for i, batch in enumerate(tqdm(data, desc="unisvq end-to-end targets", leave=False,
-                                               disable=not progress))]
+        with blockwise.no_kv_cache(model):
+            return [_final_hidden(model, batch, i).detach()
+                    for i, batch in enumerate(tqdm(data, desc="unisvq end-to-end targets", leave=False,
+                                                   disable=not progress))]
     finally:
         model.train(was_training)
 
