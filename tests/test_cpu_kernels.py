@@ -215,7 +215,7 @@ def test_bad_inputs_raise_clear_errors():
         run(x, pw, mode="int4")
     with pytest.raises(ValueError, match="algo"):
         run(x, pw, algo="fast")
-    for isa in sorted({"scalar", "avx2", "avx512", "neon"} - set(ISAS)):
+    for isa in sorted({"scalar", "avx2", "avx512", "amx", "neon"} - set(ISAS)):
         # a set this build has but this CPU lacks, or one of another architecture
         with pytest.raises(ValueError, match=f"isa '{isa}' is not supported by this CPU|in this build, got '{isa}'"):
             run(x, pw, isa=isa)

@@ -1,5 +1,5 @@
 // The contract between the generic driver (qlinear.cpp) and the ISA-specific inner kernels
-// (kernels_scalar.cpp everywhere; kernels_avx2.cpp and kernels_avx512.cpp on x86-64,
+// (kernels_scalar.cpp everywhere; kernels_avx2.cpp, kernels_avx512.cpp and kernels_amx.cpp on x86-64,
 // kernels_neon.cpp on AArch64; kernel_table.cpp lists them).
 //
 // Plain C++ only. The ISA files include this header before their `#pragma GCC target(...)`, so its
@@ -108,6 +108,8 @@ void float_plane_avx2(const FloatArgs& a, int64_t n0, int64_t n1);
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1);
 void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1);  // natural layout, M > kGemvMaxTokens
 void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1);
+
+void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1);  // plane layout, every batch size
 
 void int_plane_neon(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_neon(const FloatArgs& a, int64_t n0, int64_t n1);

@@ -3,6 +3,11 @@
 
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace pyquant {
 namespace cpu {
 namespace {
@@ -20,6 +25,24 @@ bool has_avx512_vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
+// AMX also needs the kernel's consent: Linux enables the 8 KB tile state per process, on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and kills a process that uses the tiles
+// without it. Asked once; a refusal (an old kernel, a hypervisor that hides the state) means no AMX.
+bool has_amx() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!has_avx512_vnni() || !__builtin_cpu_supports("gfni") || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-int8"))
+      return false;
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
 #endif
 
 const KernelSet kSets[] = {
@@ -27,6 +50,7 @@ const KernelSet kSets[] = {
 #if defined(__x86_64__)
     {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kPortableMath},
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
+    {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math},
 #endif
 #if defined(__aarch64__)
     // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.

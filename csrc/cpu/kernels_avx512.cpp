@@ -20,6 +20,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
+#include "avx512_transpose.h"
+
 namespace pyquant {
 namespace cpu {
 namespace {
@@ -207,31 +209,6 @@ inline __m512i expand_code(__m512i d) {
                                               _mm512_slli_epi32(d, 14), 0xFE);  // a | b | c
   return _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(d, 24), _mm512_set1_epi32(0x03030303),
                                    0xA8);  // (a | b) & c
-}
-
-// In-register transpose of a 16 x 16 dword matrix (v[r] lane c -> v[c] lane r).
-inline void transpose16(__m512i (&v)[16]) {
-  __m512i t[16], u[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
-    t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
-  }
-  for (int k = 0; k < 4; ++k) {  // u[4k + q], 128-bit lane L: rows 4k..4k+3 of column 4L + q
-    u[4 * k + 0] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
-    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
-    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
-    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {  // a 4 x 4 transpose of 128-bit lanes
-    const __m512i a = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44);
-    const __m512i b = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
-    const __m512i c = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
-    const __m512i d = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
-    v[q] = _mm512_shuffle_i32x4(a, c, 0x88);
-    v[4 + q] = _mm512_shuffle_i32x4(a, c, 0xDD);
-    v[8 + q] = _mm512_shuffle_i32x4(b, d, 0x88);
-    v[12 + q] = _mm512_shuffle_i32x4(b, d, 0xDD);
-  }
 }
 
 // buf[j][h][r] (dwords), j over all K4 chunks: the levels of code codes[16 h + r, j] for the

@@ -1,0 +1,37 @@
+// Shared by the AVX-512 kernel files (kernels_avx512.cpp, kernels_amx.cpp). Include it after the
+// file's `#pragma GCC target(...)`: it is compiled for that target. `static`: every file keeps its
+// own copy, so the linker can never hand an AVX-512 body to code built for another target.
+#pragma once
+
+#include <immintrin.h>
+
+namespace pyquant {
+namespace cpu {
+
+// In-register transpose of a 16 x 16 dword matrix (v[r] lane c -> v[c] lane r).
+static inline void transpose16(__m512i (&v)[16]) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4k + q], 128-bit lane L: rows 4k..4k+3 of column 4L + q
+    u[4 * k + 0] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512i a = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44);
+    const __m512i b = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
+    v[q] = _mm512_shuffle_i32x4(a, c, 0x88);
+    v[4 + q] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    v[8 + q] = _mm512_shuffle_i32x4(b, d, 0x88);
+    v[12 + q] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyquant

@@ -1,0 +1,246 @@
+// AMX kernel (AMX-TILE and AMX-INT8 with AVX-512 VNNI and GFNI: Sapphire Rapids and later Xeons).
+// Only called after kernel_table.cpp has checked the CPU and obtained the OS's permission to use
+// the tile registers; compiled for that ISA with a target pragma like kernels_avx512.cpp.
+//
+// One int kernel for every batch size, plane layout (kernel_api.h). A tile multiply (tdpbusd)
+// computes C[r][c] += sum_p A[r][p] * B[p/4][4c + p%4] for 16 x 64 unsigned bytes A and 16 x 64
+// signed bytes B: 16 rows x 16 tokens x 64 weights, 16384 multiply-adds per instruction, where
+// vpdpbusd does 64. Per group g (code bytes 64g .. 64g+63 of a row) and level plane i:
+//  - A = 16 rows' level i of the group's 64 code bytes, one byte per weight: cut out of the codes
+//    (one GFNI affine byte transform per plane) into a small buffer the tile is loaded from;
+//  - B = 16 tokens' plane i of group g (hi or lo), transposed as 16 x 16 dwords so that B[q][4c + j]
+//    is byte 4q + j of token c's plane: A's byte p meets the activation it multiplies. The
+//    activations are transposed once per call, not per row tile.
+// hi and lo get their own accumulators, combined as 256 * hi + lo on store (transposed back to
+// token-major), so the result is the same exact integer as every other kernel's.
+// One or two tokens keep the AVX-512 GEMV: it streams the codes at memory speed already, and a
+// tile multiply would waste 14 of its 16 columns.
+#include <cstdint>
+#include <cstdlib>
+
+#include "kernel_api.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,gfni,amx-tile,amx-int8")
+
+#include <immintrin.h>
+
+#include "avx512_transpose.h"
+
+namespace pyquant {
+namespace cpu {
+namespace {
+
+constexpr int kTokenBlock = 16;        // columns of the B and C tiles
+// Fewer tokens run the AVX-512 GEMV: cutting the levels costs about what vpdpbusd takes for two
+// tokens (4096 x 4096, Xeon with AMX, 1 thread: 0.46 vs 0.34 ms at 2 tokens; at 3 they tie).
+constexpr int64_t kMinTokens = 3;
+constexpr int64_t kRowTileAmx = 32;    // two A tiles share every B tile
+constexpr int64_t kTileBytes = 1024;   // one tile: 16 rows x 64 bytes
+constexpr int64_t kGroupTiles = 8;     // per group: 4 planes x (2 A tiles | hi and lo B tiles)
+// Token blocks per pass over the row tiles: their transposed activations (8 KB per group and
+// block) stay in L2 while the thread's row tiles go by.
+constexpr int64_t kActPassBytes = 1024 << 10;
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Tiles: 0-3 accumulators (hi and lo of rows 0-15, then of rows 16-31), 4-5 A (rows 0-15,
+// 16-31), 6-7 B (hi, lo). Every tile is 16 x 64 bytes: a block of fewer than 16 tokens has zero
+// columns (cheaper than reconfiguring the tiles per block).
+struct TileConfig {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {
+  alignas(64) TileConfig c = {};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// Field i of every byte (z_i = c >> (6 - 2i) & 3): one GF(2) affine transform whose matrix routes
+// bits 6-2i and 7-2i to bits 0 and 1 (qword byte 7 - b selects the inputs of output bit b).
+template <int I>
+inline __m512i level_field(__m512i c) {
+  if constexpr (I == 3) {
+    return _mm512_and_si512(c, _mm512_set1_epi8(3));
+  } else {
+    constexpr int s = 6 - 2 * I;
+    const __m512i m = _mm512_set1_epi64(static_cast<long long>((uint64_t(1) << s) << 56 | (uint64_t(1) << (s + 1)) << 48));
+    return _mm512_gf2p8affine_epi64_epi8(c, m, 0);
+  }
+}
+
+// A tiles of group g for rows [t0, t0 + rows) (rows <= 32; missing rows are level 0): tile
+// (i * 2 + h) of `dst` holds plane i of rows 16h .. 16h + 15.
+// The codes of the next row tile (32 rows, contiguous) are prefetched meanwhile, 32 lines per
+// group: the tile reads 32 short row segments at a time, too many streams for the hardware
+// prefetchers to follow from memory.
+void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* dst) {
+  const int64_t left = a.K4 - g * kGroupCodes;
+  const __mmask64 mask = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+  const uint8_t* next = a.codes + (t0 + kRowTileAmx) * a.K4 + g * kRowTileAmx * 64;
+#pragma GCC unroll 2
+  for (int64_t r = 0; r < kRowTileAmx; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * r), _MM_HINT_T0);
+    const __m512i c = r < rows ? _mm512_maskz_loadu_epi8(mask, a.codes + (t0 + r) * a.K4 + g * kGroupCodes)
+                               : _mm512_setzero_si512();
+    uint8_t* p = dst + (r / 16) * kTileBytes + (r % 16) * 64;
+    _mm512_store_si512(p + 0 * 2 * kTileBytes, level_field<0>(c));
+    _mm512_store_si512(p + 1 * 2 * kTileBytes, level_field<1>(c));
+    _mm512_store_si512(p + 2 * 2 * kTileBytes, level_field<2>(c));
+    _mm512_store_si512(p + 3 * 2 * kTileBytes, level_field<3>(c));
+  }
+}
+
+// B tiles of tokens [m0, m0 + mt) (mt <= 16; missing tokens are zero): tile (g * 4 + i) * 2 + s
+// of `dst` holds plane i of group g, hi (s = 0) or lo (s = 1), transposed.
+void transpose_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* dst) {
+  for (int64_t g = 0; g < a.G; ++g)
+    for (int i = 0; i < 4; ++i)
+      for (int s = 0; s < 2; ++s) {
+        __m512i v[16];
+        for (int t = 0; t < 16; ++t)
+          v[t] = t < mt ? _mm512_loadu_si512(a.act + (m0 + t) * a.act_stride + g * 512 + s * 256 + i * 64)
+                        : _mm512_setzero_si512();
+        transpose16(v);  // v[q] lane t: bytes 4q .. 4q + 3 of token t's plane
+        uint8_t* p = dst + ((g * 4 + i) * 2 + s) * kTileBytes;
+        for (int q = 0; q < 16; ++q) _mm512_store_si512(p + 64 * q, v[q]);
+      }
+}
+
+// C += the products of group g: A tiles from `levels` (cut_levels' layout), B tiles of the group
+// from `tokens` (transpose_tokens' layout).
+inline void multiply_group(const uint8_t* levels, const uint8_t* tokens) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _tile_loadd(4, levels + (2 * i) * kTileBytes, 64);
+    _tile_loadd(5, levels + (2 * i + 1) * kTileBytes, 64);
+    _tile_loadd(6, tokens + (2 * i) * kTileBytes, 64);
+    _tile_loadd(7, tokens + (2 * i + 1) * kTileBytes, 64);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+}
+
+// Writes V = 256 hi + lo of the accumulators for tokens [m0, m0 + mt) x rows [t0, t0 + rows).
+void store_tiles(const IntArgs& a, int64_t m0, int64_t mt, int64_t t0, int64_t rows) {
+  alignas(64) int32_t c[4][16][16];  // [hi0, lo0, hi1, lo1][row][token]
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  for (int h = 0; h < 2 && 16 * h < rows; ++h) {
+    const int valid = static_cast<int>(imin(16, rows - 16 * h));
+    const int64_t n = t0 + 16 * h;
+    if (!a.out32) {  // K > kInt32MaxK: 256 hi + lo needs 64 bits
+      for (int64_t t = 0; t < mt; ++t)
+        for (int r = 0; r < valid; ++r) a.out64[(m0 + t) * a.N + n + r] = 256 * int64_t(c[2 * h][r][t]) + c[2 * h + 1][r][t];
+      continue;
+    }
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r)
+      v[r] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c[2 * h][r]), 8), _mm512_load_si512(c[2 * h + 1][r]));
+    transpose16(v);  // v[t] lane r
+    const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+    for (int64_t t = 0; t < mt; ++t) _mm512_mask_storeu_epi32(a.out32 + (m0 + t) * a.N + n, mask, v[t]);
+  }
+}
+
+inline void save_accumulators(uint8_t* p) {
+  _tile_stored(0, p, 64);
+  _tile_stored(1, p + kTileBytes, 64);
+  _tile_stored(2, p + 2 * kTileBytes, 64);
+  _tile_stored(3, p + 3 * kTileBytes, 64);
+}
+
+inline void load_accumulators(const uint8_t* p) {
+  _tile_loadd(0, p, 64);
+  _tile_loadd(1, p + kTileBytes, 64);
+  _tile_loadd(2, p + 2 * kTileBytes, 64);
+  _tile_loadd(3, p + 3 * kTileBytes, 64);
+}
+
+inline void zero_accumulators() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// This thread's buffers (transposed activations, cut levels), grown on demand and kept: they
+// are the kernel's working memory, not something to allocate per call.
+struct Scratch {
+  uint8_t* p = nullptr;
+  int64_t bytes = 0;
+  ~Scratch() { std::free(p); }
+  uint8_t* get(int64_t need) {
+    if (need > bytes) {
+      std::free(p);
+      p = static_cast<uint8_t*>(std::aligned_alloc(64, need));
+      bytes = p ? need : 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch t_scratch;
+
+}  // namespace
+
+void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
+  const int64_t group_bytes = kGroupTiles * kTileBytes;
+  const int64_t blocks = (a.M + kTokenBlock - 1) / kTokenBlock;
+  const int64_t pass = imin(blocks, 1 + kActPassBytes / (a.G * group_bytes));  // token blocks per pass
+  // [pass][G] transposed token groups | levels of two groups | [pass] accumulator spills
+  const int64_t token_bytes = pass * a.G * group_bytes, spill_bytes = pass * 4 * kTileBytes;
+  uint8_t* scratch = a.M >= kMinTokens ? t_scratch.get(token_bytes + 2 * group_bytes + spill_bytes) : nullptr;
+  if (!scratch) {  // few tokens, or no memory for the buffers: the AVX-512 GEMV
+    int_plane_avx512(a, n0, n1);
+    return;
+  }
+  uint8_t* const levels = scratch + token_bytes;
+  uint8_t* const spill = levels + 2 * group_bytes;
+  configure_tiles();
+  for (int64_t b0 = 0; b0 < blocks; b0 += pass) {
+    const int64_t nb = imin(blocks, b0 + pass) - b0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t m = (b0 + b) * kTokenBlock;
+      transpose_tokens(a, m, imin(kTokenBlock, a.M - m), scratch + b * a.G * group_bytes);
+    }
+    // The levels are cut one group at a time, double-buffered so that the tile loads of group g
+    // do not wait for the stores of group g + 1. One block keeps its accumulators in the tiles;
+    // several take turns on each group, spilling their four accumulators (4 KB) in between.
+    for (int64_t t0 = n0; t0 < n1; t0 += kRowTileAmx) {
+      const int64_t rows = imin(kRowTileAmx, n1 - t0);
+      cut_levels(a, t0, rows, 0, levels);
+      for (int64_t g = 0; g < a.G; ++g) {
+        if (g + 1 < a.G) cut_levels(a, t0, rows, g + 1, levels + ((g + 1) & 1) * group_bytes);
+        for (int64_t b = 0; b < nb; ++b) {
+          if (g == 0) zero_accumulators();
+          else if (nb > 1) load_accumulators(spill + b * 4 * kTileBytes);
+          multiply_group(levels + (g & 1) * group_bytes, scratch + (b * a.G + g) * group_bytes);
+          if (g + 1 == a.G) {
+            const int64_t m = (b0 + b) * kTokenBlock;
+            store_tiles(a, m, imin(kTokenBlock, a.M - m), t0, rows);
+          } else if (nb > 1) {
+            save_accumulators(spill + b * 4 * kTileBytes);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace cpu
+}  // namespace pyquant
+
+#pragma GCC pop_options
