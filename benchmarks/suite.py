@@ -258,6 +258,32 @@ def int_vs_float(k: int, n: int, batches=(1, 32), min_time: float = 0.2) -> list
     return out
 
 
+# ----------------------------------------------------------------------------- kernel sets
+
+@torch.inference_mode()
+def compare_isas(shapes, batches, min_time: float = 0.2) -> list[dict]:
+    """The C++ kernel sets this CPU runs (``_C.supported_isas()`` minus the portable one), side by
+    side on the same 16 weights per shape: ms per call of ``cpu_linear`` forced to each set, int
+    mode, and that its outputs equal the first set's bit for bit (int mode's promise)."""
+    isas = [i for i in pyquant.ops._C.supported_isas() if i != "scalar"]
+    out = []
+    for k, n in shapes:
+        weights = [(w, w.su.float(), w.sv.float()) for w in (random_packed(k, n, seed=s) for s in range(N_WEIGHTS))]
+        for m in batches:
+            x = torch.randn(m, k)
+            calls, outputs = {}, {}
+            for isa in isas:
+                run = lambda x, t, isa=isa: torch.ops.pyquant.cpu_linear(  # noqa: E731
+                    x, t[0].codes, t[0].A, t[0].b, t[1], t[2], t[0].w_scale, None, t[0].had_in, t[0].had_out, isa=isa,
+                    mode="int")
+                calls[isa] = _pass(weights, run, x)
+                outputs[isa] = run(x, weights[0])
+            t = side_by_side(calls, min_time)
+            out.append({"in": k, "out": n, "batch": m, "ms": {i: t[i]["median"] * 1e3 for i in isas},
+                        "identical": all(torch.equal(outputs[isas[0]], outputs[i]) for i in isas)})
+    return out
+
+
 # ----------------------------------------------------------------------------- MiniLM
 
 @torch.inference_mode()
@@ -330,6 +356,17 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['in']} x {r['out']} | {r['batch']} | {_fmt(r['int_ms'])} | {_fmt(r['float_ms'])} | "
                          f"{r['float_ms'] / r['int_ms']:.2f} | {r['int_rel_err']:.1e} | {r['float_rel_err']:.1e} |")
         lines.append("")
+    if report.get("isas"):
+        isas = list(report["isas"][0]["ms"])
+        lines += ["## Kernel sets side by side (int mode, same weights, same rounds)", "",
+                  "| shape (in x out) | batch | " + " | ".join(f"{i} ms" for i in isas) + " | "
+                  + " | ".join(f"{isas[0]} / {i}" for i in isas[1:]) + " | outputs identical |",
+                  "|---|---:|" + "---:|" * (2 * len(isas) - 1) + "---|"]
+        for r in report["isas"]:
+            lines.append(f"| {r['in']} x {r['out']} | {r['batch']} | " + " | ".join(_fmt(r["ms"][i]) for i in isas)
+                         + " | " + " | ".join(f"{r['ms'][isas[0]] / r['ms'][i]:.2f}" for i in isas[1:])
+                         + f" | {'yes' if r['identical'] else 'NO'} |")
+        lines.append("")
     if report.get("minilm"):
         lines += ["## MiniLM (all-MiniLM-L6-v2) encode, 2-bit RTN encoder vs fp32", "",
                   "| batch | seq len | fp32 sentences/s | pyquant sentences/s | speed-up | backend |",
@@ -346,6 +383,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, batches {QUICK_BATCHES}")
     p.add_argument("--min-time", type=float, default=None, help="seconds per method per row (default 0.3, quick 0.15)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM end-to-end section")
+    p.add_argument("--compare-isas", action="store_true",
+                   help="also time every C++ kernel set this CPU runs against each other (same shapes and batches)")
     p.add_argument("--shapes", default=None, help="comma-separated in x out shapes, e.g. 4096x4096,384x1536")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes, e.g. 1,32,128")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -386,6 +425,8 @@ def main(argv=None) -> int:
     report["modes"] = []
     for k, n in tqdm(shapes[:2], desc="int vs float", unit="shape"):
         report["modes"] += int_vs_float(k, n, min_time=min_time)
+    if args.compare_isas:
+        report["isas"] = compare_isas(shapes, batches, min_time=min_time)
     if not args.no_minilm:
         print("MiniLM end to end ...", file=sys.stderr)
         report["minilm"] = bench_minilm(min_time=1.0 if args.quick else 2.0)

@@ -9,7 +9,7 @@ The op takes the stored tensors as they are (fp16 ``su`` / ``sv`` are widened in
 so this backend keeps no state; its gradient is the formula in :mod:`pyquant.ops`.
 
 Environment overrides, read when this module is imported:
-``PYQUANT_CPU_ISA=scalar|avx2|avx512|neon`` forces an instruction set (for tests and comparisons),
+``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
 ``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison).
 """
 from __future__ import annotations
