@@ -22,7 +22,8 @@ over rounds; ratios are speed-ups of pyquant (> 1: pyquant faster), and pyquant 
 
 Writes ``benchmarks/results/cpu_{quick,full}_<threads>t.{json,md}`` with the machine's description
 (``--threads 1`` gives numbers that a machine shared with other work disturbs much less).
-``bench_minilm`` adds MiniLM encode throughput (quantized vs fp32).
+``bench_minilm`` adds MiniLM encode throughput (quantized vs fp32); ``--compare-isas`` times the C++
+kernel sets this CPU runs (avx2, avx512, amx, ...) against each other on the same weights.
 """
 from __future__ import annotations
 
