@@ -25,7 +25,7 @@
 
 #include <immintrin.h>
 
-#include "avx512_transpose.h"
+#include "avx512_common.h"
 
 namespace pyquant {
 namespace cpu {
@@ -41,8 +41,6 @@ constexpr int64_t kGroupTiles = 8;     // per group: 4 planes x (2 A tiles | hi 
 // Token blocks per pass over the row tiles: their transposed activations (8 KB per group and
 // block) stay in L2 while the thread's row tiles go by.
 constexpr int64_t kActPassBytes = 1024 << 10;
-
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Tiles: 0-3 accumulators (hi and lo of rows 0-15, then of rows 16-31), 4-5 A (rows 0-15,
 // 16-31), 6-7 B (hi, lo). Every tile is 16 x 64 bytes: a block of fewer than 16 tokens has zero
@@ -83,8 +81,8 @@ inline __m512i level_field(__m512i c) {
 // group: the tile reads 32 short row segments at a time, too many streams for the hardware
 // prefetchers to follow from memory.
 void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* dst) {
-  const int64_t left = a.K4 - g * kGroupCodes;
-  const __mmask64 mask = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+  const __mmask64 mask = group_mask(a.K4, g);
+  // (past the last tile this points beyond the codes: harmless, a prefetch never faults)
   const uint8_t* next = a.codes + (t0 + kRowTileAmx) * a.K4 + g * kRowTileAmx * 64;
 #pragma GCC unroll 2
   for (int64_t r = 0; r < kRowTileAmx; ++r) {

@@ -20,20 +20,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-#include "avx512_transpose.h"
+#include "avx512_common.h"
 
 namespace pyquant {
 namespace cpu {
 namespace {
-
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// Valid code bytes of group g (the last group of a row may be partial; masked-off bytes load
-// as code 0, level 0, and meet zero-padded activations anyway).
-inline __mmask64 group_mask(int64_t K4, int64_t g) {
-  const int64_t left = K4 - g * kGroupCodes;
-  return left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
-}
 
 // ------------------------------------------------------------------ int GEMV, plane layout
 

@@ -5,8 +5,21 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
+#include "kernel_api.h"
+
 namespace pyquant {
 namespace cpu {
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Valid code bytes of group g (the last group of a row may be partial; masked-off bytes load
+// as code 0, level 0, and meet zero-padded activations anyway).
+static inline __mmask64 group_mask(int64_t K4, int64_t g) {
+  const int64_t left = K4 - g * kGroupCodes;
+  return left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+}
 
 // In-register transpose of a 16 x 16 dword matrix (v[r] lane c -> v[c] lane r).
 static inline void transpose16(__m512i (&v)[16]) {
