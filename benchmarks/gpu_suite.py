@@ -1,6 +1,6 @@
 """GPU benchmark: pyquant's Triton (and CUDA) kernels against cuBLAS ``F.linear``.
 
-    python benchmarks/gpu_suite.py [--out benchmarks/results] [--quick]
+    python benchmarks/gpu_suite.py [--out benchmarks/results] [--quick] [--shapes 8192x28672,...] [--batches 1 16 512]
 
 Layers ``N x K`` = out x in features: 4096x4096, 8192x8192, 8192x28672 (out
 8192, in 28672: a 70B-class MLP down projection) and 28672x8192 (out 28672, in
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON and md")
     p.add_argument("--quick", action="store_true", help="4096x4096 only, batches 1, 16, 512")
     p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated N x K (out x in) layers, e.g. 8192x28672,28672x8192 (default: all four)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay columns")
     args = p.parse_args(argv)
 
@@ -208,6 +210,13 @@ def main(argv=None) -> int:
         return 0
 
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            p.error(f"--shapes: expected NxK[,NxK...], got {args.shapes!r}")
+        if any(len(s) != 2 or min(s) <= 0 or s[1] % 4 for s in shapes):
+            p.error(f"--shapes: each entry must be two positive numbers N x K with K a multiple of 4, got {args.shapes!r}")
     batches = args.batches or ([1, 16, 512] if args.quick else BATCHES)
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
