@@ -15,13 +15,14 @@
 #   e2e         benchmarks/decode_e2e.py --out $OUT   (override the arguments with E2E_ARGS)
 #   suite       benchmarks/gpu_suite.py --out $OUT --batches 1 8 16 512   (if that file exists;
 #               override the arguments with GPU_SUITE_ARGS)
+#   overhead    benchmarks/gpu_overhead.py: host time of one eager call per backend, Triton's profile
 # Together the two test steps run exactly  pytest -q tests -k "cuda or triton"; correctness goes
 # before speed, the order issue 19 gives.
 # $OUT ends with at most 8 files (what a GPU machine here returns): summary.txt (one line per step:
 # name, exit code, seconds), logs.tar.gz, and the e2e and suite tables (.md + .json each). The steps
 # share a time budget
 # (GPU_CHECK_BUDGET seconds, default 560) so the run stays under a 10-minute device limit; a step
-# cut short exits 124. GPU_CHECK_STEPS="build tests_cuda" runs only the named steps (after a
+# cut short gets SIGINT (pytest then still prints its summary) and exits 124. GPU_CHECK_STEPS="build tests_cuda" runs only the named steps (after a
 # previous run in the same tree, e.g. to repeat a benchmark without rebuilding).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 LOGS=$OUT/logs
 BUDGET=${GPU_CHECK_BUDGET:-560}
-STEPS=${GPU_CHECK_STEPS:-"env build import tests_cuda tests e2e suite"}
+STEPS=${GPU_CHECK_STEPS:-"env build import tests_cuda tests e2e suite overhead"}
 start=$(date +%s)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -57,8 +58,9 @@ step() {
     return 0
   fi
   echo "== $name (limit ${lim}s): $*" | tee "$LOGS/$name.log"
-  # bash -c so that the exported shell functions below can be timed like commands
-  timeout --kill-after=10 "$lim" bash -c '"$@"' _ "$@" >> "$LOGS/$name.log" 2>&1
+  # bash -c so that the exported shell functions below can be timed like commands; SIGINT first,
+  # so that a pytest cut short still prints its summary (which tests failed, and why)
+  timeout --signal=INT --kill-after=15 "$lim" bash -c '"$@"' _ "$@" >> "$LOGS/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
   tail -n 5 "$LOGS/$name.log" | sed 's/^/    /'
@@ -120,11 +122,14 @@ export -f env_info build import_check
 step env 30 env_info
 step build 200 build
 step import 30 import_check
-step tests_cuda 90 "$PY" -m pytest -q -rs tests/test_cuda_kernels.py
+# pytest-xdist also isolates crashes: a test that kills its worker is reported as failed and the
+# rest still run.
 XDIST=""
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-8}"; fi
 # shellcheck disable=SC2086
-step tests 200 "$PY" -m pytest -q -rs $XDIST tests -k "(cuda or triton) and not test_cuda_kernels"
+step tests_cuda 90 "$PY" -m pytest -q -rfEs $XDIST tests/test_cuda_kernels.py
+# shellcheck disable=SC2086
+step tests 240 "$PY" -m pytest -q -rfEs --durations=15 $XDIST tests -k "(cuda or triton) and not test_cuda_kernels"
 # shellcheck disable=SC2086
 step e2e 120 "$PY" benchmarks/decode_e2e.py --out "$OUT" ${E2E_ARGS:-}
 if [ -f benchmarks/gpu_suite.py ]; then
@@ -133,6 +138,7 @@ if [ -f benchmarks/gpu_suite.py ]; then
 else
   echo "suite rc=skipped (benchmarks/gpu_suite.py not present)" | tee -a "$OUT/summary.txt"
 fi
+step overhead 40 "$PY" benchmarks/gpu_overhead.py
 echo "gpu_check: done in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 echo "gpu_check: files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

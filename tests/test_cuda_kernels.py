@@ -272,14 +272,16 @@ def test_dispatch_and_fallback():
 
 
 @needs_gpu
-def test_ops_reject_bad_input():
+@pytest.mark.parametrize("overload", ["default", "packet"])
+def test_ops_reject_bad_input(overload):
     pw = gpu_weight(256, 256)
     st = cuda_backend.build(QuantLinear.from_packed(pw))
     rest = (st.codes, st.su, st.sv, st.A, st.b, st.w_scale, None, st.counters, 256, pw.had_in, pw.had_out, 8)
+    op = torch.ops.pyquant.cuda_linear.default if overload == "default" else torch.ops.pyquant.cuda_linear
     with pytest.raises(ValueError, match="K"):
-        torch.ops.pyquant.cuda_linear(torch.randn(2, 128, device="cuda"), *rest)
+        op(torch.randn(2, 128, device="cuda"), *rest)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        torch.ops.pyquant.cuda_linear(torch.randn(2, 256, device="cuda").double(), *rest)
+        op(torch.randn(2, 256, device="cuda").double(), *rest)
 
 
 @needs_gpu
