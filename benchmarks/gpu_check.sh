@@ -7,7 +7,10 @@
 # Steps (each logged to logs/<step>.log, packed into $OUT/logs.tar.gz at the end; a failing step
 # never stops the next one), in this order:
 #   env         GPU, driver, library versions
-#   build       pip install --no-build-isolation --no-deps -e .  (fallback: setup.py build_ext --inplace)
+#   build       setup.py build_ext --inplace (the checkout is put on PYTHONPATH). Not pip install -e:
+#               on the H200 image pip's legacy develop step fetches setuptools and fails offline,
+#               after compiling everything once (seen 2026-12-04). Also logs the compiler and
+#               whether the extension has an unwind-table header (see the exceptions note, README).
 #   import      pyquant._C_cuda loads; the backends the dispatcher sees
 #   tests_cuda  pytest -q tests/test_cuda_kernels.py
 #   tests       the rest of  pytest -q tests -k "cuda or triton"  (with pytest-xdist, -n 8, where
@@ -34,6 +37,7 @@ BUDGET=${GPU_CHECK_BUDGET:-560}
 STEPS=${GPU_CHECK_STEPS:-"env build import tests_cuda tests e2e suite overhead"}
 start=$(date +%s)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, importable from any directory
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
@@ -86,9 +90,13 @@ EOF
 }
 
 build() {
-  if "$PY" -m pip install --no-build-isolation --no-deps -e .; then return 0; fi
-  echo "pip install -e . failed; trying setup.py build_ext --inplace"
-  if "$PY" setup.py build_ext --inplace; then return 0; fi
+  ${CXX:-c++} --version | head -1
+  if "$PY" setup.py build_ext --inplace; then
+    for so in pyquant/_C*.so; do
+      echo "$so: $(readelf -lW "$so" 2>/dev/null | grep -c GNU_EH_FRAME) PT_GNU_EH_FRAME header(s)"
+    done
+    return 0
+  fi
   # Last resort, so a failure elsewhere in setup.py (e.g. the CPU extension) does not hide the CUDA
   # results: build only pyquant._C_cuda with torch's JIT builder and drop it into the package.
   echo "setup.py failed too; building only the CUDA extension with torch.utils.cpp_extension.load"

@@ -243,6 +243,22 @@ def test_cuda_graph_capture(m, pdl, monkeypatch):
 
 
 @needs_gpu
+@pytest.mark.parametrize("m", [3, 24])
+def test_strided_and_odd_offset_inputs(m):
+    """The kernels load 4 inputs at once from contiguous rows; the op copies any other view
+    (a column slice, an odd storage offset) itself, so eager and compiled calls need no check."""
+    layer = QuantLinear.from_packed(gpu_weight(512, 256, seed=10))
+    base = torch.randn(m, 259, device="cuda", dtype=torch.float16)
+    views = {"odd offset": base.flatten()[1:1 + m * 256].view(m, 256), "column slice": base[:, 3:],
+             "transposed": base[:, :256].t().contiguous().t()}
+    with kernels.force_backend("cuda"), torch.no_grad():
+        for name, x in views.items():
+            y = layer(x)
+            assert layer.last_backend == "cuda", name
+            assert torch.equal(y, layer(x.contiguous().clone())), name
+
+
+@needs_gpu
 def test_torch_compile_traces_the_ops():
     layer = QuantLinear.from_packed(gpu_weight(1024, 512, seed=8))
     compiled = torch.compile(layer, fullgraph=True)

@@ -106,6 +106,35 @@ def triton_linear(x, pw, bias=None):
 
 # ---------------------------------------------------------------------------- kernels one by one
 
+def test_triton_helpers_are_called_by_their_own_names():
+    """Inductor compiles a user kernel (triton_op + wrap_triton) by re-emitting the source of every
+    jit helper the kernel names, under the helper's ``def`` name: a helper reached through an alias
+    is undefined there (an H200 run failed with NameError 'sum_combine is not defined')."""
+    import importlib
+    import pkgutil
+
+    import pyquant.triton_kernels as package
+
+    def python_fn(obj):  # JITFunction (compiled mode) or InterpretedFunction: both wrap .fn
+        fn = getattr(obj, "fn", None)
+        return fn if type(obj).__module__.startswith("triton") and callable(fn) else None
+
+    kernels_seen, aliases = 0, []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for kernel_name, obj in vars(module).items():
+            fn = python_fn(obj)
+            if fn is None or fn.__module__ != module.__name__:
+                continue
+            kernels_seen += 1
+            for name in fn.__code__.co_names:
+                helper = python_fn(fn.__globals__.get(name))
+                if helper is not None and helper.__name__ != name:
+                    aliases.append(f"{info.name}.{kernel_name} calls {helper.__name__} as {name}")
+    assert kernels_seen >= 5
+    assert aliases == []
+
+
 @pytest.mark.parametrize("k,had", [(100, 0), (100, 1), (100, 4), (96, 32), (24, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_input_transform(k, had, dtype):

@@ -72,14 +72,20 @@ void check_vec(const at::Tensor& t, const char* name, int64_t n, const at::Tenso
 
 void check_x(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor [M, K], got shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be a 2-D tensor [M, K], got shape ", x.sizes());
   dtype_of(x);
   TORCH_CHECK_VALUE(x.size(1) > 0 && x.size(1) % 4 == 0, "x.shape[1] (K) must be a positive multiple of 4, got ",
                     x.size(1));
-  // The kernels read 4 inputs at a time: 16 bytes for fp32, 8 for 16-bit types.
+}
+
+// x as the kernels read it: contiguous rows, 4 inputs per load (16 bytes for fp32, 8 for 16-bit
+// types). A view that is not (a strided slice, an odd storage offset) is copied here rather than
+// in Python: the copy decision then needs no data pointer or storage offset at trace time, which
+// torch.compile cannot give (an H200 run broke the fullgraph trace on x.storage_offset()).
+at::Tensor kernel_input(const at::Tensor& x) {
   const uintptr_t align = x.scalar_type() == at::kFloat ? 16 : 8;
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(x.data_ptr()) % align == 0, "x must be ", align, "-byte aligned");
+  if (x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % align == 0) return x;
+  return x.clone(at::MemoryFormat::Contiguous);  // the caching allocator's blocks are 512-byte aligned
 }
 
 // Validates the weight tensors against x and returns the kernels' view of them.
@@ -180,8 +186,9 @@ at::Tensor cuda_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                        const std::optional<at::Tensor>& bias, at::Tensor& counters, int64_t N, int64_t had_in,
                        int64_t had_out, int64_t small_max_m) {
   const LayerArgs L = make_layer(x, codes, su, sv, A, b, w_scale, bias, N, had_in, had_out);
-  if (x.size(0) <= std::min<int64_t>(small_max_m, kSmallMaxM)) return linear_small(x, L, counters);
-  return linear_gemm(x, L);
+  const at::Tensor xk = kernel_input(x);
+  if (xk.size(0) <= std::min<int64_t>(small_max_m, kSmallMaxM)) return linear_small(xk, L, counters);
+  return linear_gemm(xk, L);
 }
 
 // The activation transform alone (for tests): act int32 [ceil(M/8), Kp/16, 32, 4] holding the
@@ -189,6 +196,7 @@ at::Tensor cuda_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
 std::tuple<at::Tensor, at::Tensor> transform(const at::Tensor& x, const at::Tensor& su, const at::Tensor& A,
                                              const at::Tensor& b, int64_t had_in) {
   check_x(x);
+  const at::Tensor xk = kernel_input(x);
   const int64_t M = x.size(0), K = x.size(1);
   check_vec(su, "su", K, x);
   check_vec(A, "A", 16, x);
@@ -207,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> transform(const at::Tensor& x, const at::Tens
   at::Tensor act = at::empty({Mt, L.Kp / 16, 32, 4}, x.options().dtype(at::kInt));
   at::Tensor const_ws = at::empty({transform_slices(L.Kp), 8 * Mt}, x.options().dtype(at::kFloat));
   if (M > 0)
-    check_launch(launch_transform(dtype_of(x), x.data_ptr(), static_cast<int>(M), L,
+    check_launch(launch_transform(dtype_of(x), xk.data_ptr(), static_cast<int>(M), L,
                                   reinterpret_cast<uint32_t*>(act.data_ptr()), const_ws.data_ptr<float>(),
                                   c10::cuda::getCurrentCUDAStream(x.get_device()).stream()),
                  "transform kernel launch");

@@ -128,8 +128,7 @@ def build(layer) -> State:
 
 
 def forward(x: torch.Tensor, layer, st: State) -> torch.Tensor:
-    if x.storage_offset() % 4:  # the kernels load 4 inputs at once, aligned
-        x = x.clone()
+    # (the op copies an x whose rows the kernels cannot load 4 at a time: a strided or odd-offset view)
     return torch.ops.pyquant.cuda_linear.default(x, st.codes, st.su, st.sv, st.A, st.b, st.w_scale, st.bias,
                                                  st.counters, layer.out_features, layer.had_in, layer.had_out,
                                                  GEMV_MAX_M)

@@ -25,15 +25,18 @@ MAX_HADAMARD = 4096
 # compiled-mode and an interpreted kernel cannot call them.
 
 
-@triton.jit
-def add(a, b):
-    return a + b
-
-
 # The combine function of ``tl.reduce`` for sums: tl.sum's own, which the interpreter
 # recognises (it sums with numpy without calling it; any other function it calls
-# element by element: the test file ran 7x slower); ``add`` if a release renames it.
-sum_combine = getattr(tl.standard, "_sum_combine", add)
+# element by element: the test file ran 7x slower). Kernels call it by the name its
+# source defines, ``_sum_combine``: Inductor re-emits a user kernel's jit helpers from
+# their source, under their ``def`` names, so an alias is undefined there (seen on an
+# H200: NameError 'sum_combine is not defined' under torch.compile).
+try:
+    from triton.language.standard import _sum_combine
+except ImportError:  # a release renamed it
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
 
 
 @triton.jit

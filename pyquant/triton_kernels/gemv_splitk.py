@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import fwht, launch, log2, next_pow2, small_int_to_float, sum_combine, tl_dtype
+from .common import fwht, launch, log2, next_pow2, small_int_to_float, _sum_combine, tl_dtype
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,13 @@ def _gemv_kernel(
             zf = small_int_to_float(z, tl.float32)
             acc3 += zf[:, :, None] * xt[None, :, :]
     if not USE_DOT:
-        acc = tl.reduce(acc3, 1, sum_combine)
+        acc = tl.reduce(acc3, 1, _sum_combine)
     if FUSE_OUT:
         # One split and whole Hadamard blocks in this tile: finish the layer here
         # (the output pass of transform.py, without its launch and round trip).
         ct = tl.arange(0, CTILES)
         const = tl.reduce(tl.load(cpart_ptr + offs_m[:, None] * n_ctiles + ct[None, :],
-                                  mask=m_mask[:, None] & (ct < n_ctiles)[None, :], other=0.0), 1, sum_combine)
+                                  mask=m_mask[:, None] & (ct < n_ctiles)[None, :], other=0.0), 1, _sum_combine)
         y = (tl.trans(acc) + const[:, None]) * tl.load(ws_ptr)  # [BLOCK_M, BLOCK_N]
         if HAS_HAD:
             y = tl.reshape(fwht(tl.reshape(y, (BLOCK_M * BLOCK_N,)), BLOCK_M * BLOCK_N, LOG2_HAD),

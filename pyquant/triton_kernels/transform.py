@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_HADAMARD, fwht, launch, log2, next_pow2, sum_combine
+from .common import MAX_HADAMARD, fwht, launch, log2, next_pow2, _sum_combine
 
 # Tile of K handled by one program: big enough that the per-tile constants stay
 # few (the output pass sums them), small enough to keep in registers.
@@ -50,10 +50,10 @@ def _input_transform_kernel(
         a = tl.load(a_ptr + r[:, None] * 4 + r[None, :])  # a[r, c] = A[r, c]
         chunks = tl.reshape(x, (TILE // 4, 4))
         # xt[j, c] = sum_r x'[j, r] * A[r, c]: a 4x4 product per chunk, in fp32.
-        xt = tl.reduce(chunks[:, :, None] * a[None, :, :], 1, sum_combine)
+        xt = tl.reduce(chunks[:, :, None] * a[None, :, :], 1, _sum_combine)
         tl.store(out_ptr + m * stride_om + offs, tl.reshape(xt, (TILE,)), mask=mask)
         bv = tl.load(b_ptr + r)
-        tl.store(cpart_ptr + m * n_tiles + t, tl.reduce(chunks * bv[None, :], None, sum_combine))
+        tl.store(cpart_ptr + m * n_tiles + t, tl.reduce(chunks * bv[None, :], None, _sum_combine))
     else:
         tl.store(out_ptr + m * stride_om + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -108,7 +108,7 @@ def _output_transform_kernel(
         acc += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
     if HAS_CONST:
         ct = tl.arange(0, CTILES)
-        const = tl.reduce(tl.load(cpart_ptr + m * n_ctiles + ct, mask=ct < n_ctiles, other=0.0), None, sum_combine)
+        const = tl.reduce(tl.load(cpart_ptr + m * n_ctiles + ct, mask=ct < n_ctiles, other=0.0), None, _sum_combine)
         acc = (acc + const) * tl.load(ws_ptr)
     if HAS_HAD:
         # Lanes past N are whole blocks of zeros (N % had_out == 0).
