@@ -12,6 +12,7 @@
 #               after compiling everything once (seen 2026-12-04). Also logs the compiler and
 #               whether the extension has an unwind-table header (see the exceptions note, README).
 #   import      pyquant._C_cuda loads; the backends the dispatcher sees
+#   exceptions  a bad input to the CUDA op raises ValueError (a crash: native stack from cuda-gdb)
 #   tests_cuda  pytest -q tests/test_cuda_kernels.py
 #   tests       the rest of  pytest -q tests -k "cuda or triton"  (with pytest-xdist, -n 8, where
 #               it is installed: the Triton compiles dominate and run on the host's cores)
@@ -34,7 +35,7 @@ mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 LOGS=$OUT/logs
 BUDGET=${GPU_CHECK_BUDGET:-560}
-STEPS=${GPU_CHECK_STEPS:-"env build import tests_cuda tests e2e suite overhead"}
+STEPS=${GPU_CHECK_STEPS:-"env build import exceptions tests_cuda tests e2e suite overhead"}
 start=$(date +%s)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, importable from any directory
@@ -125,11 +126,33 @@ raise SystemExit(0 if cuda.available() else 1)
 EOF
 }
 
+# A bad input to the CUDA op must raise ValueError. On the H200 image (extension built with its
+# /opt/gcc) it segfaulted instead (2026-12-04): every C++ exception thrown from pyquant._C_cuda.
+# A plain run says whether that still happens; a crash is rerun under cuda-gdb for the native stack.
+exceptions_check() {
+  cat > /tmp/pyquant_raise.py <<'EOF'
+import torch, pyquant  # noqa: F401  (loads the ops)
+try:
+    torch.ops.pyquant.cuda_transform(torch.randn(2, 6, device="cuda"), torch.ones(6, device="cuda"),
+                                     torch.eye(4, device="cuda").reshape(16), torch.zeros(4, device="cuda"), 0)
+    raise SystemExit("no error for K = 6")
+except ValueError as e:
+    print("ValueError as expected:", str(e).splitlines()[0])
+EOF
+  "$PY" /tmp/pyquant_raise.py && return 0
+  local rc=$?
+  echo "rc=$rc; the same under cuda-gdb:"
+  command -v cuda-gdb >/dev/null && timeout 40 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/pyquant_raise.py 2>&1 \
+    | grep -v "^\[New Thread\|^\[Thread\|libthread_db" | tail -40
+  return $rc
+}
+
 export PY
-export -f env_info build import_check
+export -f env_info build import_check exceptions_check
 step env 30 env_info
 step build 200 build
 step import 30 import_check
+step exceptions 60 exceptions_check
 # pytest-xdist also isolates crashes: a test that kills its worker is reported as failed and the
 # rest still run.
 XDIST=""
