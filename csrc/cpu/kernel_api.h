@@ -78,6 +78,9 @@ inline int64_t gemm_scratch_bytes(int64_t K4) { return 128 * K4; }
 // Each kernel computes rows [n0, n1) for all M tokens; the driver threads over row ranges
 // whose n0 is a multiple of kRowTile.
 constexpr int64_t kRowTile = 32;
+// Below this many multiply-adds (N * K * M) one thread runs the kernel: waking a second one costs
+// more than it saves (and much more on a machine busy with other work). A kernel set may say more.
+constexpr int64_t kSerialWork = int64_t(1) << 21;
 // Up to this many tokens the AVX-512 path runs the GEMV (token pairs over L1-resident row
 // sub-tiles), above it the cache-blocked GEMM, whose per-tile unpacking only pays off for more
 // tokens (4096 x 4096 on Zen 5, 2 threads: GEMV faster up to 32 tokens, GEMM from 64).
@@ -110,6 +113,7 @@ void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1);  // natural layo
 void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1);
 
 void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1);  // plane layout, every batch size
+int64_t amx_serial_work(int64_t M);  // kSerialWork for the tile kernel at M tokens (kernel_table.h)
 
 void int_plane_neon(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_neon(const FloatArgs& a, int64_t n0, int64_t n1);

@@ -20,6 +20,7 @@ struct KernelSet {
   IntKernel int_gemm;         // natural layout, for many tokens (kGemvMaxTokens); null: the GEMV for all
   FloatKernel float_gemv;     // plane layout
   const TransformOps* math;   // the per-token math it runs with (every build gives the same bits)
+  int64_t (*serial_work)(int64_t M);  // int mode: one thread below this many multiply-adds; null: kSerialWork
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -15,6 +15,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -248,9 +249,7 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
   });
 }
 
-// Below this many multiply-adds (N * K * M) one thread does pass 2: waking a second one costs
-// more than it saves (and much more on a machine busy with other work).
-constexpr int64_t kSerialWork = int64_t(1) << 21;
+constexpr int64_t kMinGrabRows = 256;
 
 // Pass 2 over row tiles: fn(n0, n1, worker) computes rows [n0, n1) on worker `worker`
 // (0 <= worker < workers(), for per-thread scratch). Threads take tiles from a shared counter
@@ -259,9 +258,9 @@ constexpr int64_t kSerialWork = int64_t(1) << 21;
 // order: the split does not change the result.
 struct RowSplit {
   int64_t N, tiles, threads;
-  RowSplit(int64_t N, int64_t work)
+  RowSplit(int64_t N, int64_t work, int64_t serial_work)
       : N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
-    if (tiles <= 1 || work < kSerialWork) threads = 1;
+    if (tiles <= 1 || work < serial_work) threads = 1;
   }
   int64_t workers() const { return threads; }
   template <typename Fn>
@@ -270,7 +269,12 @@ struct RowSplit {
       fn(int64_t(0), N, int64_t(0));
       return;
     }
-    const int64_t grab = std::max<int64_t>(1, tiles / (8 * threads));
+    // Each grab is one kernel call, and a call has a fixed cost (the tile kernel transposes every
+    // token, the GEMM packs its tile): at least 256 rows per call where the layer has them, and at
+    // most two calls per thread on a small layer (384 rows: 12 calls of 32 made 2 threads slower
+    // than 1 at 29 tokens).
+    const int64_t grab = std::max({int64_t(1), tiles / (8 * threads),
+                                   std::min<int64_t>(kMinGrabRows / cpu::kRowTile, (tiles + 2 * threads - 1) / (2 * threads))});
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t worker = w0; worker < w1; ++worker)
@@ -320,7 +324,9 @@ template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
                   torch::Tensor& y) {
   const int64_t M = x.size(0);
-  const RowSplit split(L.N, L.N * L.K * M);
+  // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
+  const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
+  const RowSplit split(L.N, L.N * L.K * M, serial);
   const T* xp = x.data_ptr<T>();
   const TokenMath math{*set.math};
   std::vector<double> scale(M);
