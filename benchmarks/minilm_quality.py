@@ -21,7 +21,12 @@ Fit time is the wall time of the whole quantization call (calibration pass,
 Hessians, rounding, fine-tuning). Writes ``benchmarks/results/minilm_quality.json``
 and ``.md`` (with the machine's description) and prints the markdown table.
 
-    python benchmarks/minilm_quality.py [--calibration 512] [--heldout 512]
+    python benchmarks/minilm_quality.py [--calibration 512] [--heldout 512] [--extra-calibration 512]
+    python benchmarks/minilm_quality.py --rows best-1536 other-all   # re-measure some rows only
+
+The rows marked "more calibration" add ``--extra-calibration`` docstring sentences, taken after
+the held-out ones, so every row is scored on the same held-out sentences. ``--rows`` runs only
+the named rows (keys: see ``--help``) and replaces them in the existing JSON, keeping the others.
 """
 from __future__ import annotations
 
@@ -83,16 +88,24 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=1024, help="calibration sentences")
     ap.add_argument("--heldout", type=int, default=512, help="held-out sentences (>= 500 for the acceptance table)")
     ap.add_argument("--e2e-epochs", type=int, default=8, help="most end-to-end fine-tuning epochs")
+    ap.add_argument("--extra-calibration", type=int, default=512,
+                    help="more docstring sentences (after the held-out ones) for the rows that use them")
+    ap.add_argument("--rows", nargs="+", default=None, help="run only these rows (keys), keep the others from the JSON")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     calib, heldout = split_sentences(args.calibration, args.heldout, seed=args.seed)
-    assert not set(calib) & set(heldout)
+    pool, _ = split_sentences(args.calibration + args.heldout + args.extra_calibration, 0, seed=args.seed)
+    more_calib = calib + pool[args.calibration + args.heldout:]  # same shuffle: the held-out stay out
+    assert not set(more_calib) & set(heldout)
     fp_model, tok = load_minilm()
     reference = embed(fp_model, tok, heldout)
     calibration_data = batches(tok, calib)
     other_source = batches(tok, reference_sentences(len(calib), seed=args.seed))
+    other_all = reference_sentences(None, seed=args.seed)
+    n_other_all = len(other_all)
+    other_source_all = batches(tok, other_all)
 
     def unisvq(data=calibration_data, best=False, **kw):
         def run(model):
@@ -106,27 +119,45 @@ def main() -> None:
         pyquant.quantize_model(model, pyquant.RTNConfig(seed=args.seed), filter_fn=encoder_filter, progress=False)
         return pyquant.bits_per_weight(model)
 
-    methods = [
-        ("RTN 2-bit (packed, Hadamard)", rtn2),
-        ("RTN 3-bit per-channel", lambda m: rtn_per_channel(m, 3)),
-        ("RTN 4-bit per-channel", lambda m: rtn_per_channel(m, 4)),
-        ("UniSVQ 2-bit, reference recipe (UniSVQ release)", unisvq(recipe="reference")),
-        ("UniSVQ 2-bit, no fine-tuning", unisvq(finetune=False)),
-        ("UniSVQ 2-bit, block fine-tuning", unisvq()),
-        ("UniSVQ 2-bit, block + end-to-end fine-tuning", unisvq(e2e_epochs=args.e2e_epochs)),
-        ("UniSVQ 2-bit, sequential block fine-tuning (`best()`)", unisvq(best=True)),
-        ("UniSVQ 2-bit, `best()`, calibrated on other text", unisvq(other_source, best=True)),
+    n_more, n_cal = len(more_calib), len(calib)
+    methods = [  # key, method, calibration sentences (docstrings unless the name says otherwise), run
+        ("rtn2", "RTN 2-bit (packed, Hadamard)", 0, rtn2),
+        ("rtn3", "RTN 3-bit per-channel", 0, lambda m: rtn_per_channel(m, 3)),
+        ("rtn4", "RTN 4-bit per-channel", 0, lambda m: rtn_per_channel(m, 4)),
+        ("reference", "UniSVQ 2-bit, reference recipe (UniSVQ release)", n_cal, unisvq(recipe="reference")),
+        ("no-ft", "UniSVQ 2-bit, no fine-tuning", n_cal, unisvq(finetune=False)),
+        ("block-ft", "UniSVQ 2-bit, block fine-tuning", n_cal, unisvq()),
+        ("e2e", "UniSVQ 2-bit, block + end-to-end fine-tuning", n_cal, unisvq(e2e_epochs=args.e2e_epochs)),
+        ("best", "UniSVQ 2-bit, sequential block fine-tuning (`best()`)", n_cal, unisvq(best=True)),
+        ("other", "UniSVQ 2-bit, `best()`, calibrated on other text", n_cal, unisvq(other_source, best=True)),
+        ("best-more", "UniSVQ 2-bit, `best(ft_epochs=6)`, more calibration", n_more,
+         unisvq(batches(tok, more_calib), best=True, ft_epochs=6)),
+        ("other-all", "UniSVQ 2-bit, `best(ft_epochs=6)`, calibrated on all the other text", n_other_all,
+         unisvq(other_source_all, best=True, ft_epochs=6)),
     ]
+    keys = [k for k, *_ in methods]
+    if args.rows and not set(args.rows) <= set(keys):
+        ap.error(f"--rows: unknown {sorted(set(args.rows) - set(keys))}; the rows are {keys}")
+    previous, kept_machine = {}, None
+    if args.rows and (args.out / "minilm_quality.json").exists():
+        old = json.loads((args.out / "minilm_quality.json").read_text())
+        previous = {r["method"]: r for r in old["rows"]}
+        kept_machine = old.get("machine_of_kept_rows", old["machine"])
     rows = []
-    for name, run in methods:
+    for key, name, n_sentences, run in methods:
+        if args.rows and key not in args.rows:
+            if name in previous:
+                rows.append(previous[name])
+            continue
         model, _ = load_minilm()
         t0 = time.perf_counter()
         bpw = run(model)
         fit_s = time.perf_counter() - t0
         scores = compare_embeddings(reference, embed(model, tok, heldout))
         backends = sorted({m.last_backend for m in model.modules() if isinstance(m, pyquant.QuantLinear)})
-        rows.append({"method": name, "bits_per_weight": bpw, **scores, "fit_seconds": fit_s,
-                     "eval_backend": backends or ["dense fp32 (fake-quantized weights)"]})
+        rows.append({"method": name, "key": key, "calibration_sentences": n_sentences, "bits_per_weight": bpw,
+                     **scores, "fit_seconds": fit_s, "eval_backend": backends or ["dense fp32 (fake-quantized weights)"],
+                     "measured": time.strftime("%Y-%m-%d")})
         print(f"{name}: {rows[-1]}", flush=True)
 
     info = machine()
@@ -136,22 +167,29 @@ def main() -> None:
               "calibration_sentences": len(calib), "heldout_sentences": len(heldout), "seed": args.seed,
               "unisvq_best_config": pyquant.UniSVQConfig.best(seed=args.seed, threads=None).to_dict(),
               "machine": info, "rows": rows}
+    if args.rows:  # the rows kept from the previous run were measured there
+        result["rows_measured_here"] = args.rows
+        result["machine_of_kept_rows"] = kept_machine
 
 
     lines = [
-        "| method | bits/weight | mean cos | p5 cos | top-10 overlap | fit time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['mean_cos']:.4f} | {r['p5_cos']:.4f} | "
+        "| method | calibration sentences | bits/weight | mean cos | p5 cos | top-10 overlap | fit time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['method']} | {r.get('calibration_sentences', n_cal if 'UniSVQ' in r['method'] else 0) or '-'} | "
+          f"{r['bits_per_weight']:.3f} | {r['mean_cos']:.4f} | {r['p5_cos']:.4f} | "
           f"{r['top10_overlap']:.3f} | {r['fit_seconds']:.1f} |" for r in rows),
     ]
     table = "\n".join(lines)
     notes = (f"all-MiniLM-L6-v2, all {len(encoder_linears(fp_model))} encoder Linear layers; embeddings of "
              f"{len(heldout)} held-out real sentences (standard-library docstrings) vs fp32; UniSVQ calibrated on "
-             f"{len(calib)} disjoint docstring sentences, or (last row) on {len(calib)} sentences of the language "
-             "reference's help topics (pydoc_data.topics). "
+             f"disjoint docstring sentences (\"more calibration\": {n_cal} + {len(more_calib) - n_cal} more, the same "
+             "held-out ones), or (\"other text\") on sentences of the language reference's help topics "
+             f"(pydoc_data.topics; {n_other_all} in all). "
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; load average "
              f"{info['load_average_at_start'][0]:.1f} at start, {info['load_average_at_end'][0]:.1f} at end "
-             "(shared machine: fit times are pessimistic).")
+             "(shared machine: fit times are pessimistic)."
+             + (f" Only the rows {', '.join(args.rows)} were measured in this run; the others are kept from an earlier "
+                "one (its machine: the JSON's machine_of_kept_rows)." if args.rows else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm_quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "minilm_quality.md").write_text(f"# MiniLM quality, 2-bit UniSVQ vs RTN\n\n{table}\n\n{notes}\n")

@@ -74,9 +74,10 @@ def split_sentences(n_calibration: int, n_heldout: int, seed: int = 0) -> tuple[
     return pool[:n_calibration], pool[n_calibration:n_calibration + n_heldout]
 
 
-def reference_sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` sentences of another source than the docstrings: the language reference's help
-    topics (``pydoc_data.topics``: what ``help("if")`` prints), none also a docstring sentence."""
+def reference_sentences(n: int | None, seed: int = 0) -> list[str]:
+    """``n`` sentences (None: all of them) of another source than the docstrings: the language
+    reference's help topics (``pydoc_data.topics``: what ``help("if")`` prints), none also a
+    docstring sentence."""
     from pydoc_data.topics import topics
 
     docstrings = {s for s, _ in labelled_sentences()}
@@ -87,6 +88,7 @@ def reference_sentences(n: int, seed: int = 0) -> list[str]:
             if _is_sentence(s) and s not in docstrings:
                 found.add(s)
     pool = sorted(found)
+    n = len(pool) if n is None else n
     if not 0 <= n <= len(pool):
         raise ValueError(f"n must be between 0 and {len(pool)} (the reference sentences available), got {n}")
     random.Random(seed).shuffle(pool)
