@@ -249,14 +249,13 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
   });
 }
 
-constexpr int64_t kMinGrabRows = 256;
-
 // Pass 2 over row tiles: fn(n0, n1, worker) computes rows [n0, n1) on worker `worker`
 // (0 <= worker < workers(), for per-thread scratch). Threads take tiles from a shared counter
 // rather than fixed halves, so a thread that starts late (descheduled, or busy elsewhere) does
 // less instead of holding up the rest. Every row is still computed by one thread, in one fixed
 // order: the split does not change the result.
 struct RowSplit {
+  static constexpr int64_t kMinGrabRows = 256;  // rows per kernel call where the layer has them (see run)
   int64_t N, tiles, threads;
   RowSplit(int64_t N, int64_t work, int64_t serial_work)
       : N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
