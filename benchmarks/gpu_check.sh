@@ -26,8 +26,9 @@
 # name, exit code, seconds), logs.tar.gz, and the e2e and suite tables (.md + .json each). The steps
 # share a time budget
 # (GPU_CHECK_BUDGET seconds, default 560) so the run stays under a 10-minute device limit; a step
-# cut short gets SIGINT (pytest then still prints its summary) and exits 124. GPU_CHECK_STEPS="build tests_cuda" runs only the named steps (after a
-# previous run in the same tree, e.g. to repeat a benchmark without rebuilding).
+# cut short gets SIGINT (pytest then still prints its summary) and exits 124.
+# GPU_CHECK_STEPS="build tests_cuda" runs only the named steps (after a previous run in the same
+# tree, e.g. to repeat a benchmark without rebuilding).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}

@@ -22,7 +22,7 @@ Hessians, rounding, fine-tuning). Writes ``benchmarks/results/minilm_quality.jso
 and ``.md`` (with the machine's description) and prints the markdown table.
 
     python benchmarks/minilm_quality.py [--calibration 512] [--heldout 512] [--extra-calibration 512]
-    python benchmarks/minilm_quality.py --rows best-1536 other-all   # re-measure some rows only
+    python benchmarks/minilm_quality.py --rows best-more other-all   # re-measure some rows only
 
 The rows marked "more calibration" add ``--extra-calibration`` docstring sentences, taken after
 the held-out ones, so every row is scored on the same held-out sentences. ``--rows`` runs only
@@ -102,9 +102,9 @@ def main() -> None:
     fp_model, tok = load_minilm()
     reference = embed(fp_model, tok, heldout)
     calibration_data = batches(tok, calib)
-    other_source = batches(tok, reference_sentences(len(calib), seed=args.seed))
-    other_all = reference_sentences(None, seed=args.seed)
+    other_all = reference_sentences(None, seed=args.seed)  # reference_sentences(n) is its first n
     n_other_all = len(other_all)
+    other_source = batches(tok, other_all[:len(calib)])
     other_source_all = batches(tok, other_all)
 
     def unisvq(data=calibration_data, best=False, **kw):
