@@ -138,19 +138,29 @@ def test_results_are_identical_run_to_run(isa):
             assert torch.equal(run(x, pw, bias, isa=isa, mode=mode), first), (isa, mode, m)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    pw = make_packed(300, 1536, hadamard=True, seed=4)
-    xs = [torch.randn(m, 1536) for m in (1, 5, 40)]
+@pytest.mark.parametrize("isa", ISAS)
+def test_results_do_not_depend_on_the_thread_count(isa):
+    """Every way a call splits over threads: one thread; by tokens (codes that fit in cache, enough
+    tokens: 40 for 2 and 3 threads); by rows (codes from memory: 1100 x 4096 is 1.1 MB of codes),
+    with the tile kernel's operands made once per call."""
+    cases = [(make_packed(300, 1536, hadamard=True, seed=4), (1, 5, 17, 40)),
+             (make_packed(1100, 4096, hadamard=True, seed=5), (1, 5, 40))]
     before = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append([run(x, pw, mode=mode) for x in xs for mode in ("int", "float")])
+            outs.append([run(torch.randn(m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)), pw,
+                             isa=isa, mode=mode)
+                         for pw, ms in cases for m in ms for mode in ("int", "float")])
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    # ... and the single-thread results are right (the splits are only worth testing on them)
+    pw, ms = cases[0]
+    x = torch.randn(40, 1536, generator=torch.Generator().manual_seed(40))
+    assert rel_err(outs[0][2 * ms.index(40)], reference(x, pw, None)) < TOL
 
 
 def test_int_mode_error_is_far_inside_the_tolerance_and_float_mode_is_near_fp32():

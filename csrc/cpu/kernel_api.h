@@ -58,6 +58,9 @@ struct IntArgs {
   int64_t* out64;
   // int_gemm_avx512 only: this thread's 64-byte aligned kGemmScratch(K4) bytes
   uint32_t* scratch;
+  // int_plane_amx only: all M tokens' activations already as tile operands (amx_pack_tokens), or
+  // null: the kernel then transposes them itself, once per call of it
+  const uint8_t* packed = nullptr;
   void store(int64_t m, int64_t n, int64_t v) const {
     if (out32) out32[m * N + n] = static_cast<int32_t>(v);
     else out64[m * N + n] = v;
@@ -114,6 +117,14 @@ void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1);
 
 void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1);  // plane layout, every batch size
 int64_t amx_serial_work(int64_t M);  // kSerialWork for the tile kernel at M tokens (kernel_table.h)
+// The tile kernel's operands from the activations (plane layout), made by the driver once per
+// layer call, 16 tokens at a time as each thread finishes encoding them, instead of by every
+// row range the rows are split into: amx_packed_bytes(M, G) bytes for M tokens (0 below the
+// kernel's minimum token count, where it runs the GEMV); amx_pack_tokens writes tokens
+// [m0, m0 + mt) (m0 a multiple of kPackTokenBlock, mt <= kPackTokenBlock) into `packed`.
+constexpr int64_t kPackTokenBlock = 16;
+int64_t amx_packed_bytes(int64_t M, int64_t G);
+void amx_pack_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* packed);
 
 void int_plane_neon(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_neon(const FloatArgs& a, int64_t n0, int64_t n1);

@@ -50,7 +50,8 @@ const KernelSet kSets[] = {
 #if defined(__x86_64__)
     {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kPortableMath},
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
-    {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work},
+    {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
+     amx_packed_bytes, amx_pack_tokens},
 #endif
 #if defined(__aarch64__)
     // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.

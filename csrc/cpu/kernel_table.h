@@ -21,6 +21,10 @@ struct KernelSet {
   FloatKernel float_gemv;     // plane layout
   const TransformOps* math;   // the per-token math it runs with (every build gives the same bits)
   int64_t (*serial_work)(int64_t M);  // int mode: one thread below this many multiply-adds; null: kSerialWork
+  // int mode: the GEMV's operands made once per call from the plane layout (kernel_api.h's
+  // amx_packed_bytes / amx_pack_tokens, passed as IntArgs::packed); null: the GEMV reads the plane layout
+  int64_t (*packed_bytes)(int64_t M, int64_t G);
+  void (*pack_tokens)(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* packed);
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -198,12 +198,20 @@ thread_local Scratch t_scratch;
 // at 9.4M, 1.0-1.2x at 17M, 1.26x at 19M multiply-adds.
 int64_t amx_serial_work(int64_t M) { return M >= kMinTokens ? int64_t(1) << 24 : kSerialWork; }
 
+int64_t amx_packed_bytes(int64_t M, int64_t G) {
+  return M >= kMinTokens ? (M + kTokenBlock - 1) / kTokenBlock * G * kGroupTiles * kTileBytes : 0;
+}
+
+void amx_pack_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* packed) {
+  transpose_tokens(a, m0, mt, packed + m0 / kTokenBlock * a.G * kGroupTiles * kTileBytes);
+}
+
 void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
   const int64_t group_bytes = kGroupTiles * kTileBytes;
   const int64_t blocks = (a.M + kTokenBlock - 1) / kTokenBlock;
   const int64_t pass = imin(blocks, 1 + kActPassBytes / (a.G * group_bytes));  // token blocks per pass
-  // [pass][G] transposed token groups | levels of two groups | [pass] accumulator spills
-  const int64_t token_bytes = pass * a.G * group_bytes, spill_bytes = pass * 4 * kTileBytes;
+  // [pass][G] transposed token groups (unless packed already) | levels of two groups | [pass] accumulator spills
+  const int64_t token_bytes = a.packed ? 0 : pass * a.G * group_bytes, spill_bytes = pass * 4 * kTileBytes;
   uint8_t* scratch = a.M >= kMinTokens ? t_scratch.get(token_bytes + 2 * group_bytes + spill_bytes) : nullptr;
   if (!scratch) {  // few tokens, or no memory for the buffers: the AVX-512 GEMV
     int_plane_avx512(a, n0, n1);
@@ -214,7 +222,8 @@ void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
   configure_tiles();
   for (int64_t b0 = 0; b0 < blocks; b0 += pass) {
     const int64_t nb = imin(blocks, b0 + pass) - b0;
-    for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* tokens = a.packed ? a.packed + b0 * a.G * group_bytes : scratch;
+    for (int64_t b = 0; b < nb && !a.packed; ++b) {
       const int64_t m = (b0 + b) * kTokenBlock;
       transpose_tokens(a, m, imin(kTokenBlock, a.M - m), scratch + b * a.G * group_bytes);
     }
@@ -229,7 +238,7 @@ void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
         for (int64_t b = 0; b < nb; ++b) {
           if (g == 0) zero_accumulators();
           else if (nb > 1) load_accumulators(spill + b * 4 * kTileBytes);
-          multiply_group(levels + (g & 1) * group_bytes, scratch + (b * a.G + g) * group_bytes);
+          multiply_group(levels + (g & 1) * group_bytes, tokens + (b * a.G + g) * group_bytes);
           if (g + 1 == a.G) {
             const int64_t m = (b0 + b) * kTokenBlock;
             store_tiles(a, m, imin(kTokenBlock, a.M - m), t0, rows);

@@ -1,10 +1,11 @@
 // The CPU quantized linear layer: y = sv * H_out(w_scale * (z . xt + const)) + bias.
 //
-// Three threaded passes (at::parallel_for, i.e. torch's thread pool):
+// Three passes, threaded in one parallel region of torch's thread pool per call (CallSplit):
 //  1. per token, the fused activation transform: su * x, blockwise FWHT of H_in, per-4-chunk A^T,
 //     the per-token constant sum_j b . x'_j, and (int mode) rounding to 16-bit fixed point split
-//     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h);
-//  2. per range of output rows, the unsigned INT2 dot products of the kernel set chosen at run time
+//     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h), and
+//     for the tile kernel its operands, made once per call;
+//  2. per range of output rows and tokens, the unsigned INT2 dot products of the kernel set chosen at run time
 //     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 32 tokens (8 for a layer
 //     whose codes fit in cache), a cache-blocked GEMM above where the set has one;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
@@ -22,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -190,96 +192,163 @@ void check_input(const torch::Tensor& x, const Layer& L) {
 // Bytes per token of the int-mode activations (both layouts): 512 per group of 256 elements.
 inline int64_t act_stride(const Layer& L) { return L.G * 512; }
 
-// Passes 1 and 3 give each thread at least this many elements (torch's own grain size).
-constexpr int64_t kTokenGrain = 32768;
-
-// Pass 1 for token m: writes the kernel's activation layout, returns (scale, const).
+// Pass 1 for tokens [m0, m1): writes the kernel's activation layout, (scale, const) per token.
+// `xt` is G * 256 floats whose tail past K is zero (the padding of the last group).
 template <typename T>
-void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode, bool plane, int64_t M, void* act,
-                    double* scale, double* cst) {
-  const float* su = L.su;
-  at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.K), [&](int64_t m0, int64_t m1) {
-    std::vector<float> xt(L.G * kGroupElems, 0.f);  // zero tail: the padding of the last group
-    for (int64_t m = m0; m < m1; ++m) {
-      float amax;
-      math.scale_input(x + m * L.K, su, L.K, xt.data());
-      cst[m] = math.transform(xt.data(), L.K, L.had_in, L.A, L.b, &amax);
-      if (!L.A_finite) amax = std::numeric_limits<float>::quiet_NaN();  // max() may have dropped the NaN
-      if (mode == Mode::kInt) {
-        scale[m] = math.encode_int(xt.data(), amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
-      } else {
-        scale[m] = 1.0;
-        cpu::encode_float(xt.data(), L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
-      }
+void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode, bool plane, int64_t m0, int64_t m1,
+                    void* act, double* scale, double* cst, float* xt) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float amax;
+    math.scale_input(x + m * L.K, L.su, L.K, xt);
+    cst[m] = math.transform(xt, L.K, L.had_in, L.A, L.b, &amax);
+    if (!L.A_finite) amax = std::numeric_limits<float>::quiet_NaN();  // max() may have dropped the NaN
+    if (mode == Mode::kInt) {
+      scale[m] = math.encode_int(xt, amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
+    } else {
+      scale[m] = 1.0;
+      cpu::encode_float(xt, L.G, static_cast<float*>(act) + m * L.G * kGroupElems);
     }
-  });
+  }
 }
 
-// Pass 3: y[m] = sv * H_out(w_scale * (scale[m] * dot[m] + cst[m])) + bias, in T.
+// Pass 3 for tokens [m0, m1): y[m] = sv * H_out(w_scale * (scale[m] * dot[m] + cst[m])) + bias, in T.
 // int32 and fp32 dot products are scaled in fp32 (vectorized; V < 2^31 rounds to float with a
 // relative error of 6e-8), int64 ones in double, and so are tokens whose scale is near the bottom
-// of the float range (|x| ~ 1e-37 and below). fp32 outputs are transformed in place in y.
+// of the float range (|x| ~ 1e-37 and below). fp32 outputs are transformed in place in y, others
+// in `tmp` (N floats).
 template <typename T, typename D>
-void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t M, const double* scale,
-                   const double* cst, T* y) {
-  const float* sv = L.sv;
-  const float* bias = L.bias;
+void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t m0, int64_t m1, const double* scale,
+                   const double* cst, T* y, float* tmp) {
   constexpr bool kFloatOut = std::is_same_v<T, float>;
-  at::parallel_for(0, M, std::max<int64_t>(1, kTokenGrain / L.N), [&](int64_t m0, int64_t m1) {
-    std::vector<float> tmp(kFloatOut ? 0 : L.N);
-    for (int64_t m = m0; m < m1; ++m) {
-      float* row = kFloatOut ? reinterpret_cast<float*>(y + m * L.N) : tmp.data();
-      const D* d = dot + m * L.N;
-      const double a = static_cast<double>(L.w_scale) * scale[m], c = static_cast<double>(L.w_scale) * cst[m];
-      // In double for int64 dot products, and for a token so small that a is near or below the
-      // float range (a subnormal a would keep only a few bits).
-      bool in_double = a != 0.0 && std::abs(a) < 0x1p-100;
-      if constexpr (std::is_same_v<D, int64_t>) in_double = true;
-      if (in_double) {
-        for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
-      } else if constexpr (!std::is_same_v<D, int64_t>) {
-        math.dequant_row(d, L.N, static_cast<float>(a), static_cast<float>(c), row);
-      }
-      math.output_transform(row, L.N, L.had_out, sv, bias);
-      if constexpr (!kFloatOut) {
-        T* out = y + m * L.N;
-        for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
-      }
+  for (int64_t m = m0; m < m1; ++m) {
+    float* row = kFloatOut ? reinterpret_cast<float*>(y + m * L.N) : tmp;
+    const D* d = dot + m * L.N;
+    const double a = static_cast<double>(L.w_scale) * scale[m], c = static_cast<double>(L.w_scale) * cst[m];
+    // In double for int64 dot products, and for a token so small that a is near or below the
+    // float range (a subnormal a would keep only a few bits).
+    bool in_double = a != 0.0 && std::abs(a) < 0x1p-100;
+    if constexpr (std::is_same_v<D, int64_t>) in_double = true;
+    if (in_double) {
+      for (int64_t n = 0; n < L.N; ++n) row[n] = static_cast<float>(a * static_cast<double>(d[n]) + c);
+    } else if constexpr (!std::is_same_v<D, int64_t>) {
+      math.dequant_row(d, L.N, static_cast<float>(a), static_cast<float>(c), row);
     }
-  });
+    math.output_transform(row, L.N, L.had_out, L.sv, L.bias);
+    if constexpr (!kFloatOut) {
+      T* out = y + m * L.N;
+      for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
+    }
+  }
 }
 
-// Pass 2 over row tiles: fn(n0, n1, worker) computes rows [n0, n1) on worker `worker`
-// (0 <= worker < workers(), for per-thread scratch). Threads take tiles from a shared counter
-// rather than fixed halves, so a thread that starts late (descheduled, or busy elsewhere) does
-// less instead of holding up the rest. Every row is still computed by one thread, in one fixed
-// order: the split does not change the result.
-struct RowSplit {
-  static constexpr int64_t kMinGrabRows = 256;  // rows per kernel call where the layer has them (see run)
-  int64_t N, tiles, threads;
-  RowSplit(int64_t N, int64_t work, int64_t serial_work)
-      : N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
-    if (tiles <= 1 || work < serial_work) threads = 1;
+// Work that threads take in chunks from a shared counter: [0, total) in chunks of `chunk`.
+// A thread that starts late (descheduled, or busy elsewhere) takes less instead of holding up
+// the rest; which thread computes a chunk never changes its result.
+class WorkQueue {
+ public:
+  WorkQueue(int64_t total, int64_t chunk) : total_(total), chunk_(std::max<int64_t>(1, chunk)) {}
+  // Runs fn(i0, i1) on chunks until none is left.
+  template <typename Fn>
+  void drain(Fn fn) {
+    for (int64_t i0; (i0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < total_;) {
+      const int64_t i1 = std::min(total_, i0 + chunk_);
+      fn(i0, i1);
+      done_.fetch_add(i1 - i0, std::memory_order_release);
+    }
+  }
+  // Until every chunk is finished. Called after drain() found nothing left, so it waits only for
+  // chunks that other threads are computing: no deadlock whatever number of threads the pool runs.
+  void wait() const {
+    for (int spins = 0; done_.load(std::memory_order_acquire) < total_; ++spins) {
+      if (spins < 4096) cpu_relax();
+      else std::this_thread::yield();  // the other thread was descheduled: give it the core
+    }
+  }
+
+ private:
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  const int64_t total_, chunk_;
+  std::atomic<int64_t> next_{0}, done_{0};
+};
+
+// How one call splits over threads, in one parallel region (one fork and join per call: a small
+// layer's call takes tens of microseconds, and each fork costs a few). Two ways:
+//  - by tokens, for a layer whose codes fit in cache: each thread runs all three passes on its
+//    own contiguous range of tokens, over all rows. Nothing a thread writes is read by the other
+//    (a line written on one core and read on the other costs a transfer between their caches, and
+//    at a few dozen tokens those transfers cost as much as the work), and a model's next layer
+//    finds its thread's tokens where this one left them;
+//  - by rows, for a layer whose codes come from memory, or too few tokens: pass 1 and pass 3 take
+//    chunks of tokens, pass 2 grabs of rows, each pass from a shared counter (WorkQueue), and each
+//    finished before the next starts.
+// Every token and every row is computed by one thread in one fixed order: the split does not
+// change the result.
+struct CallSplit {
+  static constexpr int64_t kMinGrabRows = 256;  // rows per kernel call where the layer has them
+  int64_t M, N, tiles, threads, prepare_chunk, token_chunk, row_grab;
+  bool by_tokens;
+  // `work`: the call's multiply-adds. `token_block`: pass 1 and a split by tokens take tokens in
+  // multiples of it. `cached`: the layer's codes fit in cache. One thread below kSerialWork
+  // multiply-adds, or below `serial_rows` where the split would be by rows (a kernel set may ask
+  // for more: the tile kernel's rows cost little next to its fixed costs per call).
+  CallSplit(int64_t M, int64_t N, int64_t work, int64_t serial_rows, int64_t token_block, bool cached)
+      : M(M), N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
+    token_chunk = (M + threads - 1) / threads;
+    token_chunk = (token_chunk + token_block - 1) / token_block * token_block;
+    by_tokens = cached && token_chunk < M;
+    if (work < (by_tokens ? cpu::kSerialWork : serial_rows) || at::in_parallel_region()) threads = 1;
+    by_tokens = by_tokens && threads > 1;
+    if (by_tokens) {
+      threads = (M + token_chunk - 1) / token_chunk;
+      prepare_chunk = token_chunk;
+    } else {
+      token_chunk = (M + 4 * threads - 1) / (4 * threads);
+      prepare_chunk = (token_chunk + token_block - 1) / token_block * token_block;
+    }
+    // Each grab is one kernel call, and a call has a fixed cost (the tile kernel cuts its codes,
+    // the GEMM packs its tile): at least 256 rows per call where the layer has them, and at most
+    // two calls per thread on a small layer.
+    row_grab = std::max({int64_t(1), tiles / (8 * threads),
+                         std::min<int64_t>(kMinGrabRows / cpu::kRowTile, (tiles + 2 * threads - 1) / (2 * threads))});
   }
   int64_t workers() const { return threads; }
-  template <typename Fn>
-  void run(Fn fn) const {
+  // prepare(m0, m1, worker) on tokens, multiply(n0, n1, m0, m1, worker) on rows x tokens, then
+  // finish(m0, m1, worker) on tokens; 0 <= worker < workers() (for per-thread scratch).
+  template <typename Prepare, typename Multiply, typename Finish>
+  void run(Prepare prepare, Multiply multiply, Finish finish) const {
     if (threads <= 1) {
-      fn(int64_t(0), N, int64_t(0));
-      return;
+      prepare(int64_t(0), M, int64_t(0));
+      multiply(int64_t(0), N, int64_t(0), M, int64_t(0));
+      finish(int64_t(0), M, int64_t(0));
+    } else if (by_tokens) {
+      at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t m0 = w * token_chunk, m1 = std::min(M, m0 + token_chunk);
+          prepare(m0, m1, w);
+          multiply(int64_t(0), N, m0, m1, w);
+          finish(m0, m1, w);
+        }
+      });
+    } else {
+      WorkQueue first(M, prepare_chunk), rows(tiles, row_grab), last(M, token_chunk);
+      at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          first.drain([&](int64_t m0, int64_t m1) { prepare(m0, m1, w); });
+          first.wait();
+          rows.drain([&](int64_t t0, int64_t t1) {
+            multiply(t0 * cpu::kRowTile, std::min(N, t1 * cpu::kRowTile), int64_t(0), M, w);
+          });
+          rows.wait();
+          last.drain([&](int64_t m0, int64_t m1) { finish(m0, m1, w); });
+        }
+      });
     }
-    // Each grab is one kernel call, and a call has a fixed cost (the tile kernel transposes every
-    // token, the GEMM packs its tile): at least 256 rows per call where the layer has them, and at
-    // most two calls per thread on a small layer (384 rows: 12 calls of 32 made 2 threads slower
-    // than 1 at 29 tokens).
-    const int64_t grab = std::max({int64_t(1), tiles / (8 * threads),
-                                   std::min<int64_t>(kMinGrabRows / cpu::kRowTile, (tiles + 2 * threads - 1) / (2 * threads))});
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t worker = w0; worker < w1; ++worker)
-        for (int64_t t0; (t0 = next.fetch_add(grab)) < tiles;)
-          fn(t0 * cpu::kRowTile, std::min(N, (t0 + grab) * cpu::kRowTile), worker);
-    });
   }
 };
 
@@ -325,40 +394,69 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const int64_t M = x.size(0);
   // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
   const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
-  const RowSplit split(L.N, L.N * L.K * M, serial);
+  const bool narrow = L.K <= cpu::kInt32MaxK;
+  // int mode: the kernel's operands made from the activations once per call (the tile kernel's)
+  const int64_t packed_bytes = mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G) : 0;
+  const CallSplit split(M, L.N, L.N * L.K * M, serial, packed_bytes ? cpu::kPackTokenBlock : 1,
+                        mode == Mode::kInt && L.N * L.K4 <= cpu::kSmallLayerCodeBytes);
   const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
-  std::vector<double> scale(M);
-  std::vector<double> cst(M);
+  std::vector<double> scale(M), cst(M);
+  // Per worker: the token being transformed (G * 256 floats, zero tail), an output row in fp32
+  // (N floats), and in int mode with the GEMM its tile.
+  const int64_t xt_bytes = align64(L.G * kGroupElems * 4), row_bytes = align64(L.N * 4);
+  const int64_t tile_bytes = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;
+  const int64_t slot = xt_bytes + row_bytes + tile_bytes;
+  const int64_t act_bytes = align64(mode == Mode::kInt ? M * act_stride(L) : M * L.G * kGroupElems * 4);
+  const int64_t dot_bytes = align64(M * L.N * (mode == Mode::kInt && !narrow ? 8 : 4));
+  uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + align64(packed_bytes) + split.workers() * slot);
+  void* act = ws;
+  void* dot = ws + act_bytes;
+  uint8_t* packed = packed_bytes ? ws + act_bytes + dot_bytes : nullptr;
+  uint8_t* slots = ws + act_bytes + dot_bytes + align64(packed_bytes);
+  for (int64_t w = 0; w < split.workers(); ++w)  // the zero tail of every worker's token buffer
+    std::memset(slots + w * slot, 0, xt_bytes);
+  const auto xt_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot); };
+  const auto row_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot + xt_bytes); };
+  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const int8_t*>(act),
+                              act_stride(L), M, narrow ? static_cast<int32_t*>(dot) : nullptr,
+                              narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, packed};
+  const auto prepare = [&](int64_t m0, int64_t m1, int64_t w) {
+    prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
+                   xt_of(w));
+    for (int64_t m = m0; packed && m < m1; m += cpu::kPackTokenBlock)  // (m0: a multiple of the block)
+      set.pack_tokens(int_args, m, std::min(cpu::kPackTokenBlock, m1 - m), packed);
+  };
   if (mode == Mode::kInt) {
-    const bool narrow = L.K <= cpu::kInt32MaxK;
-    const int64_t act_bytes = align64(M * act_stride(L)), dot_bytes = align64(M * L.N * (narrow ? 4 : 8));
-    const int64_t slot = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;  // per-thread GEMM tile
-    uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + split.workers() * slot);
-    auto* act = reinterpret_cast<int8_t*>(ws);
-    void* dot = ws + act_bytes;
-    uint8_t* scratch = ws + act_bytes + dot_bytes;
-    prepare_tokens(xp, L, math, mode, /*plane=*/!gemm, M, act, scale.data(), cst.data());
-    cpu::IntArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, act_stride(L), M,
-                      narrow ? static_cast<int32_t*>(dot) : nullptr, narrow ? nullptr : static_cast<int64_t*>(dot),
-                      nullptr};
     const cpu::IntKernel kernel = gemm ? set.int_gemm : set.int_gemv;
-    split.run([&](int64_t n0, int64_t n1, int64_t worker) {
-      cpu::IntArgs mine = args;
-      mine.scratch = reinterpret_cast<uint32_t*>(scratch + worker * slot);
+    const int64_t packed_block = packed ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
+    const auto multiply = [&](int64_t n0, int64_t n1, int64_t m0, int64_t m1, int64_t w) {
+      cpu::IntArgs mine = int_args;  // tokens [m0, m1) of it (m0: a multiple of the token block)
+      mine.act += m0 * mine.act_stride;
+      mine.M = m1 - m0;
+      if (mine.out32) mine.out32 += m0 * L.N;
+      if (mine.out64) mine.out64 += m0 * L.N;
+      if (packed) mine.packed += m0 / cpu::kPackTokenBlock * packed_block;
+      mine.scratch = reinterpret_cast<uint32_t*>(slots + w * slot + xt_bytes + row_bytes);
       kernel(mine, n0, n1);
-    });
-    if (narrow) finish_tokens(static_cast<const int32_t*>(dot), L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
-    else finish_tokens(static_cast<const int64_t*>(dot), L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
+    };
+    if (narrow) {
+      split.run(prepare, multiply, [&](int64_t m0, int64_t m1, int64_t w) {
+        finish_tokens(static_cast<const int32_t*>(dot), L, math, m0, m1, scale.data(), cst.data(), yp, row_of(w));
+      });
+    } else {
+      split.run(prepare, multiply, [&](int64_t m0, int64_t m1, int64_t w) {
+        finish_tokens(static_cast<const int64_t*>(dot), L, math, m0, m1, scale.data(), cst.data(), yp, row_of(w));
+      });
+    }
   } else {
-    const int64_t act_bytes = align64(M * L.G * kGroupElems * 4);
-    uint8_t* ws = t_workspace.get(act_bytes + M * L.N * 4);
-    auto* act = reinterpret_cast<float*>(ws);
-    auto* dot = reinterpret_cast<float*>(ws + act_bytes);
-    prepare_tokens(xp, L, math, mode, /*plane=*/true, M, act, scale.data(), cst.data());
-    const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, act, M, dot};
-    split.run([&](int64_t n0, int64_t n1, int64_t) { set.float_gemv(args, n0, n1); });
-    finish_tokens(dot, L, math, M, scale.data(), cst.data(), y.data_ptr<T>());
+    const cpu::FloatArgs args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const float*>(act), M,
+                              static_cast<float*>(dot)};
+    split.run(prepare, [&](int64_t n0, int64_t n1, int64_t, int64_t, int64_t) { set.float_gemv(args, n0, n1); },
+              [&](int64_t m0, int64_t m1, int64_t w) {
+                finish_tokens(static_cast<const float*>(dot), L, math, m0, m1, scale.data(), cst.data(), yp, row_of(w));
+              });
   }
 }
 

@@ -169,6 +169,23 @@ void run_case(const Case& c, std::mt19937& rng) {
     CHECK(bad == 0, "%s int GEMV: %lld of %lld outputs differ (N=%lld K=%lld M=%lld)", set.name, (long long)bad,
           (long long)(c.M * c.N), (long long)c.N, (long long)c.K, (long long)c.M);
 
+    const int64_t packed_bytes = set.packed_bytes ? set.packed_bytes(c.M, G) : 0;
+    if (packed_bytes) {  // its operands made once, as the driver does, 16 tokens at a time
+      Aligned packed(packed_bytes);
+      for (int64_t m = 0; m < c.M; m += kPackTokenBlock)
+        set.pack_tokens(a, m, c.M - m < kPackTokenBlock ? c.M - m : kPackTokenBlock, packed.p);
+      std::fill(o32.begin(), o32.end(), -1);
+      std::fill(o64.begin(), o64.end(), -1);
+      IntArgs p = a;
+      p.packed = packed.p;
+      set.int_gemv(p, 0, cut);
+      set.int_gemv(p, cut, c.N);
+      bad = 0;
+      for (int64_t i = 0; i < c.M * c.N; ++i) bad += (narrow ? o32[i] : o64[i]) != want[i];
+      CHECK(bad == 0, "%s int GEMV on packed operands: %lld of %lld outputs differ (N=%lld K=%lld M=%lld)", set.name,
+            (long long)bad, (long long)(c.M * c.N), (long long)c.N, (long long)c.K, (long long)c.M);
+    }
+
     if (set.int_gemm) {  // natural layout
       Aligned nat(c.M * G * 512), scratch(gemm_scratch_bytes(K4));
       prepare(*set.math, x, su, A, b, c, G, false, reinterpret_cast<int8_t*>(nat.p), scale2, cst2);
