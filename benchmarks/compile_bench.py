@@ -10,7 +10,11 @@
    in the same interleaved rounds: the before/after comparison.
 2. MiniLM (all-MiniLM-L6-v2, real weights; encoder Linear layers 2-bit RTN) encode time at
    batch 1 and 32 (128 tokens): fp32 eager, fp32 ``torch.compile``, 2-bit eager, 2-bit
-   compiled (``fullgraph=True``), all under ``torch.no_grad``.
+   compiled (``fullgraph=True``), all under ``torch.no_grad``. Two ways, each interleaved:
+   warm, a sample being as many back-to-back encodes of one model as take ~0.25 s (at most
+   ``--warm-calls``; a server encoding one request after another), and cold, a sample being one
+   encode right after the other three models ran (their weights, 42 MB in fp32, have pushed this
+   one's out of the caches).
 
 Times are medians over interleaved rounds (``suite.side_by_side``); only ratios within one run
 mean anything on a machine whose memory bandwidth drifts. Writes ``compile_bench.{json,md}``.
@@ -25,6 +29,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +53,10 @@ def build_before(ref: str) -> Path:
     tree = work / "tree"
     if not tree.is_dir():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref], check=True)
+    if "TORCH_LIBRARY(pyquant" in (tree / "csrc" / "cpu" / "module.cpp").read_text():
+        raise SystemExit(f"--before {ref}: that revision registers the pyquant op library, which this process "
+                         "registers already (torch allows one per namespace); compare with a revision from before "
+                         "the ops (f16aa24 or older), or run this benchmark at each revision")
     subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, check=True,
                    env={**__import__("os").environ, "PYQUANT_NO_CUDA": "1"}, stdout=subprocess.DEVNULL)
     shutil.copytree(tree / "pyquant", pkg)
@@ -88,7 +97,7 @@ def layer_calls(before: str | None, min_time: float) -> dict:
     return out
 
 
-def minilm(batch_sizes, seq_len: int | None, min_time: float) -> list[dict]:
+def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -> list[dict]:
     model, tok = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
@@ -102,12 +111,20 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float) -> list[dict]:
                     "2bit": qmodel, "2bit_compiled": torch.compile(qmodel, fullgraph=True)}
         with torch.no_grad():
             out = {name: m(**batch).last_hidden_state for name, m in variants.items()}  # compiles
-            t = suite.side_by_side({name: (lambda m=m: (m(**batch), 1)[1]) for name, m in variants.items()}, min_time)
-        row = {"batch": bs, "tokens": int(batch["input_ids"].shape[1]),
-               **{f"{n}_ms": v["median"] * 1e3 for n, v in t.items()}, "rounds": t["fp32"]["rounds"],
+            start = time.perf_counter()
+            variants["fp32"](**batch)
+            calls = max(2, min(warm_calls, int(0.25 / (time.perf_counter() - start))))  # ~0.25 s per warm sample
+            warm = suite.side_by_side({name: (lambda m=m: [m(**batch) for _ in range(calls)] and calls)
+                                       for name, m in variants.items()}, min_time)
+            cold = suite.side_by_side({name: (lambda m=m: (m(**batch), 1)[1]) for name, m in variants.items()},
+                                      min_time)
+        row = {"batch": bs, "tokens": int(batch["input_ids"].shape[1]), "warm_calls": calls,
+               **{f"{n}_ms": v["median"] * 1e3 for n, v in warm.items()},
+               **{f"{n}_cold_ms": v["median"] * 1e3 for n, v in cold.items()}, "rounds": warm["fp32"]["rounds"],
                # compiled against eager of the same model: what compiling changes
                "fp32_compiled_rel_err": suite_rel(out["fp32_compiled"], out["fp32"]),
                "2bit_compiled_rel_err": suite_rel(out["2bit_compiled"], out["2bit"])}
+        row["2bit_compiled_x_fp32_compiled_cold"] = row["fp32_compiled_cold_ms"] / row["2bit_compiled_cold_ms"]
         row["2bit_compiled_x_fp32_compiled"] = row["fp32_compiled_ms"] / row["2bit_compiled_ms"]
         row["2bit_x_fp32"] = row["fp32_ms"] / row["2bit_ms"]
         rows.append(row)
@@ -133,13 +150,19 @@ def markdown(report: dict) -> str:
         lines.append(f"| {mode} | " + " | ".join(f"{v:.1f}" for v in lc[mode].values()) + " |")
     lines += ["", f"Backends: {lc['backends']}.", "",
               "## MiniLM encode, torch.no_grad (ms per batch)", "",
+              "Warm: back-to-back encodes of one model per sample (as many as take ~0.25 s, at most `--warm-calls`: "
+              + ", ".join(f"{r['warm_calls']} at batch {r['batch']} x {r['tokens']}" for r in report["minilm"])
+              + "); cold: one encode per sample, right after the other three models.", "",
               "| batch | tokens | fp32 eager | fp32 compiled | 2-bit eager | 2-bit compiled | 2-bit compiled × fp32 "
-              "compiled | 2-bit eager × fp32 eager | compiled vs eager rel. err (fp32 / 2-bit) |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "compiled | 2-bit eager × fp32 eager | cold: fp32 compiled / 2-bit compiled (×) | compiled vs eager "
+              "rel. err (fp32 / 2-bit) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["minilm"]:
         lines.append(f"| {r['batch']} | {r['tokens']} | {r['fp32_ms']:.2f} | {r['fp32_compiled_ms']:.2f} | "
                      f"{r['2bit_ms']:.2f} | {r['2bit_compiled_ms']:.2f} | {r['2bit_compiled_x_fp32_compiled']:.2f} | "
-                     f"{r['2bit_x_fp32']:.2f} | {r['fp32_compiled_rel_err']:.1e} / {r['2bit_compiled_rel_err']:.1e} |")
+                     f"{r['2bit_x_fp32']:.2f} | {r['fp32_compiled_cold_ms']:.2f} / {r['2bit_compiled_cold_ms']:.2f} "
+                     f"({r['2bit_compiled_x_fp32_compiled_cold']:.2f}) | "
+                     f"{r['fp32_compiled_rel_err']:.1e} / {r['2bit_compiled_rel_err']:.1e} |")
     lines += ["", "tokens: sequence length of the batch (real sentences padded to the longest in the batch, or "
               "to `--seq-len`)."]
     return "\n".join(lines) + "\n"
@@ -152,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, nargs="*", default=[0, 128],
                    help="token counts to pad to; 0 = the sentences' own lengths (padded to the batch's longest)")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per method per table row (at least)")
+    p.add_argument("--warm-calls", type=int, default=100, help="back-to-back encodes per warm sample, at most")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -159,7 +183,8 @@ def main(argv=None) -> int:
               "command": "python benchmarks/compile_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     report["layer_call"] = layer_calls(args.before, min(args.min_time, 1.0))
     print(report["layer_call"], flush=True)
-    report["minilm"] = [row for seq in args.seq_len for row in minilm(args.batches, seq or None, args.min_time)]
+    report["minilm"] = [row for seq in args.seq_len
+                        for row in minilm(args.batches, seq or None, args.min_time, args.warm_calls)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compile_bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "compile_bench.md").write_text(markdown(report))

@@ -25,21 +25,21 @@ inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
-// One butterfly stage inside a vector: lane i gets x[i & ~len] + (+-x[i | len]), the sign bit
-// flipped for the upper element of each pair, i.e. (a + b, a - b) for every pair (a, b) len apart.
-inline __m512 stage(__m512 low, __m512 high, __mmask16 upper) {
-  const __m512i h = _mm512_castps_si512(high);
-  return _mm512_add_ps(low, _mm512_castsi512_ps(_mm512_mask_xor_epi32(h, upper, h, _mm512_set1_epi32(INT_MIN))));
+// One butterfly stage inside a vector, pairs (a, b) len apart -> (a + b, a - b): lane i adds its
+// partner x[i ^ len] and itself, sign flipped in the upper lane of each pair. The lower lane
+// computes b + a, which IEEE addition makes the same bits as a + b; the upper one a + (-b). One
+// shuffle per stage (a shuffle port is what bounds this loop).
+inline __m512 stage(__m512 v, __m512 partner, __mmask16 upper) {
+  const __m512i h = _mm512_castps_si512(v);
+  return _mm512_add_ps(partner, _mm512_castsi512_ps(_mm512_mask_xor_epi32(h, upper, h, _mm512_set1_epi32(INT_MIN))));
 }
 
 // The first four stages (len 1, 2, 4, 8) of a 16-element block.
 inline __m512 fwht16(__m512 v) {
-  v = stage(_mm512_permute_ps(v, _MM_SHUFFLE(2, 2, 0, 0)), _mm512_permute_ps(v, _MM_SHUFFLE(3, 3, 1, 1)), 0xAAAA);
-  v = stage(_mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_permute_ps(v, _MM_SHUFFLE(3, 2, 3, 2)), 0xCCCC);
-  v = stage(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 2, 0, 0)), _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 3, 1, 1)),
-            0xF0F0);
-  return stage(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2)),
-               0xFF00);
+  v = stage(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)), 0xAAAA);
+  v = stage(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)), 0xCCCC);
+  v = stage(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)), 0xF0F0);
+  return stage(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)), 0xFF00);
 }
 
 template <int K>
