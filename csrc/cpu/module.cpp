@@ -35,6 +35,16 @@ torch::Tensor cpu_linear(const torch::Tensor& x, const torch::Tensor& codes, con
                           std::string(mode), std::string(algo));
 }
 
+// pyquant::linear through the dispatcher (below autograd, the caller holds the guard).
+torch::Tensor call_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                          const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                          const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, int64_t had_in,
+                          int64_t had_out) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyquant::linear", "").typed<decltype(linear)>();
+  return op.call(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
+}
+
 // Autograd for pyquant::linear on every device. In C++ so that a call that needs no gradient
 // (inference, no_grad, frozen layers) costs no Python; the gradient formula itself is one op,
 // pyquant::linear_backward, written in torch ops in pyquant/ops.py and shared with the Triton op.
@@ -44,15 +54,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                                const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
                                const torch::Tensor& sv, const torch::Tensor& w_scale,
                                const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("pyquant::linear", "").typed<decltype(linear)>();
     at::AutoDispatchBelowADInplaceOrView below;
     std::vector<torch::Tensor> saved = {x, codes, A, b, su, sv, w_scale};
     if (bias.has_value()) saved.push_back(*bias);
     ctx->save_for_backward(saved);
     ctx->saved_data["had_in"] = had_in;
     ctx->saved_data["had_out"] = had_out;
-    return op.call(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
+    return call_linear(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -90,9 +98,8 @@ torch::Tensor linear_autograd(const torch::Tensor& x, const torch::Tensor& codes
   if (needs_grad) return LinearFunction::apply(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
   // No graph to record: straight to the kernel (LinearFunction would still build a node and save
   // its inputs, about 2 us a call, a tenth of a small layer's).
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pyquant::linear", "").typed<decltype(linear)>();
   at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
+  return call_linear(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
 }
 
 }  // namespace
