@@ -60,6 +60,9 @@ class QuantLinear(nn.Module):
         # [backend, why] of the last forward: a list updated in place, because nn.Module.__setattr__
         # would cost more than the whole kernel call of a small layer
         self._last_run: list[str | None] = [None, None]
+        # True when the tensors are a serving engine's (from_packed(share=True)): nothing may
+        # replace them, not even with a copy in other memory (see backends/cpu.py)
+        self._shares_tensors = False
         self.packed.validate()
         self._plan = kernels.KernelPlan(self)
 
@@ -81,6 +84,7 @@ class QuantLinear(nn.Module):
                         scale_dtype=pw.su.dtype, method=pw.method, seed=pw.seed, device="meta")
             for name in PACKED_TENSORS:
                 layer._buffers[name] = getattr(pw, name)
+            layer._shares_tensors = True
             layer.validate().invalidate()
             return layer
         layer = cls(pw.in_features, pw.out_features, bias is not None, had_in=pw.had_in, had_out=pw.had_out,
@@ -182,6 +186,17 @@ class QuantLinear(nn.Module):
     @property
     def last_backend_reason(self) -> str | None:
         return self._last_run[1]
+
+    # copy.deepcopy and pickling (torch.save(model)) take the tensors and settings; the kernel
+    # plan holds backend modules, which cannot be pickled, and is rebuilt on the other side.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_plan"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.invalidate()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

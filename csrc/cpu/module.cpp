@@ -136,6 +136,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyquant CPU kernels; the layer op is torch.ops.pyquant.linear";
   m.def("pack_codes", &pyquant::pack_codes, "pack levels [N, K] uint8 into codes [N, K/4]");
   m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
+  m.def("in_huge_pages", &pyquant::in_huge_pages,
+        "t itself if under 2 MB, already there or without huge pages (not Linux), else a copy in 2 MB pages",
+        py::arg("t"));
+  m.def("is_in_huge_pages", &pyquant::is_in_huge_pages, "whether t's memory is an in_huge_pages mapping",
+        py::arg("t"));
   m.def("transform_activations", &pyquant::transform_activations,
         "(xt [M, K] fp32, const [M] fp32): the kernels' activation transform, as format.transform_activations",
         py::arg("x"), py::arg("su"), py::arg("A"), py::arg("b"), py::arg("had_in"));

@@ -13,6 +13,11 @@ namespace pyquant {
 torch::Tensor pack_codes(const torch::Tensor& z);
 torch::Tensor unpack_codes(const torch::Tensor& codes);
 
+// huge_pages.cpp: `t` itself when it is under 2 MB, already there or the OS has no transparent
+// huge pages (not Linux), else a copy in a 2 MB-aligned mapping advised MADV_HUGEPAGE
+torch::Tensor in_huge_pages(const torch::Tensor& t);
+bool is_in_huge_pages(const torch::Tensor& t);
+
 // codebook_search.cpp
 torch::Tensor nearest_codeword(const torch::Tensor& lin, const torch::Tensor& cb2t, const torch::Tensor& norms);
 

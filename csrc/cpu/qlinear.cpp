@@ -75,14 +75,20 @@ void check_block(int64_t block, int64_t dim, const char* name, const char* dim_n
 }
 
 // A 1-D float vector of `n` elements (fp32, fp16 or bf16, any stride) as fp32: a pointer into `t`
-// when it already is contiguous fp32, else into `buf`, converted here. su and sv are fp16 in the
-// format; converting them in a plain loop costs far less than an ATen .to() call per layer call.
-const float* vector_f32(const torch::Tensor& t, int64_t n, const char* name, std::vector<float>& buf) {
+// when it already is contiguous fp32, else into `buf`, converted here (contiguous fp16, what the
+// format stores su and sv in, by the kernel set's vector conversion). An ATen .to() call per
+// layer call would cost more than the conversion.
+const float* vector_f32(const torch::Tensor& t, int64_t n, const char* name, std::vector<float>& buf,
+                        const cpu::TransformOps& math) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK_TYPE(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ", t.sizes());
   if (t.scalar_type() == torch::kFloat && t.is_contiguous()) return t.data_ptr<float>();
   buf.resize(n);
+  if (t.scalar_type() == torch::kHalf && t.is_contiguous()) {
+    math.widen_half(reinterpret_cast<const uint16_t*>(t.data_ptr<c10::Half>()), n, buf.data());
+    return buf.data();
+  }
   const auto widen = [&](const auto* p, int64_t stride) {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * stride]);
   };
@@ -107,8 +113,9 @@ struct TokenMath {
       ops.scale_f32(x, su, K, xt);
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
       ops.scale_bf16(reinterpret_cast<const uint16_t*>(x), su, K, xt);
-    } else {
-      for (int64_t k = 0; k < K; ++k) xt[k] = static_cast<float>(x[k]) * su[k];
+    } else {  // fp16
+      ops.widen_half(reinterpret_cast<const uint16_t*>(x), K, xt);
+      ops.scale_f32(xt, su, K, xt);
     }
   }
   double transform(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) const {
@@ -140,7 +147,7 @@ struct Layer {
 
 Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
                   const torch::Tensor& sv, const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
-                  const c10::optional<torch::Tensor>& bias) {
+                  const c10::optional<torch::Tensor>& bias, const cpu::TransformOps& math) {
   TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
   TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K/4], got shape ", codes.sizes());
@@ -169,9 +176,9 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   }
   for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
   L.w_scale = *w_scale.data_ptr<float>();  // (checked: a CPU float32 scalar; .item() costs a dispatch)
-  L.su = vector_f32(su, L.K, "su", L.su_buf);
-  L.sv = vector_f32(sv, L.N, "sv", L.sv_buf);
-  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf) : nullptr;
+  L.su = vector_f32(su, L.K, "su", L.su_buf, math);
+  L.sv = vector_f32(sv, L.N, "sv", L.sv_buf, math);
+  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf, math) : nullptr;
   check_block(had_in, L.K, "had_in", "K");
   check_block(had_out, L.N, "had_out", "N");
   L.had_in = had_in;
@@ -467,9 +474,9 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
                       const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
                       const c10::optional<torch::Tensor>& bias, const std::string& isa_name_arg,
                       const std::string& mode_name, const std::string& algo) {
-  const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias);
-  check_input(x, L);
   const KernelSet& set = parse_isa(isa_name_arg, "isa");
+  const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias, *set.math);
+  check_input(x, L);
   const Mode mode = parse_mode(mode_name);
   TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
                     algo, "'");
@@ -498,7 +505,7 @@ std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tens
   // Reuse the layer checks with a dummy one-row weight.
   const auto codes = torch::zeros({1, K / 4}, torch::kUInt8);
   const auto ones = torch::ones({1});
-  const Layer L = check_layer(codes, A, b, su, ones, torch::ones({}), had_in, 0, c10::nullopt);
+  const Layer L = check_layer(codes, A, b, su, ones, torch::ones({}), had_in, 0, c10::nullopt, cpu::kPortableMath);
   check_input(x, L);
   auto xt = torch::empty({M, K}, torch::kFloat);
   auto cst = torch::empty({M}, torch::kDouble);

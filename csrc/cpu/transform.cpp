@@ -70,6 +70,29 @@ void scale_input(const float* x, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; ++k) xt[k] = x[k] * su[k];
 }
 
+void widen_half(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t sign = static_cast<uint32_t>(h[i] & 0x8000u) << 16;
+    const uint32_t exp = (h[i] >> 10) & 0x1F;
+    uint32_t mant = h[i] & 0x3FFu, bits;
+    if (exp == 0x1F) {
+      bits = sign | 0x7F800000u | (mant << 13) | (mant ? 0x400000u : 0u);  // Inf, or a quiet NaN (as vcvtph2ps)
+    } else if (exp != 0) {
+      bits = sign | ((exp + 112) << 23) | (mant << 13);  // rebias 15 -> 127
+    } else if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal mant * 2^-24: shift its leading one up to bit 10, lowering the exponent
+      uint32_t e = 113;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --e;
+      }
+      bits = sign | (e << 23) | ((mant & 0x3FFu) << 13);
+    }
+    std::memcpy(out + i, &bits, 4);
+  }
+}
+
 void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; ++k) {  // bf16 -> fp32 is a shift, which the compiler vectorizes
     const uint32_t bits = static_cast<uint32_t>(x_bf16[k]) << 16;
@@ -164,7 +187,7 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
     for (int64_t n = 0; n < N; ++n) row[n] = row[n] * scale * sv[n];
 }
 
-const TransformOps kPortableMath = {scale_input, scale_input, transform_activations, encode_int,
+const TransformOps kPortableMath = {widen_half, scale_input, scale_input, transform_activations, encode_int,
                                     dequant_row, dequant_row, output_transform};
 
 }  // namespace cpu

@@ -97,6 +97,13 @@ void fwht(float* x, int64_t n, int64_t h) {
   }
 }
 
+void widen_half(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
+  }
+}
+
 void scale_input(const float* x, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = tail_mask(K - k);
@@ -214,7 +221,7 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
 
 }  // namespace avx512
 
-const TransformOps kAvx512Math = {avx512::scale_input, avx512::scale_input, avx512::transform_activations,
+const TransformOps kAvx512Math = {avx512::widen_half, avx512::scale_input, avx512::scale_input, avx512::transform_activations,
                                   avx512::encode_int, avx512::dequant_row, avx512::dequant_row,
                                   avx512::output_transform};
 

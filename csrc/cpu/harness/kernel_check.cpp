@@ -215,6 +215,27 @@ void run_case(const Case& c, std::mt19937& rng) {
   }
 }
 
+// fp16 -> fp32 of every kernel set's math on all 65536 bit patterns: the portable build against
+// values it must give, every other build against the portable one, bit for bit (NaNs included).
+void check_widen_half(const KernelSet* sets, int n_sets) {
+  std::vector<uint16_t> h(65536);
+  for (int i = 0; i < 65536; ++i) h[i] = static_cast<uint16_t>(i);
+  std::vector<float> want(65536), got(65536);
+  sets[0].math->widen_half(h.data(), 65536, want.data());
+  const struct { uint16_t h; float f; } known[] = {{0x3C00, 1.f}, {0xC000, -2.f}, {0x0001, 0x1p-24f},
+                                                    {0x03FF, 1023 * 0x1p-24f}, {0x0400, 0x1p-14f}, {0x7BFF, 65504.f},
+                                                    {0x8000, -0.f}, {0x7C00, INFINITY}, {0x3555, 0x1.554p-2f}};
+  for (const auto& k : known)
+    CHECK(std::memcmp(&want[k.h], &k.f, 4) == 0, "portable widen_half(0x%04x) = %a, want %a", k.h, want[k.h], k.f);
+  CHECK(std::isnan(want[0x7C01]) && std::isnan(want[0xFE00]), "portable widen_half: NaN in, not NaN out");
+  for (int s = 1; s < n_sets; ++s) {
+    if (!sets[s].supported()) continue;
+    sets[s].math->widen_half(h.data() + 3, 65533, got.data());  // an odd length: the tail path too
+    CHECK(std::memcmp(want.data() + 3, got.data(), 4 * 65533) == 0, "%s widen_half differs from the portable one",
+          sets[s].name);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -223,6 +244,7 @@ int main() {
   std::printf("kernel sets in this build:");
   for (int s = 0; s < n_sets; ++s) std::printf(" %s%s", sets[s].name, sets[s].supported() ? "" : " (unsupported)");
   std::printf("; best: %s\n", best_kernel_set().name);
+  check_widen_half(sets, n_sets);
   std::mt19937 rng(0);
   // Partial last groups (K4 % 64 != 0), rows that are not a multiple of the row blocks, one and
   // several tokens, Hadamard on and off, and a K above kInt32MaxK (int64 outputs) for the GEMVs
