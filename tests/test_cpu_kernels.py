@@ -60,7 +60,8 @@ def kernel_paths():
 
 
 # (K, N, batch, input dtype, hadamard, bias, scale dtype): every K of the spec, odd and even N,
-# batches from 1 to 512 on both sides of the GEMV/GEMM switch at 8 tokens.
+# batches from 1 to 512 on both sides of the GEMV/GEMM switch at 8 tokens (and of the tile
+# kernel's: GEMV up to 2, narrow tiles 3-8, blocks of 16 above).
 CASES = [
     (384, 131, 1, torch.float32, True, True, torch.float16),
     (384, 97, 512, torch.bfloat16, False, False, torch.float32),
@@ -73,6 +74,7 @@ CASES = [
     (11008, 31, 1, torch.float32, True, True, torch.float32),
     (11008, 45, 17, torch.bfloat16, False, True, torch.float16),
     (11008, 40, 5, torch.float32, True, False, torch.float32),
+    (4096, 70, 8, torch.float16, True, True, torch.float16),
 ]
 
 
@@ -118,7 +120,7 @@ def test_largest_dot_products_do_not_overflow(k):
     n = 20
     pw = PackedWeight(codes=torch.full((n, k // 4), 255, dtype=torch.uint8), A=torch.eye(4), b=torch.zeros(4),
                       su=torch.ones(k), sv=torch.ones(n), w_scale=torch.tensor(1.0)).validate()
-    for m in (1, 9):
+    for m in (1, 4, 9):
         x = torch.ones(m, k)
         x[-1] = -1
         expect = torch.full((m, n), 3.0 * k)

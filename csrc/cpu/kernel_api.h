@@ -120,7 +120,8 @@ int64_t amx_serial_work(int64_t M);  // kSerialWork for the tile kernel at M tok
 // The tile kernel's operands from the activations (plane layout), made by the driver once per
 // layer call, 16 tokens at a time as each thread finishes encoding them, instead of by every
 // row range the rows are split into: amx_packed_bytes(M, G) bytes for M tokens (0 below the
-// kernel's minimum token count, where it runs the GEMV); amx_pack_tokens writes tokens
+// kernel's minimum token count, where it runs the GEMV; up to 8 tokens one block in the narrow
+// layout, which depends on M); amx_pack_tokens writes tokens
 // [m0, m0 + mt) (m0 a multiple of kPackTokenBlock, mt <= kPackTokenBlock) into `packed`.
 constexpr int64_t kPackTokenBlock = 16;
 int64_t amx_packed_bytes(int64_t M, int64_t G);

@@ -13,8 +13,12 @@
 //    activations are transposed once per call, not per row tile.
 // hi and lo get their own accumulators, combined as 256 * hi + lo on store (transposed back to
 // token-major), so the result is the same exact integer as every other kernel's.
-// One or two tokens keep the AVX-512 GEMV: it streams the codes at memory speed already, and a
-// tile multiply would waste 14 of its 16 columns.
+// From 3 to 8 tokens (`narrow`) hi and lo are columns of one B tile instead of two tiles: column
+// 2t + s is token t's hi (s = 0) or lo (s = 1), so a row tile takes 2 tile multiplies per plane
+// and group instead of 4 (4096 x 1024 from cache, 1 thread: 8 tokens 127 us, the wide layout
+// and the AVX-512 GEMV 2-3x that). One or two tokens keep the AVX-512 GEMV: cutting the levels
+// (4 bytes stored and tile-loaded per code byte) costs what its vpdpbusd do (75 vs 69 us at one
+// token, 82 vs 85 at two; from memory on 2 threads the GEMV is ahead at both).
 #include <cstdint>
 #include <cstdlib>
 
@@ -32,9 +36,10 @@ namespace cpu {
 namespace {
 
 constexpr int kTokenBlock = 16;        // columns of the B and C tiles
-// Fewer tokens run the AVX-512 GEMV: cutting the levels costs about what vpdpbusd takes for two
-// tokens (4096 x 4096, Xeon with AMX, 1 thread: 0.46 vs 0.34 ms at 2 tokens; at 3 they tie).
+// Fewer tokens run the AVX-512 GEMV; up to kNarrowMaxTokens the narrow layout (hi and lo as
+// columns: 2 per token), above it blocks of 16 tokens.
 constexpr int64_t kMinTokens = 3;
+constexpr int64_t kNarrowMaxTokens = 8;
 constexpr int64_t kRowTileAmx = 32;    // two A tiles share every B tile
 constexpr int64_t kTileBytes = 1024;   // one tile: 16 rows x 64 bytes
 constexpr int64_t kGroupTiles = 8;     // per group: 4 planes x (2 A tiles | hi and lo B tiles)
@@ -174,6 +179,84 @@ inline void zero_accumulators() {
   _tile_zero(3);
 }
 
+// ------------------------------------------------------------------ narrow: 1 .. 8 tokens
+
+// Tiles: 0-1 accumulators (rows 0-15, 16-31; column 2t + s), 4-5 A as in the wide layout, 6 B
+// (16 dword rows x 2M columns: a tile of fewer columns loads and stores fewer bytes).
+void configure_narrow(int64_t M) {
+  alignas(64) TileConfig c = {};
+  c.palette = 1;
+  const uint16_t cols = static_cast<uint16_t>(8 * M);  // 2M int32 / dword columns
+  const int narrow_tiles[] = {0, 1, 6}, a_tiles[] = {4, 5};
+  for (int t : narrow_tiles) c.colsb[t] = cols;
+  for (int t : a_tiles) c.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) c.rows[t] = c.colsb[t] ? 16 : 0;
+  _tile_loadconfig(&c);
+}
+
+inline int64_t narrow_tile_bytes(int64_t M) { return 16 * 8 * M; }
+
+// B tiles of all M tokens: tile g * 4 + i of `dst` (narrow_tile_bytes(M) each) holds plane i of
+// group g with B[q][4c + j] = byte 4q + j of column c's 64 bytes (c = 2t + s: token t, hi or lo).
+void narrow_tokens(const IntArgs& a, uint8_t* dst) {
+  const int64_t cols = 2 * a.M, row_bytes = 8 * a.M;
+  const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
+  for (int64_t g = 0; g < a.G; ++g)
+    for (int i = 0; i < 4; ++i) {
+      __m512i v[16];
+      for (int c = 0; c < 16; ++c)
+        v[c] = c < cols ? _mm512_loadu_si512(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256 + i * 64)
+                        : _mm512_setzero_si512();
+      transpose16(v);  // v[q] lane c: bytes 4q .. 4q + 3 of column c
+      uint8_t* p = dst + (g * 4 + i) * narrow_tile_bytes(a.M);
+      for (int q = 0; q < 16; ++q) _mm512_mask_storeu_epi32(p + q * row_bytes, keep, v[q]);
+    }
+}
+
+// Writes V = 256 hi + lo of the two accumulators for rows [t0, t0 + rows).
+void store_narrow(const IntArgs& a, int64_t t0, int64_t rows) {
+  alignas(64) int32_t c[2][16][16];  // [row half][row][column 2t + s], 2M columns used
+  const int64_t row_bytes = 8 * a.M;
+  _tile_stored(0, c[0], row_bytes);
+  _tile_stored(1, c[1], row_bytes);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* v = reinterpret_cast<const int32_t*>(reinterpret_cast<const uint8_t*>(r < 16 ? c[0] : c[1]) +
+                                                        (r % 16) * row_bytes);
+    for (int64_t t = 0; t < a.M; ++t) a.store(t, t0 + r, 256 * int64_t(v[2 * t]) + v[2 * t + 1]);
+  }
+}
+
+void int_plane_amx_narrow(const IntArgs& a, int64_t n0, int64_t n1, uint8_t* scratch) {
+  const int64_t group_bytes = kGroupTiles * kTileBytes, tile = narrow_tile_bytes(a.M);
+  const uint8_t* tokens = a.packed;
+  uint8_t* levels = scratch;
+  if (!tokens) {
+    narrow_tokens(a, scratch + 2 * group_bytes);
+    tokens = scratch + 2 * group_bytes;
+  }
+  configure_narrow(a.M);
+  for (int64_t t0 = n0; t0 < n1; t0 += kRowTileAmx) {
+    const int64_t rows = imin(kRowTileAmx, n1 - t0);
+    cut_levels(a, t0, rows, 0, levels);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t g = 0; g < a.G; ++g) {
+      if (g + 1 < a.G) cut_levels(a, t0, rows, g + 1, levels + ((g + 1) & 1) * group_bytes);
+      const uint8_t* lv = levels + (g & 1) * group_bytes;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        _tile_loadd(4, lv + (2 * i) * kTileBytes, 64);
+        _tile_loadd(5, lv + (2 * i + 1) * kTileBytes, 64);
+        _tile_loadd(6, tokens + (g * 4 + i) * tile, 8 * a.M);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 5, 6);
+      }
+    }
+    store_narrow(a, t0, rows);
+  }
+  _tile_release();
+}
+
 // This thread's buffers (transposed activations, cut levels), grown on demand and kept: they
 // are the kernel's working memory, not something to allocate per call.
 struct Scratch {
@@ -199,21 +282,34 @@ thread_local Scratch t_scratch;
 int64_t amx_serial_work(int64_t M) { return M >= kMinTokens ? int64_t(1) << 24 : kSerialWork; }
 
 int64_t amx_packed_bytes(int64_t M, int64_t G) {
-  return M >= kMinTokens ? (M + kTokenBlock - 1) / kTokenBlock * G * kGroupTiles * kTileBytes : 0;
+  if (M < kMinTokens) return 0;
+  if (M <= kNarrowMaxTokens) return G * 4 * narrow_tile_bytes(M);
+  return (M + kTokenBlock - 1) / kTokenBlock * G * kGroupTiles * kTileBytes;
 }
 
 void amx_pack_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* packed) {
-  transpose_tokens(a, m0, mt, packed + m0 / kTokenBlock * a.G * kGroupTiles * kTileBytes);
+  if (a.M <= kNarrowMaxTokens) narrow_tokens(a, packed);  // (one block: m0 = 0, mt = M)
+  else transpose_tokens(a, m0, mt, packed + m0 / kTokenBlock * a.G * kGroupTiles * kTileBytes);
 }
 
 void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
   const int64_t group_bytes = kGroupTiles * kTileBytes;
+  if (a.M < kMinTokens) {
+    int_plane_avx512(a, n0, n1);
+    return;
+  }
+  if (a.M <= kNarrowMaxTokens) {  // levels of two groups | (unless packed) the B tiles
+    uint8_t* scratch = t_scratch.get(2 * group_bytes + (a.packed ? 0 : a.G * 4 * narrow_tile_bytes(a.M)));
+    if (scratch) int_plane_amx_narrow(a, n0, n1, scratch);
+    else int_plane_avx512(a, n0, n1);  // no memory for the buffers
+    return;
+  }
   const int64_t blocks = (a.M + kTokenBlock - 1) / kTokenBlock;
   const int64_t pass = imin(blocks, 1 + kActPassBytes / (a.G * group_bytes));  // token blocks per pass
   // [pass][G] transposed token groups (unless packed already) | levels of two groups | [pass] accumulator spills
   const int64_t token_bytes = a.packed ? 0 : pass * a.G * group_bytes, spill_bytes = pass * 4 * kTileBytes;
-  uint8_t* scratch = a.M >= kMinTokens ? t_scratch.get(token_bytes + 2 * group_bytes + spill_bytes) : nullptr;
-  if (!scratch) {  // few tokens, or no memory for the buffers: the AVX-512 GEMV
+  uint8_t* scratch = t_scratch.get(token_bytes + 2 * group_bytes + spill_bytes);
+  if (!scratch) {  // no memory for the buffers: the AVX-512 GEMV
     int_plane_avx512(a, n0, n1);
     return;
   }

@@ -429,22 +429,33 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const int8_t*>(act),
                               act_stride(L), M, narrow ? static_cast<int32_t*>(dot) : nullptr,
                               narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, packed};
+  const int64_t packed_block = packed ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
+  const auto tokens_of = [&](int64_t m0, int64_t m1) {  // int_args for tokens [m0, m1), m0 a multiple of the block
+    cpu::IntArgs mine = int_args;
+    mine.act += m0 * mine.act_stride;
+    mine.M = m1 - m0;
+    if (mine.out32) mine.out32 += m0 * L.N;
+    if (mine.out64) mine.out64 += m0 * L.N;
+    if (packed) mine.packed += m0 / cpu::kPackTokenBlock * packed_block;
+    return mine;
+  };
   const auto prepare = [&](int64_t m0, int64_t m1, int64_t w) {
     prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
                    xt_of(w));
-    for (int64_t m = m0; packed && m < m1; m += cpu::kPackTokenBlock)  // (m0: a multiple of the block)
-      set.pack_tokens(int_args, m, std::min(cpu::kPackTokenBlock, m1 - m), packed);
+    if (!packed) return;
+    // The operands for the tokens of the kernel call that reads them, whose count picks their
+    // layout (the tile kernel's narrow one up to 8 tokens): split by tokens, this thread's range
+    // is its own call; split by rows, every call takes all M tokens.
+    const int64_t base = split.by_tokens ? m0 : 0;
+    const cpu::IntArgs call = split.by_tokens ? tokens_of(m0, m1) : int_args;
+    uint8_t* dst = packed + base / cpu::kPackTokenBlock * packed_block;  // (call.packed, writable)
+    for (int64_t m = m0; m < m1; m += cpu::kPackTokenBlock)  // (m0: a multiple of the block)
+      set.pack_tokens(call, m - base, std::min(cpu::kPackTokenBlock, m1 - m), dst);
   };
   if (mode == Mode::kInt) {
     const cpu::IntKernel kernel = gemm ? set.int_gemm : set.int_gemv;
-    const int64_t packed_block = packed ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
     const auto multiply = [&](int64_t n0, int64_t n1, int64_t m0, int64_t m1, int64_t w) {
-      cpu::IntArgs mine = int_args;  // tokens [m0, m1) of it (m0: a multiple of the token block)
-      mine.act += m0 * mine.act_stride;
-      mine.M = m1 - m0;
-      if (mine.out32) mine.out32 += m0 * L.N;
-      if (mine.out64) mine.out64 += m0 * L.N;
-      if (packed) mine.packed += m0 / cpu::kPackTokenBlock * packed_block;
+      cpu::IntArgs mine = tokens_of(m0, m1);
       mine.scratch = reinterpret_cast<uint32_t*>(slots + w * slot + xt_bytes + row_bytes);
       kernel(mine, n0, n1);
     };
