@@ -1,3 +1,4 @@
+import sys
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,3 +158,46 @@ def test_non_contiguous_input():
     x = torch.randn(64, 6).T  # non-contiguous [6, 64]
     assert not x.is_contiguous()
     assert rel_err(layer(x), layer(x.contiguous())) == 0.0
+
+
+def test_deepcopy_and_pickle_rebuild_the_kernel_plan():
+    import copy
+    import io
+
+    layer = pyquant.QuantLinear.from_packed(random_packed(40, 384, hadamard=True, seed=2), torch.randn(40))
+    x = torch.randn(3, 384)
+    want = layer(x)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert other.codes.data_ptr() != layer.codes.data_ptr()
+        assert torch.equal(other(x), want)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "cpu" not in kernels.available_backends(),
+                    reason="transparent huge pages are Linux's; the C++ CPU backend places the codes")
+def test_large_codes_move_into_huge_pages_once_and_stay_correct():
+    from pyquant import _C
+
+    pw = random_packed(2048, 4096, hadamard=True, seed=5)  # 2 MiB of codes: the threshold
+    small = pyquant.QuantLinear.from_packed(random_packed(40, 384, hadamard=True, seed=2))
+    assert not _C.is_in_huge_pages(small.codes)
+    layer = pyquant.QuantLinear.from_packed(pw)
+    assert _C.is_in_huge_pages(layer.codes) and layer.codes.data_ptr() % (2 << 20) == 0
+    assert torch.equal(layer.codes, pw.codes)
+    placed = layer.codes.data_ptr()
+    layer.invalidate()  # already there: not copied again
+    assert layer.codes.data_ptr() == placed
+    x = torch.randn(2, 4096)
+    assert rel_err(layer(x), F.linear(x, layer.dequantize().weight)) < 3e-4
+    # built under inference_mode, the codes are still a plain tensor (a backward can save them)
+    with torch.inference_mode():
+        inferred = pyquant.QuantLinear.from_packed(pw)
+    assert _C.is_in_huge_pages(inferred.codes) and not inferred.codes.is_inference()
+    # a state dict loads into the placed memory, and what it saves reads back the same
+    layer.load_state_dict(pyquant.QuantLinear.from_packed(random_packed(2048, 4096, hadamard=True, seed=6)).state_dict())
+    assert layer.codes.data_ptr() == placed
+    # a layer sharing a serving engine's tensors keeps them
+    shared = pyquant.QuantLinear.from_packed(pw, share=True)
+    assert shared.codes.data_ptr() == pw.codes.data_ptr() and not _C.is_in_huge_pages(shared.codes)
