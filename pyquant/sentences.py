@@ -1,6 +1,7 @@
 """Real English sentences that ship with Python: the docstrings of standard
-library modules and of their public functions and classes, and (a second,
-different source) the prose of the language reference that ``help()`` shows.
+library modules and of their public functions and classes, and (other
+sources than docstrings) the prose of the language reference that ``help()``
+shows and of IDLE's manual, news and Python's license.
 
 Offline, deterministic for a given Python version, and real (written by
 people, for people), which is what the model-quality evaluations need.
@@ -8,11 +9,14 @@ Each docstring sentence keeps the module it came from, so it can also label text
 """
 from __future__ import annotations
 
+import html
 import importlib
 import inspect
 import random
 import re
+import sysconfig
 import warnings
+from pathlib import Path
 
 SOURCE_MODULES = (
     "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client",
@@ -92,4 +96,38 @@ def reference_sentences(n: int | None, seed: int = 0) -> list[str]:
     if not 0 <= n <= len(pool):
         raise ValueError(f"n must be between 0 and {len(pool)} (the reference sentences available), got {n}")
     random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+# Prose files in the standard library's directory, read where this Python ships them (some
+# distributions package IDLE separately): IDLE's manual, its news and readme, Python's license.
+PROSE_FILES = ("idlelib/help.html", "idlelib/NEWS.txt", "idlelib/NEWS2x.txt", "idlelib/README.txt", "LICENSE.txt")
+
+
+def prose_sentences(n: int | None = None, seed: int = 0) -> list[str]:
+    """``n`` sentences (None: all of them) of other sources than the docstrings: every
+    :func:`reference_sentences` one (in its order), then those of :data:`PROSE_FILES` (HTML tags
+    dropped) in an order shuffled by ``seed``, none also a docstring or reference sentence."""
+    docstrings = {s for s, _ in labelled_sentences()}
+    reference = reference_sentences(None, seed=seed)
+    taken = docstrings | set(reference)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found = set()
+    for name in PROSE_FILES:
+        path = stdlib / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if name.endswith(".html"):
+            text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+        for s in _SPLIT.split(re.sub(r"\s+", " ", text)):
+            s = s.strip()
+            if _is_sentence(s) and s not in taken:
+                found.add(s)
+    more = sorted(found)
+    random.Random(seed).shuffle(more)
+    pool = reference + more
+    n = len(pool) if n is None else n
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"n must be between 0 and {len(pool)} (the prose sentences available), got {n}")
     return pool[:n]

@@ -15,10 +15,11 @@
 // token-major), so the result is the same exact integer as every other kernel's.
 // From 3 to 8 tokens (`narrow`) hi and lo are columns of one B tile instead of two tiles: column
 // 2t + s is token t's hi (s = 0) or lo (s = 1), so a row tile takes 2 tile multiplies per plane
-// and group instead of 4 (4096 x 1024 from cache, 1 thread: 8 tokens 127 us, the wide layout
-// and the AVX-512 GEMV 2-3x that). One or two tokens keep the AVX-512 GEMV: cutting the levels
-// (4 bytes stored and tile-loaded per code byte) costs what its vpdpbusd do (75 vs 69 us at one
-// token, 82 vs 85 at two; from memory on 2 threads the GEMV is ahead at both).
+// and group instead of 4 (4096 x 1024 from cache, 1 thread: 8 tokens 127 us, the AVX-512 GEMV
+// 326 us; 4096 x 4096, 2 threads, 8 tokens: 2.05x the GEMV, session 9's 16-token layout 1.70x).
+// One or two tokens keep the AVX-512 GEMV: cutting the levels (4 bytes stored and tile-loaded per
+// code byte) costs what its vpdpbusd do (75 vs 69 us at one token, 82 vs 85 at two; from memory
+// on 2 threads the GEMV is ahead at both).
 #include <cstdint>
 #include <cstdlib>
 
@@ -179,7 +180,7 @@ inline void zero_accumulators() {
   _tile_zero(3);
 }
 
-// ------------------------------------------------------------------ narrow: 1 .. 8 tokens
+// ------------------------------------------------------------------ narrow: 3 .. 8 tokens
 
 // Tiles: 0-1 accumulators (rows 0-15, 16-31; column 2t + s), 4-5 A as in the wide layout, 6 B
 // (16 dword rows x 2M columns: a tile of fewer columns loads and stores fewer bytes).

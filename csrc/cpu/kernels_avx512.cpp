@@ -14,7 +14,6 @@
 // are output rows, no horizontal sums are needed, and each output is stored once. Compute bound:
 // two vpdpbusd (hi, lo) per 64 multiply-adds.
 #include <immintrin.h>
-#include <cstdlib>
 
 #include "kernel_api.h"
 
@@ -129,8 +128,6 @@ inline __m512i unscale_fields(const __m512i (&acc)[4]) {
                           _mm512_add_epi32(_mm512_srai_epi32(acc[2], 2), acc[3]));
 }
 
-static const int64_t g_pf0 = getenv("PF0") ? atol(getenv("PF0")) : kPrefetchBytes;
-static const int64_t g_pf1 = getenv("PF1") ? atol(getenv("PF1")) : 0;
 template <int R>
 void int_plane_block_seq(const IntArgs& a, int64_t n, int64_t m0) {
   const __m512i field[4] = {_mm512_set1_epi8(static_cast<char>(0xC0)), _mm512_set1_epi8(0x30),
@@ -146,8 +143,7 @@ void int_plane_block_seq(const IntArgs& a, int64_t n, int64_t m0) {
       __m512i hi[4], lo[4];
       for (int i = 0; i < 4; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
       for (int64_t g = g0; g < g1; ++g) {
-        if (g_pf0) _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupCodes + g_pf0), _MM_HINT_T0);
-        if (g_pf1) _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupCodes + g_pf1), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * kGroupCodes + kPrefetchBytes), _MM_HINT_T0);
         const __m512i c = _mm512_maskz_loadu_epi8(group_mask(a.K4, g), row + g * kGroupCodes);
         const int8_t* ap = act + g * 512;
 #pragma GCC unroll 4
