@@ -40,6 +40,22 @@ def _is_sentence(s: str) -> bool:
             and sum(c.isalpha() or c == " " for c in s) / len(s) > 0.85)
 
 
+def _sentences_of(text: str):
+    """The sentences of a text, in order (whitespace folded, each passing ``_is_sentence``)."""
+    for s in _SPLIT.split(re.sub(r"\s+", " ", text)):
+        s = s.strip()
+        if _is_sentence(s):
+            yield s
+
+
+def _first(pool: list[str], n: int | None, what: str) -> list[str]:
+    """The first ``n`` of ``pool`` (None: all), or ValueError naming ``n`` and the pool's size."""
+    n = len(pool) if n is None else n
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"n must be between 0 and {len(pool)} (the {what} sentences available), got {n}")
+    return pool[:n]
+
+
 def _docstrings(module) -> list[str]:
     docs = [module.__doc__ or ""]
     for name, obj in sorted(vars(module).items()):
@@ -60,10 +76,8 @@ def labelled_sentences() -> list[tuple[str, str]]:
             except Exception:  # a module this Python build lacks
                 continue
             for doc in _docstrings(module):
-                for s in _SPLIT.split(re.sub(r"\s+", " ", doc)):
-                    s = s.strip()
-                    if _is_sentence(s):
-                        seen.setdefault(s, name)
+                for s in _sentences_of(doc):
+                    seen.setdefault(s, name)
     return sorted(seen.items())
 
 
@@ -82,21 +96,15 @@ def reference_sentences(n: int | None, seed: int = 0) -> list[str]:
     """``n`` sentences (None: all of them) of another source than the docstrings: the language
     reference's help topics (``pydoc_data.topics``: what ``help("if")`` prints), none also a
     docstring sentence."""
+    return _first(_reference_pool({s for s, _ in labelled_sentences()}, seed), n, "reference")
+
+
+def _reference_pool(docstrings: set[str], seed: int) -> list[str]:
     from pydoc_data.topics import topics
 
-    docstrings = {s for s, _ in labelled_sentences()}
-    found = set()
-    for text in topics.values():
-        for s in _SPLIT.split(re.sub(r"\s+", " ", text)):
-            s = s.strip()
-            if _is_sentence(s) and s not in docstrings:
-                found.add(s)
-    pool = sorted(found)
-    n = len(pool) if n is None else n
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"n must be between 0 and {len(pool)} (the reference sentences available), got {n}")
+    pool = sorted({s for text in topics.values() for s in _sentences_of(text) if s not in docstrings})
     random.Random(seed).shuffle(pool)
-    return pool[:n]
+    return pool
 
 
 # Prose files in the standard library's directory, read where this Python ships them (some
@@ -109,7 +117,7 @@ def prose_sentences(n: int | None = None, seed: int = 0) -> list[str]:
     :func:`reference_sentences` one (in its order), then those of :data:`PROSE_FILES` (HTML tags
     dropped) in an order shuffled by ``seed``, none also a docstring or reference sentence."""
     docstrings = {s for s, _ in labelled_sentences()}
-    reference = reference_sentences(None, seed=seed)
+    reference = _reference_pool(docstrings, seed)
     taken = docstrings | set(reference)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     found = set()
@@ -120,14 +128,7 @@ def prose_sentences(n: int | None = None, seed: int = 0) -> list[str]:
         text = path.read_text(encoding="utf-8", errors="replace")
         if name.endswith(".html"):
             text = html.unescape(re.sub(r"<[^>]+>", " ", text))
-        for s in _SPLIT.split(re.sub(r"\s+", " ", text)):
-            s = s.strip()
-            if _is_sentence(s) and s not in taken:
-                found.add(s)
+        found.update(s for s in _sentences_of(text) if s not in taken)
     more = sorted(found)
     random.Random(seed).shuffle(more)
-    pool = reference + more
-    n = len(pool) if n is None else n
-    if not 0 <= n <= len(pool):
-        raise ValueError(f"n must be between 0 and {len(pool)} (the prose sentences available), got {n}")
-    return pool[:n]
+    return _first(reference + more, n, "prose")

@@ -50,10 +50,14 @@ Mapping* map_aligned(size_t bytes) {
 
 }  // namespace
 
+bool is_in_huge_pages(const torch::Tensor& t) {
+  return t.has_storage() && t.device().is_cpu() && t.storage().data_ptr().get_deleter() == &unmap;
+}
+
 torch::Tensor in_huge_pages(const torch::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "in_huge_pages: the tensor must be on the CPU, got ", t.device());
   const size_t bytes = t.nbytes();
-  if (bytes < kHugePage || t.storage().data_ptr().get_deleter() == &unmap) return t;
+  if (bytes < kHugePage || is_in_huge_pages(t)) return t;
   Mapping* m = map_aligned(bytes);
   if (m == nullptr) return t;
   const auto src = t.contiguous();
@@ -61,10 +65,6 @@ torch::Tensor in_huge_pages(const torch::Tensor& t) {
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(m->addr, m, &unmap, c10::Device(c10::kCPU)),
                        /*allocator=*/nullptr, /*resizable=*/false);
   return torch::empty({0}, t.options()).set_(storage, 0, t.sizes(), src.strides());
-}
-
-bool is_in_huge_pages(const torch::Tensor& t) {
-  return t.has_storage() && t.device().is_cpu() && t.storage().data_ptr().get_deleter() == &unmap;
 }
 
 #else  // no transparent huge pages to ask for: the tensor stays where it is
