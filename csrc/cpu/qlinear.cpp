@@ -248,19 +248,35 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
   }
 }
 
-// Work that threads take in chunks from a shared counter: [0, total) in chunks of `chunk`.
-// A thread that starts late (descheduled, or busy elsewhere) takes less instead of holding up
-// the rest; which thread computes a chunk never changes its result.
+// Work that threads take in chunks: [0, total) cut into one contiguous region per worker. A
+// worker takes chunks from the front of its own region, so the rows it multiplies are one stream
+// of codes in address order (the kernels' software prefetch runs on into its next chunk; chunks
+// dealt from one shared counter alternate between threads, and every chunk then starts cold:
+// 4096 x 4096 from memory, 2 threads, 0.208 -> 0.179 ms). A worker whose region is done takes
+// chunks from the back of the others', so one that starts late (descheduled, or busy elsewhere)
+// takes less instead of holding up the rest. Which thread computes a chunk never changes its result.
 class WorkQueue {
  public:
-  WorkQueue(int64_t total, int64_t chunk) : total_(total), chunk_(std::max<int64_t>(1, chunk)) {}
-  // Runs fn(i0, i1) on chunks until none is left.
+  // Owners take `chunk`, others `steal` (smaller: the end of a pass is then shared more evenly);
+  // region bounds and every chunk start on multiples of `steal` (pass 1 needs its token blocks whole).
+  WorkQueue(int64_t total, int64_t chunk, int64_t workers, int64_t steal)
+      : total_(total), steal_(std::max<int64_t>(1, steal)), chunk_(std::max<int64_t>(1, chunk) / steal_ * steal_),
+        regions_(static_cast<size_t>(workers)) {
+    const int64_t units = (total + steal_ - 1) / steal_;
+    for (int64_t w = 0; w < workers; ++w)
+      regions_[w].span.store(pack(steal_ * (units * w / workers), std::min(total, steal_ * (units * (w + 1) / workers))),
+                             std::memory_order_relaxed);
+  }
+  // Runs fn(i0, i1) on chunks until none is left: worker's own region first, then the others'.
   template <typename Fn>
-  void drain(Fn fn) {
-    for (int64_t i0; (i0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < total_;) {
-      const int64_t i1 = std::min(total_, i0 + chunk_);
-      fn(i0, i1);
-      done_.fetch_add(i1 - i0, std::memory_order_release);
+  void drain(int64_t worker, Fn fn) {
+    const auto n = static_cast<int64_t>(regions_.size());
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r = (worker + k) % n;
+      for (int64_t i0, i1; take(regions_[r].span, /*front=*/k == 0, i0, i1);) {
+        fn(i0, i1);
+        done_.fetch_add(i1 - i0, std::memory_order_release);
+      }
     }
   }
   // Until every chunk is finished. Called after drain() found nothing left, so it waits only for
@@ -273,6 +289,23 @@ class WorkQueue {
   }
 
  private:
+  // A region's unclaimed [front, back), both in one word so a claim from either end is one CAS.
+  struct alignas(64) Region {
+    std::atomic<uint64_t> span{0};
+  };
+  static uint64_t pack(int64_t front, int64_t back) {
+    return static_cast<uint64_t>(front) | static_cast<uint64_t>(back) << 32;
+  }
+  bool take(std::atomic<uint64_t>& span, bool front, int64_t& i0, int64_t& i1) const {
+    uint64_t s = span.load(std::memory_order_relaxed);
+    for (;;) {
+      const auto f = static_cast<int64_t>(s & 0xFFFFFFFFu), b = static_cast<int64_t>(s >> 32);
+      if (f >= b) return false;
+      i0 = front ? f : std::max(f, (b - 1) / steal_ * steal_);
+      i1 = front ? std::min(b, f + chunk_) : b;
+      if (span.compare_exchange_weak(s, front ? pack(i1, b) : pack(f, i0), std::memory_order_relaxed)) return true;
+    }
+  }
   static void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -280,8 +313,9 @@ class WorkQueue {
     asm volatile("yield");
 #endif
   }
-  const int64_t total_, chunk_;
-  std::atomic<int64_t> next_{0}, done_{0};
+  const int64_t total_, steal_, chunk_;
+  std::vector<Region> regions_;
+  std::atomic<int64_t> done_{0};
 };
 
 // How one call splits over threads, in one parallel region (one fork and join per call: a small
@@ -292,8 +326,8 @@ class WorkQueue {
 //    at a few dozen tokens those transfers cost as much as the work), and a model's next layer
 //    finds its thread's tokens where this one left them;
 //  - by rows, for a layer whose codes come from memory, or too few tokens: pass 1 and pass 3 take
-//    chunks of tokens, pass 2 grabs of rows, each pass from a shared counter (WorkQueue), and each
-//    finished before the next starts.
+//    chunks of tokens, pass 2 grabs of rows, each pass from a WorkQueue (each thread its own
+//    contiguous region first), and each finished before the next starts.
 // Every token and every row is computed by one thread in one fixed order: the split does not
 // change the result.
 struct CallSplit {
@@ -343,16 +377,17 @@ struct CallSplit {
         }
       });
     } else {
-      WorkQueue first(M, prepare_chunk), rows(tiles, row_grab), last(M, token_chunk);
+      WorkQueue first(M, prepare_chunk, threads, prepare_chunk), rows(tiles, row_grab, threads, (row_grab + 3) / 4),
+          last(M, token_chunk, threads, token_chunk);
       at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
         for (int64_t w = w0; w < w1; ++w) {
-          first.drain([&](int64_t m0, int64_t m1) { prepare(m0, m1, w); });
+          first.drain(w, [&](int64_t m0, int64_t m1) { prepare(m0, m1, w); });
           first.wait();
-          rows.drain([&](int64_t t0, int64_t t1) {
+          rows.drain(w, [&](int64_t t0, int64_t t1) {
             multiply(t0 * cpu::kRowTile, std::min(N, t1 * cpu::kRowTile), int64_t(0), M, w);
           });
           rows.wait();
-          last.drain([&](int64_t m0, int64_t m1) { finish(m0, m1, w); });
+          last.drain(w, [&](int64_t m0, int64_t m1) { finish(m0, m1, w); });
         }
       });
     }
