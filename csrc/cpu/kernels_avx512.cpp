@@ -2,11 +2,11 @@
 // Only called after the driver has checked the CPU (see qlinear.cpp); compiled for that ISA
 // with a target pragma because setup.py builds every file with the same portable flags.
 //
-// GEMV (int mode, 1-32 tokens, plane layout): a 64-byte load of codes holds 256 weights; shifting
-// and masking gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and
-// vpdpbusd multiplies them as u8 x s8 with no further unpacking. 4 rows share each
-// activation load, tokens go 2 at a time, codes are prefetched ahead, and the 16 int32 lanes are
-// summed once per 32 groups. At one token this streams the codes at memory speed.
+// GEMV (int mode, 1-32 tokens, plane layout): a 64-byte load of codes holds 256 weights; masking
+// gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and vpdpbusd
+// multiplies them as u8 x s8 with no further unpacking. 2 rows share each activation load,
+// tokens go 2 at a time, codes are prefetched ahead, and the 16 int32 lanes are summed once per
+// 32 groups. At one token this streams the codes at 1.2-1.3x the time a plain read takes.
 //
 // GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
 // dwords holding the 4 levels of one code (lanes = rows) and reused by a block of tokens: each
@@ -37,131 +37,71 @@ inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-template <int I>
-inline __m512i level_plane(__m512i c) {  // the I-th 2-bit field of every byte
-  const __m512i three = _mm512_set1_epi8(3);
-  if constexpr (I == 3) return _mm512_and_si512(c, three);
-  else return _mm512_and_si512(_mm512_srli_epi16(c, 6 - 2 * I), three);
-}
-
-template <int R, int MT, int I>
-inline void plane_step(const __m512i (&c)[R], const int8_t* const (&acts)[MT], int64_t goff,
-                       __m512i (&hi)[R][MT], __m512i (&lo)[R][MT]) {
-  __m512i z[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) z[r] = level_plane<I>(c[r]);
-#pragma GCC unroll 8
-  for (int t = 0; t < MT; ++t) {
-    const __m512i ah = _mm512_loadu_si512(acts[t] + goff + I * 64);
-    const __m512i al = _mm512_loadu_si512(acts[t] + goff + 256 + I * 64);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      hi[r][t] = _mm512_dpbusd_epi32(hi[r][t], z[r], ah);
-      lo[r][t] = _mm512_dpbusd_epi32(lo[r][t], z[r], al);
-    }
-  }
-}
-
-// Software prefetch distance of the GEMV: rows are short (1 KB at K = 4096) and read R at a time,
-// too short a stream for the hardware prefetcher to ramp up on its own.
-constexpr int64_t kPrefetchBytes = 8192;
-
-// R rows starting at n, MT tokens starting at m0; pf: prefetch distance in bytes, a multiple of
-// R * K4 so each line of the following row blocks is requested once.
-template <int R, int MT>
-void int_plane_block(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = a.codes + (n + r) * a.K4;
-  const int8_t* acts[MT];
-  for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.act_stride;
-  int64_t total[R][MT] = {};
-  for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
-    const int64_t g1 = imin(a.G, g0 + kBlockGroups);
-    __m512i hi[R][MT], lo[R][MT];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < MT; ++t) hi[r][t] = lo[r][t] = _mm512_setzero_si512();
-    for (int64_t g = g0; g < g1; ++g) {
-      const __mmask64 mask = group_mask(a.K4, g);
-      __m512i c[R];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + g * kGroupCodes + pf), _MM_HINT_T0);
-        c[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + g * kGroupCodes);
-      }
-      const int64_t goff = g * 512;
-      plane_step<R, MT, 0>(c, acts, goff, hi, lo);
-      plane_step<R, MT, 1>(c, acts, goff, hi, lo);
-      plane_step<R, MT, 2>(c, acts, goff, hi, lo);
-      plane_step<R, MT, 3>(c, acts, goff, hi, lo);
-    }
-    // 256 * hi + lo per lane, then the lane sums, four vectors at a time.
-    constexpr int kV = R * MT;
-    __m512i v[kV + 3];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < MT; ++t) v[r * MT + t] = _mm512_add_epi32(_mm512_slli_epi32(hi[r][t], 8), lo[r][t]);
-    for (int i = kV; i < kV + 3; ++i) v[i] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int i = 0; i < kV; i += 4) {
-      alignas(16) int32_t s[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(s), reduce4(v[i], v[i + 1], v[i + 2], v[i + 3]));
-      for (int j = 0; j < 4 && i + j < kV; ++j) total[(i + j) / MT][(i + j) % MT] += s[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < MT; ++t) a.store(m0 + t, n + r, total[r][t]);
-}
-
-// One token: R rows one after the other, so the codes are read in address order (a single stream
-// for the prefetchers) rather than R interleaved ones; the activations (a few KB, in L1) are
-// reloaded per row instead of shared. One accumulator pair per plane keeps four independent
-// vpdpbusd chains; the R rows' sums are reduced together.
-// The seq kernel leaves each 2-bit field in place (c & 0xC0, c & 0x30, ...: one instruction per
-// plane instead of a shift and a mask), so plane i's sums carry a factor 4^(3-i). Every lane is
-// then an exact multiple of it and an arithmetic shift divides it out exactly. Per lane and
-// group at most 4 * 192 * 128 < 2^17, times kBlockGroups = 32: no overflow.
-inline __m512i unscale_fields(const __m512i (&acc)[4]) {
-  return _mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32(acc[0], 6), _mm512_srai_epi32(acc[1], 4)),
-                          _mm512_add_epi32(_mm512_srai_epi32(acc[2], 2), acc[3]));
-}
-
 // acc += u8 z x s8 a, in place. GCC 12 gives the vpdpbusd intrinsic's result a register of its
 // own and copies it back into the loop-carried accumulator (two moves per multiply).
 inline void dpbusd_in_place(__m512i& acc, __m512i z, __m512i a) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(z), "v"(a));
 }
 
-// 256 hi + lo of P rows (1 or 2) over groups [g0, g1), 16 int32 lanes per row; each row's codes
-// are prefetched pf bytes ahead. Two rows share every activation load: the loads, not the
-// multiplies, bound this loop (from L1, 4096 x 1024: 2.65 ns per 64 code bytes with one row, 2.2
-// with two; 4.1 vs 2.5 once the activations outgrow L1 at K = 8192). Named accumulators and an
-// unmasked loop over the whole groups: with arrays indexed in an unrolled loop and the tail mask
-// computed every group, GCC copied all the accumulators twice per group.
-template <int P>
-inline void row_sums_seq(const uint8_t* const (&rows)[P], const int8_t* act, int64_t K4, int64_t g0, int64_t g1,
-                         int64_t pf, __m512i* out) {
-  static_assert(P == 1 || P == 2);
+// The levels of a code byte c (level 0 in its top two bits) are multiplied where they sit, each
+// scaled by a power of two that a shift divides out of the sums exactly:
+//  - kClasses = 4 (one token): level i is c & (0xC0 >> 2i), times 4^(3-i); one instruction per
+//    level, one accumulator per level;
+//  - kClasses = 2 (two tokens): levels 0 and 1 are (c >> 2) & 0x30 and c & 0x30 (times 16),
+//    levels 2 and 3 (c >> 2) & 3 and c & 3; one instruction more per group, but half the
+//    accumulators, so that 2 rows x 2 tokens fit the 32 registers.
+// Per lane and group a sum is at most 4 * 192 * 128 < 2^17 (before the division), times
+// kBlockGroups = 32: no int32 overflow.
+template <int kClasses>
+inline __m512i unscale(const __m512i (&acc)[kClasses]) {
+  if constexpr (kClasses == 4)
+    return _mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32(acc[0], 6), _mm512_srai_epi32(acc[1], 4)),
+                            _mm512_add_epi32(_mm512_srai_epi32(acc[2], 2), acc[3]));
+  else
+    return _mm512_add_epi32(_mm512_srai_epi32(acc[0], 4), acc[1]);
+}
+
+// 256 hi + lo of P rows x T tokens over groups [g0, g1): out[r * T + t], 16 int32 lanes each.
+// Each row's codes are prefetched pf bytes ahead. The rows share every activation load and the
+// tokens every code load: the loads, not the multiplies, bound this loop (from L1, one token,
+// 4096 x 1024: 2.65 ns per 64 code bytes with one row, 2.2 with two; 4.1 vs 2.5 once the
+// activations outgrow L1 at K = 8192). Named accumulators and an unmasked loop over the whole
+// groups: with arrays indexed in an unrolled loop and the tail mask computed every group, GCC
+// copied all the accumulators twice per group.
+template <int P, int T>
+inline void row_sums(const uint8_t* const (&rows)[P], const int8_t* const (&acts)[T], int64_t K4, int64_t g0,
+                     int64_t g1, int64_t pf, __m512i* out) {
+  constexpr int C = T == 1 ? 4 : 2;  // level classes (above)
+  static_assert(P * T * C * 2 <= 16, "accumulators: 16 of the 32 registers");
   const __m512i f0 = _mm512_set1_epi8(static_cast<char>(0xC0)), f1 = _mm512_set1_epi8(0x30);
   const __m512i f2 = _mm512_set1_epi8(0x0C), f3 = _mm512_set1_epi8(0x03);
-  __m512i h[P][4], l[P][4];
+  __m512i h[P][T][C], l[P][T][C];
   for (int r = 0; r < P; ++r)
-    for (int i = 0; i < 4; ++i) h[r][i] = l[r][i] = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t)
+      for (int k = 0; k < C; ++k) h[r][t][k] = l[r][t][k] = _mm512_setzero_si512();
   // (the accumulator indices are compile-time constants after unrolling: they stay in registers)
-  const auto step = [&](const __m512i (&c)[P], const int8_t* ap) __attribute__((always_inline)) {
-    const __m512i field[4] = {f0, f1, f2, f3};
+  const auto step = [&](const __m512i (&c)[P], int64_t g) __attribute__((always_inline)) {
+    __m512i shifted[P];
+    if constexpr (C == 2)
+      for (int r = 0; r < P; ++r) shifted[r] = _mm512_srli_epi16(c[r], 2);  // (masks drop the bits from the next byte)
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {  // level i is c & field i, times 4^(3-i)
+    for (int i = 0; i < 4; ++i) {
       __m512i z[P];
 #pragma GCC unroll 2
-      for (int r = 0; r < P; ++r) z[r] = _mm512_and_si512(c[r], field[i]);
-      const __m512i ah = _mm512_loadu_si512(ap + 64 * i), al = _mm512_loadu_si512(ap + 256 + 64 * i);
-#pragma GCC unroll 2
       for (int r = 0; r < P; ++r) {
-        dpbusd_in_place(h[r][i], z[r], ah);
-        dpbusd_in_place(l[r][i], z[r], al);
+        if constexpr (C == 4) z[r] = _mm512_and_si512(c[r], i == 0 ? f0 : i == 1 ? f1 : i == 2 ? f2 : f3);
+        else z[r] = _mm512_and_si512(i % 2 == 0 ? shifted[r] : c[r], i < 2 ? f1 : f3);
+      }
+      const int k = C == 4 ? i : i / 2;
+#pragma GCC unroll 2
+      for (int t = 0; t < T; ++t) {
+        const int8_t* ap = acts[t] + g * 512;
+        const __m512i ah = _mm512_loadu_si512(ap + 64 * i), al = _mm512_loadu_si512(ap + 256 + 64 * i);
+#pragma GCC unroll 2
+        for (int r = 0; r < P; ++r) {
+          dpbusd_in_place(h[r][t][k], z[r], ah);
+          dpbusd_in_place(l[r][t][k], z[r], al);
+        }
       }
     }
   };
@@ -174,71 +114,58 @@ inline void row_sums_seq(const uint8_t* const (&rows)[P], const int8_t* act, int
       _mm_prefetch(reinterpret_cast<const char*>(rows[r] + g * kGroupCodes + pf), _MM_HINT_T0);
       c[r] = _mm512_loadu_si512(rows[r] + g * kGroupCodes);
     }
-    step(c, act + g * 512);
+    step(c, g);
   }
   if (g < g1) {
     __m512i c[P];
     for (int r = 0; r < P; ++r) c[r] = _mm512_maskz_loadu_epi8(group_mask(K4, g), rows[r] + g * kGroupCodes);
-    step(c, act + g * 512);
+    step(c, g);
   }
   for (int r = 0; r < P; ++r)
-    out[r] = _mm512_add_epi32(_mm512_slli_epi32(unscale_fields(h[r]), 8), unscale_fields(l[r]));
+    for (int t = 0; t < T; ++t)
+      out[r * T + t] = _mm512_add_epi32(_mm512_slli_epi32(unscale<C>(h[r][t]), 8), unscale<C>(l[r][t]));
 }
 
-// One token, P rows (any rows of the layer) over all groups.
-template <int P>
-void rows_seq(const IntArgs& a, const int64_t (&n)[P], int64_t m0, int64_t pf) {
-  const int8_t* act = a.act + m0 * a.act_stride;
+// P rows (any rows of the layer) x T tokens from m0, over all groups.
+template <int P, int T>
+void rows_tokens(const IntArgs& a, const int64_t (&n)[P], int64_t m0, int64_t pf) {
   const uint8_t* rows[P];
   for (int r = 0; r < P; ++r) rows[r] = a.codes + n[r] * a.K4;
-  int64_t total[P] = {};
+  const int8_t* acts[T];
+  for (int t = 0; t < T; ++t) acts[t] = a.act + (m0 + t) * a.act_stride;
+  int64_t total[P * T] = {};
   for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
     __m512i v[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    row_sums_seq<P>(rows, act, a.K4, g0, imin(a.G, g0 + kBlockGroups), pf, v);
+    row_sums<P, T>(rows, acts, a.K4, g0, imin(a.G, g0 + kBlockGroups), pf, v);
     alignas(16) int32_t s4[4];
     _mm_store_si128(reinterpret_cast<__m128i*>(s4), reduce4(v[0], v[1], v[2], v[3]));
-    for (int r = 0; r < P; ++r) total[r] += s4[r];
+    for (int i = 0; i < P * T; ++i) total[i] += s4[i];
   }
-  for (int r = 0; r < P; ++r) a.store(m0, n[r], total[r]);
+  for (int r = 0; r < P; ++r)
+    for (int t = 0; t < T; ++t) a.store(m0 + t, n[r], total[r * T + t]);
 }
 
-// One token over rows [n0, n1), two rows at a time, in blocks of 2d rows: row i of the block is
-// read with row d + i, so the codes are two streams in address order, each over d whole rows.
-// With d rows >= 4 KB apart the streams are in different 4 KB pages, and the L2 hardware
+// T tokens from m0 over rows [n0, n1), two rows at a time, in blocks of 2d rows: row i of the
+// block is read with row d + i, so the codes are two streams in address order, each over d whole
+// rows. With d rows >= 4 KB apart the streams are in different 4 KB pages, and the L2 hardware
 // prefetcher (which follows one stream per page) sees each page read in order; two neighbouring
-// rows read together interleave in one page and it fetches less ahead. Each stream prefetches
-// one block (2d rows) ahead: every line is requested once.
-void int_plane_seq(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
+// rows read together interleave in one page and it fetches less ahead (4096 x 4096 from memory,
+// 2 threads, one token: 0.22 -> 0.18 ms). Each stream prefetches one block (2d rows) ahead, so
+// every line is requested once.
+template <int T>
+void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   const int64_t d = imin(8, (4096 + a.K4 - 1) / a.K4), pf = 2 * d * a.K4;
   int64_t n = n0;
   for (; n + 2 * d <= n1; n += 2 * d)
-    for (int64_t i = 0; i < d; ++i) rows_seq<2>(a, {n + i, n + d + i}, m0, pf);
-  for (; n + 2 <= n1; n += 2) rows_seq<2>(a, {n, n + 1}, m0, pf);
-  if (n < n1) rows_seq<1>(a, {n}, m0, pf);
+    for (int64_t i = 0; i < d; ++i) rows_tokens<2, T>(a, {n + i, n + d + i}, m0, pf);
+  for (; n + 2 <= n1; n += 2) rows_tokens<2, T>(a, {n, n + 1}, m0, pf);
+  if (n < n1) rows_tokens<1, T>(a, {n}, m0, pf);
 }
 
-template <int R, int MT>
-void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
-  if constexpr (MT == 1) {
-    int_plane_seq(a, n0, n1, m0);
-    return;
-  }
-  const int64_t step = R * a.K4, pf = step * ((kPrefetchBytes + step - 1) / step);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int_plane_block<R, MT>(a, n, m0, pf);
-  for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0, a.K4 * ((kPrefetchBytes + a.K4 - 1) / a.K4));
-}
-
-// Tokens go two at a time over blocks of 4 rows (16 accumulators). Blocks of 3 or 4 tokens over
-// 2 rows were measured 2x slower once the codes stream from memory (the activations of 4 tokens,
-// 32 KB at K = 4096, crowd the codes out of L1), so more tokens make more passes over a row
-// sub-tile small enough to stay in L1 between them.
+// More than two tokens go two at a time over row sub-tiles small enough to stay in L1 between
+// the passes (blocks of 3 or 4 tokens over 2 rows were measured 2x slower once the codes stream
+// from memory: the activations of 4 tokens, 32 KB at K = 4096, crowd the codes out of L1).
 constexpr int64_t kGemvSubTile = 16;
-
-void int_plane_tokens(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0, int64_t mt) {
-  if (mt == 1) int_plane_rows<4, 1>(a, n0, n1, m0);
-  else int_plane_rows<4, 2>(a, n0, n1, m0);
-}
 
 // ------------------------------------------------------------------ int GEMM, natural layout
 
@@ -425,11 +352,12 @@ void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 }  // namespace
 
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
-  if (a.M == 1) return int_plane_seq(a, n0, n1, 0);  // (nothing to keep in L1 between tokens)
-  // Row sub-tiles outer so their codes stay in L1 while the token pairs pass over them.
+  if (a.M == 1) return int_plane_rows<1>(a, n0, n1, 0);
+  if (a.M == 2) return int_plane_rows<2>(a, n0, n1, 0);
   for (int64_t t0 = n0; t0 < n1; t0 += kGemvSubTile) {
     const int64_t t1 = imin(n1, t0 + kGemvSubTile);
-    for (int64_t m0 = 0; m0 < a.M; m0 += 2) int_plane_tokens(a, t0, t1, m0, imin(2, a.M - m0));
+    for (int64_t m0 = 0; m0 + 1 < a.M; m0 += 2) int_plane_rows<2>(a, t0, t1, m0);
+    if (a.M % 2) int_plane_rows<1>(a, t0, t1, a.M - 1);
   }
 }
 
