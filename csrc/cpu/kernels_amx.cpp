@@ -85,14 +85,16 @@ inline __m512i level_field(__m512i c) {
 // (i * 2 + h) of `dst` holds plane i of rows 16h .. 16h + 15.
 // The codes of the next row tile (32 rows, contiguous) are prefetched meanwhile, 32 lines per
 // group: the tile reads 32 short row segments at a time, too many streams for the hardware
-// prefetchers to follow from memory.
+// prefetchers to follow from memory. Into L2, not L1: the next tile's 32 KB (at K = 4096) would
+// push this tile's codes and levels out of L1 (4096 x 4096 from memory, 2 threads: 4 tokens
+// 0.33 -> 0.29 ms, 8 tokens 0.375 -> 0.345; 32 and 128 tokens unchanged).
 void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* dst) {
   const __mmask64 mask = group_mask(a.K4, g);
   // (past the last tile this points beyond the codes: harmless, a prefetch never faults)
   const uint8_t* next = a.codes + (t0 + kRowTileAmx) * a.K4 + g * kRowTileAmx * 64;
 #pragma GCC unroll 2
   for (int64_t r = 0; r < kRowTileAmx; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * r), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * r), _MM_HINT_T1);
     const __m512i c = r < rows ? _mm512_maskz_loadu_epi8(mask, a.codes + (t0 + r) * a.K4 + g * kGroupCodes)
                                : _mm512_setzero_si512();
     uint8_t* p = dst + (r / 16) * kTileBytes + (r % 16) * 64;
