@@ -63,11 +63,11 @@ inline __m512i unscale(const __m512i (&acc)[kClasses]) {
 
 // 256 hi + lo of P rows x T tokens over groups [g0, g1): out[r * T + t], 16 int32 lanes each.
 // Each row's codes are prefetched pf bytes ahead. The rows share every activation load and the
-// tokens every code load: the loads, not the multiplies, bound this loop (from L1, one token,
-// 4096 x 1024: 2.65 ns per 64 code bytes with one row, 2.2 with two; 4.1 vs 2.5 once the
-// activations outgrow L1 at K = 8192). Named accumulators and an unmasked loop over the whole
-// groups: with arrays indexed in an unrolled loop and the tail mask computed every group, GCC
-// copied all the accumulators twice per group.
+// tokens every code load: the loads, not the multiplies, bound this loop (a standalone copy, one
+// token, codes in L1: 2.65 ns per 64 code bytes with one row at K = 4096, 2.2 with two; 4.1 vs
+// 2.5 at K = 32768, where the activations outgrow L1). Named accumulators and an unmasked loop
+// over the whole groups: with arrays indexed in an unrolled loop and the tail mask computed every
+// group, GCC copied all the accumulators twice per group.
 template <int P, int T>
 inline void row_sums(const uint8_t* const (&rows)[P], const int8_t* const (&acts)[T], int64_t K4, int64_t g0,
                      int64_t g1, int64_t pf, __m512i* out) {

@@ -252,9 +252,10 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
 // worker takes chunks from the front of its own region, so the rows it multiplies are one stream
 // of codes in address order (the kernels' software prefetch runs on into its next chunk; chunks
 // dealt from one shared counter alternate between threads, and every chunk then starts cold:
-// 4096 x 4096 from memory, 2 threads, same run: 0.216 -> 0.196 ms). A worker whose region is done takes
-// chunks from the back of the others', so one that starts late (descheduled, or busy elsewhere)
-// takes less instead of holding up the rest. Which thread computes a chunk never changes its result.
+// 4096 x 4096 from memory, 2 threads, same run: 0.216 -> 0.196 ms). A worker whose region is
+// done takes chunks from the back of the others', so one that starts late (descheduled, or busy
+// elsewhere) takes less instead of holding up the rest. Which thread computes a chunk never
+// changes its result.
 class WorkQueue {
  public:
   // Owners take `chunk`, others `steal` (smaller: the end of a pass is then shared more evenly);
@@ -263,9 +264,10 @@ class WorkQueue {
       : total_(total), steal_(std::max<int64_t>(1, steal)), chunk_(std::max(steal_, chunk / steal_ * steal_)),
         regions_(static_cast<size_t>(workers)) {
     const int64_t units = (total + steal_ - 1) / steal_;
-    for (int64_t w = 0; w < workers; ++w)
-      regions_[w].span.store(pack(steal_ * (units * w / workers), std::min(total, steal_ * (units * (w + 1) / workers))),
-                             std::memory_order_relaxed);
+    for (int64_t w = 0; w < workers; ++w) {
+      const int64_t front = steal_ * (units * w / workers), back = steal_ * (units * (w + 1) / workers);
+      regions_[w].span.store(pack(front, std::min(total, back)), std::memory_order_relaxed);
+    }
   }
   // Runs fn(i0, i1) on chunks until none is left: worker's own region first, then the others'.
   template <typename Fn>
