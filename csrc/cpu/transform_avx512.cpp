@@ -25,21 +25,38 @@ inline __mmask16 tail_mask(int64_t left) {  // the first min(left, 16) lanes
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
-// One butterfly stage inside a vector, pairs (a, b) len apart -> (a + b, a - b): lane i adds its
-// partner x[i ^ len] and itself, sign flipped in the upper lane of each pair. The lower lane
-// computes b + a, which IEEE addition makes the same bits as a + b; the upper one a + (-b). One
-// shuffle per stage (a shuffle port is what bounds this loop).
-inline __m512 stage(__m512 v, __m512 partner, __mmask16 upper) {
-  const __m512i h = _mm512_castps_si512(v);
-  return _mm512_add_ps(partner, _mm512_castsi512_ps(_mm512_mask_xor_epi32(h, upper, h, _mm512_set1_epi32(INT_MIN))));
+// Butterfly stage `Len` (1, 2, 4 or 8) inside a vector: lanes Len apart, (a, b) -> (a + b, a - b),
+// as one FMA: partner + v * (+1 or -1). The product by +-1 is exact and the FMA rounds once, so
+// each lane gets the IEEE a + b (lower lane: v + partner) or a - b (upper: partner - v) of the
+// portable stage. One shuffle and one FMA per stage (a shuffle port and the two vector ports are
+// what bound these loops).
+template <int Len>
+inline __m512 lane_stage(__m512 v) {
+  __m512 partner;
+  if constexpr (Len == 1) partner = _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1));
+  else if constexpr (Len == 2) partner = _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2));
+  else if constexpr (Len == 4) partner = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1));
+  else partner = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2));
+  constexpr __mmask16 upper = Len == 1 ? 0xAAAA : Len == 2 ? 0xCCCC : Len == 4 ? 0xF0F0 : 0xFF00;
+  const __m512 sign = _mm512_mask_blend_ps(upper, _mm512_set1_ps(1.f), _mm512_set1_ps(-1.f));
+  return _mm512_fmadd_ps(v, sign, partner);
 }
 
 // The first four stages (len 1, 2, 4, 8) of a 16-element block.
-inline __m512 fwht16(__m512 v) {
-  v = stage(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)), 0xAAAA);
-  v = stage(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)), 0xCCCC);
-  v = stage(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)), 0xF0F0);
-  return stage(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)), 0xFF00);
+inline __m512 fwht16(__m512 v) { return lane_stage<8>(lane_stage<4>(lane_stage<2>(lane_stage<1>(v)))); }
+
+// The stages len 16 .. 8R of a block of 16R elements held in R vectors, in the portable order.
+template <int R>
+inline void fwht_across(__m512* v) {
+#pragma GCC unroll 8
+  for (int len = 1; len < R; len *= 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i)
+      if (!(i & len)) {
+        const __m512 a = v[i], b = v[i + len];
+        v[i] = _mm512_add_ps(a, b);
+        v[i + len] = _mm512_sub_ps(a, b);
+      }
 }
 
 template <int K>
@@ -119,37 +136,93 @@ void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt) 
   }
 }
 
-double transform_activations(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) {
-  float scale = 1.f;
-  if (had > 1) {
-    fwht(xt, K, had);
-    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
-  }
-  // 4 chunks per vector; rows of A broadcast to each 128-bit lane.
-  const __m512 a0 = _mm512_broadcast_f32x4(_mm_loadu_ps(A)), a1 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 4));
-  const __m512 a2 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 8)), a3 = _mm512_broadcast_f32x4(_mm_loadu_ps(A + 12));
-  const __m512 sc = _mm512_set1_ps(scale);
-  // chunk sums in double: lanes 0-3 / 4-7 of s_lo hold partial sums 0 / 1, of s_hi 2 / 3
-  __m512d s_lo = _mm512_setzero_pd(), s_hi = _mm512_setzero_pd();
-  __m512 mx = _mm512_setzero_ps();
-  for (int64_t j = 0; j < K; j += 16) {
-    const __mmask16 m = tail_mask(K - j);
-    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xt + j), sc);
-    s_lo = _mm512_add_pd(s_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
-    s_hi = _mm512_add_pd(s_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
+namespace {
+
+// The per-chunk half of transform_activations, 16 elements (4 chunks) at a time, in element order:
+// chunk sums in double (lanes 0-3 / 4-7 of lo hold partial sums 0 / 1, of hi 2 / 3), A^T per
+// chunk (rows of A broadcast to each 128-bit lane), max |x'|.
+struct ChunkMath {
+  __m512 a0, a1, a2, a3, mx = _mm512_setzero_ps();
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  explicit ChunkMath(const float* A)
+      : a0(_mm512_broadcast_f32x4(_mm_loadu_ps(A))), a1(_mm512_broadcast_f32x4(_mm_loadu_ps(A + 4))),
+        a2(_mm512_broadcast_f32x4(_mm_loadu_ps(A + 8))), a3(_mm512_broadcast_f32x4(_mm_loadu_ps(A + 12))) {}
+  // p: 16 elements of H x / sqrt(had); writes their A^T to dst (lanes in m).
+  inline void step(__m512 p, float* dst, __mmask16 m) {
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
     const __m512 r = _mm512_add_ps(
         _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(splat<0>(p), a0), _mm512_mul_ps(splat<1>(p), a1)),
                       _mm512_mul_ps(splat<2>(p), a2)),
         _mm512_mul_ps(splat<3>(p), a3));
-    _mm512_mask_storeu_ps(xt + j, m, r);
+    _mm512_mask_storeu_ps(dst, m, r);
     mx = _mm512_max_ps(mx, _mm512_abs_ps(r));
   }
   // (s0 + s1) + (s2 + s3) per component, as in transform.cpp
-  const __m256d s01 = _mm256_add_pd(_mm512_castpd512_pd256(s_lo), _mm512_extractf64x4_pd(s_lo, 1));
-  const __m256d s23 = _mm256_add_pd(_mm512_castpd512_pd256(s_hi), _mm512_extractf64x4_pd(s_hi, 1));
-  double s[4];
-  _mm256_storeu_pd(s, _mm256_add_pd(s01, s23));
-  return finish_constant(s, b, _mm512_reduce_max_ps(mx), amax);
+  double finish(const float* b, float* amax) const {
+    const __m256d s01 = _mm256_add_pd(_mm512_castpd512_pd256(lo), _mm512_extractf64x4_pd(lo, 1));
+    const __m256d s23 = _mm256_add_pd(_mm512_castpd512_pd256(hi), _mm512_extractf64x4_pd(hi, 1));
+    double s[4];
+    _mm256_storeu_pd(s, _mm256_add_pd(s01, s23));
+    return finish_constant(s, b, _mm512_reduce_max_ps(mx), amax);
+  }
+};
+
+// One Hadamard block of 16R elements at a time, whole in R registers: every stage, the scale and
+// the chunk math in one pass over the token (the separate passes stored and reloaded it six times
+// at had = 128 and took ~2x as long).
+template <int R>
+void transform_blocks(float* xt, int64_t K, float scale, ChunkMath& cm) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t base = 0; base < K; base += 16 * R) {
+    __m512 v[R];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) v[i] = fwht16(_mm512_loadu_ps(xt + base + 16 * i));
+    fwht_across<R>(v);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) cm.step(_mm512_mul_ps(v[i], sc), xt + base + 16 * i, 0xFFFF);
+  }
+}
+
+// In place: row <- row * scale * sv (+ bias), one block of 16R elements in registers (see above).
+template <int R>
+void output_blocks(float* row, int64_t N, float scale, const float* sv, const float* bias) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t base = 0; base < N; base += 16 * R) {
+    __m512 v[R];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) v[i] = fwht16(_mm512_loadu_ps(row + base + 16 * i));
+    fwht_across<R>(v);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const int64_t n = base + 16 * i;
+      __m512 y = _mm512_mul_ps(_mm512_mul_ps(v[i], sc), _mm512_loadu_ps(sv + n));
+      if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n));
+      _mm512_storeu_ps(row + n, y);
+    }
+  }
+}
+
+}  // namespace
+
+double transform_activations(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) {
+  ChunkMath cm(A);
+  const float scale = had > 1 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(had))) : 1.f;
+  switch (had) {  // blocks of up to 256 elements fit the 32 vector registers with the constants
+    case 16: transform_blocks<1>(xt, K, scale, cm); return cm.finish(b, amax);
+    case 32: transform_blocks<2>(xt, K, scale, cm); return cm.finish(b, amax);
+    case 64: transform_blocks<4>(xt, K, scale, cm); return cm.finish(b, amax);
+    case 128: transform_blocks<8>(xt, K, scale, cm); return cm.finish(b, amax);
+    case 256: transform_blocks<16>(xt, K, scale, cm); return cm.finish(b, amax);
+    default: break;
+  }
+  if (had > 1) fwht(xt, K, had);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < K; j += 16) {
+    const __mmask16 m = tail_mask(K - j);
+    cm.step(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xt + j), sc), xt + j, m);
+  }
+  return cm.finish(b, amax);
 }
 
 double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
@@ -205,11 +278,16 @@ void dequant_row(const float* d, int64_t N, float a, float c, float* row) {
 }
 
 void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias) {
-  float scale = 1.f;
-  if (had > 1) {
-    fwht(row, N, had);
-    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(had)));
+  const float scale = had > 1 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(had))) : 1.f;
+  switch (had) {
+    case 16: output_blocks<1>(row, N, scale, sv, bias); return;
+    case 32: output_blocks<2>(row, N, scale, sv, bias); return;
+    case 64: output_blocks<4>(row, N, scale, sv, bias); return;
+    case 128: output_blocks<8>(row, N, scale, sv, bias); return;
+    case 256: output_blocks<16>(row, N, scale, sv, bias); return;
+    default: break;
   }
+  if (had > 1) fwht(row, N, had);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t n = 0; n < N; n += 16) {
     const __mmask16 m = tail_mask(N - n);

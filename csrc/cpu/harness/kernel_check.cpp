@@ -236,6 +236,46 @@ void check_widen_half(const KernelSet* sets, int n_sets) {
   }
 }
 
+// The per-token math of every kernel set against the portable build's bits, for every Hadamard
+// block size (each build has its own paths for small, register-sized and large blocks), on
+// lengths of 1, 3 and 8 blocks, with and without bias.
+void check_transforms(const KernelSet* sets, int n_sets, std::mt19937& rng) {
+  const auto uniform = [&rng](float lo, float hi) { return lo + (hi - lo) * static_cast<float>(rng() >> 8) * 0x1p-24f; };
+  float A[16], b[4];
+  for (auto& v : A) v = uniform(-1.f, 1.f);
+  for (auto& v : b) v = uniform(-1.f, 1.f);
+  for (int64_t had : {0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024})
+    for (int64_t blocks : {1, 3, 8}) {
+      const int64_t n = (had > 4 ? had : 16) * blocks;
+      std::vector<float> x(n), su(n), sv(n), bias(n);
+      for (auto& v : x) v = uniform(-4.f, 4.f);
+      for (auto& v : su) v = uniform(-2.f, 2.f);
+      for (auto& v : sv) v = uniform(0.5f, 2.f);
+      for (auto& v : bias) v = uniform(-1.f, 1.f);
+      std::vector<float> want(n), got(n), want_out(n), got_out(n);
+      float want_amax, got_amax;
+      sets[0].math->scale_f32(x.data(), su.data(), n, want.data());
+      const double want_c = sets[0].math->transform(want.data(), n, had, A, b, &want_amax);
+      for (int s = 1; s < n_sets; ++s) {
+        if (!sets[s].supported()) continue;
+        sets[s].math->scale_f32(x.data(), su.data(), n, got.data());
+        const double got_c = sets[s].math->transform(got.data(), n, had, A, b, &got_amax);
+        CHECK(std::memcmp(want.data(), got.data(), 4 * n) == 0 && want_c == got_c && want_amax == got_amax,
+              "%s activation transform differs from the portable one (had=%lld n=%lld)", sets[s].name,
+              (long long)had, (long long)n);
+        for (const float* bp : {static_cast<const float*>(bias.data()), static_cast<const float*>(nullptr)}) {
+          want_out = x;
+          got_out = x;
+          sets[0].math->output_transform(want_out.data(), n, had, sv.data(), bp);
+          sets[s].math->output_transform(got_out.data(), n, had, sv.data(), bp);
+          CHECK(std::memcmp(want_out.data(), got_out.data(), 4 * n) == 0,
+                "%s output transform differs from the portable one (had=%lld n=%lld bias=%d)", sets[s].name,
+                (long long)had, (long long)n, bp != nullptr);
+        }
+      }
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -257,6 +297,7 @@ int main() {
     std::printf("N=%lld K=%lld M=%lld had=%lld\n", (long long)c.N, (long long)c.K, (long long)c.M, (long long)c.had);
     run_case(c, rng);
   }
+  check_transforms(sets, n_sets, rng);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;
