@@ -121,8 +121,8 @@ struct TokenMath {
   double transform(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax) const {
     return ops.transform(xt, K, had, A, b, amax);
   }
-  double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) const {
-    return ops.encode_int(xt, amax, G, plane, dst);
+  double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst) const {
+    return ops.encode_int(xt, K, amax, G, plane, dst);
   }
   void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row) const { ops.dequant_i32(d, N, a, c, row); }
   void dequant_row(const float* d, int64_t N, float a, float c, float* row) const { ops.dequant_f32(d, N, a, c, row); }
@@ -210,7 +210,7 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
     cst[m] = math.transform(xt, L.K, L.had_in, L.A, L.b, &amax);
     if (!L.A_finite) amax = std::numeric_limits<float>::quiet_NaN();  // max() may have dropped the NaN
     if (mode == Mode::kInt) {
-      scale[m] = math.encode_int(xt, amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
+      scale[m] = math.encode_int(xt, L.K, amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
     } else {
       scale[m] = 1.0;
       cpu::encode_float(xt, L.G, static_cast<float*>(act) + m * L.G * kGroupElems);

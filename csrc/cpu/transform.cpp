@@ -152,10 +152,10 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
   return finish_constant(s, b, mx, amax);
 }
 
-double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
+double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst) {
   const IntScale q = int_scale(amax);
   if (q.pre != 1.f)
-    for (int64_t i = 0; i < G * kGroupElems; ++i) xt[i] *= q.pre;
+    for (int64_t i = 0; i < K; ++i) xt[i] *= q.pre;
   for (int64_t g = 0; g < G; ++g) {
     const float* src = xt + g * kGroupElems;
     int8_t* out = dst + g * 512;

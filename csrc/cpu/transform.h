@@ -29,11 +29,11 @@ void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt);
 // *amax (NaN when the token holds NaN or Inf).
 double transform_activations(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax);
 
-// int mode: encodes xt (zero-padded to G * 256) as q = round(xt / s), s = amax / kQMax, split into
+// int mode: encodes xt[0, K) (zero-padded to G * 256) as q = round(xt / s), s = amax / kQMax, split into
 // (hi, lo) int8 in the plane or natural layout of kernel_api.h; returns s (in double: see IntScale). A non-finite amax (a
 // token or a codebook with NaN or Inf) returns NaN, so that every output of the token is NaN, as
 // the reference's are. xt may be scaled in place (see int_scale).
-double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst);
+double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst);
 
 // (shared by both builds of encode_int) inv = kQMax / amax rounds the token; s = amax / kQMax is
 // returned. Below amax ~ 1e-34, kQMax / amax overflows float: the token is first multiplied by
@@ -64,7 +64,7 @@ struct TransformOps {
   void (*scale_f32)(const float* x, const float* su, int64_t K, float* xt);
   void (*scale_bf16)(const uint16_t* x_bf16, const float* su, int64_t K, float* xt);
   double (*transform)(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax);
-  double (*encode_int)(float* xt, float amax, int64_t G, bool plane, int8_t* dst);
+  double (*encode_int)(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst);
   void (*dequant_i32)(const int32_t* d, int64_t N, float a, float c, float* row);
   void (*dequant_f32)(const float* d, int64_t N, float a, float c, float* row);
   void (*output_transform)(float* row, int64_t N, int64_t had, const float* sv, const float* bias);
@@ -78,7 +78,7 @@ void fwht(float* x, int64_t n, int64_t h);
 void scale_input(const float* x, const float* su, int64_t K, float* xt);
 void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt);
 double transform_activations(float* xt, int64_t K, int64_t had, const float* A, const float* b, float* amax);
-double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst);
+double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst);
 void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row);
 void dequant_row(const float* d, int64_t N, float a, float c, float* row);
 void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias);

@@ -62,12 +62,13 @@ inline void fwht_across(__m512* v) {
 template <int K>
 inline __m512 splat(__m512 p) { return _mm512_permute_ps(p, _MM_SHUFFLE(K, K, K, K)); }
 
-// (hi, lo) of round(v * inv) clamped to +-kQMax, as int32 lanes (see transform.cpp's split).
-inline void split(__m512 v, __m512 inv, __m512i* hi, __m512i* lo) {
+// q = round(v * inv) clamped to +-kQMax, and hi = (q + 128) >> 8 (see transform.cpp's split),
+// as int32 lanes. lo = q - 256 hi is q's low byte read as int8, which the narrowing to bytes
+// (to_planes) takes without computing it.
+inline void split(__m512 v, __m512 inv, __m512i* hi, __m512i* q) {
   const __m512 qmax = _mm512_set1_ps(static_cast<float>(kQMax));
-  const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax));
-  *hi = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
-  *lo = _mm512_sub_epi32(q, _mm512_slli_epi32(*hi, 8));
+  *q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), _mm512_sub_ps(_mm512_setzero_ps(), qmax)), qmax));
+  *hi = _mm512_srai_epi32(_mm512_add_epi32(*q, _mm512_set1_epi32(128)), 8);
 }
 
 // 16 chunks as 64 int8 in element order (4 vectors of 4 chunks, each narrowed to 16 bytes) ->
@@ -225,34 +226,40 @@ double transform_activations(float* xt, int64_t K, int64_t had, const float* A, 
   return cm.finish(b, amax);
 }
 
-double encode_int(float* xt, float amax, int64_t G, bool plane, int8_t* dst) {
+double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_t* dst) {
   const IntScale q = int_scale(amax);
   if (q.pre != 1.f)
-    for (int64_t i = 0; i < G * kGroupElems; ++i) xt[i] *= q.pre;
+    for (int64_t i = 0; i < K; ++i) xt[i] *= q.pre;
   const __m512 inv = _mm512_set1_ps(q.inv);
+  // The zero padding past K encodes to zero bytes: stored, not computed (MiniLM's K = 384 pads
+  // its two groups by a quarter).
+  const int64_t chunks = (K + 3) / 4;
   for (int64_t g = 0; g < G; ++g) {
     const float* src = xt + g * kGroupElems;
-    if (plane) {
-      int8_t* hi_dst = dst + g * 512;
+    int8_t* out = dst + g * 512;
+    if (plane) {  // [hi planes][lo planes] x 64 bytes
       for (int64_t p0 = 0; p0 < kGroupCodes; p0 += 16) {  // 16 chunks -> 16 lanes of each plane
-        __m512i h[4], l[4];
-        for (int c = 0; c < 4; ++c) split(_mm512_loadu_ps(src + 4 * p0 + 16 * c), inv, &h[c], &l[c]);
-        const __m512i hp = to_planes(h[0], h[1], h[2], h[3]), lp = to_planes(l[0], l[1], l[2], l[3]);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + p0), _mm512_castsi512_si128(hp));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 64 + p0), _mm512_extracti32x4_epi32(hp, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 128 + p0), _mm512_extracti32x4_epi32(hp, 2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 192 + p0), _mm512_extracti32x4_epi32(hp, 3));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 256 + p0), _mm512_castsi512_si128(lp));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 320 + p0), _mm512_extracti32x4_epi32(lp, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 384 + p0), _mm512_extracti32x4_epi32(lp, 2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi_dst + 448 + p0), _mm512_extracti32x4_epi32(lp, 3));
+        __m512i hp = _mm512_setzero_si512(), lp = _mm512_setzero_si512();
+        if (g * kGroupCodes + p0 < chunks) {
+          __m512i h[4], v[4];
+          for (int c = 0; c < 4; ++c) split(_mm512_loadu_ps(src + 4 * p0 + 16 * c), inv, &h[c], &v[c]);
+          hp = to_planes(h[0], h[1], h[2], h[3]);
+          lp = to_planes(v[0], v[1], v[2], v[3]);
+        }
+        for (int i = 0; i < 4; ++i) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 * i + p0), _mm512_extracti32x4_epi32(hp, i));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 256 + 64 * i + p0), _mm512_extracti32x4_epi32(lp, i));
+        }
       }
-    } else {
-      int8_t* out = dst + g * 512;  // chunk j: 4 hi bytes, then 4 lo bytes
+    } else {  // chunk j: 4 hi bytes, then 4 lo bytes
       for (int64_t e = 0; e < kGroupElems; e += 16) {
-        __m512i h, l;
-        split(_mm512_loadu_ps(src + e), inv, &h, &l);
-        const __m128i hb = _mm512_cvtepi32_epi8(h), lb = _mm512_cvtepi32_epi8(l);
+        __m128i hb = _mm_setzero_si128(), lb = _mm_setzero_si128();
+        if (g * kGroupElems + e < K) {
+          __m512i h, v;
+          split(_mm512_loadu_ps(src + e), inv, &h, &v);
+          hb = _mm512_cvtepi32_epi8(h);
+          lb = _mm512_cvtepi32_epi8(v);
+        }
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e), _mm_unpacklo_epi32(hb, lb));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * e + 16), _mm_unpackhi_epi32(hb, lb));
       }

@@ -55,7 +55,7 @@ void prepare(const TransformOps& ops, const std::vector<float>& x, const std::ve
     float amax;
     ops.scale_f32(x.data() + m * c.K, su.data(), c.K, xt.data());
     cst[m] = ops.transform(xt.data(), c.K, c.had, A, b, &amax);
-    scale[m] = ops.encode_int(xt.data(), amax, G, plane, act + m * G * 512);
+    scale[m] = ops.encode_int(xt.data(), c.K, amax, G, plane, act + m * G * 512);
   }
 }
 
