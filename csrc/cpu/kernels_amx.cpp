@@ -81,6 +81,24 @@ inline __m512i level_field(__m512i c) {
   }
 }
 
+// Tile planes of group g. A last group of at most 32 code bytes (K = 384: 96 code bytes a row)
+// holds two level planes per tile, side by side: bytes 0-31 of tile plane j are plane 2j of its
+// code bytes, bytes 32-63 plane 2j + 1, and the activation tiles pair up the same way. Its
+// multiplies, cuts and tile loads halve: 384 x 384 at 32 tokens, one thread, 29k -> 22k TSC per
+// call; at one token block (16 or fewer) no faster, the cuts, the multiplies and the stores of a
+// row tile then running one after the other whatever their number.
+inline int tile_planes(const IntArgs& a, int64_t g) {
+  return g == a.G - 1 && a.K4 - g * kGroupCodes <= 32 ? 2 : 4;
+}
+
+// The 64 activation bytes that meet tile plane i: plane i of the group's 64 code bytes, or for a
+// paired group planes 2i and 2i + 1 of the first 32; `p` is the group's 4 planes (64 bytes each).
+inline __m512i tile_plane(const int8_t* p, int i, bool paired) {
+  if (!paired) return _mm512_loadu_si512(p + 64 * i);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 * i))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 * i + 64)), 1);
+}
+
 // A tiles of group g for rows [t0, t0 + rows) (rows <= 32; missing rows are level 0): tile
 // (i * 2 + h) of `dst` holds plane i of rows 16h .. 16h + 15.
 // The codes of the next row tile (32 rows, contiguous) are prefetched meanwhile, 32 lines per
@@ -90,6 +108,7 @@ inline __m512i level_field(__m512i c) {
 // 0.33 -> 0.29 ms, 8 tokens 0.375 -> 0.345; 32 and 128 tokens unchanged).
 void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* dst) {
   const __mmask64 mask = group_mask(a.K4, g);
+  const bool paired = tile_planes(a, g) == 2;
   // (past the last tile this points beyond the codes: harmless, a prefetch never faults)
   const uint8_t* next = a.codes + (t0 + kRowTileAmx) * a.K4 + g * kRowTileAmx * 64;
 #pragma GCC unroll 2
@@ -98,6 +117,12 @@ void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* 
     const __m512i c = r < rows ? _mm512_maskz_loadu_epi8(mask, a.codes + (t0 + r) * a.K4 + g * kGroupCodes)
                                : _mm512_setzero_si512();
     uint8_t* p = dst + (r / 16) * kTileBytes + (r % 16) * 64;
+    if (paired) {  // (the code bytes past 32 are masked off: their levels are not needed)
+      _mm512_store_si512(p, _mm512_inserti64x4(level_field<0>(c), _mm512_castsi512_si256(level_field<1>(c)), 1));
+      _mm512_store_si512(p + 2 * kTileBytes,
+                         _mm512_inserti64x4(level_field<2>(c), _mm512_castsi512_si256(level_field<3>(c)), 1));
+      continue;
+    }
     _mm512_store_si512(p + 0 * 2 * kTileBytes, level_field<0>(c));
     _mm512_store_si512(p + 1 * 2 * kTileBytes, level_field<1>(c));
     _mm512_store_si512(p + 2 * 2 * kTileBytes, level_field<2>(c));
@@ -109,11 +134,11 @@ void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* 
 // of `dst` holds plane i of group g, hi (s = 0) or lo (s = 1), transposed.
 void transpose_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* dst) {
   for (int64_t g = 0; g < a.G; ++g)
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < tile_planes(a, g); ++i)
       for (int s = 0; s < 2; ++s) {
         __m512i v[16];
         for (int t = 0; t < 16; ++t)
-          v[t] = t < mt ? _mm512_loadu_si512(a.act + (m0 + t) * a.act_stride + g * 512 + s * 256 + i * 64)
+          v[t] = t < mt ? tile_plane(a.act + (m0 + t) * a.act_stride + g * 512 + s * 256, i, tile_planes(a, g) == 2)
                         : _mm512_setzero_si512();
         transpose16(v);  // v[q] lane t: bytes 4q .. 4q + 3 of token t's plane
         uint8_t* p = dst + ((g * 4 + i) * 2 + s) * kTileBytes;
@@ -123,9 +148,9 @@ void transpose_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* dst) {
 
 // C += the products of group g: A tiles from `levels` (cut_levels' layout), B tiles of the group
 // from `tokens` (transpose_tokens' layout).
-inline void multiply_group(const uint8_t* levels, const uint8_t* tokens) {
+inline void multiply_group(const uint8_t* levels, const uint8_t* tokens, int planes) {
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < planes; ++i) {
     _tile_loadd(4, levels + (2 * i) * kTileBytes, 64);
     _tile_loadd(5, levels + (2 * i + 1) * kTileBytes, 64);
     _tile_loadd(6, tokens + (2 * i) * kTileBytes, 64);
@@ -205,10 +230,10 @@ void narrow_tokens(const IntArgs& a, uint8_t* dst) {
   const int64_t cols = 2 * a.M, row_bytes = 8 * a.M;
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
   for (int64_t g = 0; g < a.G; ++g)
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < tile_planes(a, g); ++i) {
       __m512i v[16];
       for (int c = 0; c < 16; ++c)
-        v[c] = c < cols ? _mm512_loadu_si512(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256 + i * 64)
+        v[c] = c < cols ? tile_plane(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256, i, tile_planes(a, g) == 2)
                         : _mm512_setzero_si512();
       transpose16(v);  // v[q] lane c: bytes 4q .. 4q + 3 of column c
       uint8_t* p = dst + (g * 4 + i) * narrow_tile_bytes(a.M);
@@ -258,8 +283,9 @@ void int_plane_amx_narrow(const IntArgs& a, int64_t n0, int64_t n1, uint8_t* scr
     for (int64_t g = 0; g < a.G; ++g) {
       if (g + 1 < a.G) cut_levels(a, t0, rows, g + 1, levels + ((g + 1) & 1) * group_bytes);
       const uint8_t* lv = levels + (g & 1) * group_bytes;
+      const int planes = tile_planes(a, g);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < planes; ++i) {
         _tile_loadd(4, lv + (2 * i) * kTileBytes, 64);
         _tile_loadd(5, lv + (2 * i + 1) * kTileBytes, 64);
         _tile_loadd(6, tokens + (g * 4 + i) * tile, 8 * a.M);
@@ -349,7 +375,7 @@ void int_plane_amx(const IntArgs& a, int64_t n0, int64_t n1) {
         for (int64_t b = 0; b < nb; ++b) {
           if (g == 0) zero_accumulators();
           else if (nb > 1) load_accumulators(spill + b * 4 * kTileBytes);
-          multiply_group(levels + (g & 1) * group_bytes, tokens + (b * a.G + g) * group_bytes);
+          multiply_group(levels + (g & 1) * group_bytes, tokens + (b * a.G + g) * group_bytes, tile_planes(a, g));
           if (g + 1 == a.G) {
             const int64_t m = (b0 + b) * kTokenBlock;
             store_tiles(a, m, imin(kTokenBlock, a.M - m), t0, rows);
