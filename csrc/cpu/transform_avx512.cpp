@@ -169,17 +169,23 @@ struct ChunkMath {
   }
 };
 
-// One Hadamard block of 16R elements at a time, whole in R registers: every stage, the scale and
-// the chunk math in one pass over the token (the separate passes stored and reloaded it six times
-// at had = 128 and took ~2x as long).
+// The Hadamard block of 16R elements at p, loaded into R registers and transformed there.
+template <int R>
+inline void hadamard_block(const float* p, __m512* v) {
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) v[i] = fwht16(_mm512_loadu_ps(p + 16 * i));
+  fwht_across<R>(v);
+}
+
+// One Hadamard block at a time, whole in registers: every stage, the scale and the chunk math in
+// one pass over the token (the separate passes stored and reloaded it six times at had = 128 and
+// took ~2x as long).
 template <int R>
 void transform_blocks(float* xt, int64_t K, float scale, ChunkMath& cm) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t base = 0; base < K; base += 16 * R) {
     __m512 v[R];
-#pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) v[i] = fwht16(_mm512_loadu_ps(xt + base + 16 * i));
-    fwht_across<R>(v);
+    hadamard_block<R>(xt + base, v);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) cm.step(_mm512_mul_ps(v[i], sc), xt + base + 16 * i, 0xFFFF);
   }
@@ -191,9 +197,7 @@ void output_blocks(float* row, int64_t N, float scale, const float* sv, const fl
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t base = 0; base < N; base += 16 * R) {
     __m512 v[R];
-#pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) v[i] = fwht16(_mm512_loadu_ps(row + base + 16 * i));
-    fwht_across<R>(v);
+    hadamard_block<R>(row + base, v);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const int64_t n = base + 16 * i;
