@@ -100,7 +100,7 @@ inline __m512i tile_plane(const int8_t* p, int i, bool paired) {
 }
 
 // A tiles of group g for rows [t0, t0 + rows) (rows <= 32; missing rows are level 0): tile
-// (i * 2 + h) of `dst` holds plane i of rows 16h .. 16h + 15.
+// (i * 2 + h) of `dst` holds tile plane i (tile_planes) of rows 16h .. 16h + 15.
 // The codes of the next row tile (32 rows, contiguous) are prefetched meanwhile, 32 lines per
 // group: the tile reads 32 short row segments at a time, too many streams for the hardware
 // prefetchers to follow from memory. Into L2, not L1: the next tile's 32 KB (at K = 4096) would
@@ -131,7 +131,7 @@ void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* 
 }
 
 // B tiles of tokens [m0, m0 + mt) (mt <= 16; missing tokens are zero): tile (g * 4 + i) * 2 + s
-// of `dst` holds plane i of group g, hi (s = 0) or lo (s = 1), transposed.
+// of `dst` holds tile plane i of group g, hi (s = 0) or lo (s = 1), transposed.
 void transpose_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* dst) {
   for (int64_t g = 0; g < a.G; ++g)
     for (int i = 0; i < tile_planes(a, g); ++i)
@@ -224,7 +224,7 @@ void configure_narrow(int64_t M) {
 
 inline int64_t narrow_tile_bytes(int64_t M) { return 16 * 8 * M; }
 
-// B tiles of all M tokens: tile g * 4 + i of `dst` (narrow_tile_bytes(M) each) holds plane i of
+// B tiles of all M tokens: tile g * 4 + i of `dst` (narrow_tile_bytes(M) each) holds tile plane i of
 // group g with B[q][4c + j] = byte 4q + j of column c's 64 bytes (c = 2t + s: token t, hi or lo).
 void narrow_tokens(const IntArgs& a, uint8_t* dst) {
   const int64_t cols = 2 * a.M, row_bytes = 8 * a.M;
@@ -233,7 +233,8 @@ void narrow_tokens(const IntArgs& a, uint8_t* dst) {
     for (int i = 0; i < tile_planes(a, g); ++i) {
       __m512i v[16];
       for (int c = 0; c < 16; ++c)
-        v[c] = c < cols ? tile_plane(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256, i, tile_planes(a, g) == 2)
+        v[c] = c < cols ? tile_plane(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256, i,
+                                     tile_planes(a, g) == 2)
                         : _mm512_setzero_si512();
       transpose16(v);  // v[q] lane c: bytes 4q .. 4q + 3 of column c
       uint8_t* p = dst + (g * 4 + i) * narrow_tile_bytes(a.M);
@@ -262,7 +263,8 @@ void store_narrow(const IntArgs& a, int64_t t0, int64_t rows) {
     transpose16(v);  // v[2t + s] lane r
     const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
     for (int64_t t = 0; t < a.M; ++t)
-      _mm512_mask_storeu_epi32(a.out32 + t * a.N + n, mask, _mm512_add_epi32(_mm512_slli_epi32(v[2 * t], 8), v[2 * t + 1]));
+      _mm512_mask_storeu_epi32(a.out32 + t * a.N + n, mask,
+                               _mm512_add_epi32(_mm512_slli_epi32(v[2 * t], 8), v[2 * t + 1]));
   }
 }
 

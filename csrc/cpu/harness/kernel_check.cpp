@@ -288,8 +288,9 @@ int main() {
   std::mt19937 rng(0);
   // Partial last groups (K4 % 64 != 0; of at most 32 code bytes the tile kernels pair the planes),
   // rows that are not a multiple of the row blocks (the GEMV's: 2d rows, d = 8 at K = 384, 4 at
-  // 4096, 1 at 22016), one and several tokens, Hadamard on and off, and a K above kInt32MaxK (int64 outputs) for the GEMVs (1 and 2 tokens) and the
-  // tile kernels (3 to 8 tokens, narrow, and more).
+  // 4096, 1 at 22016), one and several tokens, Hadamard on and off, and a K above kInt32MaxK
+  // (int64 outputs) for the GEMVs (1 and 2 tokens) and the tile kernels (3 to 8 tokens, narrow,
+  // and more).
   const Case cases[] = {{37, 384, 1, 128},  {64, 256, 3, 0},     {67, 1536, 5, 512}, {45, 100, 2, 4},
                         {96, 4096, 40, 128}, {33, 22016, 2, 256}, {130, 1028, 33, 4}, {20, 22016, 19, 256},
                         {50, 512, 8, 64},   {16, 768, 9, 256},   {19, 4096, 1, 0},   {9, 22016, 1, 256},
