@@ -133,17 +133,19 @@ void cut_levels(const IntArgs& a, int64_t t0, int64_t rows, int64_t g, uint8_t* 
 // B tiles of tokens [m0, m0 + mt) (mt <= 16; missing tokens are zero): tile (g * 4 + i) * 2 + s
 // of `dst` holds tile plane i of group g, hi (s = 0) or lo (s = 1), transposed.
 void transpose_tokens(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* dst) {
-  for (int64_t g = 0; g < a.G; ++g)
-    for (int i = 0; i < tile_planes(a, g); ++i)
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int planes = tile_planes(a, g);
+    for (int i = 0; i < planes; ++i)
       for (int s = 0; s < 2; ++s) {
         __m512i v[16];
         for (int t = 0; t < 16; ++t)
-          v[t] = t < mt ? tile_plane(a.act + (m0 + t) * a.act_stride + g * 512 + s * 256, i, tile_planes(a, g) == 2)
+          v[t] = t < mt ? tile_plane(a.act + (m0 + t) * a.act_stride + g * 512 + s * 256, i, planes == 2)
                         : _mm512_setzero_si512();
         transpose16(v);  // v[q] lane t: bytes 4q .. 4q + 3 of token t's plane
         uint8_t* p = dst + ((g * 4 + i) * 2 + s) * kTileBytes;
         for (int q = 0; q < 16; ++q) _mm512_store_si512(p + 64 * q, v[q]);
       }
+  }
 }
 
 // C += the products of group g: A tiles from `levels` (cut_levels' layout), B tiles of the group
@@ -229,17 +231,18 @@ inline int64_t narrow_tile_bytes(int64_t M) { return 16 * 8 * M; }
 void narrow_tokens(const IntArgs& a, uint8_t* dst) {
   const int64_t cols = 2 * a.M, row_bytes = 8 * a.M;
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
-  for (int64_t g = 0; g < a.G; ++g)
-    for (int i = 0; i < tile_planes(a, g); ++i) {
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int planes = tile_planes(a, g);
+    for (int i = 0; i < planes; ++i) {
       __m512i v[16];
       for (int c = 0; c < 16; ++c)
-        v[c] = c < cols ? tile_plane(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256, i,
-                                     tile_planes(a, g) == 2)
+        v[c] = c < cols ? tile_plane(a.act + (c / 2) * a.act_stride + g * 512 + (c % 2) * 256, i, planes == 2)
                         : _mm512_setzero_si512();
       transpose16(v);  // v[q] lane c: bytes 4q .. 4q + 3 of column c
       uint8_t* p = dst + (g * 4 + i) * narrow_tile_bytes(a.M);
       for (int q = 0; q < 16; ++q) _mm512_mask_storeu_epi32(p + q * row_bytes, keep, v[q]);
     }
+  }
 }
 
 // Writes V = 256 hi + lo of the two accumulators for rows [t0, t0 + rows): each 16-row half
