@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The portable build (issue 15), without torch and without an AArch64 machine:
 #  1. the standalone kernel harness (csrc/cpu/harness/kernel_check.cpp), native: every kernel set
-#     of this build that the CPU runs against the portable kernels;
+#     of this build that the CPU runs against the portable kernels (on x86-64 the kernel timing
+#     tool, csrc/cpu/harness/kernel_bench.cpp, is built too);
 #  2. the same harness cross-compiled for AArch64 (Debian's g++-aarch64-linux-gnu, static) and run
 #     under qemu-aarch64: the NEON kernels against the portable ones, and int mode's digests
 #     (activations, scales, dot products) equal to the native run's;
@@ -25,6 +26,12 @@ echo "== native ($(uname -m))"
 # shellcheck disable=SC2046
 g++ $flags $common $(arch_files "$(uname -m)") -o "$work/native" 2> "$work/native.log" || { cat "$work/native.log"; exit 1; }
 "$work/native" | tee "$work/native.out"
+if [ "$(uname -m)" = x86_64 ]; then  # the kernel timing tool: built so that it keeps up with the kernels, not run
+  # shellcheck disable=SC2046
+  g++ $flags "$SRC/harness/kernel_bench.cpp" ${common#* } $(arch_files x86_64) -lpthread -o "$work/bench" 2> "$work/bench.log" ||
+    { cat "$work/bench.log"; exit 1; }
+  echo "kernel_bench builds"
+fi
 
 if ! command -v aarch64-linux-gnu-g++ > /dev/null || ! command -v qemu-aarch64 > /dev/null; then
   if [ "${CI:-}" = "true" ] && command -v apt-get > /dev/null; then

@@ -1,0 +1,173 @@
+// Standalone timing of the CPU int kernels, no torch: one layer shape, one token count, one kernel
+// set, on T threads, against a read of the same number of bytes in the same run. It times the
+// kernels alone (no activation transform, no dispatch), so that what a layer call adds around
+// them can be told apart from what they cost (README, "Where a batch-1 call's time goes").
+//
+//   g++ -O3 -std=c++17 -Icsrc/cpu csrc/cpu/harness/kernel_bench.cpp csrc/cpu/kernel_table.cpp
+//       csrc/cpu/transform.cpp csrc/cpu/kernels_scalar.cpp <the x86_64 files of arch_sources.json>
+//       -lpthread -o /tmp/kernel_bench
+//   /tmp/kernel_bench N K M THREADS [SET]        e.g. /tmp/kernel_bench 4096 4096 1 2 amx
+//
+// Each call multiplies the next of enough distinct random layers (at least 16, and 1.5 GB in all)
+// that their codes come from memory, not from a last-level cache of hundreds of MB; the codes sit
+// in 2 MB pages, as the extension keeps large layers' codes. Threads split the rows in halves (in
+// row tiles) and spin between calls; every figure is a median over calls. The read probe streams
+// a 512 MB buffer in 2 MB pages on the same threads, two streams per thread like the GEMV, and
+// gives the floor: the layer's code bytes at that bandwidth.
+#include <immintrin.h>
+#include <sys/mman.h>
+#include <x86intrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "kernel_api.h"
+#include "kernel_table.h"
+
+using namespace pyquant::cpu;
+
+namespace {
+
+uint8_t* huge_alloc(size_t bytes) {
+  const size_t page = size_t(2) << 20, len = (bytes + page - 1) / page * page;
+  auto* p = static_cast<uint8_t*>(std::aligned_alloc(page, len));
+  if (p) madvise(p, len, MADV_HUGEPAGE);
+  return p;
+}
+
+// TSC ticks per second, from a 50 ms sleep.
+double tsc_hz() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const uint64_t c0 = __rdtsc();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const uint64_t c1 = __rdtsc();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return (c1 - c0) / s;
+}
+
+// Runs job(call, thread) on `threads` threads, `calls` times; returns each call's TSC ticks (all
+// threads done). Workers spin between calls, as OpenMP's do between parallel regions.
+std::vector<double> run_threads(int threads, int calls, const std::function<void(int, int)>& job) {
+  std::atomic<int> epoch{0}, done{0};
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int e = 1; e <= calls; ++e) {
+        while (epoch.load(std::memory_order_acquire) < e) _mm_pause();
+        job(e - 1, t);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    });
+  std::vector<double> ticks;
+  for (int c = 0; c < calls; ++c) {
+    done.store(0);
+    const uint64_t t0 = __rdtsc();
+    epoch.store(c + 1, std::memory_order_release);
+    job(c, 0);
+    while (done.load(std::memory_order_acquire) < threads - 1) _mm_pause();
+    ticks.push_back(double(__rdtsc() - t0));
+  }
+  for (auto& t : pool) t.join();
+  return ticks;
+}
+
+double median(std::vector<double> v, size_t skip) {
+  v.erase(v.begin(), v.begin() + std::min(skip, v.size() - 1));
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+__attribute__((target("avx512f"))) void read_range(const uint8_t* p, size_t bytes) {
+  // two streams (the halves of the range), four lines each per step, summed so nothing is elided
+  const uint8_t* q = p + bytes / 2;
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  for (size_t i = 0; i + 128 <= bytes / 2; i += 128) {
+    s0 = _mm512_add_epi32(s0, _mm512_load_si512(p + i));
+    s1 = _mm512_add_epi32(s1, _mm512_load_si512(p + i + 64));
+    s2 = _mm512_add_epi32(s2, _mm512_load_si512(q + i));
+    s3 = _mm512_add_epi32(s3, _mm512_load_si512(q + i + 64));
+  }
+  volatile int sink = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+  (void)sink;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s N K M THREADS [SET]\n", argv[0]);
+    return 2;
+  }
+  const int64_t N = std::atol(argv[1]), K = std::atol(argv[2]), M = std::atol(argv[3]);
+  const int threads = std::atoi(argv[4]);
+  const KernelSet* set = argc > 5 ? find_kernel_set(argv[5]) : &best_kernel_set();
+  if (N <= 0 || K <= 0 || K % 4 || M <= 0 || threads <= 0) {
+    std::fprintf(stderr, "N, K, M and THREADS must be positive, K a multiple of 4\n");
+    return 2;
+  }
+  if (!set || !set->supported()) {
+    std::fprintf(stderr, "kernel set '%s' is not in this build or not supported by this CPU\n", argv[5]);
+    return 2;
+  }
+  const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, bytes = N * K4;
+  const int layers = static_cast<int>(std::max<int64_t>(16, int64_t(1.5e9) / bytes + 1));
+  std::mt19937 rng(1);
+  std::vector<uint8_t*> codes(layers);
+  for (auto& c : codes) {
+    c = huge_alloc(bytes);
+    if (!c) {
+      std::fprintf(stderr, "out of memory\n");
+      return 1;
+    }
+    for (int64_t i = 0; i < bytes; i += 4) {
+      const uint32_t r = rng();
+      std::memcpy(c + i, &r, std::min<int64_t>(4, bytes - i));
+    }
+  }
+  std::vector<int8_t> act(M * G * 512);
+  for (auto& v : act) v = static_cast<int8_t>(rng());
+  const bool narrow = K <= kInt32MaxK;
+  std::vector<int32_t> out32(narrow ? M * N : 0);
+  std::vector<int64_t> out64(narrow ? 0 : M * N);
+  const bool gemm = set->int_gemm && M > (bytes <= kSmallLayerCodeBytes ? kGemvMaxTokensSmallLayer : kGemvMaxTokens);
+  if (gemm) {
+    std::fprintf(stderr, "M = %ld takes the GEMM (natural layout), which this benchmark does not time\n", long(M));
+    return 2;
+  }
+  const int64_t packed_bytes = set->packed_bytes ? set->packed_bytes(M, G) : 0;
+  uint8_t* packed = packed_bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (packed_bytes + 63) / 64 * 64)) : nullptr;
+  IntArgs base{codes[0], N, K4, G, act.data(), G * 512, M, narrow ? out32.data() : nullptr,
+               narrow ? nullptr : out64.data(), nullptr, packed};
+  for (int64_t m = 0; packed && m < M; m += kPackTokenBlock)
+    set->pack_tokens(base, m, std::min(kPackTokenBlock, M - m), packed);
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile, per = (tiles + threads - 1) / threads * kRowTile;
+  const int calls = std::max(layers + 200, 2 * layers);
+  const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
+    IntArgs a = base;
+    a.codes = codes[call % layers];
+    const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
+    if (n0 < n1) set->int_gemv(a, n0, n1);
+  });
+  const size_t probe = size_t(512) << 20;
+  uint8_t* buf = huge_alloc(probe);
+  std::memset(buf, 1, probe);
+  const auto read_ticks = run_threads(threads, 9, [&](int, int t) {
+    read_range(buf + probe / threads * t, probe / threads);
+  });
+  const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
+  const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
+  std::printf("%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
+              long(K), long(N), long(M), threads, layers, bytes / 1e6);
+  std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
+              kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
+  return 0;
+}
