@@ -19,7 +19,8 @@ trap 'rm -rf "$work"' EXIT
 arch_files() {  # the files of arch_sources.json for architecture $1
   python3 -c "import json, sys; print(' '.join('$SRC/' + f for f in json.load(open('$SRC/arch_sources.json')).get(sys.argv[1], [])))" "$1"
 }
-common="$SRC/harness/kernel_check.cpp $SRC/kernel_table.cpp $SRC/transform.cpp $SRC/kernels_scalar.cpp"
+library="$SRC/kernel_table.cpp $SRC/transform.cpp $SRC/kernels_scalar.cpp"  # the portable files the harnesses link
+common="$SRC/harness/kernel_check.cpp $library"
 flags="-O3 -std=c++17 -ffp-contract=off -I$SRC"
 
 echo "== native ($(uname -m))"
@@ -28,7 +29,7 @@ g++ $flags $common $(arch_files "$(uname -m)") -o "$work/native" 2> "$work/nativ
 "$work/native" | tee "$work/native.out"
 if [ "$(uname -m)" = x86_64 ]; then  # the kernel timing tool: built so that it keeps up with the kernels, not run
   # shellcheck disable=SC2046
-  g++ $flags "$SRC/harness/kernel_bench.cpp" ${common#* } $(arch_files x86_64) -lpthread -o "$work/bench" 2> "$work/bench.log" ||
+  g++ $flags "$SRC/harness/kernel_bench.cpp" $library $(arch_files x86_64) -lpthread -o "$work/bench" 2> "$work/bench.log" ||
     { cat "$work/bench.log"; exit 1; }
   echo "kernel_bench builds"
 fi
