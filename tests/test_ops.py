@@ -145,15 +145,20 @@ def test_fake_and_kernel_raise_the_same_clear_errors(bad, exc, match):
 
 # ---------------------------------------------------------------------------- gradients
 
-def reference_grads(layer, x, g):
-    """Autograd through the dense weight (format.dequantize's math) in fp64, on copies."""
+def reference_grads(layer, x, g, w_scale_terms: list | None = None):
+    """Autograd through the dense weight (format.dequantize's math) in fp64, on copies. With
+    ``w_scale_terms``, appends the sum of the magnitudes of the terms whose sum is w_scale's gradient."""
     params = {name: getattr(layer, name).detach().double().requires_grad_(True) for name in TRAINABLE}
     bias = None if layer.bias is None else layer.bias.detach().double().requires_grad_(True)
     xr = x.detach().double().requires_grad_(True)
-    w_rot = params["w_scale"] * codebook(params["A"], params["b"])[layer.codes.long()].reshape(layer.codes.shape[0], -1)
+    levels = codebook(params["A"], params["b"])[layer.codes.long()].reshape(layer.codes.shape[0], -1)
+    w_rot = params["w_scale"] * levels
+    w_rot.retain_grad()
     w = blockwise_hadamard(blockwise_hadamard(w_rot, layer.had_in, dim=1), layer.had_out, dim=0)
     y = F.linear(xr, params["sv"][:, None] * w * params["su"][None, :], bias)
     (y * g.double()).sum().backward()
+    if w_scale_terms is not None:  # dL/dw_scale = sum over every weight of dL/dw_rot * level
+        w_scale_terms.append((w_rot.grad * levels).abs().sum().item())
     return {"x": xr.grad, **{n: p.grad for n, p in params.items()}, **({"bias": bias.grad} if bias is not None else {})}
 
 
@@ -174,13 +179,21 @@ def test_gradients_equal_autograd_through_dequantize(k, n, hadamard, bias, mode,
     assert layer.last_backend == "cpu"
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    want = reference_grads(layer, x, g)
+    terms = []
+    want = reference_grads(layer, x, g, terms)
     got = {"x": x.grad, **{name: getattr(layer, name).grad for name in TRAINABLE}}
     if bias:
         got["bias"] = layer.bias.grad
     for name, ref in want.items():
         assert got[name] is not None and got[name].shape == ref.shape, name
-        assert rel_err(got[name], ref) <= tol, (name, rel_err(got[name], ref))
+        if name == "w_scale":
+            # One sum over all N * K weights that can nearly cancel (a result of ~0.5 from terms of
+            # ~1e3 in magnitude): from fp32 inputs its error is ~1e-7 of its terms' magnitudes, not
+            # of itself, and a bound relative to the result alone failed ~1 run in 15 (1.4e-4 to 2e-3).
+            err = (got[name].double() - ref).abs().item()
+            assert err <= tol * ref.abs().item() + 1e-6 * terms[0], (name, err, ref.item(), terms[0])
+        else:
+            assert rel_err(got[name], ref) <= tol, (name, rel_err(got[name], ref))
     assert torch.equal(layer.codes, codes)
 
 
