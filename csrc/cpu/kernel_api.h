@@ -94,6 +94,10 @@ constexpr int64_t kGemvMaxTokens = 32;
 // tokens on, even at 8, GEMV faster at 2).
 constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
 constexpr int64_t kGemvMaxTokensSmallLayer = 8;
+// The most tokens the GEMV takes on a layer of `code_bytes` codes (more: the GEMM, where a set has one).
+inline int64_t gemv_max_tokens(int64_t code_bytes) {
+  return code_bytes <= kSmallLayerCodeBytes ? kGemvMaxTokensSmallLayer : kGemvMaxTokens;
+}
 
 // The code bytes of group g of a row for kernels that load whole groups; a partial last group is
 // copied into zero-padded `tmp` (64 bytes): reading past the row could leave the tensor, and AVX2

@@ -535,8 +535,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
   const bool gemm_possible = mode == Mode::kInt && set.int_gemm != nullptr;
   TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and an isa with a GEMM ('",
                     set.name, "' has ", set.int_gemm ? "one" : "none", ")");
-  const int64_t gemv_max =
-      L.N * L.K4 <= cpu::kSmallLayerCodeBytes ? cpu::kGemvMaxTokensSmallLayer : cpu::kGemvMaxTokens;
+  const int64_t gemv_max = cpu::gemv_max_tokens(L.N * L.K4);
   const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > gemv_max));
   auto y = torch::empty({x.size(0), L.N}, x.options());
   if (x.size(0) == 0) return y;
