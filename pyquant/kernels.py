@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -96,14 +96,17 @@ def _order(device: torch.device) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend one kind of call runs on, why, and that backend's state for the layer."""
+    """The backend one kind of call runs on, why, that backend's state for the layer, and its
+    function for the call: ``forward``, or ``forward_no_grad`` for calls that need no gradient
+    where the backend has one."""
     name: str
     why: str
     module: ModuleType
     state: Any
+    run: Callable[[torch.Tensor, Any, Any], torch.Tensor]
 
     def __call__(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return self.module.forward(x, layer, self.state)
+        return self.run(x, layer, self.state)
 
 
 class KernelPlan:
@@ -139,7 +142,7 @@ class KernelPlan:
             reason = _reason_not(forced, layer, dtype, needs_grad)
             if reason is not None:
                 raise ValueError(f"backend {forced!r} was forced but cannot run this layer: {reason}")
-            return self._make(layer, forced, "forced")
+            return self._make(layer, forced, "forced", needs_grad)
         skipped = []
         for name in _order(self.device):
             reason = _reason_not(name, layer, dtype, needs_grad)
@@ -147,15 +150,16 @@ class KernelPlan:
                 why = "preferred" if not skipped else "fallback; " + "; ".join(skipped)
                 if skipped:
                     log.debug("pyquant: %s falls back to %s: %s", layer, name, why)
-                return self._make(layer, name, why)
+                return self._make(layer, name, why, needs_grad)
             skipped.append(f"{name}: {reason}")
         raise AssertionError("the torch backend takes every layer")  # unreachable
 
-    def _make(self, layer, name: str, why: str) -> Choice:
+    def _make(self, layer, name: str, why: str, needs_grad: bool) -> Choice:
         module = _backend(name)
         if name not in self.states:
             self.states[name] = module.build(layer)
-        return Choice(name, why, module, self.states[name])
+        run = module.forward if needs_grad else getattr(module, "forward_no_grad", module.forward)
+        return Choice(name, why, module, self.states[name], run)
 
 
 def explain(x: torch.Tensor, layer) -> dict[str, str]:

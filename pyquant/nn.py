@@ -32,8 +32,9 @@ class QuantLinear(nn.Module):
     Kernel state (repacked codes, the backend per input dtype) is built when the layer is made,
     loaded or moved; call :meth:`invalidate` after changing its tensors in place.
 
-    After a forward, ``last_backend`` and ``last_backend_reason`` say which
-    kernel ran and why (see :func:`pyquant.kernels.explain`).
+    After an eager forward, ``last_backend`` and ``last_backend_reason`` say which kernel ran
+    and why (see :func:`pyquant.kernels.explain`); a compiled graph fixes its kernel when it is
+    traced, and its calls leave them as they were.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, had_in: int = 0,
@@ -175,7 +176,8 @@ class QuantLinear(nn.Module):
         x2d = (x if flat else x.reshape(-1, self.in_features)).contiguous()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.needs_grad())
         choice = plan.choice(self, x.dtype, needs_grad)
-        self._last_run[:] = (choice.name, choice.why)
+        if not torch.compiler.is_compiling():  # (replayed after every compiled call, it cost ~3 us a layer)
+            self._last_run[:] = (choice.name, choice.why)
         y = choice(x2d, self)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 

@@ -68,7 +68,94 @@ def test_every_registered_cpu_op_is_checked():
     # the dispatcher's list (dir(torch.ops.pyquant) holds only the ops some earlier code touched)
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyquant::")}
     cpu_ops = {n for n in names if not n.startswith(("cuda_", "triton_"))}
-    assert cpu_ops == {"linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
+    assert cpu_ops == {"linear", "frozen_linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
+
+
+# ---------------------------------------------------------------------------- frozen_linear
+
+def frozen_args(layer, x):
+    return (x, layer.codes, layer._plan.states["cpu"].params, layer.bias, layer.had_in, layer.had_out)
+
+
+@pytest.mark.parametrize("n,k,hadamard,bias,dtype,scale_dtype", [(37, 384, True, True, torch.float32, torch.float16),
+                                                                 (64, 128, False, False, torch.float32, torch.float32),
+                                                                 (40, 256, True, False, torch.bfloat16, torch.float16),
+                                                                 (48, 512, True, True, torch.float16, torch.float16)])
+def test_frozen_linear_is_linear_on_the_layers_frozen_params(n, k, hadamard, bias, dtype, scale_dtype):
+    layer = pyquant.QuantLinear.from_packed(random_packed(n, k, hadamard=hadamard, seed=n, scale_dtype=scale_dtype),
+                                            torch.randn(n) if bias else None)
+    assert layer._plan.states["cpu"].params.shape == (pyquant.ops.PARAMS_HEAD + k + n,)
+    with torch.no_grad():
+        for m in (1, 3, 40):
+            x = torch.randn(m, k).to(dtype)
+            torch.library.opcheck(torch.ops.pyquant.frozen_linear.default, frozen_args(layer, x))
+            want = torch.ops.pyquant.linear(*op_args(layer, x))
+            assert torch.equal(torch.ops.pyquant.frozen_linear(*frozen_args(layer, x)), want)
+            assert torch.equal(layer(x), want)
+
+
+def test_calls_without_gradients_take_frozen_linear_and_the_others_linear():
+    from pyquant.backends import cpu as cpu_backend
+
+    layer = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=5), torch.randn(24))
+    assert layer._plan.choices[(torch.float32, False, None)].run is cpu_backend.forward_no_grad
+    assert layer._plan.choices[(torch.float32, True, None)].run is cpu_backend.forward
+    x = torch.randn(3, 128)
+    live = lambda: torch.ops.pyquant.linear(*op_args(layer, x)).detach()  # noqa: E731
+    with torch.no_grad():
+        before = layer(x)
+        layer.A.mul_(2)  # changed in place: the next eager call sees it
+        assert torch.equal(layer(x), live()) and not torch.equal(layer(x), before)
+        layer.sv = layer.sv.float() * -1  # replaced
+        assert torch.equal(layer(x), live())
+    layer.b.requires_grad_(True)
+    with torch.no_grad():
+        layer.b.add_(1)
+    y = layer(x)  # needs b's gradient: linear, on the tensors themselves
+    assert y.requires_grad and torch.equal(y.detach(), live())
+    # an engine's shared tensors may be refilled in place at any time: no frozen copy of them
+    shared = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=5), share=True)
+    assert shared._plan.states["cpu"] is None
+    with torch.no_grad():
+        assert torch.equal(shared(x), torch.ops.pyquant.linear(*op_args(shared, x)))
+
+
+def test_a_compiled_graph_sees_in_place_changes_after_invalidate():
+    layer = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=6), torch.randn(24))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+        layer.A.mul_(2)
+        layer.invalidate()
+        assert torch.equal(compiled(x), torch.ops.pyquant.linear(*op_args(layer, x)))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(params=torch.zeros(10)), ValueError, r"params must be contiguous of shape \[456\]"),
+    (dict(params=torch.zeros(456, dtype=torch.float64)), TypeError, "params must be (a )?float32"),
+    (dict(x=torch.randn(3, 100)), ValueError, r"x must have shape \[M, 384\]"),
+    (dict(bias=torch.ones(3)), ValueError, r"bias must have shape \[40\]"),
+    (dict(had_in=3), ValueError, "had_in must be 0 or a power of two"),
+])
+def test_frozen_linear_rejects_bad_input_in_kernel_and_fake(bad, exc, match):
+    layer = pyquant.QuantLinear.from_packed(random_packed(40, 384))
+    args = dict(zip(("x", "codes", "params", "bias", "had_in", "had_out"), frozen_args(layer, torch.randn(3, 384))))
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        torch.ops.pyquant.frozen_linear(**args)
+    with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc, match=match):
+        torch.ops.pyquant.frozen_linear(**args)
+
+
+def test_frozen_linear_refuses_a_call_that_needs_a_gradient():
+    layer = pyquant.QuantLinear.from_packed(random_packed(40, 384), torch.randn(40))
+    x = torch.randn(3, 384, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen_linear has no gradient"):
+        torch.ops.pyquant.frozen_linear(*frozen_args(layer, x))
+    with torch.no_grad():
+        torch.ops.pyquant.frozen_linear(*frozen_args(layer, x))  # the same call without gradients runs
 
 
 def _nearest_reference(lin, cb2t, norms):

@@ -145,9 +145,8 @@ struct Layer {
   int64_t N, K, K4, G, had_in, had_out;
 };
 
-Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
-                  const torch::Tensor& sv, const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
-                  const c10::optional<torch::Tensor>& bias, const cpu::TransformOps& math) {
+// The codes' part of a layer: shape and the dimensions derived from it.
+Layer check_codes(const torch::Tensor& codes) {
   TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
   TORCH_CHECK_VALUE(codes.dim() == 2, "codes must be 2-D [N, K/4], got shape ", codes.sizes());
@@ -159,6 +158,32 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   L.K = 4 * L.K4;
   L.G = (L.K4 + kGroupCodes - 1) / kGroupCodes;
   TORCH_CHECK_VALUE(L.N > 0 && L.K4 > 0, "codes must be non-empty, got shape ", codes.sizes());
+  return L;
+}
+
+void set_codebook(Layer& L, const float* A, const float* b, float w_scale) {
+  L.A_finite = true;
+  for (int i = 0; i < 16; ++i) {
+    L.A[i] = A[i];
+    L.A_finite = L.A_finite && std::isfinite(L.A[i]);
+  }
+  for (int i = 0; i < 4; ++i) L.b[i] = b[i];
+  L.w_scale = w_scale;
+}
+
+void set_rest(Layer& L, const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out,
+              const cpu::TransformOps& math) {
+  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf, math) : nullptr;
+  check_block(had_in, L.K, "had_in", "K");
+  check_block(had_out, L.N, "had_out", "N");
+  L.had_in = had_in;
+  L.had_out = had_out;
+}
+
+Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torch::Tensor& b, const torch::Tensor& su,
+                  const torch::Tensor& sv, const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
+                  const c10::optional<torch::Tensor>& bias, const cpu::TransformOps& math) {
+  Layer L = check_codes(codes);
   for (const auto& [t, name, shape] : {std::make_tuple(&A, "A", std::vector<int64_t>{4, 4}),
                                        std::make_tuple(&b, "b", std::vector<int64_t>{4}),
                                        std::make_tuple(&w_scale, "w_scale", std::vector<int64_t>{})}) {
@@ -167,22 +192,28 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
     TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
                       ", got ", t->sizes());
   }
-  const auto Ac = A.contiguous();
-  const auto bc = b.contiguous();
-  L.A_finite = true;
-  for (int i = 0; i < 16; ++i) {
-    L.A[i] = Ac.data_ptr<float>()[i];
-    L.A_finite = L.A_finite && std::isfinite(L.A[i]);
-  }
-  for (int i = 0; i < 4; ++i) L.b[i] = bc.data_ptr<float>()[i];
-  L.w_scale = *w_scale.data_ptr<float>();  // (checked: a CPU float32 scalar; .item() costs a dispatch)
+  // (checked: CPU float32 tensors; .item() would cost a dispatch)
+  set_codebook(L, A.contiguous().data_ptr<float>(), b.contiguous().data_ptr<float>(), *w_scale.data_ptr<float>());
   L.su = vector_f32(su, L.K, "su", L.su_buf, math);
   L.sv = vector_f32(sv, L.N, "sv", L.sv_buf, math);
-  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf, math) : nullptr;
-  check_block(had_in, L.K, "had_in", "K");
-  check_block(had_out, L.N, "had_out", "N");
-  L.had_in = had_in;
-  L.had_out = had_out;
+  set_rest(L, bias, had_in, had_out, math);
+  return L;
+}
+
+// The layer from frozen_linear's params (see kParamsHead): pointers into it, nothing converted.
+Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out,
+                        const c10::optional<torch::Tensor>& bias, const cpu::TransformOps& math) {
+  Layer L = check_codes(codes);
+  TORCH_CHECK_TYPE(params.scalar_type() == torch::kFloat, "params must be float32, got ", params.scalar_type());
+  TORCH_CHECK_VALUE(params.device().is_cpu(), "params must be on the CPU, got ", params.device());
+  TORCH_CHECK_VALUE(params.dim() == 1 && params.size(0) == kParamsHead + L.K + L.N && params.is_contiguous(),
+                    "params must be contiguous of shape [", kParamsHead + L.K + L.N, "] (", kParamsHead,
+                    " + K + N), got ", params.sizes());
+  const float* p = params.data_ptr<float>();
+  set_codebook(L, p, p + 16, p[20]);
+  L.su = p + kParamsHead;
+  L.sv = p + kParamsHead + L.K;
+  set_rest(L, bias, had_in, had_out, math);
   return L;
 }
 
@@ -519,17 +550,10 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   }
 }
 
-}  // namespace
-
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
-                      const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
-                      const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
-                      const c10::optional<torch::Tensor>& bias, const std::string& isa_name_arg,
-                      const std::string& mode_name, const std::string& algo) {
-  const KernelSet& set = parse_isa(isa_name_arg, "isa");
-  const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias, *set.math);
+// One call on a checked layer: the algorithm (GEMV or GEMM) from the real M, then the kernel.
+torch::Tensor run_layer(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode,
+                        const std::string& algo) {
   check_input(x, L);
-  const Mode mode = parse_mode(mode_name);
   TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
                     algo, "'");
   const bool gemm_possible = mode == Mode::kInt && set.int_gemm != nullptr;
@@ -545,6 +569,25 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
     default: qlinear_impl<c10::Half>(x, L, set, mode, gemm, y); break;
   }
   return y;
+}
+
+}  // namespace
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
+                      const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
+                      const torch::Tensor& w_scale, int64_t had_in, int64_t had_out,
+                      const c10::optional<torch::Tensor>& bias, const std::string& isa_name_arg,
+                      const std::string& mode_name, const std::string& algo) {
+  const KernelSet& set = parse_isa(isa_name_arg, "isa");
+  const Layer L = check_layer(codes, A, b, su, sv, w_scale, had_in, had_out, bias, *set.math);
+  return run_layer(x, L, set, parse_mode(mode_name), algo);
+}
+
+torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
+                             const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out) {
+  const KernelSet& set = parse_isa("", "isa");
+  const Layer L = layer_from_params(codes, params, had_in, had_out, bias, *set.math);
+  return run_layer(x, L, set, parse_mode(""), "auto");
 }
 
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
