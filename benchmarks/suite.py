@@ -5,7 +5,7 @@
 
 For every weight shape (in x out features) and batch size, in one process, side by side:
 
-- pyquant 2-bit        the CPU backend's call without gradients (``torch.ops.pyquant.frozen_linear``), fp32 activations
+- pyquant 2-bit        ``torch.ops.pyquant.linear`` (the CPU backend's eager call), fp32 activations
 - F.linear fp32        dense fp32 weight
 - F.linear bf16        dense bf16 weight, bf16 activations
 - int4 (group 128)     ``torch._weight_int4pack_mm_for_cpu``, bf16 activations
@@ -160,7 +160,7 @@ def make_methods(k: int, n: int) -> dict:
         "pyquant": (_copies(lambda: QuantLinear.from_packed(PackedWeight(pw.codes.clone(), pw.A, pw.b, pw.su, pw.sv,
                                                                          pw.w_scale, had_in=pw.had_in,
                                                                          had_out=pw.had_out)), stored_bytes(pw)),
-                    lambda x, w: cpu_backend.forward_no_grad(x, w, w._plan.states["cpu"]), torch.float32),
+                    lambda x, w: cpu_backend.forward(x, w, None), torch.float32),
         "fp32": (_copies(dense.clone, dense.numel() * 4, DENSE_SET_BYTES), F.linear, torch.float32),
         "bf16": (_copies(bf16.clone, bf16.numel() * 2, DENSE_SET_BYTES), F.linear, torch.bfloat16),
         "int4": (_copies(int4_base.clone, int4_base.numel(), DENSE_SET_BYTES),

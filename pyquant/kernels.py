@@ -96,17 +96,20 @@ def _order(device: torch.device) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend one kind of call runs on, why, that backend's state for the layer, and its
-    function for the call: ``forward``, or ``forward_no_grad`` for calls that need no gradient
-    where the backend has one."""
+    """The backend one kind of call runs on, why, that backend's state for the layer, and what a
+    traced graph runs: the backend's ``forward_traced`` for calls that need no gradient where it
+    has one, else its ``forward``."""
     name: str
     why: str
     module: ModuleType
     state: Any
-    run: Callable[[torch.Tensor, Any, Any], torch.Tensor]
+    traced: Callable[[torch.Tensor, Any, Any], torch.Tensor]
 
     def __call__(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return self.run(x, layer, self.state)
+        return self.module.forward(x, layer, self.state)
+
+    def call_traced(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return self.traced(x, layer, self.state)
 
 
 class KernelPlan:
@@ -158,8 +161,8 @@ class KernelPlan:
         module = _backend(name)
         if name not in self.states:
             self.states[name] = module.build(layer)
-        run = module.forward if needs_grad else getattr(module, "forward_no_grad", module.forward)
-        return Choice(name, why, module, self.states[name], run)
+        traced = module.forward if needs_grad else getattr(module, "forward_traced", module.forward)
+        return Choice(name, why, module, self.states[name], traced)
 
 
 def explain(x: torch.Tensor, layer) -> dict[str, str]:

@@ -176,9 +176,12 @@ class QuantLinear(nn.Module):
         x2d = (x if flat else x.reshape(-1, self.in_features)).contiguous()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.needs_grad())
         choice = plan.choice(self, x.dtype, needs_grad)
-        if not torch.compiler.is_compiling():  # (replayed after every compiled call, it cost ~3 us a layer)
+        if torch.compiler.is_compiling():
+            # (and no _last_run update: replayed after every compiled call, it cost ~3 us a layer)
+            y = choice.call_traced(x2d, self)
+        else:
             self._last_run[:] = (choice.name, choice.why)
-        y = choice(x2d, self)
+            y = choice(x2d, self)
         return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     @property

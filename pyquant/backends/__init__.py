@@ -12,6 +12,6 @@ Every backend module defines:
 - ``forward(x, layer, state) -> y``: ``x`` is ``[M, K]`` contiguous on the layer's device, ``y``
   is ``[M, N]`` in ``x``'s dtype; one op of ``torch.ops.pyquant`` (or plain torch ops).
 
-and may define ``forward_no_grad(x, layer, state) -> y``, the same for calls that need no gradient
-(inference), which ``kernels.KernelPlan`` then runs instead of ``forward`` for those calls.
+and may define ``forward_traced(x, layer, state) -> y``, what a traced graph (``torch.compile``,
+``torch.export``) runs instead of ``forward`` for calls that need no gradient.
 """
