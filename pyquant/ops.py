@@ -11,9 +11,10 @@ op                  what
                     (in C++, so inference calls stay in C++) calls ``linear_backward``.
 ``linear_backward`` the gradient formula (below, in torch ops).
 ``frozen_linear``   ``linear`` for calls that need no gradient, on the layer's ``A``, ``b``,
-                    ``w_scale``, ``su``, ``sv`` laid out once in one fp32 ``params`` tensor
-                    (``[A | b | w_scale | 0 ... | su | sv]``, ``PARAMS_HEAD`` floats before ``su``;
-                    built by :func:`pyquant.backends.cpu.frozen_params`). No autograd.
+                    ``w_scale``, ``su``, ``sv`` and bias laid out once in one fp32 ``params`` tensor
+                    (``[A | b | w_scale | 0 ... | su | sv | bias]``, ``PARAMS_HEAD`` floats before
+                    ``su``, the bias where there is one; :func:`pyquant.backends.cpu.frozen_params`).
+                    No autograd.
 ``cpu_linear``      the same C++ kernel with its instruction set, mode and algorithm selectable
                     (keyword-only ``isa``, ``mode``, ``algo``); for tests and benchmarks.
 ``nearest_codeword`` UniSVQ's fit: per row of ``lin [M, 4]`` the first ``argmax_c lin . cb2t[:, c]
@@ -111,20 +112,21 @@ def _linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out):
 
 
 @torch.library.register_fake("pyquant::frozen_linear")
-def _frozen_linear_fake(x, codes, params, bias, had_in, had_out):
+def _frozen_linear_fake(x, codes, params, had_in, had_out):
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
         raise TypeError(f"codes must be a 2-D uint8 tensor [N, K/4], got {type(codes).__name__} "
                         f"of shape {list(getattr(codes, 'shape', []))}")
     n, k = codes.shape[0], codes.shape[1] * VECTOR_DIM
-    size = PARAMS_HEAD + k + n
+    plain = PARAMS_HEAD + k + n  # without a bias
     if not isinstance(params, torch.Tensor) or params.dtype != torch.float32:
         raise TypeError(f"params must be a float32 tensor, got {getattr(params, 'dtype', type(params).__name__)}")
-    if tuple(params.shape) != (size,) or not params.is_contiguous():
-        raise ValueError(f"params must be contiguous of shape [{size}] ({PARAMS_HEAD} + K + N), got "
-                         f"{list(params.shape)}")
+    if tuple(params.shape) not in ((plain,), (plain + n,)) or not params.is_contiguous():
+        raise ValueError(f"params must be contiguous of shape [{plain}] or [{plain + n}] ({PARAMS_HEAD} + K + N, "
+                         f"+ N with a bias), got {list(params.shape)}")
     # checked as the tensors they hold
     A, b, w_scale = params[:16].view(4, 4), params[16:20], params[20]
-    su, sv = params[PARAMS_HEAD:PARAMS_HEAD + k], params[PARAMS_HEAD + k:]
+    su, sv = params[PARAMS_HEAD:PARAMS_HEAD + k], params[PARAMS_HEAD + k:plain]
+    bias = params[plain:] if params.shape[0] > plain else None
     return _linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out)
 
 

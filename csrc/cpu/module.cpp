@@ -105,15 +105,14 @@ torch::Tensor linear_autograd(const torch::Tensor& x, const torch::Tensor& codes
 // frozen_linear has no gradient (its params are a copy): a call that would need one is an error,
 // not a result autograd silently cuts off from the layer's tensors.
 torch::Tensor frozen_linear_autograd(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                                     const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out) {
-  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad() ||
-                                                     (bias.has_value() && bias->requires_grad())),
+                                     int64_t had_in, int64_t had_out) {
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()),
                     "pyquant::frozen_linear has no gradient; a call that needs one takes pyquant::linear");
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyquant::frozen_linear", "")
                              .typed<decltype(pyquant::frozen_qlinear)>();
   at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(x, codes, params, bias, had_in, had_out);
+  return op.call(x, codes, params, had_in, had_out);
 }
 
 }  // namespace
@@ -127,7 +126,7 @@ TORCH_LIBRARY(pyquant, m) {
       "int had_in, int had_out) -> Tensor");
   // linear for a call that needs no gradient, on the layer's frozen params (ops.h: kParamsHead):
   // five tensors fewer per call for torch.compile's guards and checks to go through.
-  m.def("frozen_linear(Tensor x, Tensor codes, Tensor params, Tensor? bias, int had_in, int had_out) -> Tensor");
+  m.def("frozen_linear(Tensor x, Tensor codes, Tensor params, int had_in, int had_out) -> Tensor");
   m.def(
       "cpu_linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
       "int had_in, int had_out, *, str isa=\"\", str mode=\"\", str algo=\"auto\") -> Tensor");

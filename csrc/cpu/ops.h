@@ -22,9 +22,9 @@ bool is_in_huge_pages(const torch::Tensor& t);
 torch::Tensor nearest_codeword(const torch::Tensor& lin, const torch::Tensor& cb2t, const torch::Tensor& norms);
 
 // qlinear.cpp
-// frozen_qlinear's params, fp32: [A (16, row-major) | b (4) | w_scale | 11 zeros | su (K) | sv (N)], a
-// layer's codebook and sign vectors laid out once when its kernel state is built
-// (pyquant.backends.cpu.frozen_params), so that a call passes one tensor for five and converts none.
+// frozen_qlinear's params, fp32: [A (16, row-major) | b (4) | w_scale | 11 zeros | su (K) | sv (N) | bias (N),
+// if the layer has one], a layer's small tensors laid out once when its kernel state is built
+// (pyquant.backends.cpu.frozen_params), so that a call passes one tensor for six and converts none.
 constexpr int64_t kParamsHead = 32;
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& A,
                       const torch::Tensor& b, const torch::Tensor& su, const torch::Tensor& sv,
@@ -32,7 +32,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
                       const c10::optional<torch::Tensor>& bias, const std::string& isa,
                       const std::string& mode, const std::string& algo);
 torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                             const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out);
+                             int64_t had_in, int64_t had_out);
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
                                                                const torch::Tensor& A, const torch::Tensor& b,
                                                                int64_t had_in);

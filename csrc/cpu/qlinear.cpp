@@ -203,18 +203,21 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
 
 // The layer from frozen_linear's params (see kParamsHead): pointers into it, nothing converted.
 Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out,
-                        const c10::optional<torch::Tensor>& bias, const cpu::TransformOps& math) {
+                        const cpu::TransformOps& math) {
   Layer L = check_codes(codes);
   TORCH_CHECK_TYPE(params.scalar_type() == torch::kFloat, "params must be float32, got ", params.scalar_type());
   TORCH_CHECK_VALUE(params.device().is_cpu(), "params must be on the CPU, got ", params.device());
-  TORCH_CHECK_VALUE(params.dim() == 1 && params.size(0) == kParamsHead + L.K + L.N && params.is_contiguous(),
-                    "params must be contiguous of shape [", kParamsHead + L.K + L.N, "] (", kParamsHead,
-                    " + K + N), got ", params.sizes());
+  const int64_t plain = kParamsHead + L.K + L.N;  // without a bias
+  TORCH_CHECK_VALUE(params.dim() == 1 && (params.size(0) == plain || params.size(0) == plain + L.N) &&
+                        params.is_contiguous(),
+                    "params must be contiguous of shape [", plain, "] or [", plain + L.N, "] (", kParamsHead,
+                    " + K + N, + N with a bias), got ", params.sizes());
   const float* p = params.data_ptr<float>();
   set_codebook(L, p, p + 16, p[20]);
   L.su = p + kParamsHead;
   L.sv = p + kParamsHead + L.K;
-  set_rest(L, bias, had_in, had_out, math);
+  set_rest(L, c10::nullopt, had_in, had_out, math);
+  L.bias = params.size(0) > plain ? p + plain : nullptr;
   return L;
 }
 
@@ -587,9 +590,9 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
 }
 
 torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                             const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out) {
+                             int64_t had_in, int64_t had_out) {
   const KernelSet& set = parse_isa("", "isa");
-  const Layer L = layer_from_params(codes, params, had_in, had_out, bias, *set.math);
+  const Layer L = layer_from_params(codes, params, had_in, had_out, *set.math);
   return run_layer(x, L, set, parse_mode(""), "auto");
 }
 

@@ -7,9 +7,9 @@ rounded to 16-bit fixed point (two int8 halves), so the weight product is an exa
 product of the 2-bit levels (relative error about 1e-5 against fp32, bit-identical on every ISA).
 Its state for a layer: the codes moved into memory backed by 2 MB pages where they are 2 MB or
 more (``_C.in_huge_pages``; Linux: a batch-1 call streams them up to 1.5x faster than from 4 KB
-pages), and the layer's ``A``, ``b``, ``w_scale``, ``su`` and ``sv`` laid out once in one fp32
-tensor (:func:`frozen_params`). A traced graph (``torch.compile``, ``torch.export``) passes it to
-``pyquant::frozen_linear`` in calls that need no gradient, instead of the five tensors: four
+pages), and the layer's ``A``, ``b``, ``w_scale``, ``su``, ``sv`` and bias laid out once in one
+fp32 tensor (:func:`frozen_params`). A traced graph (``torch.compile``, ``torch.export``) passes it
+to ``pyquant::frozen_linear`` in calls that need no gradient, instead of the six tensors: five
 tensors fewer per layer for the graph's guards and input checks (the compiled 2-bit MiniLM at
 batch 1: see the README). Like every backend's state it is a copy, rebuilt by
 ``QuantLinear.invalidate`` (loading, ``.to()`` and the quantizers call it): a compiled graph sees
@@ -62,18 +62,19 @@ def build(layer) -> torch.Tensor | None:
 
 
 def frozen_params(layer) -> torch.Tensor | None:
-    """``[A (16) | b (4) | w_scale | 11 zeros | su (K) | sv (N)]`` fp32 (``PARAMS_HEAD`` = 32 floats
-    before ``su``; csrc/cpu/ops.h), or None for a layer whose tensors are a serving engine's
-    (``from_packed(share=True)``: the engine may refill them in place between any two calls) or
-    not on the CPU."""
-    _, A, b, su, sv, w_scale, _ = layer.op_tensors()
-    if layer._shares_tensors or any(t.device.type != "cpu" for t in (A, b, su, sv, w_scale)):
+    """``[A (16) | b (4) | w_scale | 11 zeros | su (K) | sv (N) | bias (N), if any]`` fp32
+    (``PARAMS_HEAD`` = 32 floats before ``su``; csrc/cpu/ops.h), or None for a layer whose tensors
+    are a serving engine's (``from_packed(share=True)``: the engine may refill them in place between
+    any two calls) or not on the CPU."""
+    _, A, b, su, sv, w_scale, bias = layer.op_tensors()
+    small = (A, b, su, sv, w_scale) + (() if bias is None else (bias,))
+    if layer._shares_tensors or any(t.device.type != "cpu" for t in small):
         return None
     # a plain tensor even under inference_mode: a graph compiled outside it takes it as an input
     with torch.inference_mode(False), torch.no_grad():
         head = torch.zeros(PARAMS_HEAD)
         head[:16], head[16:20], head[20] = A.reshape(16), b, w_scale
-        return torch.cat([head, su.float(), sv.float()])
+        return torch.cat([head, su.float(), sv.float()] + ([] if bias is None else [bias.float()]))
 
 
 def forward(x: torch.Tensor, layer, params: torch.Tensor | None) -> torch.Tensor:
@@ -83,5 +84,4 @@ def forward(x: torch.Tensor, layer, params: torch.Tensor | None) -> torch.Tensor
 def forward_traced(x: torch.Tensor, layer, params: torch.Tensor | None) -> torch.Tensor:
     if params is None:
         return forward(x, layer, params)
-    codes, *_, bias = layer.op_tensors()
-    return torch.ops.pyquant.frozen_linear.default(x, codes, params, bias, layer.had_in, layer.had_out)
+    return torch.ops.pyquant.frozen_linear.default(x, layer.op_tensors()[0], params, layer.had_in, layer.had_out)
