@@ -29,8 +29,9 @@ class QuantLinear(nn.Module):
     The forward is one ``torch.ops.pyquant`` op (``torch.compile(fullgraph=True)``,
     ``torch.export`` and autograd take it as it is): gradients reach the input and, when they
     require grad, ``A``, ``b``, ``su``, ``sv``, ``w_scale`` and the bias; codes are frozen.
-    Kernel state (repacked codes, the backend per input dtype) is built when the layer is made,
-    loaded or moved; call :meth:`invalidate` after changing its tensors in place.
+    Kernel state (repacked codes, fp32 copies, the backend per input dtype) is built when the
+    layer is made, loaded or moved; call :meth:`invalidate` after changing its tensors in place
+    (on the CPU an eager call reads the tensors themselves; a compiled graph reads the state).
 
     After an eager forward, ``last_backend`` and ``last_backend_reason`` say which kernel ran
     and why (see :func:`pyquant.kernels.explain`); a compiled graph fixes its kernel when it is
