@@ -258,6 +258,24 @@ def test_fp16_input_and_empty_batch():
     assert run(torch.empty(0, 128), pw).shape == (0, 24)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 29])
+def test_half_precision_outputs_are_the_fp32_path_rounded_as_torch_rounds(dtype, m):
+    """bf16 / fp16 inputs run the fp32 path on the same values, then round its outputs (vectorized,
+    transform.h narrow_*) as torch's conversion does: to nearest even, past the half range to Inf."""
+    layer = pyquant.QuantLinear.from_packed(make_packed(1536, 384, hadamard=True, seed=m, scale_dtype=torch.float16),
+                                            torch.randn(1536))
+    x = torch.randn(m, 384)
+    x[0, :8] *= 3e4  # outputs past fp16's range
+    if m > 1:
+        x[1, 3] = float("nan")  # a NaN token: every output NaN
+    x = x.to(dtype)
+    with torch.no_grad():
+        got, want = layer(x), layer(x.float()).to(dtype)
+    assert got.dtype == dtype and (dtype == torch.bfloat16 or got.isinf().any())
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_dispatcher_runs_the_cpu_backend_by_default_on_cpu_tensors():
     pw = make_packed(20, 128, hadamard=False, seed=2)
     layer = pyquant.QuantLinear.from_packed(pw, torch.randn(20))

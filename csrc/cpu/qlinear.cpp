@@ -130,6 +130,12 @@ struct TokenMath {
   void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias) const {
     ops.output_transform(row, N, had, sv, bias);
   }
+  // out[0, n) = row rounded to T (bf16 or fp16)
+  template <typename T>
+  void narrow(const float* row, int64_t n, T* out) const {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) ops.narrow_bf16(row, n, reinterpret_cast<uint16_t*>(out));
+    else ops.narrow_half(row, n, reinterpret_cast<uint16_t*>(out));
+  }
 };
 
 struct Layer {
@@ -276,10 +282,7 @@ void finish_tokens(const D* dot, const Layer& L, const TokenMath& math, int64_t 
       math.dequant_row(d, L.N, static_cast<float>(a), static_cast<float>(c), row);
     }
     math.output_transform(row, L.N, L.had_out, L.sv, L.bias);
-    if constexpr (!kFloatOut) {
-      T* out = y + m * L.N;
-      for (int64_t n = 0; n < L.N; ++n) out[n] = static_cast<T>(row[n]);
-    }
+    if constexpr (!kFloatOut) math.narrow(row, L.N, y + m * L.N);
   }
 }
 

@@ -93,6 +93,35 @@ void widen_half(const uint16_t* h, int64_t n, float* out) {
   }
 }
 
+void narrow_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    out[i] = x[i] != x[i] ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFFu) >> 16);
+  }
+}
+
+void narrow_half(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    // (c10's fp16_ieee_from_fp32_value: the rounding done by a float add at the right exponent)
+    const float scale_to_inf = 0x1p+112f, scale_to_zero = 0x1p-110f;
+    float base = (std::fabs(x[i]) * scale_to_inf) * scale_to_zero;
+    uint32_t w;
+    std::memcpy(&w, x + i, 4);
+    const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    const uint32_t bias_bits = (bias >> 1) + 0x07800000u;
+    float bias_f;
+    std::memcpy(&bias_f, &bias_bits, 4);
+    base = bias_f + base;
+    uint32_t bits;
+    std::memcpy(&bits, &base, 4);
+    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    out[i] = static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+}
+
 void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; ++k) {  // bf16 -> fp32 is a shift, which the compiler vectorizes
     const uint32_t bits = static_cast<uint32_t>(x_bf16[k]) << 16;
@@ -187,8 +216,9 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
     for (int64_t n = 0; n < N; ++n) row[n] = row[n] * scale * sv[n];
 }
 
-const TransformOps kPortableMath = {widen_half, scale_input, scale_input, transform_activations, encode_int,
-                                    dequant_row, dequant_row, output_transform};
+const TransformOps kPortableMath = {widen_half,  scale_input,      scale_input, transform_activations,
+                                    encode_int,  dequant_row,      dequant_row, output_transform,
+                                    narrow_bf16, narrow_half};
 
 }  // namespace cpu
 }  // namespace pyquant

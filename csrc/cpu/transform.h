@@ -20,6 +20,13 @@ void fwht(float* x, int64_t n, int64_t h);
 // of a 4096 x 4096 layer's two took ~15 us a call, a tenth of its batch-1 GEMV.
 void widen_half(const uint16_t* h, int64_t n, float* out);
 
+// out[0, n) = x[0, n) rounded to bfloat16 / IEEE half bits, to nearest even, as torch's scalar
+// conversions round (c10::BFloat16, c10::Half's portable path): a NaN becomes 0x7FC0 (bf16) or
+// sign | 0x7E00 (half); past the half range, +-Inf. The outputs of bf16 and fp16 calls: one scalar
+// conversion per element cost more than the kernel on MiniLM's 384 x 1536 at 29 tokens in fp16.
+void narrow_bf16(const float* x, int64_t n, uint16_t* out);
+void narrow_half(const float* x, int64_t n, uint16_t* out);
+
 // xt[0, K) = float(x) * su.
 void scale_input(const float* x, const float* su, int64_t K, float* xt);
 void scale_input(const uint16_t* x_bf16, const float* su, int64_t K, float* xt);
@@ -68,6 +75,8 @@ struct TransformOps {
   void (*dequant_i32)(const int32_t* d, int64_t N, float a, float c, float* row);
   void (*dequant_f32)(const float* d, int64_t N, float a, float c, float* row);
   void (*output_transform)(float* row, int64_t N, int64_t had, const float* sv, const float* bias);
+  void (*narrow_bf16)(const float* x, int64_t n, uint16_t* out);
+  void (*narrow_half)(const float* x, int64_t n, uint16_t* out);
 };
 extern const TransformOps kPortableMath;  // transform.cpp
 extern const TransformOps kAvx512Math;    // transform_avx512.cpp (x86-64 builds only)
@@ -82,6 +91,8 @@ double encode_int(float* xt, int64_t K, float amax, int64_t G, bool plane, int8_
 void dequant_row(const int32_t* d, int64_t N, float a, float c, float* row);
 void dequant_row(const float* d, int64_t N, float a, float c, float* row);
 void output_transform(float* row, int64_t N, int64_t had, const float* sv, const float* bias);
+void narrow_bf16(const float* x, int64_t n, uint16_t* out);
+void narrow_half(const float* x, int64_t n, uint16_t* out);
 }  // namespace avx512
 
 }  // namespace cpu

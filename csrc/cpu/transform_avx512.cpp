@@ -121,6 +121,32 @@ void widen_half(const uint16_t* h, int64_t n, float* out) {
   }
 }
 
+void narrow_bf16(const float* x, int64_t n, uint16_t* out) {
+  const __m512i one = _mm512_set1_epi32(1), half_ulp = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half_ulp);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+    _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+// vcvtps2ph rounds every non-NaN value as the portable build does (IEEE, to nearest even); a NaN
+// keeps its payload there, so NaN lanes are set to the portable build's sign | 0x7E00.
+void narrow_half(const float* x, int64_t n, uint16_t* out) {
+  const __m256i nan = _mm256_set1_epi16(0x7E00), sign = _mm256_set1_epi16(static_cast<short>(0x8000));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    h = _mm256_mask_mov_epi16(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_or_si256(_mm256_and_si256(h, sign), nan));
+    _mm256_mask_storeu_epi16(out + i, m, h);
+  }
+}
+
 void scale_input(const float* x, const float* su, int64_t K, float* xt) {
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = tail_mask(K - k);
@@ -317,7 +343,7 @@ void output_transform(float* row, int64_t N, int64_t had, const float* sv, const
 
 const TransformOps kAvx512Math = {avx512::widen_half, avx512::scale_input, avx512::scale_input, avx512::transform_activations,
                                   avx512::encode_int, avx512::dequant_row, avx512::dequant_row,
-                                  avx512::output_transform};
+                                  avx512::output_transform, avx512::narrow_bf16, avx512::narrow_half};
 
 }  // namespace cpu
 }  // namespace pyquant

@@ -236,6 +236,42 @@ void check_widen_half(const KernelSet* sets, int n_sets) {
   }
 }
 
+// Rounding to bf16 and half: the portable build on known values, every other build against it on
+// 2^20 random bit patterns (NaNs with payloads, subnormals, values past the half range) and the
+// halfway cases of both formats, over an odd length (the tail path too).
+void check_narrow(const KernelSet* sets, int n_sets, std::mt19937& rng) {
+  const int64_t n = (int64_t(1) << 20) + 5;
+  std::vector<float> x(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = static_cast<uint32_t>(rng());
+    if (i % 4 == 1) u = (u & 0xFFFF0000u) | 0x8000u;  // bf16 halfway
+    if (i % 4 == 2) u = (u & 0x8FFFE000u) | 0x38001000u;  // half halfway, in or below the half range
+    std::memcpy(&x[i], &u, 4);
+  }
+  std::vector<uint16_t> want_b(n), want_h(n), got(n);
+  sets[0].math->narrow_bf16(x.data(), n, want_b.data());
+  sets[0].math->narrow_half(x.data(), n, want_h.data());
+  const struct { float f; uint16_t b, h; } known[] = {{1.f, 0x3F80, 0x3C00}, {-2.f, 0xC000, 0xC000},
+                                                      {65504.f, 0x4780, 0x7BFF}, {65520.f, 0x4780, 0x7C00},
+                                                      {0x1p-24f, 0x3380, 0x0001}, {0x1p-25f, 0x3300, 0x0000},
+                                                      {1.f + 0x1p-8f, 0x3F80, 0x3C04}, {1.f + 0x3p-8f, 0x3F82, 0x3C0C},
+                                                      {-INFINITY, 0xFF80, 0xFC00}, {-NAN, 0x7FC0, 0xFE00}};
+  for (const auto& k : known) {
+    uint16_t b, h;
+    sets[0].math->narrow_bf16(&k.f, 1, &b);
+    sets[0].math->narrow_half(&k.f, 1, &h);
+    CHECK(b == k.b && h == k.h, "portable narrowing of %a: bf16 0x%04x half 0x%04x, want 0x%04x 0x%04x", k.f, b, h,
+          k.b, k.h);
+  }
+  for (int s = 1; s < n_sets; ++s) {
+    if (!sets[s].supported()) continue;
+    sets[s].math->narrow_bf16(x.data(), n, got.data());
+    CHECK(got == want_b, "%s bf16 rounding differs from the portable one", sets[s].name);
+    sets[s].math->narrow_half(x.data(), n, got.data());
+    CHECK(got == want_h, "%s half rounding differs from the portable one", sets[s].name);
+  }
+}
+
 // The per-token math of every kernel set against the portable build's bits, for every Hadamard
 // block size (each build has its own paths for small, register-sized and large blocks), on
 // lengths of 1, 3 and 8 blocks, with and without bias.
@@ -286,6 +322,7 @@ int main() {
   std::printf("; best: %s\n", best_kernel_set().name);
   check_widen_half(sets, n_sets);
   std::mt19937 rng(0);
+  check_narrow(sets, n_sets, rng);
   // Partial last groups (K4 % 64 != 0; of at most 32 code bytes the tile kernels pair the planes),
   // rows that are not a multiple of the row blocks (the GEMV's: 2d rows, d = 8 at K = 384, 4 at
   // 4096, 1 at 22016), one and several tokens, Hadamard on and off, and a K above kInt32MaxK
