@@ -138,7 +138,7 @@ def test_a_compiled_graph_sees_in_place_changes_after_invalidate():
 @pytest.mark.parametrize("bad,exc,match", [
     (dict(params=torch.zeros(10)), ValueError, r"params must be contiguous of shape \[456\] or \[496\]"),
     (dict(params=torch.zeros(457)), ValueError, r"params must be contiguous of shape \[456\] or \[496\]"),
-    (dict(params=torch.zeros(496)[::1].view(2, 248)), ValueError, r"params must be contiguous of shape"),
+    (dict(params=torch.zeros(2, 248)), ValueError, r"params must be contiguous of shape"),
     (dict(params=torch.zeros(456, dtype=torch.float64)), TypeError, "params must be (a )?float32"),
     (dict(x=torch.randn(3, 100)), ValueError, r"x must have shape \[M, 384\]"),
     (dict(had_in=3), ValueError, "had_in must be 0 or a power of two"),

@@ -178,9 +178,7 @@ void set_codebook(Layer& L, const float* A, const float* b, float w_scale) {
   L.w_scale = w_scale;
 }
 
-void set_rest(Layer& L, const c10::optional<torch::Tensor>& bias, int64_t had_in, int64_t had_out,
-              const cpu::TransformOps& math) {
-  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf, math) : nullptr;
+void set_blocks(Layer& L, int64_t had_in, int64_t had_out) {
   check_block(had_in, L.K, "had_in", "K");
   check_block(had_out, L.N, "had_out", "N");
   L.had_in = had_in;
@@ -203,13 +201,13 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
   set_codebook(L, A.contiguous().data_ptr<float>(), b.contiguous().data_ptr<float>(), *w_scale.data_ptr<float>());
   L.su = vector_f32(su, L.K, "su", L.su_buf, math);
   L.sv = vector_f32(sv, L.N, "sv", L.sv_buf, math);
-  set_rest(L, bias, had_in, had_out, math);
+  L.bias = bias.has_value() && bias->defined() ? vector_f32(*bias, L.N, "bias", L.bias_buf, math) : nullptr;
+  set_blocks(L, had_in, had_out);
   return L;
 }
 
 // The layer from frozen_linear's params (see kParamsHead): pointers into it, nothing converted.
-Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out,
-                        const cpu::TransformOps& math) {
+Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out) {
   Layer L = check_codes(codes);
   TORCH_CHECK_TYPE(params.scalar_type() == torch::kFloat, "params must be float32, got ", params.scalar_type());
   TORCH_CHECK_VALUE(params.device().is_cpu(), "params must be on the CPU, got ", params.device());
@@ -222,8 +220,8 @@ Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params,
   set_codebook(L, p, p + 16, p[20]);
   L.su = p + kParamsHead;
   L.sv = p + kParamsHead + L.K;
-  set_rest(L, c10::nullopt, had_in, had_out, math);
   L.bias = params.size(0) > plain ? p + plain : nullptr;
+  set_blocks(L, had_in, had_out);
   return L;
 }
 
@@ -595,7 +593,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
 torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
                              int64_t had_in, int64_t had_out) {
   const KernelSet& set = parse_isa("", "isa");
-  const Layer L = layer_from_params(codes, params, had_in, had_out, *set.math);
+  const Layer L = layer_from_params(codes, params, had_in, had_out);
   return run_layer(x, L, set, parse_mode(""), "auto");
 }
 
