@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace pyquant {
 namespace cpu {
@@ -105,7 +106,9 @@ inline int64_t gemv_max_tokens(int64_t code_bytes) {
 inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
   const int64_t left = K4 - g * kGroupCodes;
   if (left >= kGroupCodes) return row + g * kGroupCodes;
-  for (int64_t i = 0; i < kGroupCodes; ++i) tmp[i] = i < left ? row[g * kGroupCodes + i] : 0;
+  // memcpy / memset, not a byte loop: the compiler makes them a few vector stores
+  std::memcpy(tmp, row + g * kGroupCodes, left);
+  std::memset(tmp + left, 0, kGroupCodes - left);
   return tmp;
 }
 

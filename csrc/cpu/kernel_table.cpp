@@ -17,7 +17,7 @@ bool always() { return true; }
 #if defined(__x86_64__)
 bool has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 bool has_avx512_vnni() {
   __builtin_cpu_init();
@@ -48,7 +48,7 @@ bool has_amx() {
 const KernelSet kSets[] = {
     {"scalar", always, int_plane_scalar, nullptr, float_plane_scalar, &kPortableMath},
 #if defined(__x86_64__)
-    {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kPortableMath},
+    {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math},
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
      amx_packed_bytes, amx_pack_tokens},

@@ -5,6 +5,8 @@
 // Used for every batch size: token blocks of up to 4 reuse each unpacked group of codes.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "kernel_api.h"
 
 #pragma GCC push_options
@@ -16,49 +18,80 @@ namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The 32 code bytes of a row from `src` when only `valid` (1..32) of them are the row's: a partial
+// last group. AVX2 has no masked byte load, so the load reads the bytes after them (the next row's)
+// and zeroes them, unless that would read past the codes tensor (its last row): those are copied.
+// (A byte-wise copy per row, as group_codes does, cost more than the kernel on MiniLM's 384-wide
+// rows: the vector load after 32 byte stores waits for all of them to retire.)
+inline __m256i load_partial(const uint8_t* src, int64_t valid, const uint8_t* codes_end) {
+  alignas(32) static const uint8_t kKeep[64] = {
+      255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+      255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255};
+  if (src + 32 <= codes_end) {
+    const __m256i keep = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kKeep + 32 - valid));
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), keep);
+  }
+  alignas(32) uint8_t tmp[32] = {};
+  std::memcpy(tmp, src, valid);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+}
+
+// Half groups (32 code bytes) whose u8 x s8 pair sums the kernel adds up in int16 before widening
+// them: per lane at most 4 planes x 2 x 3 x 128 = 3072 a half, so 8 halves stay below 2^15. The
+// multiply unit is the bottleneck here (vpmaddubsw and vpmaddwd share it on Zen and Intel alike):
+// widening every half (2 vpmaddwd per 8 vpmaddubsw) cost 20 % of its cycles, every 8th costs 3 %.
+constexpr int kWidenHalves = 8;
+
 template <int R, int MT>
 void int_plane_block(const IntArgs& a, int64_t n, int64_t m0) {
   const __m256i three = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i x256 = _mm256_set1_epi16(256);
-  alignas(32) uint8_t tmp[R][kGroupCodes];
+  const uint8_t* codes_end = a.codes + a.N * a.K4;
   const int8_t* acts[MT];
   for (int t = 0; t < MT; ++t) acts[t] = a.act + (m0 + t) * a.act_stride;
+  // the halves of the row that hold code bytes (the rest of a partial last group multiplies zeros)
+  const int64_t halves = (a.K4 + 31) / 32;
   int64_t total[R][MT] = {};
-  for (int64_t g0 = 0; g0 < a.G; g0 += kBlockGroups) {
-    const int64_t g1 = imin(a.G, g0 + kBlockGroups);
+  for (int64_t h0 = 0; h0 < halves; h0 += 2 * kBlockGroups) {
+    const int64_t h1 = imin(halves, h0 + 2 * kBlockGroups);
     __m256i acc[R][MT];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_si256();
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int half = 0; half < 2; ++half) {
+    for (int64_t w0 = h0; w0 < h1; w0 += kWidenHalves) {
+      __m256i sh[R][MT], sl[R][MT];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) sh[r][t] = sl[r][t] = _mm256_setzero_si256();
+      for (int64_t h = w0; h < imin(h1, w0 + kWidenHalves); ++h) {
+        const int64_t valid = a.K4 - 32 * h;  // code bytes of this half that are the row's
         __m256i z[R][4];
         for (int r = 0; r < R; ++r) {
-          const uint8_t* src = group_codes(a.codes + (n + r) * a.K4, a.K4, g, tmp[r]) + 32 * half;
-          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          const uint8_t* src = a.codes + (n + r) * a.K4 + 32 * h;
+          const __m256i c = valid >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                                        : load_partial(src, valid, codes_end);
           z[r][0] = _mm256_and_si256(_mm256_srli_epi16(c, 6), three);
           z[r][1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), three);
           z[r][2] = _mm256_and_si256(_mm256_srli_epi16(c, 2), three);
           z[r][3] = _mm256_and_si256(c, three);
         }
+        // half h of group h / 2: planes at 64-byte strides, hi planes then lo planes
+        const int64_t off = (h / 2) * 512 + (h % 2) * 32;
         for (int t = 0; t < MT; ++t) {
-          const int8_t* ap = acts[t] + g * 512 + 32 * half;
-          __m256i ah[4], al[4];
+          const int8_t* ap = acts[t] + off;
           for (int i = 0; i < 4; ++i) {
-            ah[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 64 * i));
-            al[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 256 + 64 * i));
-          }
-          for (int r = 0; r < R; ++r) {
-            __m256i sh = _mm256_maddubs_epi16(z[r][0], ah[0]);
-            __m256i sl = _mm256_maddubs_epi16(z[r][0], al[0]);
-            for (int i = 1; i < 4; ++i) {
-              sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(z[r][i], ah[i]));
-              sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(z[r][i], al[i]));
+            const __m256i ah = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 64 * i));
+            const __m256i al = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + 256 + 64 * i));
+            for (int r = 0; r < R; ++r) {
+              sh[r][t] = _mm256_add_epi16(sh[r][t], _mm256_maddubs_epi16(z[r][i], ah));
+              sl[r][t] = _mm256_add_epi16(sl[r][t], _mm256_maddubs_epi16(z[r][i], al));
             }
-            acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_add_epi32(_mm256_madd_epi16(sh, x256), _mm256_madd_epi16(sl, ones)));
           }
         }
       }
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t)
+          acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_add_epi32(_mm256_madd_epi16(sh[r][t], x256),
+                                                                   _mm256_madd_epi16(sl[r][t], ones)));
     }
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < MT; ++t) {

@@ -7,9 +7,10 @@
 namespace pyquant {
 namespace cpu {
 
-// Two builds of each: portable C++ (transform.cpp, any CPU) and AVX-512 (transform_avx512.cpp,
-// x86-64 only, used with the AVX-512 kernels). Both do the same IEEE operations in the same order
-// per element, so they give the same bits. A kernel set (kernel_table.h) names the build it uses.
+// Builds of each: portable C++ (transform.cpp, any CPU), AVX2 (transform_avx2.cpp) and AVX-512
+// (transform_avx512.cpp), x86-64 only, used with the kernels of the same instruction set. All do
+// the same IEEE operations in the same order per element, so they give the same bits. A kernel set
+// (kernel_table.h) names the build it uses.
 
 // In place: the unnormalized Walsh-Hadamard transform of every block of h elements of x[0, n)
 // (h a power of two dividing n; h <= 1 does nothing).
@@ -79,6 +80,7 @@ struct TransformOps {
   void (*narrow_half)(const float* x, int64_t n, uint16_t* out);
 };
 extern const TransformOps kPortableMath;  // transform.cpp
+extern const TransformOps kAvx2Math;      // transform_avx2.cpp (x86-64 builds only)
 extern const TransformOps kAvx512Math;    // transform_avx512.cpp (x86-64 builds only)
 
 namespace avx512 {

@@ -281,8 +281,10 @@ void check_transforms(const KernelSet* sets, int n_sets, std::mt19937& rng) {
   for (auto& v : A) v = uniform(-1.f, 1.f);
   for (auto& v : b) v = uniform(-1.f, 1.f);
   for (int64_t had : {0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024})
-    for (int64_t blocks : {1, 3, 8}) {
-      const int64_t n = (had > 4 ? had : 16) * blocks;
+    for (int64_t blocks : {1, 2, 3, 8}) {
+      // without a Hadamard block of 16 or more, also lengths of 16 blocks + 4, 8 and 12 (the
+      // vector builds' partial runs of chunks)
+      const int64_t n = had > 4 ? had * blocks : 16 * blocks + 4 * (blocks % 4);
       std::vector<float> x(n), su(n), sv(n), bias(n);
       for (auto& v : x) v = uniform(-4.f, 4.f);
       for (auto& v : su) v = uniform(-2.f, 2.f);
@@ -312,6 +314,60 @@ void check_transforms(const KernelSet* sets, int n_sets, std::mt19937& rng) {
     }
 }
 
+// The largest products every kernel can meet: all levels 3 against activations of hi = 127 and
+// lo = -128 everywhere (and the opposite signs), where the kernels' narrow partial sums (int16 in
+// the AVX2 GEMV, int32 lanes up to kBlockGroups groups) are closest to overflowing. V is then
+// 3 K (256 hi + lo) for every output.
+void check_extremes(const KernelSet* sets, int n_sets) {
+  const int64_t N = 35;
+  for (int64_t K : {int64_t(1028), int64_t(8192), kInt32MaxK, int64_t(22016)})
+    for (int64_t M : {1, 2, 3, 5, 17})
+      for (int sign : {1, -1}) {
+        const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
+        const int8_t hi = static_cast<int8_t>(127 * sign), lo = static_cast<int8_t>(sign > 0 ? -128 : 127);
+        const int64_t want = 3 * K * (256 * int64_t(hi) + lo);
+        std::vector<uint8_t> codes(N * K4, 0xFF);
+        Aligned plane(M * G * 512), natural(M * G * 512), scratch(gemm_scratch_bytes(K4));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) {  // element k: chunk p = k / 4, plane i = k % 4 (kernel_api.h)
+            const int64_t g = k / kGroupElems, p = (k / 4) % kGroupCodes, i = k % 4;
+            int8_t* pl = reinterpret_cast<int8_t*>(plane.p) + m * G * 512 + g * 512;
+            pl[64 * i + p] = hi;
+            pl[256 + 64 * i + p] = lo;
+            int8_t* nat = reinterpret_cast<int8_t*>(natural.p) + m * G * 512 + 8 * (k / 4);
+            nat[i] = hi;
+            nat[4 + i] = lo;
+          }
+        const bool narrow = K <= kInt32MaxK;
+        for (int s = 0; s < n_sets; ++s) {
+          if (!sets[s].supported()) continue;
+          for (int layout = 0; layout < 3; ++layout) {
+            const bool packed = layout == 1, gemm = layout == 2;
+            if ((packed && !sets[s].packed_bytes) || (gemm && !sets[s].int_gemm)) continue;
+            std::vector<int32_t> o32(M * N, -1);
+            std::vector<int64_t> o64(M * N, -1);
+            IntArgs a{codes.data(), N, K4, G, reinterpret_cast<int8_t*>(gemm ? natural.p : plane.p), G * 512, M,
+                      narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(),
+                      reinterpret_cast<uint32_t*>(scratch.p)};
+            const int64_t bytes = packed ? sets[s].packed_bytes(M, G) : 0;
+            if (packed && !bytes) continue;  // too few tokens for the packed operands
+            Aligned ops(bytes ? bytes : 1);
+            if (packed) {
+              for (int64_t m = 0; m < M; m += kPackTokenBlock)
+                sets[s].pack_tokens(a, m, M - m < kPackTokenBlock ? M - m : kPackTokenBlock, ops.p);
+              a.packed = ops.p;
+            }
+            (gemm ? sets[s].int_gemm : sets[s].int_gemv)(a, 0, N);
+            int64_t bad = 0;
+            for (int64_t i = 0; i < M * N; ++i) bad += (narrow ? o32[i] : o64[i]) != want;
+            CHECK(bad == 0, "%s %s at the extremes: %lld of %lld outputs differ (K=%lld M=%lld sign=%d)", sets[s].name,
+                  gemm ? "GEMM" : packed ? "GEMV on packed operands" : "GEMV", (long long)bad, (long long)(M * N),
+                  (long long)K, (long long)M, sign);
+          }
+        }
+      }
+}
+
 }  // namespace
 
 int main() {
@@ -337,6 +393,7 @@ int main() {
     run_case(c, rng);
   }
   check_transforms(sets, n_sets, rng);
+  check_extremes(sets, n_sets);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;
