@@ -49,7 +49,9 @@ void int_block(const IntArgs& a, int64_t n, int64_t m) {
       const int8_t* ah = act + g * 512;
       const uint8_t* rows[R];
       for (int r = 0; r < R; ++r) rows[r] = group_codes(a.codes + (n + r) * a.K4, a.K4, g, tmp[r]);
-      for (int q = 0; q < 4; ++q) {  // lanes 16q .. 16q + 15 of each plane
+      // the quarters holding code bytes (a partial last group's others multiply zero activations)
+      const int64_t quarters = imin(4, (a.K4 - g * kGroupCodes + 15) / 16);
+      for (int q = 0; q < quarters; ++q) {  // lanes 16q .. 16q + 15 of each plane
         int8x16_t xh[4], xl[4];
         for (int i = 0; i < 4; ++i) {
           xh[i] = vld1q_s8(ah + i * 64 + 16 * q);
