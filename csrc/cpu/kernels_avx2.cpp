@@ -21,8 +21,8 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // The 32 code bytes of a row from `src` when only `valid` (1..32) of them are the row's: a partial
 // last group. AVX2 has no masked byte load, so the load reads the bytes after them (the next row's)
 // and zeroes them, unless that would read past the codes tensor (its last row): those are copied.
-// (A byte-wise copy per row, as group_codes does, cost more than the kernel on MiniLM's 384-wide
-// rows: the vector load after 32 byte stores waits for all of them to retire.)
+// (A byte-wise copy per row, as group_codes made until session 17, cost more than the kernel on
+// MiniLM's 384-wide rows: the vector load after 32 byte stores waits for all of them to retire.)
 inline __m256i load_partial(const uint8_t* src, int64_t valid, const uint8_t* codes_end) {
   alignas(32) static const uint8_t kKeep[64] = {
       255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
@@ -37,9 +37,9 @@ inline __m256i load_partial(const uint8_t* src, int64_t valid, const uint8_t* co
 }
 
 // Half groups (32 code bytes) whose u8 x s8 pair sums the kernel adds up in int16 before widening
-// them: per lane at most 4 planes x 2 x 3 x 128 = 3072 a half, so 8 halves stay below 2^15. The
-// multiply unit is the bottleneck here (vpmaddubsw and vpmaddwd share it on Zen and Intel alike):
-// widening every half (2 vpmaddwd per 8 vpmaddubsw) cost 20 % of its cycles, every 8th costs 3 %.
+// them: per lane at most 4 planes x 2 x 3 x 128 = 3072 a half, so 8 halves stay below 2^15. Both
+// are multiplies, issued on the same port(s), which bound this kernel: widening every half took 2
+// vpmaddwd per 8 vpmaddubsw, every 8th takes 2 per 64. (The harness's extremes check fails at 16.)
 constexpr int kWidenHalves = 8;
 
 template <int R, int MT>
