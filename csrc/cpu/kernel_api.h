@@ -100,9 +100,10 @@ inline int64_t gemv_max_tokens(int64_t code_bytes) {
   return code_bytes <= kSmallLayerCodeBytes ? kGemvMaxTokensSmallLayer : kGemvMaxTokens;
 }
 
-// The code bytes of group g of a row for kernels that load whole groups; a partial last group is
-// copied into zero-padded `tmp` (64 bytes): reading past the row could leave the tensor, and AVX2
-// and NEON have no masked byte loads. (Plain C++: compiled for the baseline in every file.)
+// The code bytes of group g of a row for kernels that load whole groups (NEON's, the float
+// kernels); a partial last group is copied into zero-padded `tmp` (64 bytes): reading past the row
+// could leave the tensor, and NEON has no masked byte loads (the AVX2 int GEMV masks its own loads
+// instead: kernels_avx2.cpp load_partial). (Plain C++: compiled for the baseline in every file.)
 inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uint8_t* tmp) {
   const int64_t left = K4 - g * kGroupCodes;
   if (left >= kGroupCodes) return row + g * kGroupCodes;

@@ -274,7 +274,7 @@ void check_narrow(const KernelSet* sets, int n_sets, std::mt19937& rng) {
 
 // The per-token math of every kernel set against the portable build's bits, for every Hadamard
 // block size (each build has its own paths for small, register-sized and large blocks), on
-// lengths of 1, 3 and 8 blocks, with and without bias.
+// lengths of 1, 2, 3 and 8 blocks (and partial runs of chunks), with and without bias.
 void check_transforms(const KernelSet* sets, int n_sets, std::mt19937& rng) {
   const auto uniform = [&rng](float lo, float hi) { return lo + (hi - lo) * static_cast<float>(rng() >> 8) * 0x1p-24f; };
   float A[16], b[4];
