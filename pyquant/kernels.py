@@ -96,17 +96,18 @@ def _order(device: torch.device) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend one kind of call runs on, why, that backend's state for the layer, and what a
-    traced graph runs: the backend's ``forward_traced`` for calls that need no gradient where it
-    has one, else its ``forward``."""
+    """The backend one kind of call runs on, why, that backend's state for the layer, and what
+    runs it: for calls that need no gradient the backend's ``forward_nograd`` (eager) and
+    ``forward_traced`` (a traced graph) where it has them, else its ``forward``."""
     name: str
     why: str
     module: ModuleType
     state: Any
+    eager: Callable[[torch.Tensor, Any, Any], torch.Tensor]
     traced: Callable[[torch.Tensor, Any, Any], torch.Tensor]
 
     def __call__(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return self.module.forward(x, layer, self.state)
+        return self.eager(x, layer, self.state)
 
     def call_traced(self, x: torch.Tensor, layer) -> torch.Tensor:
         return self.traced(x, layer, self.state)
@@ -161,8 +162,9 @@ class KernelPlan:
         module = _backend(name)
         if name not in self.states:
             self.states[name] = module.build(layer)
+        eager = module.forward if needs_grad else getattr(module, "forward_nograd", module.forward)
         traced = module.forward if needs_grad else getattr(module, "forward_traced", module.forward)
-        return Choice(name, why, module, self.states[name], traced)
+        return Choice(name, why, module, self.states[name], eager, traced)
 
 
 def explain(x: torch.Tensor, layer) -> dict[str, str]:

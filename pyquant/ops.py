@@ -15,6 +15,9 @@ op                  what
                     (``[A | b | w_scale | 0 ... | su | sv | bias]``, ``PARAMS_HEAD`` floats before
                     ``su``, the bias where there is one; :func:`pyquant.backends.cpu.frozen_params`).
                     No autograd.
+``lut_linear``      ``frozen_linear`` in the CPU's mode ``"lut"``: on the codes in the LUT layout
+                    (``_C.pack_lut_codes``, same shape), activations cut to 14 bits, the products
+                    from table lookups (csrc/cpu/kernel_api.h). No autograd.
 ``cpu_linear``      the same C++ kernel with its instruction set, mode and algorithm selectable
                     (keyword-only ``isa``, ``mode``, ``algo``); for tests and benchmarks.
 ``nearest_codeword`` UniSVQ's fit: per row of ``lin [M, 4]`` the first ``argmax_c lin . cb2t[:, c]
@@ -128,6 +131,12 @@ def _frozen_linear_fake(x, codes, params, had_in, had_out):
     su, sv = params[PARAMS_HEAD:PARAMS_HEAD + k], params[PARAMS_HEAD + k:plain]
     bias = params[plain:] if params.shape[0] > plain else None
     return _linear_fake(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out)
+
+
+@torch.library.register_fake("pyquant::lut_linear")
+def _lut_linear_fake(x, lut_codes, params, had_in, had_out):
+    # lut_codes: the codes' bytes permuted (_C.pack_lut_codes), same shape and dtype
+    return _frozen_linear_fake(x, lut_codes, params, had_in, had_out)
 
 
 @torch.library.register_fake("pyquant::cpu_linear")

@@ -68,13 +68,13 @@ def test_every_registered_cpu_op_is_checked():
     # the dispatcher's list (dir(torch.ops.pyquant) holds only the ops some earlier code touched)
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyquant::")}
     cpu_ops = {n for n in names if not n.startswith(("cuda_", "triton_"))}
-    assert cpu_ops == {"linear", "frozen_linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
+    assert cpu_ops == {"linear", "frozen_linear", "lut_linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
 
 
 # ---------------------------------------------------------------------------- frozen_linear
 
 def frozen_args(layer, x):
-    return (x, layer.codes, layer._plan.states["cpu"], layer.had_in, layer.had_out)
+    return (x, layer.codes, layer._plan.states["cpu"].params, layer.had_in, layer.had_out)
 
 
 @pytest.mark.parametrize("n,k,hadamard,bias,dtype,scale_dtype", [(37, 384, True, True, torch.float32, torch.float16),
@@ -84,7 +84,7 @@ def frozen_args(layer, x):
 def test_frozen_linear_is_linear_on_the_layers_frozen_params(n, k, hadamard, bias, dtype, scale_dtype):
     layer = pyquant.QuantLinear.from_packed(random_packed(n, k, hadamard=hadamard, seed=n, scale_dtype=scale_dtype),
                                             torch.randn(n) if bias else None)
-    assert layer._plan.states["cpu"].shape == (pyquant.ops.PARAMS_HEAD + k + n + (n if bias else 0),)
+    assert layer._plan.states["cpu"].params.shape == (pyquant.ops.PARAMS_HEAD + k + n + (n if bias else 0),)
     with torch.no_grad():
         for m in (1, 3, 40):
             x = torch.randn(m, k).to(dtype)
@@ -117,7 +117,7 @@ def test_traced_calls_without_gradients_take_frozen_linear_eager_calls_linear():
         assert torch.equal(layer(x), live()) and not torch.equal(layer(x), before)
     # an engine's shared tensors may be refilled in place at any time: no frozen copy of them
     shared = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=5), share=True)
-    assert shared._plan.states["cpu"] is None
+    assert shared._plan.states["cpu"].params is None
     with torch.no_grad():
         assert torch.equal(torch.compile(shared, fullgraph=True)(x), torch.ops.pyquant.linear(*op_args(shared, x)))
     torch._dynamo.reset()

@@ -113,6 +113,49 @@ inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uin
   return tmp;
 }
 
+// Table-lookup kernels (mode "lut": qlinear.cpp's lut_linear, pack.cpp's pack_lut_codes). Where
+// a CPU multiplies bytes on one port only (the AVX2 EPYC: one vpmaddubsw per ~2 cycles, two per
+// 32 exact products) the products can come from vpshufb instead, which other ports issue: per
+// token and code byte j a table of the 16 sums  e[s] = sum_{i in s} q14[4j + i]  of the four
+// activations it scales, looked up by each row's bits of its four levels (T-MAC's bit-serial
+// tables, kept exact in 16 bits).
+//  - q14 = lut_q14(q), the int mode's q / 4 rounded to nearest, ties to even (|q| <= kQMax, so
+//    |q14| <= kQMax / 4 and every sum of four fits int16): the activations keep 14 bits, and the
+//    kernels return the exact integer V = 4 * sum z * q14, which the driver scales as int mode's V
+//    (every ISA gives the same bits). Ties to even, not up: the levels z are 0..3, not centred, so
+//    a rounding bias of 1/8 of a step on every activation would add up over K instead of
+//    averaging out (ties up: 3.5e-3 relative error at 4096 x 4096; to even: ~1e-4).
+//  - codes, LUT layout: rows in blocks of kLutRows (the last one w = N % kLutRows wide), per block
+//    code byte j of its w rows in a run: byte (32 * nb * K4 + j * w + r) holds row 32 nb + r's
+//    code byte j as bit planes: low nibble bit i = z_i & 1, high nibble bit i = z_i >> 1 (z_i
+//    its i-th level), so  sum_i z_i q14_i = e[low] + 2 e[high].
+//  - tables, per token [K4][kLutTableBytes]: the low bytes of e[0..15], then their high bytes.
+inline int lut_q14(int q) { return (q + 1 + ((q >> 2) & 1)) >> 2; }
+constexpr int64_t kLutRows = 32;
+constexpr int64_t kLutTableBytes = 32;
+// Code byte c (levels z0..z3, z0 in the high bits) as the LUT layout's bit-plane byte.
+inline uint8_t lut_byte(uint8_t c) {
+  uint8_t out = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int z = (c >> (6 - 2 * i)) & 3;
+    out = static_cast<uint8_t>(out | (z & 1) << i | (z >> 1) << (4 + i));
+  }
+  return out;
+}
+// Where row n's code byte j lies in the LUT layout of an [N, K4] codes tensor.
+inline int64_t lut_offset(int64_t N, int64_t K4, int64_t n, int64_t j) {
+  const int64_t nb = n / kLutRows, w = N - nb * kLutRows < kLutRows ? N - nb * kLutRows : kLutRows;
+  return kLutRows * nb * K4 + j * w + n % kLutRows;
+}
+// One token's tables from its int-mode activations in the plane layout (G * 512 bytes).
+using LutTables = void (*)(const int8_t* act, int64_t K4, uint8_t* tables);
+void lut_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables);
+void lut_tables_avx2(const int8_t* act, int64_t K4, uint8_t* tables);
+// IntArgs with codes in the LUT layout, act the tables (act_stride = K4 * kLutTableBytes); rows
+// [n0, n1) with n0 a multiple of kLutRows, as the driver splits them (kRowTile).
+void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1);
+void lut_gemv_avx2(const IntArgs& a, int64_t n0, int64_t n1);
+
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);
 

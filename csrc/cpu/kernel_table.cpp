@@ -46,9 +46,11 @@ bool has_amx() {
 #endif
 
 const KernelSet kSets[] = {
-    {"scalar", always, int_plane_scalar, nullptr, float_plane_scalar, &kPortableMath},
+    {"scalar", always, int_plane_scalar, nullptr, float_plane_scalar, &kPortableMath, nullptr, nullptr, nullptr,
+     lut_gemv_scalar, lut_tables_scalar},
 #if defined(__x86_64__)
-    {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math},
+    {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math, nullptr, nullptr, nullptr,
+     lut_gemv_avx2, lut_tables_avx2},
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
      amx_packed_bytes, amx_pack_tokens},

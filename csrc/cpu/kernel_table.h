@@ -25,6 +25,10 @@ struct KernelSet {
   // amx_packed_bytes / amx_pack_tokens, passed as IntArgs::packed); null: the GEMV reads the plane layout
   int64_t (*packed_bytes)(int64_t M, int64_t G);
   void (*pack_tokens)(const IntArgs& a, int64_t m0, int64_t mt, uint8_t* packed);
+  // mode "lut" (kernel_api.h's table-lookup kernels): the GEMV on LUT-layout codes and the tables
+  // it reads; null: the portable set's (same integers)
+  IntKernel lut_gemv;
+  LutTables lut_tables;
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -113,6 +113,73 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   for (; n < n1; ++n) int_plane_block<1, MT>(a, n, m0);
 }
 
+
+// LUT GEMV (kernel_api.h's table-lookup kernels) on one full block of kLutRows rows, MT tokens.
+// Per code byte j the block's 32 bit-plane bytes become two index vectors (low / high nibble of
+// each row side by side: rows 0-7 | 16-23 and 8-15 | 24-31), and per token vpshufb looks up the
+// low and the high bytes of the entries; vpmaddubsw by [1, 2] folds plane 0 + 2 x plane 1 of a
+// row into int16, low bytes (unsigned, at most 765) and high bytes (signed, |.| <= 384) apart, 32
+// code bytes at most (24480 < 2^15), after which vpmaddwd by [1, 256] widens them to int32.
+// Per 128 products and token: 4 shuffles, 4 byte multiplies, 4 adds, against 8 byte multiplies
+// and 8 adds for the int GEMV.
+constexpr int64_t kLutWiden = 32;
+// int32 sums fold into int64 every this many code bytes: |sum| per code byte <= 3 * 4 * 8128.
+constexpr int64_t kLutFold = 16384;
+
+template <int MT>
+void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i planes = _mm256_set1_epi16(0x0201);      // bytes [1, 2]: plane 0 + 2 x plane 1
+  const __m256i hi_lo = _mm256_set1_epi32(0x01000001);   // int16 [1, 256]: low + 256 x high
+  const uint8_t* codes = a.codes + nb * kLutRows * a.K4;
+  const uint8_t* tables[MT];
+  for (int t = 0; t < MT; ++t) tables[t] = reinterpret_cast<const uint8_t*>(a.act + (m0 + t) * a.act_stride);
+  int64_t total[MT][kLutRows] = {};
+  for (int64_t f0 = 0; f0 < a.K4; f0 += kLutFold) {
+    const int64_t f1 = imin(a.K4, f0 + kLutFold);
+    __m256i acc[MT][4];
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm256_setzero_si256();
+    for (int64_t j0 = f0; j0 < f1; j0 += kLutWiden) {
+      const int64_t j1 = imin(f1, j0 + kLutWiden);
+      __m256i sl[MT][2], sh[MT][2];
+      for (int t = 0; t < MT; ++t) sl[t][0] = sl[t][1] = sh[t][0] = sh[t][1] = _mm256_setzero_si256();
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kLutRows * j));
+        const __m256i lo = _mm256_and_si256(c, low4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+        const __m256i ia = _mm256_unpacklo_epi8(lo, hi), ib = _mm256_unpackhi_epi8(lo, hi);
+        for (int t = 0; t < MT; ++t) {
+          const uint8_t* tb = tables[t] + kLutTableBytes * j;
+          const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
+          const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16)));
+          sl[t][0] = _mm256_add_epi16(sl[t][0], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ia), planes));
+          sh[t][0] = _mm256_add_epi16(sh[t][0], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ia)));
+          sl[t][1] = _mm256_add_epi16(sl[t][1], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ib), planes));
+          sh[t][1] = _mm256_add_epi16(sh[t][1], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ib)));
+        }
+      }
+      for (int t = 0; t < MT; ++t)
+        for (int i = 0; i < 2; ++i) {
+          acc[t][2 * i] = _mm256_add_epi32(acc[t][2 * i], _mm256_madd_epi16(_mm256_unpacklo_epi16(sl[t][i], sh[t][i]), hi_lo));
+          acc[t][2 * i + 1] =
+              _mm256_add_epi32(acc[t][2 * i + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(sl[t][i], sh[t][i]), hi_lo));
+        }
+    }
+    // acc[.][i] holds rows 4i .. 4i+3 in its low half and 16+4i .. 16+4i+3 in its high half
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < 4; ++i) {
+        alignas(32) int32_t v[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(v), acc[t][i]);
+        for (int r = 0; r < 4; ++r) {
+          total[t][4 * i + r] += v[r];
+          total[t][16 + 4 * i + r] += v[4 + r];
+        }
+      }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < kLutRows; ++r) a.store(m0 + t, nb * kLutRows + r, 4 * total[t][r]);
+}
+
 template <int MT>
 void float_plane_row(const FloatArgs& a, int64_t n, int64_t m0) {
   const __m256 lut = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);  // vpermps reads the low 3 index bits
@@ -163,6 +230,51 @@ void int_plane_avx2(const IntArgs& a, int64_t n0, int64_t n1) {
         case 3: int_plane_rows<1, 3>(a, t0, t1, m0); break;
         default: int_plane_rows<1, 4>(a, t0, t1, m0); break;
       }
+    }
+  }
+}
+
+void lut_gemv_avx2(const IntArgs& a, int64_t n0, int64_t n1) {
+  const int64_t full = a.N / kLutRows * kLutRows;  // rows in full blocks; the rest: the portable kernel
+  for (int64_t nb = n0 / kLutRows; nb < imin(n1, full) / kLutRows; ++nb) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= a.M; m0 += 2) lut_block<2>(a, nb, m0);
+    if (m0 < a.M) lut_block<1>(a, nb, m0);
+  }
+  if (n1 > full) lut_gemv_scalar(a, full > n0 ? full : n0, n1);
+}
+
+void lut_tables_avx2(const int8_t* act, int64_t K4, uint8_t* tables) {
+  // mask[i] lane s: all ones where bit i of s is set
+  const __m256i bits = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m256i mask[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m256i bit = _mm256_set1_epi16(static_cast<int16_t>(1 << i));
+    mask[i] = _mm256_cmpeq_epi16(_mm256_and_si256(bits, bit), bit);
+  }
+  // per 128-bit lane: the low bytes of its 8 entries, then their high bytes; then the lanes' halves
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t j0 = 0; j0 < K4; j0 += 16) {
+    // q14 of the 4 activations of code bytes j0 .. j0+15 (the plane layout is zero-padded to
+    // whole groups of 64, so these reads stay inside it)
+    alignas(32) int16_t q14[4][16];
+    const int8_t* ah = act + (j0 / kGroupCodes) * 512 + j0 % kGroupCodes;
+    for (int i = 0; i < 4; ++i) {
+      const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ah + 64 * i)));
+      const __m256i l = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ah + 256 + 64 * i)));
+      const __m256i q = _mm256_add_epi16(_mm256_slli_epi16(h, 8), l);
+      const __m256i even = _mm256_and_si256(_mm256_srai_epi16(q, 2), one);  // lut_q14: ties to even
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q14[i]),
+                         _mm256_srai_epi16(_mm256_add_epi16(q, _mm256_add_epi16(one, even)), 2));
+    }
+    for (int64_t j = j0; j < imin(K4, j0 + 16); ++j) {
+      __m256i e = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i)
+        e = _mm256_add_epi16(e, _mm256_and_si256(_mm256_set1_epi16(q14[i][j - j0]), mask[i]));
+      e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tables + kLutTableBytes * j), e);
     }
   }
 }

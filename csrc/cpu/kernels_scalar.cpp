@@ -1,6 +1,6 @@
 // Portable kernels: the path for CPUs without AVX2, and the plain statement of what the SIMD
 // kernels compute (see kernel_api.h). The int kernel returns the same exact integers as the
-// AVX2 and AVX-512 ones.
+// AVX2 and AVX-512 ones; the LUT ones (mode "lut") the same as the AVX2 LUT kernel.
 #include "kernel_api.h"
 
 namespace pyquant {
@@ -45,6 +45,37 @@ void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1) {
         }
       }
       a.out[m * a.N + n] = acc;
+    }
+  }
+}
+
+void lut_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
+  for (int64_t j = 0; j < K4; ++j) {
+    const int8_t* ah = act + (j / kGroupCodes) * 512 + j % kGroupCodes;
+    int q14[4];
+    for (int i = 0; i < 4; ++i) q14[i] = lut_q14(256 * ah[64 * i] + ah[256 + 64 * i]);
+    uint8_t* t = tables + j * kLutTableBytes;
+    for (int s = 0; s < 16; ++s) {
+      int e = 0;
+      for (int i = 0; i < 4; ++i) e += (s >> i & 1) * q14[i];
+      t[s] = static_cast<uint8_t>(e & 255);
+      t[16 + s] = static_cast<uint8_t>((e >> 8) & 255);
+    }
+  }
+}
+
+void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const auto* tables = reinterpret_cast<const uint8_t*>(a.act + m * a.act_stride);
+      int64_t acc = 0;
+      for (int64_t j = 0; j < a.K4; ++j) {
+        const int b = a.codes[lut_offset(a.N, a.K4, n, j)];
+        const uint8_t* t = tables + j * kLutTableBytes;
+        const auto entry = [&](int s) { return t[s] + 256 * static_cast<int8_t>(t[16 + s]); };
+        acc += entry(b & 15) + 2 * entry(b >> 4);
+      }
+      a.store(m, n, 4 * acc);
     }
   }
 }

@@ -115,6 +115,17 @@ torch::Tensor frozen_linear_autograd(const torch::Tensor& x, const torch::Tensor
   return op.call(x, codes, params, had_in, had_out);
 }
 
+torch::Tensor lut_linear_autograd(const torch::Tensor& x, const torch::Tensor& lut_codes, const torch::Tensor& params,
+                                  int64_t had_in, int64_t had_out) {
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()),
+                    "pyquant::lut_linear has no gradient; a call that needs one takes pyquant::linear");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyquant::lut_linear", "")
+                             .typed<decltype(pyquant::lut_qlinear)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, lut_codes, params, had_in, had_out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pyquant, m) {
@@ -127,6 +138,9 @@ TORCH_LIBRARY(pyquant, m) {
   // linear for a call that needs no gradient, on the layer's frozen params (ops.h: kParamsHead):
   // five tensors fewer per call for torch.compile's guards and checks to go through.
   m.def("frozen_linear(Tensor x, Tensor codes, Tensor params, int had_in, int had_out) -> Tensor");
+  // frozen_linear in mode "lut" (csrc/cpu/kernel_api.h): lut_codes are the codes in the LUT layout
+  // (_C.pack_lut_codes), the activations keep 14 bits and the products come from table lookups.
+  m.def("lut_linear(Tensor x, Tensor lut_codes, Tensor params, int had_in, int had_out) -> Tensor");
   m.def(
       "cpu_linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
       "int had_in, int had_out, *, str isa=\"\", str mode=\"\", str algo=\"auto\") -> Tensor");
@@ -142,6 +156,7 @@ TORCH_LIBRARY(pyquant, m) {
 TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
   m.impl("linear", &linear);
   m.impl("frozen_linear", &pyquant::frozen_qlinear);
+  m.impl("lut_linear", &pyquant::lut_qlinear);
   m.impl("cpu_linear", &cpu_linear);
   m.impl("nearest_codeword", &pyquant::nearest_codeword);
 }
@@ -149,6 +164,7 @@ TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
 TORCH_LIBRARY_IMPL(pyquant, Autograd, m) {
   m.impl("linear", &linear_autograd);
   m.impl("frozen_linear", &frozen_linear_autograd);
+  m.impl("lut_linear", &lut_linear_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -156,6 +172,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyquant CPU kernels; the layer op is torch.ops.pyquant.linear";
   m.def("pack_codes", &pyquant::pack_codes, "pack levels [N, K] uint8 into codes [N, K/4]");
   m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
+  m.def("pack_lut_codes", &pyquant::pack_lut_codes, "codes [N, K/4] in the LUT layout that lut_linear reads",
+        py::arg("codes"));
+  m.def("has_lut_kernel", &pyquant::has_lut_kernel,
+        "whether the kernel set in use has its own table-lookup kernels (mode 'lut')");
   m.def("in_huge_pages", &pyquant::in_huge_pages,
         "t itself if under 2 MB, already there or without huge pages (not Linux), else a copy in 2 MB pages",
         py::arg("t"));
@@ -168,6 +188,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
   m.def("get_isa", &pyquant::get_isa, "the ISA the kernels use when called with isa=''");
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");
-  m.def("set_mode", &pyquant::set_mode, "default mode for calls with mode='': 'int' or 'float'", py::arg("name"));
+  m.def("set_mode", &pyquant::set_mode,
+        "default mode for calls with mode='': 'int', 'float' or 'lut' (int for the ops on natural-layout codes; "
+        "layers built under it run lut_linear where has_lut_kernel())",
+        py::arg("name"));
   m.def("get_mode", &pyquant::get_mode, "the default mode");
 }

@@ -12,6 +12,8 @@ namespace pyquant {
 // pack.cpp
 torch::Tensor pack_codes(const torch::Tensor& z);
 torch::Tensor unpack_codes(const torch::Tensor& codes);
+// codes [N, K/4] in the LUT layout of the table-lookup kernels (csrc/cpu/kernel_api.h), same shape
+torch::Tensor pack_lut_codes(const torch::Tensor& codes);
 
 // huge_pages.cpp: `t` itself when it is under 2 MB, already there or the OS has no transparent
 // huge pages (not Linux), else a copy in a 2 MB-aligned mapping advised MADV_HUGEPAGE
@@ -33,6 +35,11 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
                       const std::string& mode, const std::string& algo);
 torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
                              int64_t had_in, int64_t had_out);
+// frozen_qlinear in mode "lut": lut_codes from pack_lut_codes (14-bit activations, table lookups)
+torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes, const torch::Tensor& params,
+                          int64_t had_in, int64_t had_out);
+// whether the kernel set in use has its own table-lookup kernels (else lut_qlinear runs the portable ones)
+bool has_lut_kernel();
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
                                                                const torch::Tensor& A, const torch::Tensor& b,
                                                                int64_t had_in);

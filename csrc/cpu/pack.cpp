@@ -2,6 +2,8 @@
 // code = 64*z0 + 16*z1 + 4*z2 + z3. Exposed so the build path of pyquant._C is exercised by tests.
 #include "ops.h"
 
+#include "kernel_api.h"
+
 namespace pyquant {
 
 torch::Tensor pack_codes(const torch::Tensor& z) {
@@ -40,6 +42,24 @@ torch::Tensor unpack_codes(const torch::Tensor& codes) {
     dst[4 * i + 3] = c & 3;
   }
   return z;
+}
+
+torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) > 0 && codes.size(1) > 0,
+                    "codes must be non-empty 2-D [N, K/4], got shape ", codes.sizes());
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
+  const auto cc = codes.contiguous();
+  const int64_t n = cc.size(0), k4 = cc.size(1);
+  auto out = torch::empty({n, k4}, cc.options());
+  const uint8_t* src = cc.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  uint8_t byte[256];
+  for (int c = 0; c < 256; ++c) byte[c] = cpu::lut_byte(static_cast<uint8_t>(c));
+#pragma omp parallel for
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < k4; ++j) dst[cpu::lut_offset(n, k4, r, j)] = byte[src[r * k4 + j]];
+  return out;
 }
 
 }  // namespace pyquant

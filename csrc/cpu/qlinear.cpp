@@ -39,7 +39,9 @@ using cpu::kGroupCodes;
 using cpu::kGroupElems;
 
 using cpu::KernelSet;
-enum class Mode { kInt = 0, kFloat = 1 };
+// kLut: int mode's activations cut to 14 bits and multiplied by table lookups (kernel_api.h), on
+// codes in the LUT layout: lut_linear's only mode. As the default for the other ops it is int mode.
+enum class Mode { kInt = 0, kFloat = 1, kLut = 2 };
 
 std::atomic<const KernelSet*> g_isa{nullptr};  // null: automatic (the best this CPU supports)
 std::atomic<int> g_mode{static_cast<int>(Mode::kInt)};
@@ -62,10 +64,14 @@ const KernelSet& parse_isa(const std::string& name, const char* arg) {
   return *set;
 }
 
+// The mode of a call on codes in the natural layout: "lut" (set_mode's default only) runs int mode
+// there, for lut_linear alone has the codes its kernels read.
 Mode parse_mode(const std::string& name) {
-  if (name.empty()) return static_cast<Mode>(g_mode.load());
+  if (name.empty()) return g_mode.load() == static_cast<int>(Mode::kFloat) ? Mode::kFloat : Mode::kInt;
   if (name == "int") return Mode::kInt;
   if (name == "float") return Mode::kFloat;
+  TORCH_CHECK_VALUE(name != "lut", "mode 'lut' needs codes in the LUT layout (_C.pack_lut_codes): ",
+                    "call pyquant::lut_linear");
   TORCH_CHECK_VALUE(false, "mode must be 'int' or 'float', got '", name, "'");
   return Mode::kInt;
 }
@@ -248,7 +254,7 @@ void prepare_tokens(const T* x, const Layer& L, const TokenMath& math, Mode mode
     math.scale_input(x + m * L.K, L.su, L.K, xt);
     cst[m] = math.transform(xt, L.K, L.had_in, L.A, L.b, &amax);
     if (!L.A_finite) amax = std::numeric_limits<float>::quiet_NaN();  // max() may have dropped the NaN
-    if (mode == Mode::kInt) {
+    if (mode != Mode::kFloat) {
       scale[m] = math.encode_int(xt, L.K, amax, L.G, plane, static_cast<int8_t*>(act) + m * act_stride(L));
     } else {
       scale[m] = 1.0;
@@ -472,24 +478,35 @@ template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
                   torch::Tensor& y) {
   const int64_t M = x.size(0);
+  const bool lut = mode == Mode::kLut;  // L.codes in the LUT layout
+  const bool int_mode = mode != Mode::kFloat;
   // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
   const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
   const bool narrow = L.K <= cpu::kInt32MaxK;
-  // int mode: the kernel's operands made from the activations once per call (the tile kernel's)
-  const int64_t packed_bytes = mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G) : 0;
-  const CallSplit split(M, L.N, L.N * L.K * M, serial, packed_bytes ? cpu::kPackTokenBlock : 1,
-                        mode == Mode::kInt && L.N * L.K4 <= cpu::kSmallLayerCodeBytes);
+  // The kernel's operands made from the activations once per call: lut mode's tables (per token),
+  // the tile kernel's (per block of tokens).
+  const int64_t packed_bytes = lut ? M * L.K4 * cpu::kLutTableBytes
+                               : mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G)
+                                                                                  : 0;
+  const int64_t token_block = packed_bytes && !lut ? cpu::kPackTokenBlock : 1;
+  const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
+                        int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
+  // lut mode: the set's table-lookup kernels, else the portable ones (the same integers)
+  int n_sets;
+  const cpu::KernelSet& lut_set = set.lut_gemv ? set : cpu::kernel_sets(&n_sets)[0];
+  const cpu::IntKernel lut_gemv = lut_set.lut_gemv;
+  const cpu::LutTables lut_tables = lut_set.lut_tables;
   std::vector<double> scale(M), cst(M);
   // Per worker: the token being transformed (G * 256 floats, zero tail), an output row in fp32
   // (N floats), and in int mode with the GEMM its tile.
   const int64_t xt_bytes = align64(L.G * kGroupElems * 4), row_bytes = align64(L.N * 4);
   const int64_t tile_bytes = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;
   const int64_t slot = xt_bytes + row_bytes + tile_bytes;
-  const int64_t act_bytes = align64(mode == Mode::kInt ? M * act_stride(L) : M * L.G * kGroupElems * 4);
-  const int64_t dot_bytes = align64(M * L.N * (mode == Mode::kInt && !narrow ? 8 : 4));
+  const int64_t act_bytes = align64(int_mode ? M * act_stride(L) : M * L.G * kGroupElems * 4);
+  const int64_t dot_bytes = align64(M * L.N * (int_mode && !narrow ? 8 : 4));
   uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + align64(packed_bytes) + split.workers() * slot);
   void* act = ws;
   void* dot = ws + act_bytes;
@@ -503,22 +520,30 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
     std::memset(slots + w * slot + L.K * 4, 0, xt_bytes - L.K * 4);
   const auto xt_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot); };
   const auto row_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot + xt_bytes); };
-  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const int8_t*>(act),
-                              act_stride(L), M, narrow ? static_cast<int32_t*>(dot) : nullptr,
-                              narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, packed};
-  const int64_t packed_block = packed ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
+  // (lut mode: the kernel reads the tables, K4 * kLutTableBytes per token, instead of the activations)
+  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G,
+                              static_cast<const int8_t*>(lut ? static_cast<void*>(packed) : act),
+                              lut ? L.K4 * cpu::kLutTableBytes : act_stride(L), M,
+                              narrow ? static_cast<int32_t*>(dot) : nullptr,
+                              narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, lut ? nullptr : packed};
+  const int64_t packed_block = packed && !lut ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
   const auto tokens_of = [&](int64_t m0, int64_t m1) {  // int_args for tokens [m0, m1), m0 a multiple of the block
     cpu::IntArgs mine = int_args;
     mine.act += m0 * mine.act_stride;
     mine.M = m1 - m0;
     if (mine.out32) mine.out32 += m0 * L.N;
     if (mine.out64) mine.out64 += m0 * L.N;
-    if (packed) mine.packed += m0 / cpu::kPackTokenBlock * packed_block;
+    if (mine.packed) mine.packed += m0 / cpu::kPackTokenBlock * packed_block;
     return mine;
   };
   const auto prepare = [&](int64_t m0, int64_t m1, int64_t w) {
     prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
                    xt_of(w));
+    if (lut) {
+      for (int64_t m = m0; m < m1; ++m)
+        lut_tables(static_cast<const int8_t*>(act) + m * act_stride(L), L.K4, packed + m * L.K4 * cpu::kLutTableBytes);
+      return;
+    }
     if (!packed) return;
     // The operands for the tokens of the kernel call that reads them, whose count picks their
     // layout (the tile kernel's narrow one up to 8 tokens): split by tokens, this thread's range
@@ -529,8 +554,8 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
     for (int64_t m = m0; m < m1; m += cpu::kPackTokenBlock)  // (m0: a multiple of the block)
       set.pack_tokens(call, m - base, std::min(cpu::kPackTokenBlock, m1 - m), dst);
   };
-  if (mode == Mode::kInt) {
-    const cpu::IntKernel kernel = gemm ? set.int_gemm : set.int_gemv;
+  if (int_mode) {
+    const cpu::IntKernel kernel = lut ? lut_gemv : gemm ? set.int_gemm : set.int_gemv;
     const auto multiply = [&](int64_t n0, int64_t n1, int64_t m0, int64_t m1, int64_t w) {
       cpu::IntArgs mine = tokens_of(m0, m1);
       mine.scratch = reinterpret_cast<uint32_t*>(slots + w * slot + xt_bytes + row_bytes);
@@ -597,6 +622,19 @@ torch::Tensor frozen_qlinear(const torch::Tensor& x, const torch::Tensor& codes,
   return run_layer(x, L, set, parse_mode(""), "auto");
 }
 
+torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes, const torch::Tensor& params,
+                          int64_t had_in, int64_t had_out) {
+  const KernelSet& set = parse_isa("", "isa");
+  const Layer L = layer_from_params(lut_codes, params, had_in, had_out);
+  return run_layer(x, L, set, Mode::kLut, "auto");
+}
+
+bool has_lut_kernel() {
+  int n;
+  const KernelSet& set = parse_isa("", "isa");
+  return set.lut_gemv != nullptr && &set != &cpu::kernel_sets(&n)[0];  // (the portable set's: the reference)
+}
+
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
                                                                const torch::Tensor& A, const torch::Tensor& b,
                                                                int64_t had_in) {
@@ -632,7 +670,15 @@ std::vector<std::string> supported_isas() {
     if (sets[i].supported()) out.emplace_back(sets[i].name);
   return out;
 }
-void set_mode(const std::string& name) { g_mode.store(static_cast<int>(parse_mode(name.empty() ? "int" : name))); }
-std::string get_mode() { return static_cast<Mode>(g_mode.load()) == Mode::kInt ? "int" : "float"; }
+void set_mode(const std::string& name) {
+  g_mode.store(static_cast<int>(name == "lut" ? Mode::kLut : parse_mode(name.empty() ? "int" : name)));
+}
+std::string get_mode() {
+  switch (static_cast<Mode>(g_mode.load())) {
+    case Mode::kFloat: return "float";
+    case Mode::kLut: return "lut";
+    default: return "int";
+  }
+}
 
 }  // namespace pyquant

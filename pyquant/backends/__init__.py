@@ -13,5 +13,6 @@ Every backend module defines:
   is ``[M, N]`` in ``x``'s dtype; one op of ``torch.ops.pyquant`` (or plain torch ops).
 
 and may define ``forward_traced(x, layer, state) -> y``, what a traced graph (``torch.compile``,
-``torch.export``) runs instead of ``forward`` for calls that need no gradient.
+``torch.export``) runs instead of ``forward`` for calls that need no gradient, and
+``forward_nograd(x, layer, state) -> y``, what an eager call that needs none runs instead.
 """

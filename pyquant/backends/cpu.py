@@ -18,13 +18,24 @@ themselves, as they are at the call (checking that the copy is current would cos
 each Python step of a call after a large layer's runs from caches its codes have flushed). Its
 gradient is the formula in :mod:`pyquant.ops`.
 
+Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut`` or ``_C.set_mode("lut")`` before the model is loaded or
+quantized), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2
+without AVX-512, where the byte multiplies of the int kernels are the bottleneck): a layer built
+under it also holds its codes in the LUT layout (``_C.pack_lut_codes``, one more copy of the
+codes, rebuilt by ``invalidate`` like the rest), and its calls that need no gradient, eager or
+traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
+~1e-4 instead of ~1e-5) and the products come from ``vpshufb`` table lookups. Elsewhere, and for
+layers built under another mode, ``"lut"`` runs the int mode.
+
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
-``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison).
+``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison),
+``PYQUANT_CPU_MODE=lut`` the mode above.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -50,15 +61,27 @@ def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
     return None
 
 
-def build(layer) -> torch.Tensor | None:
-    """Moves the codes into 2 MB pages; returns :func:`frozen_params` of the layer."""
+class State(NamedTuple):
+    """A layer's state: :func:`frozen_params`, and its codes in the LUT layout in mode ``"lut"``
+    (None otherwise)."""
+    params: torch.Tensor | None
+    lut_codes: torch.Tensor | None
+
+
+def build(layer) -> State:
+    """Moves the codes (in mode ``"lut"``: their LUT layout, which the calls then stream) into
+    2 MB pages; :func:`frozen_params` of the layer."""
+    params = frozen_params(layer)
     codes = layer._buffers.get("codes")
+    lut = params is not None and codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
     if codes is not None and not layer._shares_tensors:
         # A plain tensor even when the layer is built under inference_mode: an inference tensor
         # could not be saved for a later backward.
         with torch.inference_mode(False):
+            if lut:
+                return State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)))
             layer._buffers["codes"] = _C.in_huge_pages(codes)
-    return frozen_params(layer)
+    return State(params, None)
 
 
 def frozen_params(layer) -> torch.Tensor | None:
@@ -77,11 +100,20 @@ def frozen_params(layer) -> torch.Tensor | None:
         return torch.cat([head, su.float(), sv.float()] + ([] if bias is None else [bias.float()]))
 
 
-def forward(x: torch.Tensor, layer, params: torch.Tensor | None) -> torch.Tensor:
+def forward(x: torch.Tensor, layer, state: State) -> torch.Tensor:
     return torch.ops.pyquant.linear.default(x, *layer.op_tensors(), layer.had_in, layer.had_out)
 
 
-def forward_traced(x: torch.Tensor, layer, params: torch.Tensor | None) -> torch.Tensor:
-    if params is None:
-        return forward(x, layer, params)
-    return torch.ops.pyquant.frozen_linear.default(x, layer.op_tensors()[0], params, layer.had_in, layer.had_out)
+def forward_nograd(x: torch.Tensor, layer, state: State) -> torch.Tensor:
+    if state.lut_codes is not None:
+        return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
+    return forward(x, layer, state)
+
+
+def forward_traced(x: torch.Tensor, layer, state: State) -> torch.Tensor:
+    if state.lut_codes is not None:
+        return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
+    if state.params is None:
+        return forward(x, layer, state)
+    return torch.ops.pyquant.frozen_linear.default(x, layer.op_tensors()[0], state.params, layer.had_in,
+                                                   layer.had_out)

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -57,6 +58,99 @@ void prepare(const TransformOps& ops, const std::vector<float>& x, const std::ve
     cst[m] = ops.transform(xt.data(), c.K, c.had, A, b, &amax);
     scale[m] = ops.encode_int(xt.data(), c.K, amax, G, plane, act + m * G * 512);
   }
+}
+
+// Codes [N, K4] in the LUT layout (kernel_api.h), as pack.cpp's pack_lut_codes makes them.
+std::vector<uint8_t> lut_layout(const std::vector<uint8_t>& codes, int64_t N, int64_t K4) {
+  std::vector<uint8_t> out(N * K4);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < K4; ++j) out[lut_offset(N, K4, n, j)] = lut_byte(codes[n * K4 + j]);
+  return out;
+}
+
+// Mode "lut" on the int-mode activations `act` (plane layout): the portable tables and GEMV
+// against the naive 4 * sum z * q14, every set's tables and LUT GEMV against the portable ones.
+// Returns the portable V (int64, [M, N]).
+std::vector<int64_t> check_lut(const KernelSet* sets, int n_sets, const Case& c, const std::vector<uint8_t>& codes,
+                               const int8_t* act) {
+  const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, stride = K4 * kLutTableBytes;
+  const bool narrow = c.K <= kInt32MaxK;
+  const std::vector<uint8_t> lut = lut_layout(codes, c.N, K4);
+  std::vector<uint8_t> tables(c.M * stride);
+  for (int64_t m = 0; m < c.M; ++m) lut_tables_scalar(act + m * G * 512, K4, tables.data() + m * stride);
+  const auto run = [&](IntKernel kernel, const std::vector<uint8_t>& t) {
+    std::vector<int32_t> o32(c.M * c.N, -1);
+    std::vector<int64_t> o64(c.M * c.N, -1);
+    IntArgs a{lut.data(), c.N, K4, G, reinterpret_cast<const int8_t*>(t.data()), stride, c.M,
+              narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+    // in row ranges starting on multiples of kRowTile, as the driver calls it
+    for (int64_t n0 = 0; n0 < c.N; n0 += 2 * kRowTile) kernel(a, n0, std::min(c.N, n0 + 2 * kRowTile));
+    if (narrow)
+      for (size_t i = 0; i < o32.size(); ++i) o64[i] = o32[i];
+    return o64;
+  };
+  const std::vector<int64_t> want = run(lut_gemv_scalar, tables);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; n += 5) {
+      int64_t v = 0;
+      const int8_t* t = act + m * G * 512;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const int64_t j = k / 4, i = k % 4, g = j / kGroupCodes, p = j % kGroupCodes;
+        const int z = (codes[n * K4 + j] >> (6 - 2 * i)) & 3;
+        v += z * lut_q14(256 * t[g * 512 + i * 64 + p] + t[g * 512 + 256 + i * 64 + p]);
+      }
+      CHECK(4 * v == want[m * c.N + n], "portable LUT kernel vs naive sum: N=%lld K=%lld m=%lld n=%lld",
+            (long long)c.N, (long long)c.K, (long long)m, (long long)n);
+    }
+  for (int s = 0; s < n_sets; ++s) {
+    if (!sets[s].supported() || !sets[s].lut_gemv) continue;
+    std::vector<uint8_t> mine(c.M * stride);
+    for (int64_t m = 0; m < c.M; ++m) sets[s].lut_tables(act + m * G * 512, K4, mine.data() + m * stride);
+    CHECK(mine == tables, "%s LUT tables differ from the portable ones: N=%lld K=%lld M=%lld", sets[s].name,
+          (long long)c.N, (long long)c.K, (long long)c.M);
+    CHECK(run(sets[s].lut_gemv, tables) == want, "%s LUT GEMV differs from the portable one: N=%lld K=%lld M=%lld",
+          sets[s].name, (long long)c.N, (long long)c.K, (long long)c.M);
+  }
+  return want;
+}
+
+// The LUT kernels' largest sums: all levels 3 against q14 = +-kQMax / 4 everywhere (every table
+// entry +-32512, the high bytes' int16 sums of the AVX2 kernel fullest) and against q14 = 8127 and
+// -8065, whose entries have the largest low byte (252: the low bytes' sums fullest).
+void check_lut_extremes(const KernelSet* sets, int n_sets) {
+  const int64_t N = 67;
+  const int8_t his[] = {127, 127, -127, -126}, los[] = {0, -4, 0, -4};  // q = 256 hi + lo
+  for (int64_t K : {int64_t(1028), kInt32MaxK, int64_t(22016), int64_t(131072)})
+    for (int64_t M : {1, 2, 3})
+      for (int e = 0; e < 4; ++e) {
+        const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
+        Aligned plane(M * G * 512);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t g = k / kGroupElems, p = (k / 4) % kGroupCodes, i = k % 4;
+            int8_t* pl = reinterpret_cast<int8_t*>(plane.p) + m * G * 512 + g * 512;
+            pl[64 * i + p] = his[e];
+            pl[256 + 64 * i + p] = los[e];
+          }
+        const int64_t want = 4 * 3 * K * lut_q14(256 * his[e] + los[e]);
+        const std::vector<uint8_t> lut(N * K4, 0xFF);  // every level 3: every bit of both planes
+        const bool narrow = K <= kInt32MaxK;
+        for (int s = 0; s < n_sets; ++s) {
+          if (!sets[s].supported() || !sets[s].lut_gemv) continue;
+          std::vector<uint8_t> tables(M * K4 * kLutTableBytes);
+          for (int64_t m = 0; m < M; ++m)
+            sets[s].lut_tables(reinterpret_cast<int8_t*>(plane.p) + m * G * 512, K4, tables.data() + m * K4 * kLutTableBytes);
+          std::vector<int32_t> o32(M * N, -1);
+          std::vector<int64_t> o64(M * N, -1);
+          IntArgs a{lut.data(), N, K4, G, reinterpret_cast<const int8_t*>(tables.data()), K4 * kLutTableBytes, M,
+                    narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+          sets[s].lut_gemv(a, 0, N);
+          int64_t bad = 0;
+          for (int64_t i = 0; i < M * N; ++i) bad += (narrow ? o32[i] : o64[i]) != want;
+          CHECK(bad == 0, "%s LUT GEMV at the extremes: %lld of %lld outputs differ (K=%lld M=%lld q=%d)", sets[s].name,
+                (long long)bad, (long long)(M * N), (long long)K, (long long)M, 256 * his[e] + los[e]);
+        }
+      }
 }
 
 void run_case(const Case& c, std::mt19937& rng) {
@@ -116,6 +210,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   mix(scale.data(), 8 * c.M);
   mix(cst.data(), 8 * c.M);
   mix(want.data(), 8 * want.size());
+  mix(check_lut(sets, n_sets, c, codes, reinterpret_cast<const int8_t*>(act.p)).data(), 8 * c.M * c.N);
   std::printf("digest %016llx\n", (unsigned long long)h);
 
   std::vector<float> xtf(G * kGroupElems), wantf(c.M * c.N), bound(c.M * c.N, 0.f);
@@ -394,6 +489,7 @@ int main() {
   }
   check_transforms(sets, n_sets, rng);
   check_extremes(sets, n_sets);
+  check_lut_extremes(sets, n_sets);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;
