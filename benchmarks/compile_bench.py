@@ -14,7 +14,8 @@
    warm, a sample being as many back-to-back encodes of one model as take ~0.25 s (at most
    ``--warm-calls``; a server encoding one request after another), and cold, a sample being one
    encode right after the other three models ran (their weights, 42 MB in fp32, have pushed this
-   one's out of the caches).
+   one's out of the caches). Where the CPU's kernel set has table-lookup kernels
+   (``_C.has_lut_kernel()``), the 2-bit model built in mode "lut" too (eager and compiled).
 
 Times are medians over interleaved rounds (``suite.side_by_side``); only ratios within one run
 mean anything on a machine whose memory bandwidth drifts. Writes ``compile_bench.{json,md}``.
@@ -101,6 +102,12 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -
     model, tok = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
+    lut = None
+    if pyquant.ops._C.has_lut_kernel():  # the same model's layers built in mode "lut" (their state then has LUT codes)
+        before = pyquant.ops._C.get_mode()
+        pyquant.ops._C.set_mode("lut")
+        lut = copy.deepcopy(qmodel)
+        pyquant.ops._C.set_mode(before)
     _, sentences = split_sentences(0, max(batch_sizes))
     rows = []
     for bs in batch_sizes:
@@ -109,6 +116,8 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -
         torch._dynamo.reset()
         variants = {"fp32": model, "fp32_compiled": torch.compile(model),
                     "2bit": qmodel, "2bit_compiled": torch.compile(qmodel, fullgraph=True)}
+        if lut is not None:
+            variants |= {"2bit_lut": lut, "2bit_lut_compiled": torch.compile(lut, fullgraph=True)}
         with torch.no_grad():
             out = {name: m(**batch).last_hidden_state for name, m in variants.items()}  # compiles
             start = time.perf_counter()
@@ -127,6 +136,12 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -
         row["2bit_compiled_x_fp32_compiled_cold"] = row["fp32_compiled_cold_ms"] / row["2bit_compiled_cold_ms"]
         row["2bit_compiled_x_fp32_compiled"] = row["fp32_compiled_ms"] / row["2bit_compiled_ms"]
         row["2bit_x_fp32"] = row["fp32_ms"] / row["2bit_ms"]
+        if lut is not None:
+            row["2bit_lut_rel_err"] = suite_rel(out["2bit_lut"], out["2bit"])  # against int mode
+            row["2bit_lut_compiled_x_fp32_compiled"] = row["fp32_compiled_ms"] / row["2bit_lut_compiled_ms"]
+            row["2bit_lut_compiled_x_fp32_compiled_cold"] = (row["fp32_compiled_cold_ms"]
+                                                             / row["2bit_lut_compiled_cold_ms"])
+            row["2bit_lut_x_fp32"] = row["fp32_ms"] / row["2bit_lut_ms"]
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -152,7 +167,7 @@ def markdown(report: dict) -> str:
               "## MiniLM encode, torch.no_grad (ms per batch)", "",
               "Warm: back-to-back encodes of one model per sample (as many as take ~0.25 s, at most `--warm-calls`: "
               + ", ".join(f"{r['warm_calls']} at batch {r['batch']} x {r['tokens']}" for r in report["minilm"])
-              + "); cold: one encode per sample, right after the other three models.", "",
+              + "); cold: one encode per sample, right after the other models.", "",
               "| batch | tokens | fp32 eager | fp32 compiled | 2-bit eager | 2-bit compiled | 2-bit compiled × fp32 "
               "compiled | 2-bit eager × fp32 eager | cold: fp32 compiled / 2-bit compiled (×) | compiled vs eager "
               "rel. err (fp32 / 2-bit) |",
@@ -163,6 +178,16 @@ def markdown(report: dict) -> str:
                      f"{r['2bit_x_fp32']:.2f} | {r['fp32_compiled_cold_ms']:.2f} / {r['2bit_compiled_cold_ms']:.2f} "
                      f"({r['2bit_compiled_x_fp32_compiled_cold']:.2f}) | "
                      f"{r['fp32_compiled_rel_err']:.1e} / {r['2bit_compiled_rel_err']:.1e} |")
+    if "2bit_lut_ms" in report["minilm"][0]:
+        lines += ["", "### The 2-bit model in mode \"lut\" (same rounds as above)", "",
+                  "| batch | tokens | lut eager | lut compiled | lut compiled × fp32 compiled | lut eager × fp32 eager "
+                  "| cold: fp32 compiled / lut compiled (×) | lut vs int mode rel. err |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["minilm"]:
+            lines.append(f"| {r['batch']} | {r['tokens']} | {r['2bit_lut_ms']:.2f} | {r['2bit_lut_compiled_ms']:.2f} | "
+                         f"{r['2bit_lut_compiled_x_fp32_compiled']:.2f} | {r['2bit_lut_x_fp32']:.2f} | "
+                         f"{r['fp32_compiled_cold_ms']:.2f} / {r['2bit_lut_compiled_cold_ms']:.2f} "
+                         f"({r['2bit_lut_compiled_x_fp32_compiled_cold']:.2f}) | {r['2bit_lut_rel_err']:.1e} |")
     lines += ["", "tokens: sequence length of the batch (real sentences padded to the longest in the batch, or "
               "to `--seq-len`)."]
     return "\n".join(lines) + "\n"
