@@ -11,7 +11,9 @@
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
 // Passes 1 and 3 (transform.h) have a portable and an AVX-512 build that round identically, and the
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and
-// thread count; float mode is deterministic per ISA.
+// thread count; float mode is deterministic per ISA. Mode "lut" (lut_linear, on codes repacked by
+// pack_lut_codes) is int mode with the activations cut to 14 bits and table-lookup kernels in pass
+// 2, whose tables pass 1 makes (kernel_api.h); exact integers too.
 #include "ops.h"
 
 #include <ATen/EmptyTensor.h>

@@ -6,7 +6,10 @@
 //   g++ -O3 -std=c++17 -Icsrc/cpu csrc/cpu/harness/kernel_bench.cpp csrc/cpu/kernel_table.cpp
 //       csrc/cpu/transform.cpp csrc/cpu/kernels_scalar.cpp <the x86_64 files of arch_sources.json>
 //       -lpthread -o /tmp/kernel_bench
-//   /tmp/kernel_bench N K M THREADS [SET]        e.g. /tmp/kernel_bench 4096 4096 1 2 amx
+//   /tmp/kernel_bench N K M THREADS [SET [MODE]]   e.g. /tmp/kernel_bench 4096 4096 1 2 amx
+//
+// MODE int (the default) or lut: the table-lookup GEMV (kernel_api.h; random bytes are valid codes
+// in the LUT layout too), the set's own or the portable one, on tables made once before the calls.
 //
 // Each call multiplies the next of enough distinct random layers (at least 16, and 1.5 GB in all)
 // that their codes come from memory, not from a last-level cache of hundreds of MB; the codes sit
@@ -104,12 +107,17 @@ __attribute__((target("avx512f"))) void read_range(const uint8_t* p, size_t byte
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::fprintf(stderr, "usage: %s N K M THREADS [SET]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s N K M THREADS [SET [MODE]]\n", argv[0]);
     return 2;
   }
   const int64_t N = std::atol(argv[1]), K = std::atol(argv[2]), M = std::atol(argv[3]);
   const int threads = std::atoi(argv[4]);
   const KernelSet* set = argc > 5 ? find_kernel_set(argv[5]) : &best_kernel_set();
+  const bool lut = argc > 6 && std::strcmp(argv[6], "lut") == 0;
+  if (argc > 6 && !lut && std::strcmp(argv[6], "int") != 0) {
+    std::fprintf(stderr, "MODE must be int or lut, got '%s'\n", argv[6]);
+    return 2;
+  }
   if (N <= 0 || K <= 0 || K % 4 || M <= 0 || threads <= 0) {
     std::fprintf(stderr, "N, K, M and THREADS must be positive, K a multiple of 4\n");
     return 2;
@@ -138,24 +146,33 @@ int main(int argc, char** argv) {
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);
   std::vector<int64_t> out64(narrow ? 0 : M * N);
-  const bool gemm = set->int_gemm && M > gemv_max_tokens(bytes);
+  const bool gemm = !lut && set->int_gemm && M > gemv_max_tokens(bytes);
   if (gemm) {
     std::fprintf(stderr, "M = %ld takes the GEMM (natural layout), which this benchmark does not time\n", long(M));
     return 2;
   }
-  const int64_t packed_bytes = set->packed_bytes ? set->packed_bytes(M, G) : 0;
+  const int64_t packed_bytes = !lut && set->packed_bytes ? set->packed_bytes(M, G) : 0;
   uint8_t* packed = packed_bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (packed_bytes + 63) / 64 * 64)) : nullptr;
   IntArgs base{codes[0], N, K4, G, act.data(), G * 512, M, narrow ? out32.data() : nullptr,
                narrow ? nullptr : out64.data(), nullptr, packed};
   for (int64_t m = 0; packed && m < M; m += kPackTokenBlock)
     set->pack_tokens(base, m, std::min(kPackTokenBlock, M - m), packed);
+  int n_sets;
+  const KernelSet& lut_set = set->lut_gemv ? *set : kernel_sets(&n_sets)[0];
+  std::vector<uint8_t> tables(lut ? M * K4 * kLutTableBytes : 0);
+  if (lut) {
+    for (int64_t m = 0; m < M; ++m) lut_set.lut_tables(act.data() + m * G * 512, K4, tables.data() + m * K4 * kLutTableBytes);
+    base.act = reinterpret_cast<const int8_t*>(tables.data());
+    base.act_stride = K4 * kLutTableBytes;
+  }
+  const IntKernel kernel = lut ? lut_set.lut_gemv : set->int_gemv;
   const int64_t tiles = (N + kRowTile - 1) / kRowTile, per = (tiles + threads - 1) / threads * kRowTile;
   const int calls = std::max(layers + 200, 2 * layers);
   const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
     IntArgs a = base;
     a.codes = codes[call % layers];
     const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
-    if (n0 < n1) set->int_gemv(a, n0, n1);
+    if (n0 < n1) kernel(a, n0, n1);
   });
   const size_t probe = size_t(512) << 20;
   uint8_t* buf = huge_alloc(probe);
@@ -165,8 +182,8 @@ int main(int argc, char** argv) {
   });
   const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
   const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
-  std::printf("%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
-              long(K), long(N), long(M), threads, layers, bytes / 1e6);
+  std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
+              lut ? " lut" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
   std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
               kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
   return 0;
