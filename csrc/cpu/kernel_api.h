@@ -125,27 +125,42 @@ inline const uint8_t* group_codes(const uint8_t* row, int64_t K4, int64_t g, uin
 //    (every ISA gives the same bits). Ties to even, not up: the levels z are 0..3, not centred, so
 //    a rounding bias of 1/8 of a step on every activation would add up over K instead of
 //    averaging out (ties up: 3.5e-3 relative error at 4096 x 4096; to even: ~1e-4).
-//  - codes, LUT layout: rows in blocks of kLutRows (the last one w = N % kLutRows wide), per block
-//    code byte j of its w rows in a run: byte (32 * nb * K4 + j * w + r) holds row 32 nb + r's
-//    code byte j as bit planes: low nibble bit i = z_i & 1, high nibble bit i = z_i >> 1 (z_i
-//    its i-th level), so  sum_i z_i q14_i = e[low] + 2 e[high].
+//  - codes, LUT layout: a row's code byte j (levels z_0..z_3) as two bit-plane nibbles, plane p's
+//    bit i = (z_i >> p) & 1, so  sum_i z_i q14_i = e[plane 0] + 2 e[plane 1]. Rows in blocks of
+//    kLutRows, each block's K4 runs of 32 bytes (block nb, code byte j at 32 * (nb * K4 + j)), byte
+//    i of a run holding plane i % 2 of row ra = 16 (i / 16) + (i % 16) / 2 in its low nibble and of
+//    row ra + 8 in its high nibble: the AVX2 kernel's two vectors of indices (a row's planes side
+//    by side, rows 0-7 | 16-23 and 8-15 | 24-31) are then one `and` and one shift away. A last
+//    block of w = N % kLutRows rows holds row r's two nibbles in byte 32 nb K4 + j w + r (plane 0
+//    low), read by the portable kernel only. lut_nibble says where each nibble lies.
 //  - tables, per token [K4][kLutTableBytes]: the low bytes of e[0..15], then their high bytes.
 inline int lut_q14(int q) { return (q + 1 + ((q >> 2) & 1)) >> 2; }
 constexpr int64_t kLutRows = 32;
 constexpr int64_t kLutTableBytes = 32;
-// Code byte c (levels z0..z3, z0 in the high bits) as the LUT layout's bit-plane byte.
-inline uint8_t lut_byte(uint8_t c) {
-  uint8_t out = 0;
-  for (int i = 0; i < 4; ++i) {
-    const int z = (c >> (6 - 2 * i)) & 3;
-    out = static_cast<uint8_t>(out | (z & 1) << i | (z >> 1) << (4 + i));
+// Where plane p of row n's code byte j lies in the LUT layout of an [N, K4] codes tensor: *byte,
+// and *shift (0: the low nibble, 4: the high one).
+inline void lut_nibble(int64_t N, int64_t K4, int64_t n, int64_t j, int p, int64_t* byte, int* shift) {
+  const int64_t nb = n / kLutRows, r = n % kLutRows, base = kLutRows * nb * K4;
+  if (N - nb * kLutRows < kLutRows) {  // the last, partial block
+    *byte = base + j * (N - nb * kLutRows) + r;
+    *shift = 4 * p;
+    return;
   }
-  return out;
+  const int64_t q = r % 16;
+  *byte = base + kLutRows * j + 16 * (r / 16) + 2 * (q % 8) + p;
+  *shift = q < 8 ? 0 : 4;
 }
-// Where row n's code byte j lies in the LUT layout of an [N, K4] codes tensor.
-inline int64_t lut_offset(int64_t N, int64_t K4, int64_t n, int64_t j) {
-  const int64_t nb = n / kLutRows, w = N - nb * kLutRows < kLutRows ? N - nb * kLutRows : kLutRows;
-  return kLutRows * nb * K4 + j * w + n % kLutRows;
+// ORs row n's code byte c (levels z0..z3, z0 in the high bits, as in the codes tensor) into its
+// two nibbles of the LUT layout `dst` (zeroed first).
+inline void lut_pack_byte(int64_t N, int64_t K4, int64_t n, int64_t j, uint8_t c, uint8_t* dst) {
+  for (int p = 0; p < 2; ++p) {
+    int nibble = 0;
+    for (int i = 0; i < 4; ++i) nibble |= ((c >> (6 - 2 * i) >> p) & 1) << i;
+    int64_t byte;
+    int shift;
+    lut_nibble(N, K4, n, j, p, &byte, &shift);
+    dst[byte] = static_cast<uint8_t>(dst[byte] | nibble << shift);
+  }
 }
 // One token's tables from its int-mode activations in the plane layout (G * 512 bytes).
 using LutTables = void (*)(const int8_t* act, int64_t K4, uint8_t* tables);

@@ -70,10 +70,16 @@ void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
       const auto* tables = reinterpret_cast<const uint8_t*>(a.act + m * a.act_stride);
       int64_t acc = 0;
       for (int64_t j = 0; j < a.K4; ++j) {
-        const int b = a.codes[lut_offset(a.N, a.K4, n, j)];
+        int plane[2];
+        for (int p = 0; p < 2; ++p) {
+          int64_t byte;
+          int shift;
+          lut_nibble(a.N, a.K4, n, j, p, &byte, &shift);
+          plane[p] = (a.codes[byte] >> shift) & 15;
+        }
         const uint8_t* t = tables + j * kLutTableBytes;
         const auto entry = [&](int s) { return t[s] + 256 * static_cast<int8_t>(t[16 + s]); };
-        acc += entry(b & 15) + 2 * entry(b >> 4);
+        acc += entry(plane[0]) + 2 * entry(plane[1]);
       }
       a.store(m, n, 4 * acc);
     }

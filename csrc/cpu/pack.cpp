@@ -2,6 +2,8 @@
 // code = 64*z0 + 16*z1 + 4*z2 + z3. Exposed so the build path of pyquant._C is exercised by tests.
 #include "ops.h"
 
+#include <algorithm>
+
 #include "kernel_api.h"
 
 namespace pyquant {
@@ -51,14 +53,14 @@ torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
   TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
   const auto cc = codes.contiguous();
   const int64_t n = cc.size(0), k4 = cc.size(1);
-  auto out = torch::empty({n, k4}, cc.options());
+  auto out = torch::zeros({n, k4}, cc.options());
   const uint8_t* src = cc.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  uint8_t byte[256];
-  for (int c = 0; c < 256; ++c) byte[c] = cpu::lut_byte(static_cast<uint8_t>(c));
+  // per block of rows: the rows of one block share their bytes
 #pragma omp parallel for
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < k4; ++j) dst[cpu::lut_offset(n, k4, r, j)] = byte[src[r * k4 + j]];
+  for (int64_t nb = 0; nb < (n + cpu::kLutRows - 1) / cpu::kLutRows; ++nb)
+    for (int64_t r = nb * cpu::kLutRows; r < std::min(n, (nb + 1) * cpu::kLutRows); ++r)
+      for (int64_t j = 0; j < k4; ++j) cpu::lut_pack_byte(n, k4, r, j, src[r * k4 + j], dst);
   return out;
 }
 

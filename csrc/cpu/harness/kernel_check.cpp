@@ -62,9 +62,9 @@ void prepare(const TransformOps& ops, const std::vector<float>& x, const std::ve
 
 // Codes [N, K4] in the LUT layout (kernel_api.h), as pack.cpp's pack_lut_codes makes them.
 std::vector<uint8_t> lut_layout(const std::vector<uint8_t>& codes, int64_t N, int64_t K4) {
-  std::vector<uint8_t> out(N * K4);
+  std::vector<uint8_t> out(N * K4, 0);
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t j = 0; j < K4; ++j) out[lut_offset(N, K4, n, j)] = lut_byte(codes[n * K4 + j]);
+    for (int64_t j = 0; j < K4; ++j) lut_pack_byte(N, K4, n, j, codes[n * K4 + j], out.data());
   return out;
 }
 
