@@ -3,6 +3,8 @@
 // at most 2 * 3 * 128, no saturation), the four planes of up to 8 half groups are summed in int16
 // (at most 8 * 3072, kWidenHalves) and vpmaddwd widens them to int32, scaling the hi sums by 256.
 // Used for every batch size: token blocks of up to 4 reuse each unpacked group of codes.
+// Mode "lut" has its own GEMV here (lut_block), which takes the products from vpshufb table
+// lookups instead of the byte multiplier, and the tables' builder (kernel_api.h).
 #include <immintrin.h>
 
 #include <cstring>
