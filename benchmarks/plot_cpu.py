@@ -1,4 +1,5 @@
-"""Plot the CPU suite's speed-ups (pyquant 2-bit against F.linear bf16 and torch's int4 kernel).
+"""Plot the CPU suite's speed-ups (pyquant 2-bit against F.linear bf16 and torch's int4 kernel;
+mode "lut" dashed, in the same colour, where the report has it).
 
     python benchmarks/plot_cpu.py [benchmarks/results/cpu_full_2t.json]
 
@@ -30,7 +31,10 @@ def plot(report_path: Path) -> Path:
     for ax, other, title in ((axes[0], "bf16", "vs F.linear bf16"), (axes[1], "int4", "vs torch int4 (g128)")):
         for name, rows in shapes.items():
             rows = sorted(rows, key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rows], [r["speedup"][other] for r in rows], marker="o", label=name)
+            line, = ax.plot([r["batch"] for r in rows], [r["speedup"][other] for r in rows], marker="o", label=name)
+            if "lut_speedup" in rows[0]:
+                ax.plot([r["batch"] for r in rows], [r["lut_speedup"][other] for r in rows], marker="x",
+                        linestyle="--", color=line.get_color(), label=f"{name} lut")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
