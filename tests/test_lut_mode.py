@@ -109,6 +109,24 @@ def test_nan_and_inf_tokens_give_nan_rows_as_in_int_mode():
     assert rel_err(y[:1], reference(x[:1], pw)) <= TOL
 
 
+@pytest.mark.parametrize("scale", [1e-35, 1e-37, 1e-40, 1e30])
+def test_lut_mode_keeps_its_accuracy_at_extreme_magnitudes(scale):
+    pw = make_packed(64, 128, hadamard=True, seed=4)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0)) * scale
+    with torch.no_grad():
+        y = torch.ops.pyquant.lut_linear(*lut_args(pw, x))
+    assert rel_err(y, reference(x, pw)) <= TOL, scale
+
+
+def test_a_nan_in_the_codebook_gives_nan_in_lut_mode_too():
+    pw = make_packed(64, 128, hadamard=True, seed=4)
+    x, lut, params, had_in, had_out = lut_args(pw, torch.randn(3, 128))
+    params = params.clone()
+    params[4 * 2 + 1] = float("nan")  # A[2, 1] (a layer refuses it; the op takes what it is given)
+    with torch.no_grad():
+        assert torch.ops.pyquant.lut_linear(x, lut, params, had_in, had_out).isnan().all()
+
+
 def use_a_lut_kernel_set(isa):
     """Forces the avx2 set (the one with table-lookup kernels) where the CPU has it."""
     if "avx2" not in ISAS:
