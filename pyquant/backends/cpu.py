@@ -24,7 +24,7 @@ without AVX-512, where the byte multiplies of the int kernels are the bottleneck
 under it also holds its codes in the LUT layout (``_C.pack_lut_codes``, one more copy of the
 codes, rebuilt by ``invalidate`` like the rest), and its calls that need no gradient, eager or
 traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
-~1e-4 instead of ~1e-5) and the products come from ``vpshufb`` table lookups. Elsewhere, and for
+~2e-4 instead of ~5e-5) and the products come from ``vpshufb`` table lookups. Elsewhere, and for
 layers built under another mode, ``"lut"`` runs the int mode.
 
 Environment overrides, read when this module is imported:
