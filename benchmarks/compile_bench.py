@@ -102,12 +102,7 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -
     model, tok = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
-    lut = None
-    if pyquant.ops._C.has_lut_kernel():  # the same model's layers built in mode "lut" (their state then has LUT codes)
-        before = pyquant.ops._C.get_mode()
-        pyquant.ops._C.set_mode("lut")
-        lut = copy.deepcopy(qmodel)
-        pyquant.ops._C.set_mode(before)
+    lut = suite.lut_copy(qmodel)
     _, sentences = split_sentences(0, max(batch_sizes))
     rows = []
     for bs in batch_sizes:

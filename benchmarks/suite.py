@@ -308,6 +308,19 @@ def compare_isas(shapes, batches, min_time: float = 0.2) -> list[dict]:
 
 # ----------------------------------------------------------------------------- MiniLM
 
+def lut_copy(qmodel):
+    """A copy of ``qmodel`` whose layers are built in mode "lut" (their state then holds the
+    LUT-layout codes), or None where this CPU's kernel set has no table-lookup kernels."""
+    if not pyquant.ops._C.has_lut_kernel():
+        return None
+    before = pyquant.ops._C.get_mode()
+    pyquant.ops._C.set_mode("lut")
+    try:
+        return copy.deepcopy(qmodel)  # (a layer's copy rebuilds its kernel state)
+    finally:
+        pyquant.ops._C.set_mode(before)
+
+
 @torch.inference_mode()
 def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, min_time: float = 2.0) -> list[dict]:
     """MiniLM (all-MiniLM-L6-v2) encode throughput in sentences/s at ``seq_len`` tokens, fp32
@@ -320,12 +333,7 @@ def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, min_time: float = 2.0)
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
     layer = next(m for m in qmodel.modules() if isinstance(m, pyquant.QuantLinear))
-    lut = None
-    if pyquant.ops._C.has_lut_kernel():  # the same model's layers built in mode "lut"
-        before = pyquant.ops._C.get_mode()
-        pyquant.ops._C.set_mode("lut")
-        lut = copy.deepcopy(qmodel)
-        pyquant.ops._C.set_mode(before)
+    lut = lut_copy(qmodel)
     _, sentences = split_sentences(0, max(batch_sizes))
     out = []
     for bs in batch_sizes:

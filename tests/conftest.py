@@ -50,6 +50,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture
+def cpu_mode():
+    """The C++ kernels' default mode (``_C.set_mode``) for one test, put back after it."""
+    from pyquant.ops import _C
+
+    before = _C.get_mode()
+    yield _C.set_mode
+    _C.set_mode(before)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from pyquant.evaluation import load_minilm

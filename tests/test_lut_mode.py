@@ -24,14 +24,6 @@ TOL = 2e-3  # the issue's line for any faster mode, per layer, against fp64
 
 
 @pytest.fixture
-def mode():
-    """Sets the kernels' default mode for one test (put back after it)."""
-    before = _C.get_mode()
-    yield _C.set_mode
-    _C.set_mode(before)
-
-
-@pytest.fixture
 def isa():
     yield _C.set_isa
     _C.set_isa("auto")
@@ -134,9 +126,9 @@ def use_a_lut_kernel_set(isa):
     isa("avx2")
 
 
-def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(mode, isa):
+def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(cpu_mode, isa):
     use_a_lut_kernel_set(isa)
-    mode("lut")
+    cpu_mode("lut")
     layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), torch.randn(64))
     state = layer._plan.states["cpu"]
     assert state.lut_codes is not None and torch.equal(state.lut_codes, _C.pack_lut_codes(layer.codes))
@@ -154,10 +146,10 @@ def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(mode, isa)
     y.sum().backward()
     assert x.grad is not None and rel_err(y.detach(), want) <= TOL
     # built under int mode: int mode whatever the mode at the call
-    mode("int")
+    cpu_mode("int")
     plain = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), layer.bias.detach())
     assert plain._plan.states["cpu"].lut_codes is None
-    mode("lut")
+    cpu_mode("lut")
     with torch.no_grad():
         assert torch.equal(plain(x.detach()), torch.ops.pyquant.linear(x.detach(), *plain.op_tensors(), plain.had_in,
                                                                         plain.had_out))
@@ -171,7 +163,7 @@ def test_has_lut_kernel_follows_the_kernel_set(isa):
         assert _C.has_lut_kernel() == (name == "avx2")
 
 
-def test_real_minilm_layers_and_embeddings_in_lut_mode(minilm, mode, isa):
+def test_real_minilm_layers_and_embeddings_in_lut_mode(minilm, cpu_mode, isa):
     """Every quantized MiniLM layer on its real activations within 2e-3 of fp64; the embeddings of
     the demo's sentences within cosine 0.9995 of int mode's."""
     import copy
@@ -182,7 +174,7 @@ def test_real_minilm_layers_and_embeddings_in_lut_mode(minilm, mode, isa):
     q = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(), filter_fn=encoder_filter, progress=False)
     layers = pyquant.nn.quantized_layers(q)
     int_emb = embed(q, tokenizer, sentences)
-    mode("lut")
+    cpu_mode("lut")
     for layer in layers.values():
         layer.invalidate()  # rebuilt under lut mode
         assert layer._plan.states["cpu"].lut_codes is not None

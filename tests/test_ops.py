@@ -32,13 +32,6 @@ def op_args(layer, x):
             layer.had_out)
 
 
-@pytest.fixture
-def cpu_mode():
-    before = _C.get_mode()
-    yield _C.set_mode
-    _C.set_mode(before)
-
-
 # ---------------------------------------------------------------------------- opcheck
 
 @pytest.mark.parametrize("n,k,hadamard,bias,dtype", [(37, 384, True, True, torch.float32),

@@ -17,15 +17,6 @@ if "cpu" in kernels.available_backends():
     PATHS += [("cpu", "float", 1e-5), ("cpu", "int", 3e-4)]
 
 
-@pytest.fixture
-def cpu_mode():
-    from pyquant import _C
-
-    before = _C.get_mode()
-    yield _C.set_mode
-    _C.set_mode(before)
-
-
 @pytest.mark.parametrize("backend,mode,tol", PATHS, ids=[f"{b}-{m}" for b, m, _ in PATHS])
 @pytest.mark.parametrize("k", [384, 1536, 4096])
 @pytest.mark.parametrize("hadamard", [True, False])

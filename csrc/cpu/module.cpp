@@ -102,28 +102,20 @@ torch::Tensor linear_autograd(const torch::Tensor& x, const torch::Tensor& codes
   return call_linear(x, codes, A, b, su, sv, w_scale, bias, had_in, had_out);
 }
 
-// frozen_linear has no gradient (its params are a copy): a call that would need one is an error,
-// not a result autograd silently cuts off from the layer's tensors.
-torch::Tensor frozen_linear_autograd(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                                     int64_t had_in, int64_t had_out) {
-  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()),
-                    "pyquant::frozen_linear has no gradient; a call that needs one takes pyquant::linear");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyquant::frozen_linear", "")
-                             .typed<decltype(pyquant::frozen_qlinear)>();
+// frozen_linear and lut_linear have no gradient (their params are a copy): a call that would need
+// one is an error, not a result autograd silently cuts off from the layer's tensors. (Both have
+// frozen_qlinear's signature; kOp names the op.)
+constexpr char kFrozenLinear[] = "pyquant::frozen_linear";
+constexpr char kLutLinear[] = "pyquant::lut_linear";
+template <const char* kOp>
+torch::Tensor no_gradient_autograd(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
+                                   int64_t had_in, int64_t had_out) {
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()), kOp,
+                    " has no gradient; a call that needs one takes pyquant::linear");
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").typed<decltype(pyquant::frozen_qlinear)>();
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(x, codes, params, had_in, had_out);
-}
-
-torch::Tensor lut_linear_autograd(const torch::Tensor& x, const torch::Tensor& lut_codes, const torch::Tensor& params,
-                                  int64_t had_in, int64_t had_out) {
-  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()),
-                    "pyquant::lut_linear has no gradient; a call that needs one takes pyquant::linear");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyquant::lut_linear", "")
-                             .typed<decltype(pyquant::lut_qlinear)>();
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(x, lut_codes, params, had_in, had_out);
 }
 
 }  // namespace
@@ -163,8 +155,8 @@ TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
 
 TORCH_LIBRARY_IMPL(pyquant, Autograd, m) {
   m.impl("linear", &linear_autograd);
-  m.impl("frozen_linear", &frozen_linear_autograd);
-  m.impl("lut_linear", &lut_linear_autograd);
+  m.impl("frozen_linear", &no_gradient_autograd<kFrozenLinear>);
+  m.impl("lut_linear", &no_gradient_autograd<kLutLinear>);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -4,12 +4,12 @@
 // mode must agree within 1e-5 of sum |z * x|; every build of the per-token math must give the
 // portable build's bits. Built and run by scripts/check_portable.sh, natively and, cross-compiled,
 // under qemu-aarch64. Exit code 0 when everything agrees.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <random>
 #include <vector>
 
