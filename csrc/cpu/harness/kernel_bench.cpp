@@ -152,16 +152,20 @@ int main(int argc, char** argv) {
   const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, bytes = N * K4;
   const int layers = static_cast<int>(std::max<int64_t>(16, int64_t(1.5e9) / bytes + 1));
   std::mt19937 rng(1);
+  // One allocation for all layers, each 64-byte aligned in it: one per layer would round each up
+  // to a 2 MB page (40 000 layers of 384 x 384: 80 GB of address space, killed).
+  const int64_t stride = (bytes + 63) / 64 * 64;
+  uint8_t* all = huge_alloc(static_cast<size_t>(stride) * layers);
+  if (!all) {
+    std::fprintf(stderr, "out of memory\n");
+    return 1;
+  }
   std::vector<uint8_t*> codes(layers);
-  for (auto& c : codes) {
-    c = huge_alloc(bytes);
-    if (!c) {
-      std::fprintf(stderr, "out of memory\n");
-      return 1;
-    }
+  for (int l = 0; l < layers; ++l) {
+    codes[l] = all + l * stride;
     for (int64_t i = 0; i < bytes; i += 4) {
       const uint32_t r = rng();
-      std::memcpy(c + i, &r, std::min<int64_t>(4, bytes - i));
+      std::memcpy(codes[l] + i, &r, std::min<int64_t>(4, bytes - i));
     }
   }
   std::vector<int8_t> act(M * G * 512);
