@@ -166,10 +166,12 @@ inline void lut_pack_byte(int64_t N, int64_t K4, int64_t n, int64_t j, uint8_t c
 using LutTables = void (*)(const int8_t* act, int64_t K4, uint8_t* tables);
 void lut_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables);
 void lut_tables_avx2(const int8_t* act, int64_t K4, uint8_t* tables);
+void lut_tables_neon(const int8_t* act, int64_t K4, uint8_t* tables);
 // IntArgs with codes in the LUT layout, act the tables (act_stride = K4 * kLutTableBytes); rows
 // [n0, n1) with n0 a multiple of kLutRows, as the driver splits them (kRowTile).
 void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void lut_gemv_avx2(const IntArgs& a, int64_t n0, int64_t n1);
+void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);

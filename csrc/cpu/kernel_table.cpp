@@ -57,7 +57,8 @@ const KernelSet kSets[] = {
 #endif
 #if defined(__aarch64__)
     // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.
-    {"neon", always, int_plane_neon, nullptr, float_plane_neon, &kPortableMath},
+    {"neon", always, int_plane_neon, nullptr, float_plane_neon, &kPortableMath, nullptr, nullptr, nullptr,
+     lut_gemv_neon, lut_tables_neon},
 #endif
 };
 constexpr int kNumSets = sizeof(kSets) / sizeof(kSets[0]);

@@ -3,7 +3,8 @@
 // same exact integers as the x86 kernels (kernel_api.h). Int mode: the u8 x s8 products go
 // through vmull_s8 / vmlal_s8 (int16: the four planes sum to at most 4 * 3 * 128 = 1536) and
 // vpadalq_s16 widens pairs into int32 lanes (at most 24576 per lane and group, folded into int64
-// every kBlockGroups groups). Float mode: fp32 FMAs over the same planes.
+// every kBlockGroups groups). Float mode: fp32 FMAs over the same planes. Mode "lut": the AVX2
+// LUT kernel's scheme (kernel_api.h) with `tbl` lookups, below (lut_half).
 // Measured only under qemu (correctness, not speed): no AArch64 machine has run them.
 #include <arm_neon.h>
 
@@ -96,7 +97,126 @@ void float_row(const FloatArgs& a, int64_t n, int64_t m) {
   a.out[m * a.N + n] = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
 }
 
+// LUT GEMV (kernel_api.h's table-lookup kernels) on one half of a full block: rows 16h .. 16h+15
+// of block nb, MT tokens. Per code byte j the half's 16 bytes give, by an `and` and a byte shift,
+// the indices of rows 0-7 and 8-15 (a row's two planes in neighbouring bytes); per token `tbl`
+// looks up the low and the high bytes of the entries, and vmlal by bytes [1, 2] folds plane 0 + 2
+// x plane 1 as it widens into 16-bit lanes (lane 2k: row k's plane 0, lane 2k+1: 2 x its plane 1):
+// low bytes (unsigned) at most 510 per lane and code byte, high bytes (signed) |.| <= 256, so 64
+// code bytes (32640, 16384) stay inside uint16 / int16; vpadal then sums each row's two lanes into
+// 32 bits, and 32-bit sums (|.| <= 765 per code byte and row) fold into int64 every kLutFold.
+// Per 64 products and token: 4 lookups, 8 multiply-accumulates, against 16 byte multiplies and
+// the level unpacking of the int GEMV.
+constexpr int64_t kLutWiden = 64;
+constexpr int64_t kLutFold = 1 << 20;
+
+template <int MT>
+void lut_half(const IntArgs& a, int64_t nb, int h, int64_t m0) {
+  const uint8x16_t low4 = vdupq_n_u8(0x0f);
+  const uint8x8_t w_u = vreinterpret_u8_u16(vdup_n_u16(0x0201));  // bytes [1, 2]
+  const int8x8_t w_s = vreinterpret_s8_u16(vdup_n_u16(0x0201));
+  const uint8_t* codes = a.codes + nb * kLutRows * a.K4 + 16 * h;
+  const uint8_t* tables[MT];
+  for (int t = 0; t < MT; ++t) tables[t] = reinterpret_cast<const uint8_t*>(a.act + (m0 + t) * a.act_stride);
+  int64_t total[MT][16] = {};
+  for (int64_t f0 = 0; f0 < a.K4; f0 += kLutFold) {
+    const int64_t f1 = imin(a.K4, f0 + kLutFold);
+    // [t][q]: rows 4q .. 4q+3 of the half (q = 0, 1: low nibbles; 2, 3: high nibbles)
+    uint32x4_t lo32[MT][4];
+    int32x4_t hi32[MT][4];
+    for (int t = 0; t < MT; ++t)
+      for (int q = 0; q < 4; ++q) {
+        lo32[t][q] = vdupq_n_u32(0);
+        hi32[t][q] = vdupq_n_s32(0);
+      }
+    for (int64_t j0 = f0; j0 < f1; j0 += kLutWiden) {
+      const int64_t j1 = imin(f1, j0 + kLutWiden);
+      uint16x8_t lo16[MT][4];
+      int16x8_t hi16[MT][4];
+      for (int t = 0; t < MT; ++t)
+        for (int q = 0; q < 4; ++q) {
+          lo16[t][q] = vdupq_n_u16(0);
+          hi16[t][q] = vdupq_n_s16(0);
+        }
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint8x16_t c = vld1q_u8(codes + kLutRows * j);
+        const uint8x16_t idx[2] = {vandq_u8(c, low4), vshrq_n_u8(c, 4)};
+        for (int t = 0; t < MT; ++t) {
+          const uint8_t* tb = tables[t] + kLutTableBytes * j;
+          const uint8x16_t tl = vld1q_u8(tb), th = vld1q_u8(tb + 16);
+          for (int v = 0; v < 2; ++v) {
+            const uint8x16_t l = vqtbl1q_u8(tl, idx[v]);
+            const int8x16_t e = vreinterpretq_s8_u8(vqtbl1q_u8(th, idx[v]));
+            lo16[t][2 * v] = vmlal_u8(lo16[t][2 * v], vget_low_u8(l), w_u);
+            lo16[t][2 * v + 1] = vmlal_high_u8(lo16[t][2 * v + 1], l, vcombine_u8(w_u, w_u));
+            hi16[t][2 * v] = vmlal_s8(hi16[t][2 * v], vget_low_s8(e), w_s);
+            hi16[t][2 * v + 1] = vmlal_high_s8(hi16[t][2 * v + 1], e, vcombine_s8(w_s, w_s));
+          }
+        }
+      }
+      for (int t = 0; t < MT; ++t)
+        for (int q = 0; q < 4; ++q) {
+          lo32[t][q] = vpadalq_u16(lo32[t][q], lo16[t][q]);
+          hi32[t][q] = vpadalq_s16(hi32[t][q], hi16[t][q]);
+        }
+    }
+    for (int t = 0; t < MT; ++t)
+      for (int q = 0; q < 4; ++q) {
+        alignas(16) uint32_t l[4];
+        alignas(16) int32_t e[4];
+        vst1q_u32(l, lo32[t][q]);
+        vst1q_s32(e, hi32[t][q]);
+        for (int r = 0; r < 4; ++r) total[t][4 * q + r] += l[r] + 256 * int64_t(e[r]);
+      }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < 16; ++r) a.store(m0 + t, nb * kLutRows + 16 * h + r, 4 * total[t][r]);
+}
+
 }  // namespace
+
+void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1) {
+  const int64_t full = a.N / kLutRows * kLutRows;  // rows in full blocks; the rest: the portable kernel
+  for (int64_t nb = n0 / kLutRows; nb < imin(n1, full) / kLutRows; ++nb)
+    for (int h = 0; h < 2; ++h) {
+      int64_t m0 = 0;
+      for (; m0 + 2 <= a.M; m0 += 2) lut_half<2>(a, nb, h, m0);
+      if (m0 < a.M) lut_half<1>(a, nb, h, m0);
+    }
+  if (n1 > full) lut_gemv_scalar(a, full > n0 ? full : n0, n1);
+}
+
+void lut_tables_neon(const int8_t* act, int64_t K4, uint8_t* tables) {
+  // mask[i] lanes s (entries 0-7, then 8-15): all ones where bit i of s is set
+  const int16_t bits[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  int16x8_t mask[4][2];
+  for (int i = 0; i < 4; ++i)
+    for (int k = 0; k < 2; ++k) {
+      const int16x8_t bit = vdupq_n_s16(static_cast<int16_t>(1 << i));
+      mask[i][k] = vreinterpretq_s16_u16(vceqq_s16(vandq_s16(vld1q_s16(bits + 8 * k), bit), bit));
+    }
+  const int16x8_t one = vdupq_n_s16(1);
+  for (int64_t j0 = 0; j0 < K4; j0 += 8) {
+    // q14 of the 4 activations of code bytes j0 .. j0+7 (the plane layout is zero-padded to whole
+    // groups of 64, so these reads stay inside it)
+    alignas(16) int16_t q14[4][8];
+    const int8_t* ah = act + (j0 / kGroupCodes) * 512 + j0 % kGroupCodes;
+    for (int i = 0; i < 4; ++i) {
+      const int16x8_t q = vaddq_s16(vshlq_n_s16(vmovl_s8(vld1_s8(ah + 64 * i)), 8), vmovl_s8(vld1_s8(ah + 256 + 64 * i)));
+      const int16x8_t even = vandq_s16(vshrq_n_s16(q, 2), one);  // lut_q14: ties to even
+      vst1q_s16(q14[i], vshrq_n_s16(vaddq_s16(q, vaddq_s16(one, even)), 2));
+    }
+    for (int64_t j = j0; j < imin(K4, j0 + 8); ++j) {
+      int16x8_t e[2] = {vdupq_n_s16(0), vdupq_n_s16(0)};
+      for (int i = 0; i < 4; ++i)
+        for (int k = 0; k < 2; ++k) e[k] = vaddq_s16(e[k], vandq_s16(vdupq_n_s16(q14[i][j - j0]), mask[i][k]));
+      // little-endian: the even bytes of the 16 entries are their low bytes, the odd ones their high bytes
+      const uint8x16_t b0 = vreinterpretq_u8_s16(e[0]), b1 = vreinterpretq_u8_s16(e[1]);
+      vst1q_u8(tables + kLutTableBytes * j, vuzp1q_u8(b0, b1));
+      vst1q_u8(tables + kLutTableBytes * j + 16, vuzp2q_u8(b0, b1));
+    }
+  }
+}
 
 void int_plane_neon(const IntArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
