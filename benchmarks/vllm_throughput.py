@@ -5,7 +5,9 @@
 The model: Llama-2-7B-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000) with ``--layers``
 decoder layers and random bf16 weights (``benchmarks/streaming_quantize.py`` writes it, and its
 RTN output is made here with ``python -m pyquant quantize --stream --method rtn``, lm_head and
-embeddings bf16; and with ``quantize_checkpoint`` taking lm_head too). Each model runs in its own child process with vLLM's defaults (bf16
+embeddings bf16; and with ``quantize_checkpoint`` taking lm_head too; where the CPU's kernel set has
+table-lookup kernels, the RTN checkpoint once more in CPU mode "lut", ``PYQUANT_CPU_MODE=lut``).
+Each model runs in its own child process with vLLM's defaults (bf16
 activations, its torch.compile, continuous batching); the load and compile are not timed. Timed,
 after one warm-up request, per batch size: ``LLM.generate`` on ``batch`` requests of 128 random
 prompt tokens with 1 new token (the prefill), then on ``batch`` fresh ones with 64 new tokens
@@ -27,6 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from streaming_quantize import cpu_name, write_checkpoint  # noqa: E402
+
+import pyquant  # noqa: E402
+from pyquant.streaming import quantize_checkpoint  # noqa: E402
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -63,10 +68,10 @@ if __name__ == "__main__":
 """
 
 
-def run(path: Path, batches: list[int], prompt_len: int, new: int) -> dict:
+def run(path: Path, batches: list[int], prompt_len: int, new: int, cpu_mode: str = "int") -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "HF_HUB_OFFLINE": "1"}
-    log = Path("/tmp") / f"vllm_throughput_{path.name}.log"
+           "HF_HUB_OFFLINE": "1", "PYQUANT_CPU_MODE": cpu_mode}
+    log = Path("/tmp") / f"vllm_throughput_{path.name}_{cpu_mode}.log"
     with open(log, "w") as f:  # a file: vLLM's helper processes may outlive the child
         rc = subprocess.run([sys.executable, "-c", CHILD, str(path), ",".join(map(str, batches)), str(prompt_len),
                              str(new)], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -93,17 +98,16 @@ def main() -> None:
                         "--out", str(dst)], check=True)
     head = args.work / f"llama7b-{args.layers}l-pyquant-rtn-head"  # lm_head quantized too
     if not (head / "config.json").is_file():
-        import pyquant
-        from pyquant.streaming import quantize_checkpoint
-
         quantize_checkpoint(src, head, pyquant.RTNConfig(), filter_fn=lambda module, fqn: True)
     batches = [int(b) for b in args.batches.split(",")]
-    models = (("bf16", src), ("pyquant 2-bit (RTN)", dst), ("pyquant 2-bit, 2-bit lm_head", head))
+    models = [("bf16", src, "int"), ("pyquant 2-bit (RTN)", dst, "int"), ("pyquant 2-bit, 2-bit lm_head", head, "int")]
+    if pyquant.ops._C.has_lut_kernel():  # (AVX2 without AVX-512, NEON)
+        models.append(("pyquant 2-bit (RTN), CPU mode lut", dst, "lut"))
     rows = {}
-    for name, path in models:
-        rows[name] = run(path, batches, args.prompt, args.new)
+    for name, path, mode in models:
+        rows[name] = run(path, batches, args.prompt, args.new, mode)
         print(name, rows[name], flush=True)
-    gb = {name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for name, p in models}
+    gb = {name: sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e9 for name, p, _ in models}
     base = rows["bf16"]
     result = {"date": datetime.date.today().isoformat(), "machine": cpu_name(), "cpus": os.cpu_count(),
               "layers": args.layers, "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,

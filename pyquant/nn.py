@@ -65,17 +65,23 @@ class QuantLinear(nn.Module):
         # True when the tensors are a serving engine's (from_packed(share=True)): nothing may
         # replace them, not even with a copy in other memory (see backends/cpu.py)
         self._shares_tensors = False
+        # True when that engine calls refresh() after it refills them in place (pyquant.vllm): a
+        # backend may then keep copies of them (the CPU backend's mode "lut" codes and params)
+        self._engine_refreshes = False
         self.packed.validate()
         self._plan = kernels.KernelPlan(self)
 
     # ---- construction -------------------------------------------------
     @classmethod
-    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None = None, *, share: bool = False) -> "QuantLinear":
+    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None = None, *, share: bool = False,
+                    refreshed: bool = False) -> "QuantLinear":
         """Wrap a validated :class:`PackedWeight` (and an optional fp bias of shape ``[N]``).
 
         ``share=True`` makes the layer hold ``pw``'s tensors themselves (views stay views: a
         serving engine's fused parameters, see :mod:`pyquant.tp`) instead of copies; such a layer
-        has no bias (a fused layer adds its bias once, after its partitions)."""
+        has no bias (a fused layer adds its bias once, after its partitions), and its kernels keep
+        no copy of the tensors (the engine may refill them in place at any time), unless
+        ``refreshed=True``: the engine promises to call :meth:`refresh` after every refill."""
         pw.validate()
         if bias is not None and tuple(bias.shape) != (pw.out_features,):
             raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
@@ -87,6 +93,7 @@ class QuantLinear(nn.Module):
             for name in PACKED_TENSORS:
                 layer._buffers[name] = getattr(pw, name)
             layer._shares_tensors = True
+            layer._engine_refreshes = refreshed
             layer.validate().invalidate()
             return layer
         layer = cls(pw.in_features, pw.out_features, bias is not None, had_in=pw.had_in, had_out=pw.had_out,
@@ -146,6 +153,13 @@ class QuantLinear(nn.Module):
         tensors. Loading, ``.to()`` and the quantizers call it; call it after changing the
         tensors in place yourself."""
         self._plan = kernels.KernelPlan(self)
+
+    def refresh(self) -> None:
+        """Rewrite the kernel-side copies of the tensors in place from the tensors as they are now:
+        what a serving engine calls after refilling a ``share=True, refreshed=True`` layer's
+        tensors. Unlike :meth:`invalidate` it keeps every tensor object, so a graph compiled
+        without guards (vLLM's) sees the new values."""
+        self._plan.refresh(self)
 
     def needs_grad(self) -> bool:
         """Whether any of the trainable tensors (``A``, ``b``, ``su``, ``sv``, ``w_scale``, bias)

@@ -76,6 +76,7 @@ class Shard:
         su, sv = dtypes.pop()
         self.su_dtype, self.sv_dtype = SCALE_DTYPE_NAMES[su], SCALE_DTYPE_NAMES[sv]
         self.out_features = sum(p.rows for p in parts)
+        self.built: list[QuantLinear] = []  # the layers(refreshed=True) made: load() refreshes them
 
     @classmethod
     def column(cls, name: str, entries: list[dict], rows: list[int], rank_slots: list[int]) -> "Shard":
@@ -149,7 +150,9 @@ class Shard:
 
     def load(self, tensors: dict[str, torch.Tensor], name: str, full: torch.Tensor, shard_id=None) -> None:
         """Copy this rank's slice of the checkpoint tensor ``full`` (``codes``, ``A``, ``b``,
-        ``su``, ``sv`` or ``w_scale`` of partition ``shard_id``) into ``tensors``."""
+        ``su``, ``sv`` or ``w_scale`` of partition ``shard_id``) into ``tensors``; a layer that
+        :meth:`layers` built on them with ``refreshed=True`` (a weight update in place, after the
+        load) then refreshes its kernels' copies."""
         i = self.part_index(shard_id)
         p = self.parts[i]
         if name not in PACKED_TENSORS:
@@ -170,6 +173,8 @@ class Shard:
                 tensors[name][i].copy_(full[c0:c1])
             else:
                 tensors[name][i].copy_(full)
+        if self.built:
+            self.built[i].refresh()
 
     def is_whole(self) -> bool:
         """Whether this rank holds every partition whole (tensor parallel size 1)."""
@@ -188,11 +193,13 @@ class Shard:
         return out
 
     def layers(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
-               format_version: int | None = None) -> list[QuantLinear]:
+               format_version: int | None = None, refreshed: bool = False) -> list[QuantLinear]:
         """The partitions as bias-free ``QuantLinear`` layers sharing ``tensors`` (kernel state
         built now, once). Each is validated; where this rank holds everything (tp = 1) and
         ``format_version`` is given, each partition's checksum is verified too (with its slice of
-        the fused ``bias``), so a damaged checkpoint fails at load."""
+        the fused ``bias``), so a damaged checkpoint fails at load. ``refreshed=True``: every later
+        refill of ``tensors`` goes through :meth:`load`, which refreshes the layers' copies
+        (``QuantLinear.from_packed``)."""
         out = []
         for i, (p, pw) in enumerate(zip(self.parts, self.packed(tensors))):
             try:
@@ -203,9 +210,11 @@ class Shard:
                             raise ValueError("the checkpoint entry has a bias, the layer has none")
                         state["bias"] = bias[p.offset:p.offset + p.rows].float()
                     verify_checksum_of(state, p.entry, format_version)
-                out.append(QuantLinear.from_packed(pw, share=True))
+                out.append(QuantLinear.from_packed(pw, share=True, refreshed=refreshed))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{self.name} (partition {i}): {e}") from e
+        if refreshed:
+            self.built = out
         return out
 
 

@@ -17,7 +17,8 @@ This module imports vLLM; ``import pyquant`` never imports it.
 - :class:`PyquantLinearMethod` creates the rank's packed tensors as parameters with their own
   weight loaders (:class:`pyquant.tp.Shard`: column-parallel layers hold whole rows, row-parallel
   ones whole Hadamard blocks of columns), builds one ``QuantLinear`` per fused partition sharing
-  those tensors in ``process_weights_after_loading`` (kernel state, once), and runs them in
+  those tensors in ``process_weights_after_loading`` (kernel state, once; the copies CPU mode
+  "lut" keeps are rewritten by the weight loader after any later write), and runs them in
   ``apply`` (the ``torch.ops.pyquant`` ops, which vLLM's ``torch.compile`` keeps in one graph).
   A quantized ``lm_head`` (vLLM's ``ParallelLMHead``) is served the same way, its vocabulary cut
   across ranks as vLLM cuts it. Layers the checkpoint left in full precision get vLLM's
@@ -202,8 +203,10 @@ class PyquantLinearMethod(LinearMethodBase):
         bias = getattr(layer, "bias", None)
         # a bias vLLM converted to a lower precision no longer matches the saved checksum: checked without it
         checked = bias is None or bias.dtype == torch.float32
+        # refreshed: every later write into the tensors (a weight update in place) is _load's
         layer.pyquant_layers = layer.pyquant_shard.layers(
-            tensors, bias.data if bias is not None else None, self.config.format_version if checked else None)
+            tensors, bias.data if bias is not None else None, self.config.format_version if checked else None,
+            refreshed=True)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = tp.forward(layer.pyquant_layers, x, bias)

@@ -120,10 +120,12 @@ def test_a_nan_in_the_codebook_gives_nan_in_lut_mode_too():
 
 
 def use_a_lut_kernel_set(isa):
-    """Forces the avx2 set (the one with table-lookup kernels) where the CPU has it."""
-    if "avx2" not in ISAS:
-        pytest.skip("no kernel set with table-lookup kernels on this CPU")
-    isa("avx2")
+    """Forces a kernel set with table-lookup kernels (avx2, neon) where the CPU has one."""
+    for name in ISAS:
+        isa(name)
+        if _C.has_lut_kernel():
+            return
+    pytest.skip("no kernel set with table-lookup kernels on this CPU")
 
 
 def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(cpu_mode, isa):
@@ -153,6 +155,47 @@ def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(cpu_mode, 
     with torch.no_grad():
         assert torch.equal(plain(x.detach()), torch.ops.pyquant.linear(x.detach(), *plain.op_tensors(), plain.had_in,
                                                                         plain.had_out))
+
+
+def test_an_engines_shared_layers_run_lut_when_it_refreshes_them(cpu_mode, isa):
+    """vLLM's layers (pyquant.tp shards, sharing the engine's tensors): with refreshed=True they run
+    lut_linear like any layer, and a weight update in place through Shard.load reaches them, eager
+    and in a graph compiled before it; without it they keep no copy and run int mode."""
+    from pyquant import tp
+    from pyquant.io import layer_entry
+    from test_tp import TENSORS, load_all, quantized
+
+    use_a_lut_kernel_set(isa)
+    cpu_mode("lut")
+    old, new = [[quantized(256, n, seed=s + i) for i, n in enumerate((128, 64))] for s in (40, 50)]
+    entries = [layer_entry(m) for m in old]
+    x = torch.randn(3, 256)
+
+    def lut_of(layers):  # what unshared layers built in mode lut give: the reference
+        with torch.no_grad():
+            return torch.cat([pyquant.QuantLinear.from_packed(m.packed)(x) for m in layers], dim=-1)
+
+    shard = tp.Shard.column("gate_up_proj", entries, [128, 64], [0, 0])
+    tensors = load_all(shard, old, [0, 1])
+    layers = shard.layers(tensors, refreshed=True)
+    assert all(m._plan.states["cpu"].lut_codes is not None for m in layers)
+    compiled = torch.compile(lambda t: tp.forward(layers, t), fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(tp.forward(layers, x), lut_of(old))
+        assert torch.equal(compiled(x), lut_of(old))
+        for m, sid in zip(new, [0, 1]):  # the engine refills its tensors in place
+            for name in TENSORS:
+                shard.load(tensors, name, getattr(m, name), sid)
+        assert torch.equal(tp.forward(layers, x), lut_of(new))
+        assert torch.equal(compiled(x), lut_of(new))
+    torch._dynamo.reset()
+    # not refreshed: no copies, int mode on the shared tensors
+    plain = tp.Shard.column("gate_up_proj", entries, [128, 64], [0, 0])
+    shared = plain.layers(load_all(plain, old, [0, 1]))
+    assert all(m._plan.states["cpu"] == cpu_backend.State(None, None) for m in shared)
+    with torch.no_grad():
+        assert torch.equal(tp.forward(shared, x), torch.cat(
+            [torch.ops.pyquant.linear(x, *m.op_tensors(), m.had_in, m.had_out) for m in shared], dim=-1))
 
 
 def test_has_lut_kernel_follows_the_kernel_set(isa):

@@ -61,6 +61,31 @@ def test_greedy_tokens_match_pyquants_generate(checkpoints, name, eager):
     assert got == want
 
 
+def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints):
+    """CPU mode "lut" (where a kernel set has table-lookup kernels): vLLM's layers, which share its
+    tensors, keep LUT copies (refreshed by the weight loader) and run lut_linear in vLLM's
+    compiled graph: the tokens of pyquant's own generate in the same mode."""
+    from pyquant.ops import _C
+
+    mode = _C.get_mode()
+    try:
+        if not any(_C.set_isa(isa) or _C.has_lut_kernel() for isa in _C.supported_isas()):
+            pytest.skip("no kernel set with table-lookup kernels on this CPU")
+        _C.set_mode("lut")
+        path = checkpoints["llama-rtn"]
+        want = pyquant_greedy(path, PROMPTS, NEW_TOKENS)
+        llm = vllm.LLM(model=str(path), enforce_eager=False, **ENGINE)
+        layer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0]
+        for fused in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            assert all(m._plan.states["cpu"].lut_codes is not None for m in fused.pyquant_layers)
+        got = greedy(llm, PROMPTS, NEW_TOKENS)
+        close(llm)
+    finally:
+        _C.set_mode(mode)
+        _C.set_isa("auto")
+    assert got == want
+
+
 def test_daq_fp8_output_is_served_by_vllms_fp8_method_as_transformers_reads_it(tmp_path):
     """DAQ's Hugging Face FP8 block-scaled output (issue 17) in vLLM's own FP8 method (bf16, which
     it needs): the log-probabilities transformers computes from the same checkpoint (it dequantizes

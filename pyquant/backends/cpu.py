@@ -71,10 +71,17 @@ class State(NamedTuple):
 
 def build(layer) -> State:
     """Moves the codes (in mode ``"lut"``: their LUT layout, which the calls then stream) into
-    2 MB pages; :func:`frozen_params` of the layer."""
+    2 MB pages; :func:`frozen_params` of the layer. A layer sharing a serving engine's tensors
+    gets copies only in mode ``"lut"``, and only when the engine refreshes them
+    (``from_packed(share=True, refreshed=True)``: pyquant.vllm's weight loader calls
+    :func:`refresh` after every refill)."""
     params = frozen_params(layer)
     codes = layer._buffers.get("codes")
-    lut = params is not None and codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
+    lut = codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
+    if layer._shares_tensors and layer._engine_refreshes and lut and codes.device.type == "cpu":
+        with torch.inference_mode(False):
+            return State(_params(layer), _C.in_huge_pages(_C.pack_lut_codes(codes)))
+    lut = lut and params is not None
     if codes is not None and not layer._shares_tensors:
         # A plain tensor even when the layer is built under inference_mode: an inference tensor
         # could not be saved for a later backward.
@@ -94,11 +101,25 @@ def frozen_params(layer) -> torch.Tensor | None:
     small = (A, b, su, sv, w_scale) + (() if bias is None else (bias,))
     if layer._shares_tensors or any(t.device.type != "cpu" for t in small):
         return None
+    return _params(layer)
+
+
+def _params(layer) -> torch.Tensor:
+    _, A, b, su, sv, w_scale, bias = layer.op_tensors()
     # a plain tensor even under inference_mode: a graph compiled outside it takes it as an input
     with torch.inference_mode(False), torch.no_grad():
         head = torch.zeros(PARAMS_HEAD)
         head[:16], head[16:20], head[20] = A.reshape(16), b, w_scale
         return torch.cat([head, su.float(), sv.float()] + ([] if bias is None else [bias.float()]))
+
+
+def refresh(layer, state: State) -> None:
+    """Rewrites the copies in ``state`` in place from the layer's tensors as they are now."""
+    with torch.inference_mode(False), torch.no_grad():
+        if state.params is not None:
+            state.params.copy_(_params(layer))
+        if state.lut_codes is not None:
+            state.lut_codes.copy_(_C.pack_lut_codes(layer._buffers["codes"]))
 
 
 def forward(x: torch.Tensor, layer, state: State) -> torch.Tensor:
