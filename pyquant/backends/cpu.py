@@ -73,8 +73,8 @@ def build(layer) -> State:
     """Moves the codes (in mode ``"lut"``: their LUT layout, which the calls then stream) into
     2 MB pages; :func:`frozen_params` of the layer. A layer sharing a serving engine's tensors
     gets copies only in mode ``"lut"``, and only when the engine refreshes them
-    (``from_packed(share=True, refreshed=True)``: pyquant.vllm's weight loader calls
-    :func:`refresh` after every refill)."""
+    (``from_packed(share=True, refreshed=True)``: vLLM's weight loader, ``pyquant.tp.Shard.load``,
+    has :func:`refresh` rewrite them after every later write)."""
     params = frozen_params(layer)
     codes = layer._buffers.get("codes")
     lut = codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
