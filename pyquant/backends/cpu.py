@@ -75,18 +75,19 @@ def build(layer) -> State:
     gets copies only in mode ``"lut"``, and only when the engine refreshes them
     (``from_packed(share=True, refreshed=True)``: vLLM's weight loader, ``pyquant.tp.Shard.load``,
     has :func:`refresh` rewrite them after every later write)."""
-    params = frozen_params(layer)
     codes = layer._buffers.get("codes")
     lut = codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
-    if layer._shares_tensors and layer._engine_refreshes and lut and codes.device.type == "cpu":
+    if layer._shares_tensors:  # the engine's codes stay where they are
+        if not (lut and layer._engine_refreshes and codes.device.type == "cpu"):
+            return State(None, None)
         with torch.inference_mode(False):
             return State(_params(layer), _C.in_huge_pages(_C.pack_lut_codes(codes)))
-    lut = lut and params is not None
-    if codes is not None and not layer._shares_tensors:
+    params = frozen_params(layer)
+    if codes is not None:
         # A plain tensor even when the layer is built under inference_mode: an inference tensor
         # could not be saved for a later backward.
         with torch.inference_mode(False):
-            if lut:
+            if lut and params is not None:
                 return State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)))
             layer._buffers["codes"] = _C.in_huge_pages(codes)
     return State(params, None)
