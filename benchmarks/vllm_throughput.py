@@ -101,7 +101,7 @@ def main() -> None:
         quantize_checkpoint(src, head, pyquant.RTNConfig(), filter_fn=lambda module, fqn: True)
     batches = [int(b) for b in args.batches.split(",")]
     models = [("bf16", src, "int"), ("pyquant 2-bit (RTN)", dst, "int"), ("pyquant 2-bit, 2-bit lm_head", head, "int")]
-    if pyquant.ops._C.has_lut_kernel():  # (AVX2 without AVX-512, NEON)
+    if pyquant.ops._C.has_lut_kernel():  # (every kernel set but the portable one)
         models.append(("pyquant 2-bit (RTN), CPU mode lut", dst, "lut"))
     rows = {}
     for name, path, mode in models:

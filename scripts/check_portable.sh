@@ -3,12 +3,16 @@
 #  1. the standalone kernel harness (csrc/cpu/harness/kernel_check.cpp), native: every kernel set
 #     of this build that the CPU runs against the portable kernels (on x86-64 the kernel timing
 #     tool, csrc/cpu/harness/kernel_bench.cpp, is built too);
-#  2. the same harness cross-compiled for AArch64 (Debian's g++-aarch64-linux-gnu, static) and run
+#  2. on x86-64, the AVX-512 kernel files on any CPU: built against SIMDe's portable intrinsics
+#     (csrc/cpu/harness/avx512_emulation/immintrin.h) with their target pragmas and inline asm
+#     taken out, and run in the harness as the `avx512` set, with and without VBMI (a CPU without
+#     AVX-512 otherwise never runs them);
+#  3. the harness cross-compiled for AArch64 (Debian's g++-aarch64-linux-gnu, static) and run
 #     under qemu-aarch64: the NEON kernels against the portable ones, and int mode's digests
 #     (activations, scales, dot products) equal to the native run's;
-#  3. the extension's torch-facing sources compile for AArch64 against torch's headers.
-# Steps 2-3 need the cross toolchain and qemu-user; with CI=true they are installed (apt-get) when
-# missing, otherwise the script says so and stops after step 1.
+#  4. the extension's torch-facing sources compile for AArch64 against torch's headers.
+# Step 2 needs libsimde-dev, steps 3-4 the cross toolchain and qemu-user; with CI=true they are
+# installed (apt-get) when missing, otherwise the script says so and skips step 2 or stops after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -34,13 +38,49 @@ if [ "$(uname -m)" = x86_64 ]; then  # the kernel timing tool: built so that it 
   echo "kernel_bench builds"
 fi
 
-if ! command -v aarch64-linux-gnu-g++ > /dev/null || ! command -v qemu-aarch64 > /dev/null; then
-  if [ "${CI:-}" = "true" ] && command -v apt-get > /dev/null; then
-    echo "== installing g++-aarch64-linux-gnu and qemu-user"
-    apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu qemu-user > "$work/apt.log" 2>&1 ||
-      { apt-get update -q > /dev/null 2>&1 && apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu qemu-user > "$work/apt.log" 2>&1; } ||
-      { tail -20 "$work/apt.log"; echo "check_portable: could not install the AArch64 toolchain"; exit 1; }
+apt_install() {  # apt-get install "$@" under CI=true; returns 1 elsewhere
+  [ "${CI:-}" = "true" ] && command -v apt-get > /dev/null || return 1
+  echo "== installing $*"
+  apt-get install -y -q --no-install-recommends "$@" > "$work/apt.log" 2>&1 ||
+    { apt-get update -q > /dev/null 2>&1 && apt-get install -y -q --no-install-recommends "$@" > "$work/apt.log" 2>&1; } ||
+    { tail -20 "$work/apt.log"; echo "check_portable: could not install $*"; exit 1; }
+}
+
+if [ "$(uname -m)" = x86_64 ]; then
+  if [ -f /usr/include/simde/x86/avx512.h ] || apt_install libsimde-dev; then
+    for vbmi in true false; do
+      echo "== the AVX-512 kernels, emulated (SIMDe), VBMI $vbmi"
+      emu="$work/emu_$vbmi"
+      mkdir -p "$emu"
+      for f in kernels_avx512.cpp transform_avx512.cpp; do
+        # no target pragmas or attributes (the compiler would emit AVX-512 itself), the CPU check
+        # for VBMI answered, vpdpbusd's inline asm as the intrinsic
+        sed -e 's/^#pragma GCC target.*//' -e 's/__attribute__((target("[^"]*")))//' \
+            -e "s/__builtin_cpu_supports(\"avx512vbmi\")/$vbmi/" \
+            -e 's/asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(z), "v"(a));/acc = _mm512_dpbusd_epi32(acc, z, a);/' \
+            "$SRC/$f" > "$emu/$f"
+        if grep -n 'asm(\|target(' "$emu/$f"; then echo "check_portable: $f: inline asm or a target left above"; exit 1; fi
+        # (-O1: SIMDe's inline functions take gcc 12 ~2 minutes per file at -O3, 20 s here)
+        g++ $flags -O1 -Wno-ignored-attributes -Wno-psabi -I"$SRC/harness/avx512_emulation" -c "$emu/$f" -o "$emu/${f%.cpp}.o" \
+          2> "$emu/build.log" || { cat "$emu/build.log"; exit 1; }
+      done
+      # the avx512 set runs whatever the CPU
+      sed 's/^bool has_avx512_vnni() {/bool has_avx512_vnni() { return true;/' "$SRC/kernel_table.cpp" > "$emu/kernel_table.cpp"
+      grep -q 'has_avx512_vnni() { return true;' "$emu/kernel_table.cpp" || { echo "check_portable: has_avx512_vnni not found"; exit 1; }
+      # shellcheck disable=SC2046
+      g++ $flags "$SRC/harness/kernel_check.cpp" "$emu/kernel_table.cpp" "$SRC/transform.cpp" "$SRC/kernels_scalar.cpp" \
+        $(arch_files x86_64 | tr ' ' '\n' | grep -v avx512 | tr '\n' ' ') "$emu"/*.o -o "$emu/check" 2> "$emu/build.log" ||
+        { cat "$emu/build.log"; exit 1; }
+      "$emu/check" > "$emu/out" || { grep -v '^digest\|^N=\|not supported' "$emu/out"; exit 1; }
+      grep -v '^digest\|^N=\|not supported' "$emu/out"
+    done
   else
+    echo "check_portable: SIMDe missing: the emulated AVX-512 step not run (apt-get install libsimde-dev)"
+  fi
+fi
+
+if ! command -v aarch64-linux-gnu-g++ > /dev/null || ! command -v qemu-aarch64 > /dev/null; then
+  if ! apt_install g++-aarch64-linux-gnu qemu-user; then
     echo "check_portable: aarch64-linux-gnu-g++ or qemu-aarch64 missing: AArch64 steps not run" \
          "(apt-get install g++-aarch64-linux-gnu qemu-user)"
     exit 0

@@ -171,6 +171,7 @@ void lut_tables_neon(const int8_t* act, int64_t K4, uint8_t* tables);
 // [n0, n1) with n0 a multiple of kLutRows, as the driver splits them (kRowTile).
 void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void lut_gemv_avx2(const IntArgs& a, int64_t n0, int64_t n1);
+void lut_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1);
 void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);

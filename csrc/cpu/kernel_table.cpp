@@ -51,9 +51,11 @@ const KernelSet kSets[] = {
 #if defined(__x86_64__)
     {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math, nullptr, nullptr, nullptr,
      lut_gemv_avx2, lut_tables_avx2},
-    {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math},
+    // (the AVX-512 sets build their LUT tables with the AVX2 builder: every such CPU has AVX2)
+    {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math, nullptr,
+     nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
-     amx_packed_bytes, amx_pack_tokens},
+     amx_packed_bytes, amx_pack_tokens, lut_gemv_avx512, lut_tables_avx2},
 #endif
 #if defined(__aarch64__)
     // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.

@@ -349,6 +349,82 @@ void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
   for (int64_t n = n0; n < n1; ++n) float_plane_row<MT>(a, n, m0);
 }
 
+// LUT GEMV (kernel_api.h's table-lookup kernels) on one full block of kLutRows rows, MT tokens:
+// the AVX2 kernel (kernels_avx2.cpp lut_block) on two code bytes j, j+1 per 64-byte vector.
+//  - One load of a token's tables gives [low j | high j | low j+1 | high j+1] (16 bytes each), so
+//    the indices go in as [I_j | I_j | I_j+1 | I_j+1]: vshufi32x4 duplicates the codes' 128-bit
+//    lanes once per code-byte pair for all tokens, and each vpshufb looks up the low and the high
+//    bytes of 8 rows' two planes for both code bytes.
+//  - vpmaddubsw reads the looked-up bytes as unsigned, the high bytes are signed: the high lanes
+//    of the tables are flipped by 0x80 after the load (h + 128: 0..255), which adds 3 * 128 per
+//    code byte to a row's high sum, 256 * 384 per code byte in all; taken off at the end.
+//  - Per lane and int16 sum at most 3 * 255 per code-byte pair (both planes' bytes [1, 2]), 32
+//    pairs (kLutWiden512 code bytes): 24480 < 2^15; then vpmaddwd by [1, 256] into int32, two
+//    row groups per vector (at most 257 * 24480 per lane and widening), into int64 every
+//    kLutFold512 code bytes (256 widenings: < 2^31).
+// Per 256 products and token: 4 shuffles, 4 byte multiplies, 4 adds and an xor, against the AVX2
+// kernel's 8 + 8 + 8 per 256.
+constexpr int64_t kLutWiden512 = 64;
+constexpr int64_t kLutFold512 = 16384;
+
+template <int MT>
+void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i planes = _mm512_set1_epi16(0x0201);                       // bytes [1, 2]
+  const __m512i hi_lo = _mm512_set1_epi32(0x01000001);                    // int16 [1, 256]
+  const long long f = static_cast<long long>(0x8080808080808080ull);
+  const __m512i flip = _mm512_set_epi64(f, f, 0, 0, f, f, 0, 0);           // the high lanes' bytes
+  const uint8_t* codes = a.codes + nb * kLutRows * a.K4;
+  const uint8_t* tables[MT];
+  for (int t = 0; t < MT; ++t) tables[t] = reinterpret_cast<const uint8_t*>(a.act + (m0 + t) * a.act_stride);
+  int64_t total[MT][kLutRows] = {};
+  for (int64_t f0 = 0; f0 < a.K4; f0 += kLutFold512) {
+    const int64_t f1 = imin(a.K4, f0 + kLutFold512);
+    __m512i acc[MT][4];  // row groups 0|1 rows 0-3, 0|1 rows 4-7, 2|3 rows 0-3, 2|3 rows 4-7
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_si512();
+    for (int64_t w0 = f0; w0 < f1; w0 += kLutWiden512) {
+      const int64_t w1 = imin(f1, w0 + kLutWiden512);
+      __m512i sum[MT][4];  // per row group g (rows 8g .. 8g+7): [low j | high j | low j+1 | high j+1]
+      for (int t = 0; t < MT; ++t)
+        for (int g = 0; g < 4; ++g) sum[t][g] = _mm512_setzero_si512();
+      for (int64_t j = w0; j < w1; j += 2) {
+        // a last odd code byte: the second half zero (index 0 looks up e[0] = 0; its high lanes
+        // come out 0x80, the bias the end takes off for every code-byte slot)
+        const __mmask64 half = j + 1 < a.K4 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF);
+        const __m512i c = _mm512_maskz_loadu_epi8(half, codes + kLutRows * j);
+        const __m512i x = _mm512_shuffle_i32x4(c, c, 0xA0), y = _mm512_shuffle_i32x4(c, c, 0xF5);
+        const __m512i idx[4] = {_mm512_and_si512(x, low4), _mm512_and_si512(_mm512_srli_epi16(x, 4), low4),
+                                _mm512_and_si512(y, low4), _mm512_and_si512(_mm512_srli_epi16(y, 4), low4)};
+        for (int t = 0; t < MT; ++t) {
+          const __m512i tb = _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, tables[t] + kLutTableBytes * j), flip);
+          for (int g = 0; g < 4; ++g)
+            sum[t][g] = _mm512_add_epi16(sum[t][g], _mm512_maddubs_epi16(_mm512_shuffle_epi8(tb, idx[g]), planes));
+        }
+      }
+      // lanes [low, high] of groups g, g+1 side by side (vshufi32x4 0x88: lanes 0, 2 of each; 0xDD:
+      // lanes 1, 3), int16 pairs (low, high) per row, vpmaddwd: lanes (g, j), (g, j+1), (g+1, j), (g+1, j+1)
+      for (int t = 0; t < MT; ++t)
+        for (int h = 0; h < 2; ++h) {
+          const __m512i lo = _mm512_shuffle_i32x4(sum[t][2 * h], sum[t][2 * h + 1], 0x88);
+          const __m512i hi = _mm512_shuffle_i32x4(sum[t][2 * h], sum[t][2 * h + 1], 0xDD);
+          acc[t][2 * h] = _mm512_add_epi32(acc[t][2 * h], _mm512_madd_epi16(_mm512_unpacklo_epi16(lo, hi), hi_lo));
+          acc[t][2 * h + 1] = _mm512_add_epi32(acc[t][2 * h + 1], _mm512_madd_epi16(_mm512_unpackhi_epi16(lo, hi), hi_lo));
+        }
+    }
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < 4; ++i) {
+        alignas(64) int32_t v[16];
+        _mm512_store_si512(reinterpret_cast<__m512i*>(v), acc[t][i]);
+        for (int q = 0; q < 4; ++q)  // lane q: row group 2 (i / 2) + q / 2, rows 4 (i % 2) .. +3
+          for (int r = 0; r < 4; ++r) total[t][8 * (2 * (i / 2) + q / 2) + 4 * (i % 2) + r] += v[4 * q + r];
+      }
+  }
+  const int64_t bias = 256 * 384 * ((a.K4 + 1) / 2 * 2);  // every code-byte slot's flipped high bytes
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < kLutRows; ++r) a.store(m0 + t, nb * kLutRows + r, 4 * (total[t][r] - bias));
+}
+
 }  // namespace
 
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
@@ -376,6 +452,16 @@ void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
       for (int64_t m = mb; m < mend; m += kMicroTokens) gemm_tokens(a, buf, m, imin(kMicroTokens, mend - m), t0, rows);
     }
   }
+}
+
+void lut_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
+  const int64_t full = a.N / kLutRows * kLutRows;  // rows in full blocks; the rest: the portable kernel
+  for (int64_t nb = n0 / kLutRows; nb < imin(n1, full) / kLutRows; ++nb) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= a.M; m0 += 2) lut_block<2>(a, nb, m0);
+    if (m0 < a.M) lut_block<1>(a, nb, m0);
+  }
+  if (n1 > full) lut_gemv_scalar(a, full > n0 ? full : n0, n1);
 }
 
 void float_plane_avx512(const FloatArgs& a, int64_t n0, int64_t n1) {

@@ -19,9 +19,9 @@ each Python step of a call after a large layer's runs from caches its codes have
 gradient is the formula in :mod:`pyquant.ops`.
 
 Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut`` or ``_C.set_mode("lut")`` before the model is loaded or
-quantized), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2
-without AVX-512, where the byte multiplies of the int kernels are the bottleneck, and NEON, not
-measured for speed): a layer built
+quantized), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2,
+where the byte multiplies of the int kernels are the bottleneck, 1.4-2x int mode; AVX-512 and NEON,
+not measured for speed): a layer built
 under it also holds its codes in the LUT layout (``_C.pack_lut_codes``, one more copy of the
 codes, rebuilt by ``invalidate`` like the rest), and its calls that need no gradient, eager or
 traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
