@@ -125,6 +125,9 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 // Per 128 products and token: 4 shuffles, 4 byte multiplies, 4 adds, against 8 byte multiplies
 // and 8 adds for the int GEMV.
 constexpr int64_t kLutWiden = 32;
+// acc += x (int16 lanes) in place: GCC 12 gives the intrinsic's result a register of its own and
+// copies it back into the loop-carried sum (one move per add).
+inline void add_epi16_in_place(__m256i& acc, __m256i x) { asm("vpaddw %1, %0, %0" : "+x"(acc) : "x"(x)); }
 // int32 sums fold into int64 every this many code bytes: |sum| per code byte <= 3 * 4 * 8128.
 constexpr int64_t kLutFold = 16384;
 
@@ -155,10 +158,10 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
           const uint8_t* tb = tables[t] + kLutTableBytes * j;
           const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
           const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16)));
-          sl[t][0] = _mm256_add_epi16(sl[t][0], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ia), planes));
-          sh[t][0] = _mm256_add_epi16(sh[t][0], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ia)));
-          sl[t][1] = _mm256_add_epi16(sl[t][1], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ib), planes));
-          sh[t][1] = _mm256_add_epi16(sh[t][1], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ib)));
+          add_epi16_in_place(sl[t][0], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ia), planes));
+          add_epi16_in_place(sh[t][0], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ia)));
+          add_epi16_in_place(sl[t][1], _mm256_maddubs_epi16(_mm256_shuffle_epi8(tl, ib), planes));
+          add_epi16_in_place(sh[t][1], _mm256_maddubs_epi16(planes, _mm256_shuffle_epi8(th, ib)));
         }
       }
       for (int t = 0; t < MT; ++t)

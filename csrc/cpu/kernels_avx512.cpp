@@ -37,10 +37,22 @@ inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-// acc += u8 z x s8 a, in place. GCC 12 gives the vpdpbusd intrinsic's result a register of its
-// own and copies it back into the loop-carried accumulator (two moves per multiply).
+// acc += u8 z x s8 a and acc += x (int16 lanes), in place. GCC 12 gives the intrinsics' results
+// registers of their own and copies them back into the loop-carried accumulators (one or two
+// moves per instruction). (PYQUANT_NO_INLINE_ASM: the harness's emulated build, check_portable.sh)
 inline void dpbusd_in_place(__m512i& acc, __m512i z, __m512i a) {
+#if defined(PYQUANT_NO_INLINE_ASM)
+  acc = _mm512_dpbusd_epi32(acc, z, a);
+#else
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(z), "v"(a));
+#endif
+}
+inline void add_epi16_in_place(__m512i& acc, __m512i x) {
+#if defined(PYQUANT_NO_INLINE_ASM)
+  acc = _mm512_add_epi16(acc, x);
+#else
+  asm("vpaddw %1, %0, %0" : "+v"(acc) : "v"(x));
+#endif
 }
 
 // The levels of a code byte c (level 0 in its top two bits) are multiplied where they sit, each
@@ -367,13 +379,34 @@ void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 constexpr int64_t kLutWiden512 = 64;
 constexpr int64_t kLutFold512 = 16384;
 
+template <bool kOdd>
+inline __m512i load_pair(const uint8_t* p) {  // 64 bytes, or 32 and zeros
+  return kOdd ? _mm512_maskz_loadu_epi8(__mmask64(0xFFFFFFFF), p) : _mm512_loadu_si512(p);
+}
+
+// Code bytes j, j+1 of a block for MT tokens, into sum[t][g] (row group g: rows 8g .. 8g+7), as
+// [low j | high j | low j+1 | high j+1]. kOdd: j is the last code byte, the second half zero
+// (index 0 looks up e[0] = 0, and its high lanes come out 0x80: the bias taken off for every slot).
+template <int MT, bool kOdd>
+inline void lut_pair(const uint8_t* codes, const uint8_t* const (&tables)[MT], int64_t j, __m512i (&sum)[MT][4]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  const __m512i planes = _mm512_set1_epi16(0x0201);  // bytes [1, 2]
+  const long long f = static_cast<long long>(0x8080808080808080ull);
+  const __m512i flip = _mm512_set_epi64(f, f, 0, 0, f, f, 0, 0);  // the high lanes' bytes
+  const __m512i c = load_pair<kOdd>(codes + kLutRows * j);
+  const __m512i x = _mm512_shuffle_i32x4(c, c, 0xA0), y = _mm512_shuffle_i32x4(c, c, 0xF5);
+  const __m512i idx[4] = {_mm512_and_si512(x, low4), _mm512_and_si512(_mm512_srli_epi16(x, 4), low4),
+                          _mm512_and_si512(y, low4), _mm512_and_si512(_mm512_srli_epi16(y, 4), low4)};
+  for (int t = 0; t < MT; ++t) {
+    const __m512i tb = _mm512_xor_si512(load_pair<kOdd>(tables[t] + kLutTableBytes * j), flip);
+    for (int g = 0; g < 4; ++g)
+      add_epi16_in_place(sum[t][g], _mm512_maddubs_epi16(_mm512_shuffle_epi8(tb, idx[g]), planes));
+  }
+}
+
 template <int MT>
 void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __m512i planes = _mm512_set1_epi16(0x0201);                       // bytes [1, 2]
-  const __m512i hi_lo = _mm512_set1_epi32(0x01000001);                    // int16 [1, 256]
-  const long long f = static_cast<long long>(0x8080808080808080ull);
-  const __m512i flip = _mm512_set_epi64(f, f, 0, 0, f, f, 0, 0);           // the high lanes' bytes
+  const __m512i hi_lo = _mm512_set1_epi32(0x01000001);  // int16 [1, 256]
   const uint8_t* codes = a.codes + nb * kLutRows * a.K4;
   const uint8_t* tables[MT];
   for (int t = 0; t < MT; ++t) tables[t] = reinterpret_cast<const uint8_t*>(a.act + (m0 + t) * a.act_stride);
@@ -385,23 +418,12 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
       for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_si512();
     for (int64_t w0 = f0; w0 < f1; w0 += kLutWiden512) {
       const int64_t w1 = imin(f1, w0 + kLutWiden512);
-      __m512i sum[MT][4];  // per row group g (rows 8g .. 8g+7): [low j | high j | low j+1 | high j+1]
+      __m512i sum[MT][4];
       for (int t = 0; t < MT; ++t)
         for (int g = 0; g < 4; ++g) sum[t][g] = _mm512_setzero_si512();
-      for (int64_t j = w0; j < w1; j += 2) {
-        // a last odd code byte: the second half zero (index 0 looks up e[0] = 0; its high lanes
-        // come out 0x80, the bias the end takes off for every code-byte slot)
-        const __mmask64 half = j + 1 < a.K4 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF);
-        const __m512i c = _mm512_maskz_loadu_epi8(half, codes + kLutRows * j);
-        const __m512i x = _mm512_shuffle_i32x4(c, c, 0xA0), y = _mm512_shuffle_i32x4(c, c, 0xF5);
-        const __m512i idx[4] = {_mm512_and_si512(x, low4), _mm512_and_si512(_mm512_srli_epi16(x, 4), low4),
-                                _mm512_and_si512(y, low4), _mm512_and_si512(_mm512_srli_epi16(y, 4), low4)};
-        for (int t = 0; t < MT; ++t) {
-          const __m512i tb = _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, tables[t] + kLutTableBytes * j), flip);
-          for (int g = 0; g < 4; ++g)
-            sum[t][g] = _mm512_add_epi16(sum[t][g], _mm512_maddubs_epi16(_mm512_shuffle_epi8(tb, idx[g]), planes));
-        }
-      }
+      int64_t j = w0;
+      for (; j + 1 < w1; j += 2) lut_pair<MT, false>(codes, tables, j, sum);
+      if (j < w1) lut_pair<MT, true>(codes, tables, j, sum);
       // lanes [low, high] of groups g, g+1 side by side (vshufi32x4 0x88: lanes 0, 2 of each; 0xDD:
       // lanes 1, 3), int16 pairs (low, high) per row, vpmaddwd: lanes (g, j), (g, j+1), (g+1, j), (g+1, j+1)
       for (int t = 0; t < MT; ++t)
