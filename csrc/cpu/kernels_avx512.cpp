@@ -13,6 +13,8 @@
 // vpdpbusd multiplies 16 rows by one broadcast 4-byte chunk of activations, so accumulator lanes
 // are output rows, no horizontal sums are needed, and each output is stored once. Compute bound:
 // two vpdpbusd (hi, lo) per 64 multiply-adds.
+//
+// Mode "lut" (lut_block): the AVX2 table-lookup GEMV on 64-byte vectors, two code bytes per lookup.
 #include <immintrin.h>
 
 #include "kernel_api.h"
