@@ -61,10 +61,11 @@ def test_greedy_tokens_match_pyquants_generate(checkpoints, name, eager):
     assert got == want
 
 
-def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints):
+@pytest.mark.parametrize("name", ["llama-rtn", "llama-rtn-head"])
+def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints, name):
     """CPU mode "lut" (where a kernel set has table-lookup kernels): vLLM's layers, which share its
     tensors, keep LUT copies (refreshed by the weight loader) and run lut_linear in vLLM's
-    compiled graph: the tokens of pyquant's own generate in the same mode."""
+    compiled graph, the 2-bit lm_head too: the tokens of pyquant's own generate in the same mode."""
     from pyquant.ops import _C
 
     mode = _C.get_mode()
@@ -72,11 +73,13 @@ def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints)
         if not any(_C.set_isa(isa) or _C.has_lut_kernel() for isa in _C.supported_isas()):
             pytest.skip("no kernel set with table-lookup kernels on this CPU")
         _C.set_mode("lut")
-        path = checkpoints["llama-rtn"]
+        path = checkpoints[name]
         want = pyquant_greedy(path, PROMPTS, NEW_TOKENS)
         llm = vllm.LLM(model=str(path), enforce_eager=False, **ENGINE)
-        layer = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0]
-        for fused in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        layer = model.model.layers[0]
+        fused_layers = [layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+        for fused in fused_layers + ([model.lm_head] if name.endswith("head") else []):
             assert all(m._plan.states["cpu"].lut_codes is not None for m in fused.pyquant_layers)
         got = greedy(llm, PROMPTS, NEW_TOKENS)
         close(llm)
