@@ -172,6 +172,17 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
         }
     }
     // acc[.][i] holds rows 4i .. 4i+3 in its low half and 16+4i .. 16+4i+3 in its high half
+    if (a.out32 && f1 - f0 == a.K4) {  // one fold (K4 <= kLutFold): the int32 sums are the totals
+      for (int t = 0; t < MT; ++t) {
+        __m256i* out = reinterpret_cast<__m256i*>(a.out32 + (m0 + t) * a.N + nb * kLutRows);
+        for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+7, then 16+8h .. 16+8h+7
+          _mm256_storeu_si256(out + h, _mm256_slli_epi32(_mm256_permute2x128_si256(acc[t][2 * h], acc[t][2 * h + 1], 0x20), 2));
+          _mm256_storeu_si256(out + 2 + h,
+                              _mm256_slli_epi32(_mm256_permute2x128_si256(acc[t][2 * h], acc[t][2 * h + 1], 0x31), 2));
+        }
+      }
+      return;
+    }
     for (int t = 0; t < MT; ++t)
       for (int i = 0; i < 4; ++i) {
         alignas(32) int32_t v[8];

@@ -436,6 +436,19 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
           acc[t][2 * h + 1] = _mm512_add_epi32(acc[t][2 * h + 1], _mm512_madd_epi16(_mm512_unpackhi_epi16(lo, hi), hi_lo));
         }
     }
+    if (a.out32 && f1 - f0 == a.K4) {  // one fold (K4 <= kLutFold512): the int32 sums are the totals
+      const __m512i bias = _mm512_set1_epi32(256 * 384 * ((a.K4 + 1) / 2 * 2));  // (see below)
+      for (int t = 0; t < MT; ++t) {
+        __m512i u[4];  // lanes 0 and 2: the sums of code bytes j and j+1, rows as in acc
+        for (int i = 0; i < 4; ++i) u[i] = _mm512_add_epi32(acc[t][i], _mm512_shuffle_i32x4(acc[t][i], acc[t][i], 0xB1));
+        __m512i* out = reinterpret_cast<__m512i*>(a.out32 + (m0 + t) * a.N + nb * kLutRows);
+        for (int h = 0; h < 2; ++h) {  // rows 16h .. 16h+15: lanes [u0.0, u0.2, u1.0, u1.2] put in row order
+          const __m512i w = _mm512_shuffle_i32x4(u[2 * h], u[2 * h + 1], 0x88);
+          _mm512_storeu_si512(out + h, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_shuffle_i32x4(w, w, 0xD8), bias), 2));
+        }
+      }
+      return;
+    }
     for (int t = 0; t < MT; ++t)
       for (int i = 0; i < 4; ++i) {
         alignas(64) int32_t v[16];

@@ -160,6 +160,14 @@ void lut_half(const IntArgs& a, int64_t nb, int h, int64_t m0) {
           hi32[t][q] = vpadalq_s16(hi32[t][q], hi16[t][q]);
         }
     }
+    if (a.out32 && f1 - f0 == a.K4) {  // one fold: the totals 4 (lo + 256 hi) straight from the sums
+      for (int t = 0; t < MT; ++t)
+        for (int q = 0; q < 4; ++q) {
+          const int32x4_t v = vaddq_s32(vreinterpretq_s32_u32(lo32[t][q]), vshlq_n_s32(hi32[t][q], 8));
+          vst1q_s32(a.out32 + (m0 + t) * a.N + nb * kLutRows + 16 * h + 4 * q, vshlq_n_s32(v, 2));
+        }
+      return;
+    }
     for (int t = 0; t < MT; ++t)
       for (int q = 0; q < 4; ++q) {
         alignas(16) uint32_t l[4];
