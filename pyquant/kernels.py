@@ -135,12 +135,13 @@ class KernelPlan:
                     except ValueError:  # a forced backend that cannot run it: the forward says so
                         pass
 
-    def refresh(self, layer) -> None:
-        """Each backend's ``refresh(layer, state)``, where it has one: its copies rewritten in place."""
+    def refresh(self, layer, changed: frozenset[str]) -> None:
+        """Each backend's ``refresh(layer, state, changed)``, where it has one: its copies of the
+        ``changed`` tensors rewritten in place."""
         for name, state in self.states.items():
             hook = getattr(_backend(name), "refresh", None)
             if hook is not None:
-                hook(layer, state)
+                hook(layer, state, changed)
 
     def choice(self, layer, dtype: torch.dtype, needs_grad: bool) -> Choice:
         hit = self.choices.get((dtype, needs_grad, _forced))

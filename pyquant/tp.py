@@ -174,7 +174,7 @@ class Shard:
             else:
                 tensors[name][i].copy_(full)
         if self.built:
-            self.built[i].refresh()
+            self.built[i].refresh((name,))
 
     def is_whole(self) -> bool:
         """Whether this rank holds every partition whole (tensor parallel size 1)."""

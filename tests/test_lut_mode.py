@@ -5,6 +5,8 @@ Against the fp64 reference (relative error <= 2e-3 per layer, on random layers a
 MiniLM's layers with its real activations), bit-identical on every instruction set, the MiniLM
 embeddings against int mode's, and the backend's use of it.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,6 +221,31 @@ def test_an_engines_shared_layers_run_lut_when_it_refreshes_them(cpu_mode, isa):
     with torch.no_grad():
         assert torch.equal(tp.forward(shared, x), torch.cat(
             [torch.ops.pyquant.linear(x, *m.op_tensors(), m.had_in, m.had_out) for m in shared], dim=-1))
+
+
+def test_refresh_rewrites_only_the_copies_of_the_tensors_it_is_told_changed(cpu_mode, isa):
+    """A loader writes one tensor at a time and refreshes after each: the LUT-layout codes are
+    repacked only after a write of the codes, the fp32 params only after the others'."""
+    use_a_lut_kernel_set(isa)
+    cpu_mode("lut")
+    old, new = random_packed(64, 256, seed=7), random_packed(64, 256, seed=8)
+    layer = pyquant.QuantLinear.from_packed(old, share=True, refreshed=True)
+    state = layer._plan.states["cpu"]
+    lut_before, params_before = state.lut_codes.clone(), state.params.clone()
+    with torch.no_grad():
+        layer.codes.copy_(new.codes)
+        layer.su.copy_(new.su)
+    layer.refresh(("su",))
+    assert torch.equal(state.lut_codes, lut_before) and not torch.equal(state.params, params_before)
+    want = pyquant.QuantLinear.from_packed(dataclasses.replace(old, su=new.su))
+    assert torch.equal(state.params, cpu_backend.frozen_params(want))
+    params_now = state.params.clone()
+    layer.refresh(("codes",))
+    assert torch.equal(state.lut_codes, _C.pack_lut_codes(new.codes)) and torch.equal(state.params, params_now)
+    with pytest.raises(TypeError, match="changed must be a collection"):
+        layer.refresh("codes")
+    with pytest.raises(ValueError, match=r"changed: unknown tensor names \['weight'\]"):
+        layer.refresh(("codes", "weight"))
 
 
 def test_has_lut_kernel_follows_the_kernel_set(isa):

@@ -14,5 +14,8 @@ Every backend module defines:
 
 and may define ``forward_traced(x, layer, state) -> y``, what a traced graph (``torch.compile``,
 ``torch.export``) runs instead of ``forward`` for calls that need no gradient, and
-``forward_nograd(x, layer, state) -> y``, what an eager call that needs none runs instead.
+``forward_nograd(x, layer, state) -> y``, what an eager call that needs none runs instead, and
+``refresh(layer, state, changed)``, which rewrites in place the parts of ``state`` made from the
+tensors named in ``changed`` (a frozenset) after a serving engine refilled them
+(``QuantLinear.refresh``).
 """

@@ -114,12 +114,13 @@ def _params(layer) -> torch.Tensor:
         return torch.cat([head, su.float(), sv.float()] + ([] if bias is None else [bias.float()]))
 
 
-def refresh(layer, state: State) -> None:
-    """Rewrites the copies in ``state`` in place from the layer's tensors as they are now."""
+def refresh(layer, state: State, changed: frozenset[str]) -> None:
+    """Rewrites the copies in ``state`` made from the ``changed`` tensors in place from the layer's
+    tensors as they are now."""
     with torch.inference_mode(False), torch.no_grad():
-        if state.params is not None:
+        if state.params is not None and changed - {"codes"}:
             state.params.copy_(_params(layer))
-        if state.lut_codes is not None:
+        if state.lut_codes is not None and "codes" in changed:
             state.lut_codes.copy_(_C.pack_lut_codes(layer._buffers["codes"]))
 
 
