@@ -248,6 +248,31 @@ def test_refresh_rewrites_only_the_copies_of_the_tensors_it_is_told_changed(cpu_
         layer.refresh(("codes", "weight"))
 
 
+def test_set_cpu_mode_switches_a_built_model_in_and_out_of_lut_mode(cpu_mode, isa):
+    use_a_lut_kernel_set(isa)
+    cpu_mode("int")
+    model = torch.nn.Sequential(pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=9)), torch.nn.ReLU(),
+                                pyquant.QuantLinear.from_packed(random_packed(32, 64, seed=10)))
+    layers = [model[0], model[2]]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        int_out = model(x)
+        assert pyquant.kernels.set_cpu_mode("lut", model) == "int"
+        for layer in layers:
+            assert torch.equal(layer._plan.states["cpu"].lut_codes, _C.pack_lut_codes(layer.codes))
+        h = F.relu(torch.ops.pyquant.lut_linear(*lut_args(layers[0].packed, x)))
+        assert torch.equal(model(x), torch.ops.pyquant.lut_linear(*lut_args(layers[1].packed, h)))
+        assert pyquant.kernels.set_cpu_mode("int", model) == "lut"
+        assert all(layer._plan.states["cpu"].lut_codes is None for layer in layers)
+        assert torch.equal(model(x), int_out)
+    assert pyquant.kernels.set_cpu_mode("float") == "int" and _C.get_mode() == "float"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pyquant.kernels.set_cpu_mode("fast")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        pyquant.kernels.set_cpu_mode("lut", model=layers[0].packed)
+    assert _C.get_mode() == "float"  # (a refused call changes nothing)
+
+
 def test_has_lut_kernel_follows_the_kernel_set(isa):
     isa("scalar")
     assert not _C.has_lut_kernel()

@@ -18,8 +18,7 @@ themselves, as they are at the call (checking that the copy is current would cos
 each Python step of a call after a large layer's runs from caches its codes have flushed). Its
 gradient is the formula in :mod:`pyquant.ops`.
 
-Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut`` or ``_C.set_mode("lut")`` before the model is loaded or
-quantized), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2,
+Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2,
 where the byte multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON,
 not measured for speed): a layer built
 under it also holds its codes in the LUT layout (``_C.pack_lut_codes``, one more copy of the
