@@ -140,23 +140,34 @@ def test_results_are_identical_run_to_run(isa):
             assert torch.equal(run(x, pw, bias, isa=isa, mode=mode), first), (isa, mode, m)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_results_do_not_depend_on_the_thread_count(isa):
-    """Every way a call splits over threads: one thread; by tokens (codes that fit in cache, enough
-    tokens: 40 for 2 and 3 threads); by rows (codes from memory: 1100 x 4096 is 1.1 MB of codes),
-    with the tile kernel's operands made once per call."""
-    cases = [(make_packed(300, 1536, hadamard=True, seed=4), (1, 5, 17, 40)),
-             (make_packed(1100, 4096, hadamard=True, seed=5), (1, 5, 40))]
+def split_cases():
+    """Layers and token counts that take every way a call splits over threads: one thread; by
+    tokens (codes that fit in cache, enough tokens: 40 for 2 and 3 threads); by rows (codes from
+    memory: 1100 x 4096 is 1.1 MB of codes)."""
+    return [(make_packed(300, 1536, hadamard=True, seed=4), (1, 5, 17, 40)),
+            (make_packed(1100, 4096, hadamard=True, seed=5), (1, 5, 40))]
+
+
+def at_thread_counts(run_all, counts=(1, 2, 3)) -> list:
+    """run_all()'s result at each of torch's thread counts in ``counts`` (the count put back after)."""
     before = torch.get_num_threads()
     try:
         outs = []
-        for threads in (1, 2, 3):
+        for threads in counts:
             torch.set_num_threads(threads)
-            outs.append([run(torch.randn(m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)), pw,
-                             isa=isa, mode=mode)
-                         for pw, ms in cases for m in ms for mode in ("int", "float")])
+            outs.append(run_all())
+        return outs
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_results_do_not_depend_on_the_thread_count(isa):
+    """split_cases, int and float mode; with the tile kernel's operands made once per call."""
+    cases = split_cases()
+    outs = at_thread_counts(lambda: [
+        run(torch.randn(m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)), pw, isa=isa, mode=mode)
+        for pw, ms in cases for m in ms for mode in ("int", "float")])
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
     # ... and the single-thread results are right (the splits are only worth testing on them)

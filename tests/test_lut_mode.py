@@ -19,7 +19,7 @@ from pyquant.ops import _C
 from pyquant.sentences import split_sentences
 
 from conftest import random_packed, rel_err
-from test_cpu_kernels import make_packed
+from test_cpu_kernels import at_thread_counts, make_packed, split_cases
 
 ISAS = _C.supported_isas()
 TOL = 2e-3  # the issue's line for any faster mode, per layer, against fp64
@@ -61,21 +61,13 @@ def test_lut_linear_is_within_2e_3_of_fp64_and_the_same_bits_on_every_isa(isa, n
 
 
 def test_lut_linear_results_do_not_depend_on_the_thread_count():
-    """Every way a call splits over threads (as for int mode, test_cpu_kernels): by tokens on codes
-    that fit in cache (40 tokens), by rows on codes from memory (1100 x 4096) and at few tokens; a
-    split by tokens gives each thread an odd count (its last token through the one-token kernel)."""
-    cases = [(make_packed(300, 1536, hadamard=True, seed=4), (1, 5, 17, 40)),
-             (make_packed(1100, 4096, hadamard=True, seed=5), (1, 5, 40))]
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                outs.append([torch.ops.pyquant.lut_linear(*lut_args(pw, torch.randn(
-                    m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)))) for pw, ms in cases for m in ms])
-    finally:
-        torch.set_num_threads(before)
+    """Every way a call splits over threads (test_cpu_kernels' split_cases); a split by tokens gives
+    each thread an odd count (its last token through the one-token kernel)."""
+    cases = split_cases()
+    with torch.no_grad():
+        outs = at_thread_counts(lambda: [
+            torch.ops.pyquant.lut_linear(*lut_args(pw, torch.randn(
+                m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)))) for pw, ms in cases for m in ms])
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
     pw, ms = cases[0]
