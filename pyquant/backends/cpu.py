@@ -18,12 +18,12 @@ themselves, as they are at the call (checking that the copy is current would cos
 each Python step of a call after a large layer's runs from caches its codes have flushed). Its
 gradient is the formula in :mod:`pyquant.ops`.
 
-Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``), for CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2,
-where the byte multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON,
-not measured for speed): a layer built
-under it also holds its codes in the LUT layout (``_C.pack_lut_codes``, one more copy of the
-codes, rebuilt by ``invalidate`` like the rest), and its calls that need no gradient, eager or
-traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
+Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``), for
+CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where the byte
+multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not
+measured for speed): a layer built under it also holds its codes in the LUT layout
+(``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the rest), and
+its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
 ~2e-4 instead of ~5e-5) and the products come from ``vpshufb`` table lookups. Elsewhere, and for
 layers built under another mode, ``"lut"`` runs the int mode.
 
