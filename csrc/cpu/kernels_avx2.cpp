@@ -176,9 +176,9 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
       for (int t = 0; t < MT; ++t) {
         __m256i* out = reinterpret_cast<__m256i*>(a.out32 + (m0 + t) * a.N + nb * kLutRows);
         for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+7, then 16+8h .. 16+8h+7
-          _mm256_storeu_si256(out + h, _mm256_slli_epi32(_mm256_permute2x128_si256(acc[t][2 * h], acc[t][2 * h + 1], 0x20), 2));
-          _mm256_storeu_si256(out + 2 + h,
-                              _mm256_slli_epi32(_mm256_permute2x128_si256(acc[t][2 * h], acc[t][2 * h + 1], 0x31), 2));
+          const __m256i lo = acc[t][2 * h], hi = acc[t][2 * h + 1];
+          _mm256_storeu_si256(out + h, _mm256_slli_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), 2));
+          _mm256_storeu_si256(out + 2 + h, _mm256_slli_epi32(_mm256_permute2x128_si256(lo, hi, 0x31), 2));
         }
       }
       return;

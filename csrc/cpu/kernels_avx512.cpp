@@ -413,6 +413,7 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
   const uint8_t* tables[MT];
   for (int t = 0; t < MT; ++t) tables[t] = reinterpret_cast<const uint8_t*>(a.act + (m0 + t) * a.act_stride);
   int64_t total[MT][kLutRows] = {};
+  const int64_t bias = 256 * 384 * ((a.K4 + 1) / 2 * 2);  // every code-byte slot's flipped high bytes
   for (int64_t f0 = 0; f0 < a.K4; f0 += kLutFold512) {
     const int64_t f1 = imin(a.K4, f0 + kLutFold512);
     __m512i acc[MT][4];  // row groups 0|1 rows 0-3, 0|1 rows 4-7, 2|3 rows 0-3, 2|3 rows 4-7
@@ -437,14 +438,16 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
         }
     }
     if (a.out32 && f1 - f0 == a.K4) {  // one fold (K4 <= kLutFold512): the int32 sums are the totals
-      const __m512i bias = _mm512_set1_epi32(256 * 384 * ((a.K4 + 1) / 2 * 2));  // (see below)
+      const __m512i bias32 = _mm512_set1_epi32(static_cast<int32_t>(bias));  // (K4 <= kLutFold512: it fits)
       for (int t = 0; t < MT; ++t) {
         __m512i u[4];  // lanes 0 and 2: the sums of code bytes j and j+1, rows as in acc
-        for (int i = 0; i < 4; ++i) u[i] = _mm512_add_epi32(acc[t][i], _mm512_shuffle_i32x4(acc[t][i], acc[t][i], 0xB1));
+        for (int i = 0; i < 4; ++i)
+          u[i] = _mm512_add_epi32(acc[t][i], _mm512_shuffle_i32x4(acc[t][i], acc[t][i], 0xB1));
         __m512i* out = reinterpret_cast<__m512i*>(a.out32 + (m0 + t) * a.N + nb * kLutRows);
         for (int h = 0; h < 2; ++h) {  // rows 16h .. 16h+15: lanes [u0.0, u0.2, u1.0, u1.2] put in row order
           const __m512i w = _mm512_shuffle_i32x4(u[2 * h], u[2 * h + 1], 0x88);
-          _mm512_storeu_si512(out + h, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_shuffle_i32x4(w, w, 0xD8), bias), 2));
+          const __m512i rows = _mm512_shuffle_i32x4(w, w, 0xD8);
+          _mm512_storeu_si512(out + h, _mm512_slli_epi32(_mm512_sub_epi32(rows, bias32), 2));
         }
       }
       return;
@@ -457,7 +460,6 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
           for (int r = 0; r < 4; ++r) total[t][8 * (2 * (i / 2) + q / 2) + 4 * (i % 2) + r] += v[4 * q + r];
       }
   }
-  const int64_t bias = 256 * 384 * ((a.K4 + 1) / 2 * 2);  // every code-byte slot's flipped high bytes
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < kLutRows; ++r) a.store(m0 + t, nb * kLutRows + r, 4 * (total[t][r] - bias));
 }

@@ -23,9 +23,10 @@ CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, w
 multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not
 measured for speed): a layer built under it also holds its codes in the LUT layout
 (``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the rest), and
-its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the activations keep 14 bits instead of 16 (relative error
-~2e-4 instead of ~5e-5) and the products come from ``vpshufb`` table lookups. Elsewhere, and for
-layers built under another mode, ``"lut"`` runs the int mode.
+its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the activations
+keep 14 bits instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products come from
+``vpshufb`` table lookups. Elsewhere, and for layers built under another mode, ``"lut"`` runs the
+int mode.
 
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
