@@ -30,7 +30,10 @@ Columns (each in its own subprocess, so that its peak resident memory is its own
   and ``lm_head`` 2-bit too (a ``filter_fn`` taking every ``nn.Linear``);
 - ``pyquant compiled``: the 2-bit model (2-bit ``lm_head``) with transformers' static cache and
   ``torch.compile`` of its forward (``generate(cache_implementation="static", compile_config=...)``,
-  fullgraph, inductor); a compile that fails or takes over ``--compile-timeout`` s is reported.
+  fullgraph, inductor); a compile that fails or takes over ``--compile-timeout`` s is reported;
+- ``pyquant ... CPU mode lut``: the 2-bit-``lm_head`` columns again with the layers loaded in CPU
+  mode "lut" (``pyquant.kernels.set_cpu_mode("lut")``: the table-lookup kernels, 14-bit
+  activations); n/a where the CPU's kernel set has none (``_C.has_lut_kernel()``).
 
 Decode tokens/s = batch * (N - 1) / time from the first to the last generated token (the prefill
 is not counted; llama-bench ``-p 0`` has none either), after a warm-up ``generate``. Before timing,
@@ -40,7 +43,7 @@ short input. Memory: the process's peak RSS (``wait4``'s ``ru_maxrss``: loading 
 included, and for llama.cpp its mmapped model) and, for the Python columns, the peak RSS while
 decoding (``VmHWM`` reset just before the timed ``generate``).
 
-Writes ``decode_cpu.json`` and ``decode_cpu.md`` to ``--out``. One machine, one run, and it must be
+Writes ``NAME.json`` and ``NAME.md`` to ``--out`` (``--name``, default ``decode_cpu``). One machine, one run, and it must be
 quiet: a thread that shares its core with another process stalls every parallel region, which
 costs the short quantized kernels far more than bf16's long GEMVs. Other work's CPU use during
 each column is measured (/proc/stat less the column's own CPU time), and the table warns when it
@@ -86,6 +89,8 @@ COLUMNS = {
     "pyquant": "pyquant 2-bit eager, lm_head bf16",
     "pyquant_head": "pyquant 2-bit eager, lm_head 2-bit",
     "pyquant_compiled": "pyquant 2-bit compiled, lm_head 2-bit",
+    "pyquant_lut": "pyquant 2-bit eager, lm_head 2-bit, CPU mode lut",
+    "pyquant_lut_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode lut",
 }
 GGUF_TYPES = {"llama_bf16": "BF16", "llama_q4_0": "Q4_0", "llama_q2_k": "Q2_K"}
 
@@ -405,6 +410,10 @@ def col_python(args) -> dict:
     else:
         import pyquant
 
+        if "_lut" in name:  # the table-lookup kernels, where this CPU's kernel set has them
+            if not pyquant.ops._C.has_lut_kernel():
+                return {**res, "error": f"no table-lookup kernels in kernel set '{pyquant.ops._C.get_isa()}'"}
+            pyquant.kernels.set_cpu_mode("lut")  # (the layers loaded from here on)
         model = load_pyquant(args, head_2bit=name != "pyquant")
         res["bits_per_weight"] = pyquant.bits_per_weight(model)
         res.update(backend_check(model))
@@ -413,7 +422,7 @@ def col_python(args) -> dict:
         if ref_file.is_file():  # how far 2-bit RTN is from bf16 (information, not a check)
             res["rel_err_vs_bf16"] = rel_err(short_logits(model), torch.load(ref_file))
     res["model_rss_mb"] = proc_status_mb("VmRSS")
-    if name != "pyquant_compiled":
+    if not name.endswith("_compiled"):
         res["batches"] = time_batches(model, args)
         return res
     # Compiled: eager tokens first (batch 1), to check the compiled model generates the same ones.
@@ -606,7 +615,7 @@ def markdown(meta: dict, results: dict, args) -> str:
                     notes.append(f"compiled tokens == eager: {r['compiled_tokens_equal_eager']}" + (
                         f" (eager logit gap of compiled's tokens <= {r['compiled_tokens_max_eager_gap_std']:.3f} std)"
                         if not r["compiled_tokens_equal_eager"] else ""))
-            if row.get("warmup_s") and col == "pyquant_compiled":
+            if row.get("warmup_s") and col.endswith("_compiled"):
                 notes.append(f"compile + warm-up {row['warmup_s']:.0f} s")
             q2, bf, i4 = tok("llama_q2_k", b), tok("bf16", b), tok("int4", b)
             rss = row.get("peak_rss_mb", r.get("peak_rss_mb"))
@@ -649,6 +658,7 @@ def main(argv=None) -> int:
     p.add_argument("--prepare-only", action="store_true",
                    help="build the cached checkpoint, GGUFs, pyquant checkpoint and llama.cpp, time nothing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="decode_cpu", help="the result files' name (NAME.json, NAME.md)")
     p.add_argument("--column", help=argparse.SUPPRESS)  # internal: run one column in this process
     args = p.parse_args(argv)
 
@@ -722,11 +732,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = markdown(meta, results, args)
-    (out / "decode_cpu.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
-    log(f"wrote {out / 'decode_cpu.json'} and {out / 'decode_cpu.md'} in {meta['wall_s'] / 60:.1f} min")
+    log(f"wrote {out / args.name}.json and .md in {meta['wall_s'] / 60:.1f} min")
     return 0
 
 

@@ -6,7 +6,7 @@ The model: Llama-2-7B-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000) wit
 decoder layers and random bf16 weights (``benchmarks/streaming_quantize.py`` writes it, and its
 RTN output is made here with ``python -m pyquant quantize --stream --method rtn``, lm_head and
 embeddings bf16; and with ``quantize_checkpoint`` taking lm_head too; where the CPU's kernel set has
-table-lookup kernels, the RTN checkpoint once more in CPU mode "lut", ``PYQUANT_CPU_MODE=lut``).
+table-lookup kernels, both RTN checkpoints once more in CPU mode "lut", ``PYQUANT_CPU_MODE=lut``).
 Each model runs in its own child process with vLLM's defaults (bf16
 activations, its torch.compile, continuous batching); the load and compile are not timed. Timed,
 after one warm-up request, per batch size: ``LLM.generate`` on ``batch`` requests of 128 random
@@ -14,7 +14,7 @@ prompt tokens with 1 new token (the prefill), then on ``batch`` fresh ones with 
 each (``ignore_eos``). Output tok/s = batch * 64 / wall; decode tok/s = batch * 63 / (wall -
 prefill wall); prefill tok/s = batch * 128 / prefill wall.
 
-Writes ``vllm_throughput.{md,json}`` to ``--out``.
+Writes ``NAME.{md,json}`` to ``--out`` (``--name``, default ``vllm_throughput``).
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--name", default="vllm_throughput", help="the result files' name (NAME.md, NAME.json)")
     args = parser.parse_args()
     src = args.work / f"llama7b-{args.layers}l-bf16"
     dst = args.work / f"llama7b-{args.layers}l-pyquant-rtn"
@@ -102,7 +103,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     models = [("bf16", src, "int"), ("pyquant 2-bit (RTN)", dst, "int"), ("pyquant 2-bit, 2-bit lm_head", head, "int")]
     if pyquant.ops._C.has_lut_kernel():  # (every kernel set but the portable one)
-        models.append(("pyquant 2-bit (RTN), CPU mode lut", dst, "lut"))
+        models += [("pyquant 2-bit (RTN), CPU mode lut", dst, "lut"), ("pyquant 2-bit, 2-bit lm_head, CPU mode lut", head, "lut")]
     rows = {}
     for name, path, mode in models:
         rows[name] = run(path, batches, args.prompt, args.new, mode)
@@ -113,7 +114,7 @@ def main() -> None:
               "layers": args.layers, "prompt_tokens": args.prompt, "new_tokens": args.new, "rows": rows,
               "checkpoint_gb": gb}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vllm_throughput.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     kinds = [("tok_s", "output tok/s"), ("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")]
     cols = [(f"{k}_b{b}", f"batch {b} {what} (× bf16)") for b in batches for k, what in kinds]
     md = ["| model | checkpoint GB | " + " | ".join(c for _, c in cols) + " | load + compile s | peak RSS GiB |",
@@ -121,7 +122,7 @@ def main() -> None:
     for name, r in rows.items():
         cells = " | ".join(f"{r[k]:.2f} ({r[k] / base[k]:.2f}×)" for k, _ in cols)
         md.append(f"| {name} | {gb[name]:.2f} | {cells} | {r['load_s']:.0f} | {r['peak_rss_gib']:.2f} |")
-    (args.out / "vllm_throughput.md").write_text(
+    (args.out / f"{args.name}.md").write_text(
         f"vLLM {__import__('vllm').__version__} (CPU build), Llama-2-7B-shaped, {args.layers} layers, random weights, "
         f"{args.prompt} prompt + {args.new} new tokens a request; {result['date']}, {result['machine']}, "
         f"{os.cpu_count()} CPUs\n\n" + "\n".join(md) + "\n")
