@@ -102,7 +102,7 @@ def minilm(batch_sizes, seq_len: int | None, min_time: float, warm_calls: int) -
     model, tok = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
-    lut = suite.lut_copy(qmodel)
+    qmodel, lut = suite.built_in_mode(qmodel, "int"), suite.built_in_mode(qmodel, "lut")
     _, sentences = split_sentences(0, max(batch_sizes))
     rows = []
     for bs in batch_sizes:

@@ -26,7 +26,7 @@ Columns (each in its own subprocess, so that its peak resident memory is its own
 - ``llama.cpp BF16 / Q4_0 / Q2_K``: batch 1 from ``llama-bench -p 0 -n N -t T``, batch 4 from
   ``llama-batched-bench`` (4 parallel sequences, prompt P each, N new tokens);
 - ``pyquant``: ``pyquant.quantize_model(model, RTNConfig(bits=2))`` (speed does not depend on the
-  method), loaded from its saved checkpoint, eager ``generate``; ``lm_head`` bf16 (the default)
+  method), loaded from its saved checkpoint in CPU mode "int", eager ``generate``; ``lm_head`` bf16 (the default)
   and ``lm_head`` 2-bit too (a ``filter_fn`` taking every ``nn.Linear``);
 - ``pyquant compiled``: the 2-bit model (2-bit ``lm_head``) with transformers' static cache and
   ``torch.compile`` of its forward (``generate(cache_implementation="static", compile_config=...)``,
@@ -86,9 +86,9 @@ COLUMNS = {
     "llama_bf16": "llama.cpp BF16",
     "llama_q4_0": "llama.cpp Q4_0",
     "llama_q2_k": "llama.cpp Q2_K",
-    "pyquant": "pyquant 2-bit eager, lm_head bf16",
-    "pyquant_head": "pyquant 2-bit eager, lm_head 2-bit",
-    "pyquant_compiled": "pyquant 2-bit compiled, lm_head 2-bit",
+    "pyquant": "pyquant 2-bit eager, lm_head bf16, CPU mode int",
+    "pyquant_head": "pyquant 2-bit eager, lm_head 2-bit, CPU mode int",
+    "pyquant_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode int",
     "pyquant_lut": "pyquant 2-bit eager, lm_head 2-bit, CPU mode lut",
     "pyquant_lut_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode lut",
 }
@@ -410,10 +410,10 @@ def col_python(args) -> dict:
     else:
         import pyquant
 
-        if "_lut" in name:  # the table-lookup kernels, where this CPU's kernel set has them
-            if not pyquant.ops._C.has_lut_kernel():
-                return {**res, "error": f"no table-lookup kernels in kernel set '{pyquant.ops._C.get_isa()}'"}
-            pyquant.kernels.set_cpu_mode("lut")  # (the layers loaded from here on)
+        if "_lut" in name and not pyquant.ops._C.has_lut_kernel():
+            return {**res, "error": f"no table-lookup kernels in kernel set '{pyquant.ops._C.get_isa()}'"}
+        # the mode of the layers loaded from here on (the default, "auto", is lut on some CPUs)
+        pyquant.kernels.set_cpu_mode("lut" if "_lut" in name else "int")
         model = load_pyquant(args, head_2bit=name != "pyquant")
         res["bits_per_weight"] = pyquant.bits_per_weight(model)
         res.update(backend_check(model))

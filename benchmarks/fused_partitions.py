@@ -49,7 +49,8 @@ def timed(fn, xs) -> float:
 
 def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
-    print(f"threads {torch.get_num_threads()}, {SETS} weight sets cycled, ms per call (median of {ROUNDS})\n")
+    print(f"threads {torch.get_num_threads()}, CPU mode {pyquant.ops._C.get_mode()}, {SETS} weight sets cycled, "
+          f"ms per call (median of {ROUNDS})\n")
     print("| layer | batch | one kernel per partition ms | one fused kernel ms | ratio |")
     print("|---|---:|---:|---:|---:|")
     for label, k, rows in (("qkv_proj 3 x 4096x4096", 4096, [4096] * 3), ("gate_up_proj 2 x 4096x11008", 4096, [11008] * 2)):

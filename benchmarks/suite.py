@@ -308,17 +308,17 @@ def compare_isas(shapes, batches, min_time: float = 0.2) -> list[dict]:
 
 # ----------------------------------------------------------------------------- MiniLM
 
-def lut_copy(qmodel):
-    """A copy of ``qmodel`` whose layers are built in mode "lut" (their state then holds the
-    LUT-layout codes), or None where this CPU's kernel set has no table-lookup kernels."""
-    if not pyquant.ops._C.has_lut_kernel():
+def built_in_mode(qmodel, mode: str):
+    """A copy of ``qmodel`` whose layers are built in CPU mode ``mode`` (in "lut" their state holds
+    the LUT-layout codes), or None for "lut" where this CPU's kernel set has no table-lookup
+    kernels. (The columns name their mode: the default, "auto", is "lut" on some CPUs.)"""
+    if mode == "lut" and not pyquant.ops._C.has_lut_kernel():
         return None
-    before = pyquant.ops._C.get_mode()
-    pyquant.ops._C.set_mode("lut")
+    before = pyquant.kernels.set_cpu_mode(mode)
     try:
         return copy.deepcopy(qmodel)  # (a layer's copy rebuilds its kernel state)
     finally:
-        pyquant.ops._C.set_mode(before)
+        pyquant.kernels.set_cpu_mode(before)
 
 
 @torch.inference_mode()
@@ -332,8 +332,8 @@ def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, min_time: float = 2.0)
     model, tokenizer = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
+    qmodel, lut = built_in_mode(qmodel, "int"), built_in_mode(qmodel, "lut")
     layer = next(m for m in qmodel.modules() if isinstance(m, pyquant.QuantLinear))
-    lut = lut_copy(qmodel)
     _, sentences = split_sentences(0, max(batch_sizes))
     out = []
     for bs in batch_sizes:

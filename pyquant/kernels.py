@@ -76,16 +76,18 @@ def force_backend(name: str | None):
         _forced = prev
 
 
-CPU_MODES = ("int", "float", "lut")
+CPU_MODES = ("auto", "int", "float", "lut")
 
 
 def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
-    """Sets the CPU kernels' mode and returns the previous one (``PYQUANT_CPU_MODE`` sets it at
-    import): ``"int"``, the default (activations in 16-bit fixed point, relative error ~5e-5);
-    ``"float"`` (fp32 activations, slower); ``"lut"`` (14-bit activations, products from table
-    lookups: ~2e-4, 1.5-2.6x int mode on AVX2 CPUs; int mode where ``ops._C.has_lut_kernel()`` is
-    false). Int and float apply from the next call. Lut applies to layers built from then on,
-    which keep their codes in a second layout too; ``model``: its ``QuantLinear`` layers are
+    """Sets the CPU kernels' mode and returns the previous setting (``PYQUANT_CPU_MODE`` sets it at
+    import): ``"auto"``, the default: ``"lut"`` where the CPU's kernel set has a lut kernel measured
+    faster than its int kernels (``avx2``), else ``"int"``; ``"int"`` (activations in 16-bit fixed
+    point, relative error ~5e-5, the same bits on every kernel set); ``"float"`` (fp32 activations,
+    slower); ``"lut"`` (14-bit activations, products from table lookups: ~2e-4, 1.5-2.6x int mode
+    on AVX2 CPUs; int mode where ``ops._C.has_lut_kernel()`` is false). ``ops._C.get_mode()`` says
+    which one runs. Int and float apply from the next call. Lut applies to layers built from then
+    on, which keep their codes in a second layout too; ``model``: its ``QuantLinear`` layers are
     rebuilt now (into lut mode, or out of it, dropping those copies)."""
     if not isinstance(mode, str) or mode not in CPU_MODES:
         raise ValueError(f"mode must be one of {CPU_MODES}, got {mode!r}")
@@ -93,7 +95,7 @@ def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     from .nn import QuantLinear
 
-    previous = ops._C.get_mode()
+    previous = ops._C.get_mode(resolve=False)
     ops._C.set_mode(mode)
     for layer in () if model is None else model.modules():
         if isinstance(layer, QuantLinear):

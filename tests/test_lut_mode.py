@@ -266,6 +266,50 @@ def test_set_cpu_mode_switches_a_built_model_in_and_out_of_lut_mode(cpu_mode, is
     assert _C.get_mode() == "float"  # (a refused call changes nothing)
 
 
+def test_eager_calls_see_in_place_changes_of_the_layers_tensors(cpu_mode, isa):
+    """The LUT copies are rewritten before an eager call that finds a tensor changed in place (an
+    optimizer step, a fill), as int mode reads the tensors as they are; layers made under
+    inference_mode, whose tensors have no version counter, still run."""
+    use_a_lut_kernel_set(isa)
+    cpu_mode("lut")
+    layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=11), torch.randn(64))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        before = layer(x)
+        layer.sv.mul_(2)
+        layer.codes.copy_(layer.codes.roll(1, 0))
+        assert torch.equal(layer(x), torch.ops.pyquant.lut_linear(*lut_args(layer.packed, x, layer.bias)))
+        assert not torch.equal(layer(x), before)
+        assert torch.equal(layer._plan.states["cpu"].lut_codes, _C.pack_lut_codes(layer.codes))
+        layer.bias.zero_()
+        assert torch.equal(layer(x), torch.ops.pyquant.lut_linear(*lut_args(layer.packed, x, layer.bias)))
+    with torch.inference_mode():
+        made = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=12))
+        assert torch.equal(made(x), torch.ops.pyquant.lut_linear(*lut_args(made.packed, x)))
+
+
+def test_the_default_mode_auto_is_lut_on_the_avx2_set_only(cpu_mode, isa):
+    """Mode "auto", the initial one, is "lut" on the kernel set whose lut kernel was measured the
+    faster (avx2) and "int" on the others, following set_isa; a layer built under it on avx2 runs
+    lut_linear, and set_cpu_mode gives back the setting, "auto", not what it resolved to."""
+    cpu_mode("auto")
+    assert _C.get_mode(resolve=False) == "auto"
+    for name in ISAS:
+        isa(name)
+        assert _C.get_mode() == ("lut" if name == "avx2" else "int"), name
+    if "avx2" not in ISAS:
+        pytest.skip("no avx2 kernel set on this CPU")
+    isa("avx2")
+    layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=3))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.ops.pyquant.lut_linear(*lut_args(layer.packed, x)))
+    assert pyquant.kernels.set_cpu_mode("int") == "auto" and _C.get_mode() == "int"
+    assert pyquant.kernels.set_cpu_mode("auto") == "int" and _C.get_mode() == "lut"
+    with pytest.raises(ValueError, match="mode must be 'auto', 'int', 'float' or 'lut'"):
+        _C.set_mode("fast")
+
+
 def test_has_lut_kernel_follows_the_kernel_set(isa):
     isa("scalar")
     assert not _C.has_lut_kernel()

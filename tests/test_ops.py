@@ -74,7 +74,8 @@ def frozen_args(layer, x):
                                                                  (64, 128, False, False, torch.float32, torch.float32),
                                                                  (40, 256, True, False, torch.bfloat16, torch.float16),
                                                                  (48, 512, True, True, torch.float16, torch.float16)])
-def test_frozen_linear_is_linear_on_the_layers_frozen_params(n, k, hadamard, bias, dtype, scale_dtype):
+def test_frozen_linear_is_linear_on_the_layers_frozen_params(n, k, hadamard, bias, dtype, scale_dtype, cpu_mode):
+    cpu_mode("int")  # int mode's ops and bits (the default is lut on AVX2 CPUs)
     layer = pyquant.QuantLinear.from_packed(random_packed(n, k, hadamard=hadamard, seed=n, scale_dtype=scale_dtype),
                                             torch.randn(n) if bias else None)
     assert layer._plan.states["cpu"].params.shape == (pyquant.ops.PARAMS_HEAD + k + n + (n if bias else 0),)
@@ -87,7 +88,8 @@ def test_frozen_linear_is_linear_on_the_layers_frozen_params(n, k, hadamard, bia
             assert torch.equal(layer(x), want)
 
 
-def test_traced_calls_without_gradients_take_frozen_linear_eager_calls_linear():
+def test_traced_calls_without_gradients_take_frozen_linear_eager_calls_linear(cpu_mode):
+    cpu_mode("int")  # int mode's ops and bits (the default is lut on AVX2 CPUs)
     from pyquant.backends import cpu as cpu_backend
 
     layer = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=5), torch.randn(24))
@@ -116,7 +118,8 @@ def test_traced_calls_without_gradients_take_frozen_linear_eager_calls_linear():
     torch._dynamo.reset()
 
 
-def test_a_compiled_graph_sees_in_place_changes_after_invalidate():
+def test_a_compiled_graph_sees_in_place_changes_after_invalidate(cpu_mode):
+    cpu_mode("int")  # int mode's ops and bits (the default is lut on AVX2 CPUs)
     layer = pyquant.QuantLinear.from_packed(random_packed(24, 128, seed=6), torch.randn(24))
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(3, 128)
@@ -390,7 +393,8 @@ def _mlp():
     return nn.Sequential(nn.Linear(128, 96), nn.GELU(), nn.Linear(96, 37), nn.Tanh(), nn.Linear(37, 16))
 
 
-def test_export_runs_and_matches_eager(tmp_path):
+def test_export_runs_and_matches_eager(tmp_path, cpu_mode):
+    cpu_mode("int")  # int mode's ops and bits (the default is lut on AVX2 CPUs)
     model = pyquant.quantize_model(_mlp(), pyquant.RTNConfig(bits=2), progress=False)
     assert sum(isinstance(m, pyquant.QuantLinear) for m in model.modules()) == 2  # 37 inputs: not divisible by 4
     x = torch.randn(6, 128)
@@ -407,7 +411,8 @@ def test_export_runs_and_matches_eager(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_export_of_a_reloaded_checkpoint(tmp_path):
+def test_export_of_a_reloaded_checkpoint(tmp_path, cpu_mode):
+    cpu_mode("int")  # int mode's ops and bits (the default is lut on AVX2 CPUs)
     model = pyquant.quantize_model(_mlp(), pyquant.RTNConfig(bits=2), progress=False)
     pyquant.save_quantized(model, tmp_path / "ckpt")
     reloaded = pyquant.load_quantized(_mlp(), tmp_path / "ckpt")

@@ -168,7 +168,8 @@ def test_deepcopy_and_pickle_rebuild_the_kernel_plan():
 
 @pytest.mark.skipif(sys.platform != "linux" or "cpu" not in kernels.available_backends(),
                     reason="transparent huge pages are Linux's; the C++ CPU backend places the codes")
-def test_large_codes_move_into_huge_pages_once_and_stay_correct():
+def test_large_codes_move_into_huge_pages_once_and_stay_correct(cpu_mode):
+    cpu_mode("int")  # int mode moves the codes themselves (lut mode: their LUT layout)
     from pyquant import _C
 
     pw = random_packed(2048, 4096, hadamard=True, seed=5)  # 2 MiB of codes: the threshold

@@ -40,7 +40,8 @@ def qkv_rows(tp_size: int, rank: int) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
-def test_qkv_column_parallel_gathers_to_the_unsharded_layers(tp_size):
+def test_qkv_column_parallel_gathers_to_the_unsharded_layers(tp_size, cpu_mode):
+    cpu_mode("int")  # the same bits as the unsharded layers: int mode (the default is lut on AVX2 CPUs)
     q, k, v = (quantized(HIDDEN, n, seed=i, bias=True) for i, n in
                enumerate((HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM)))
     x = torch.randn(5, HIDDEN)
@@ -59,7 +60,8 @@ def test_qkv_column_parallel_gathers_to_the_unsharded_layers(tp_size):
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
-def test_gate_up_column_parallel_gathers_to_the_unsharded_layers(tp_size):
+def test_gate_up_column_parallel_gathers_to_the_unsharded_layers(tp_size, cpu_mode):
+    cpu_mode("int")  # the same bits as the unsharded layers: int mode (the default is lut on AVX2 CPUs)
     gate, up = quantized(HIDDEN, MLP, seed=10), quantized(HIDDEN, MLP, seed=11, scale_dtype=torch.float16)
     x = torch.randn(3, HIDDEN)
     with torch.no_grad():

@@ -50,7 +50,7 @@ const KernelSet kSets[] = {
      lut_gemv_scalar, lut_tables_scalar},
 #if defined(__x86_64__)
     {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math, nullptr, nullptr, nullptr,
-     lut_gemv_avx2, lut_tables_avx2},
+     lut_gemv_avx2, lut_tables_avx2, /*lut_by_default=*/true},
     // (the AVX-512 sets build their LUT tables with the AVX2 builder: every such CPU has AVX2)
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math, nullptr,
      nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2},

@@ -29,6 +29,12 @@ struct KernelSet {
   // it reads; null: the portable set's (same integers)
   IntKernel lut_gemv;
   LutTables lut_tables;
+  // Whether mode "auto" (the default) is "lut" on this set rather than "int": where its lut kernel
+  // was measured faster than its int kernels at every batch size and its 14-bit activations cost
+  // nothing that matters next to the 2-bit weights (AVX2 EPYC: 1.5-2.6x the int kernels, decode
+  // 2x; llvm-mca puts the one-token lut loop at 1.3-1.8x the int GEMV's products per cycle on
+  // Haswell to Alder Lake and Zen 1-3). Unmeasured sets keep int.
+  bool lut_by_default = false;
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -181,8 +181,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_isa", &pyquant::get_isa, "the ISA the kernels use when called with isa=''");
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");
   m.def("set_mode", &pyquant::set_mode,
-        "default mode for calls with mode='': 'int', 'float' or 'lut' (int for the ops on natural-layout codes; "
-        "layers built under it run lut_linear where has_lut_kernel())",
+        "default mode for calls with mode='': 'auto' (the initial one: 'lut' where the kernel set's lut kernel "
+        "is the faster, else 'int'), 'int', 'float' or 'lut' (int for the ops on natural-layout codes; layers "
+        "built under it run lut_linear where has_lut_kernel())",
         py::arg("name"));
-  m.def("get_mode", &pyquant::get_mode, "the default mode");
+  m.def("get_mode", &pyquant::get_mode,
+        "the default mode: what it runs ('auto' resolved for the current kernel set), or with resolve=False the "
+        "setting itself",
+        py::arg("resolve") = true);
 }

@@ -47,6 +47,6 @@ void set_isa(const std::string& name);
 std::string get_isa();
 std::vector<std::string> supported_isas();
 void set_mode(const std::string& name);
-std::string get_mode();
+std::string get_mode(bool resolve);
 
 }  // namespace pyquant

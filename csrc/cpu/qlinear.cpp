@@ -46,7 +46,10 @@ using cpu::KernelSet;
 enum class Mode { kInt = 0, kFloat = 1, kLut = 2 };
 
 std::atomic<const KernelSet*> g_isa{nullptr};  // null: automatic (the best this CPU supports)
-std::atomic<int> g_mode{static_cast<int>(Mode::kInt)};
+// set_mode's setting: a Mode, or kAutoMode, the initial one: the kernel set's own default
+// (KernelSet::lut_by_default), resolved at each use so that it follows set_isa.
+constexpr int kAutoMode = -1;
+std::atomic<int> g_mode{kAutoMode};
 
 std::string known_isas() {
   int n;
@@ -673,10 +676,19 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 void set_mode(const std::string& name) {
-  g_mode.store(static_cast<int>(name == "lut" ? Mode::kLut : parse_mode(name.empty() ? "int" : name)));
+  TORCH_CHECK_VALUE(name == "auto" || name == "int" || name == "float" || name == "lut",
+                    "mode must be 'auto', 'int', 'float' or 'lut', got '", name, "'");
+  g_mode.store(name == "auto"  ? kAutoMode
+               : name == "lut" ? static_cast<int>(Mode::kLut)
+                               : static_cast<int>(parse_mode(name)));
 }
-std::string get_mode() {
-  switch (static_cast<Mode>(g_mode.load())) {
+std::string get_mode(bool resolve) {
+  int mode = g_mode.load();
+  if (mode == kAutoMode) {
+    if (!resolve) return "auto";
+    mode = static_cast<int>(parse_isa("", "isa").lut_by_default ? Mode::kLut : Mode::kInt);
+  }
+  switch (static_cast<Mode>(mode)) {
     case Mode::kFloat: return "float";
     case Mode::kLut: return "lut";
     default: return "int";

@@ -18,20 +18,24 @@ themselves, as they are at the call (checking that the copy is current would cos
 each Python step of a call after a large layer's runs from caches its codes have flushed). Its
 gradient is the formula in :mod:`pyquant.ops`.
 
-Mode ``"lut"`` (``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``), for
-CPUs whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where the byte
+Mode ``"lut"`` (the default on the ``avx2`` kernel set, where mode ``"auto"`` picks it;
+``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``, elsewhere), for CPUs
+whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where the byte
 multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not
-measured for speed): a layer built under it also holds its codes in the LUT layout
-(``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the rest), and
-its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the activations
-keep 14 bits instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products come from
-``vpshufb`` table lookups. Elsewhere, and for layers built under another mode, ``"lut"`` runs the
-int mode.
+measured for speed, where "auto" keeps int): a layer built under it also holds its codes in the
+LUT layout (``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the
+rest), and its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the
+activations keep 14 bits instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products
+come from ``vpshufb`` table lookups. Its eager calls see in-place changes of the layer's tensors
+as int mode's do: a tensor whose version counter moved since its copy was made (an optimizer
+step, a fill) has that copy rewritten first (:func:`refresh`). Elsewhere, and for layers built
+under another mode, ``"lut"`` runs the int mode.
 
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
+``PYQUANT_CPU_MODE=int`` the exact 16-bit mode above where "auto" would pick lut,
 ``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison),
-``PYQUANT_CPU_MODE=lut`` the mode above.
+``PYQUANT_CPU_MODE=lut`` the mode above, ``auto`` the default.
 """
 from __future__ import annotations
 
@@ -64,9 +68,27 @@ def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
 
 class State(NamedTuple):
     """A layer's state: :func:`frozen_params`, and its codes in the LUT layout in mode ``"lut"``
-    (None otherwise)."""
+    (None otherwise) with ``versions``, the version counters of the layer's tensors
+    (:data:`TENSOR_NAMES`) the copies were made from, by which eager calls see in-place changes."""
     params: torch.Tensor | None
     lut_codes: torch.Tensor | None
+    versions: list[int] | None = None
+
+
+TENSOR_NAMES = ("codes", "A", "b", "su", "sv", "w_scale", "bias")  # QuantLinear.op_tensors' order
+
+
+def _versions(tensors) -> list[int]:
+    """The tensors' version counters (bumped by every in-place change), -1 for None and for
+    inference tensors, which have none."""
+    try:
+        return [-1 if t is None else t._version for t in tensors]
+    except RuntimeError:  # an inference tensor
+        return [-1 if t is None or t.is_inference() else t._version for t in tensors]
+
+
+def _lut_state(layer, params: torch.Tensor, codes: torch.Tensor) -> State:
+    return State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)), _versions(layer.op_tensors()))
 
 
 def build(layer) -> State:
@@ -81,14 +103,14 @@ def build(layer) -> State:
         if not (lut and layer._engine_refreshes and codes.device.type == "cpu"):
             return State(None, None)
         with torch.inference_mode(False):
-            return State(_params(layer), _C.in_huge_pages(_C.pack_lut_codes(codes)))
+            return _lut_state(layer, _params(layer), codes)
     params = frozen_params(layer)
     if codes is not None:
         # A plain tensor even when the layer is built under inference_mode: an inference tensor
         # could not be saved for a later backward.
         with torch.inference_mode(False):
             if lut and params is not None:
-                return State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)))
+                return _lut_state(layer, params, codes)
             layer._buffers["codes"] = _C.in_huge_pages(codes)
     return State(params, None)
 
@@ -118,10 +140,15 @@ def refresh(layer, state: State, changed: frozenset[str]) -> None:
     """Rewrites the copies in ``state`` made from the ``changed`` tensors in place from the layer's
     tensors as they are now."""
     with torch.inference_mode(False), torch.no_grad():
+        now = _versions(layer.op_tensors()) if state.versions is not None else None
         if state.params is not None and changed - {"codes"}:
-            state.params.copy_(_params(layer))
+            state.params.copy_(_params(layer))  # (from every tensor but the codes)
+            if now is not None:
+                state.versions[1:] = now[1:]
         if state.lut_codes is not None and "codes" in changed:
             state.lut_codes.copy_(_C.pack_lut_codes(layer._buffers["codes"]))
+            if now is not None:
+                state.versions[0] = now[0]
 
 
 def forward(x: torch.Tensor, layer, state: State) -> torch.Tensor:
@@ -129,9 +156,14 @@ def forward(x: torch.Tensor, layer, state: State) -> torch.Tensor:
 
 
 def forward_nograd(x: torch.Tensor, layer, state: State) -> torch.Tensor:
-    if state.lut_codes is not None:
-        return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
-    return forward(x, layer, state)
+    if state.lut_codes is None:
+        return forward(x, layer, state)
+    # An eager call sees the tensors as they are, as int mode's does: copies made before an
+    # in-place change (an optimizer step, a fill) are rewritten first (~1 us a call to check).
+    now = _versions(layer.op_tensors())
+    if now != state.versions:
+        refresh(layer, state, frozenset(n for n, a, b in zip(TENSOR_NAMES, now, state.versions) if a != b))
+    return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
 
 
 def forward_traced(x: torch.Tensor, layer, state: State) -> torch.Tensor:
