@@ -1,5 +1,6 @@
 """Mode "lut" of the CPU kernels (``pyquant::lut_linear``, csrc/cpu/kernel_api.h's table-lookup
-kernels): activations cut to 14 bits, products from table lookups, on codes in the LUT layout.
+kernels; the default, "auto", on the avx2 kernel set): activations cut to 14 bits, products from
+table lookups, on codes in the LUT layout.
 
 Against the fp64 reference (relative error <= 2e-3 per layer, on random layers and on the real
 MiniLM's layers with its real activations), bit-identical on every instruction set, the MiniLM
