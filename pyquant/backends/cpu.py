@@ -159,7 +159,8 @@ def forward_nograd(x: torch.Tensor, layer, state: State) -> torch.Tensor:
     if state.lut_codes is None:
         return forward(x, layer, state)
     # An eager call sees the tensors as they are, as int mode's does: copies made before an
-    # in-place change (an optimizer step, a fill) are rewritten first (~1 us a call to check).
+    # in-place change (an optimizer step, a fill) are rewritten first (the check: ~3 us a call here,
+    # ~2 % of an eager 384 x 384 call at 29 tokens).
     now = _versions(layer.op_tensors())
     if now != state.versions:
         refresh(layer, state, frozenset(n for n, a, b in zip(TENSOR_NAMES, now, state.versions) if a != b))
