@@ -352,14 +352,18 @@ def _read_layer(layer: nn.Module, fqn: str, entry: dict, version: int, weights: 
     with safe_open(str(weights), framework="pt") as f:
         tensors = {name: f.get_tensor(f"{fqn}.{name}") for name in expected}
     verify_checksum_of(tensors, entry, version)
-    layer.load_state_dict(tensors, strict=True)
+    # The file's own tensors (copy-on-write views of its mapping), not copies: what the kernels
+    # repack (large codes into 2 MB pages, mode lut's layout) they then hand back to the OS
+    # (backends/cpu.py), and what they read in place stays file-backed memory.
+    layer.load_state_dict(tensors, strict=True, assign=True)
     layer.validate()
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into ``model``, the
     unquantized skeleton of the same architecture; swaps ``QuantLinear`` in and
-    returns ``model``. A Hugging Face directory (a transformers ``model``) loads through
+    returns ``model``. The quantized layers hold the file's tensors (copy-on-write views of its
+    mapping: in place changes stay in memory), not copies. A Hugging Face directory (a transformers ``model``) loads through
     ``type(model).from_pretrained(path)``, which returns a new model. Raises ``ValueError`` for
     a checkpoint that is truncated, damaged (checksum), of an unknown version, or from another
     model; the model is then left as it was."""

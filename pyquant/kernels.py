@@ -103,6 +103,21 @@ def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
     return previous
 
 
+def zeros_codes(out_features: int, k4: int, device=None) -> torch.Tensor:
+    """A new layer's codes, ``[out_features, k4]`` uint8 zeros on ``device`` (torch's default
+    device for None). On the CPU they are made where the CPU backend streams them from (2 MB
+    pages, :func:`pyquant.backends.cpu.build`), so that it need not copy them there, and pages
+    never written cost no memory: a layer made to be loaded takes memory once, as it loads,
+    instead of its zeros, their copy and the heap blocks the allocator kept of both."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    # a plain tensor even under inference_mode: an inference tensor could not be saved for a
+    # later backward (nor replaced: the CPU backend keeps codes already in 2 MB pages)
+    with torch.inference_mode(False):
+        if device.type == "cpu":
+            return ops._C.zeros_in_huge_pages([out_features, k4], torch.uint8)
+        return torch.zeros(out_features, k4, dtype=torch.uint8, device=device)
+
+
 def available_backends() -> list[str]:
     """Backends built and importable in this process."""
     return [n for n in BACKENDS if (m := _backend(n)) is not None and m.available()]

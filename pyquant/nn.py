@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"in_features must be divisible by 4, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.had_in, self.had_out, self.method, self.seed = had_in, had_out, method, seed
-        self.register_buffer("codes", torch.zeros(out_features, in_features // 4, dtype=torch.uint8, device=device))
+        self.register_buffer("codes", kernels.zeros_codes(out_features, in_features // 4, device))
         # fp32 spelled out: a model built under another default dtype (from_pretrained(dtype=...))
         # keeps the format's dtypes
         f32 = dict(dtype=torch.float32, device=device)

@@ -174,3 +174,46 @@ def test_daq_checkpoint_with_bad_scales_is_rejected(tmp_path):
     rehash_checkpoint(path)  # a checkpoint written with these scales: validation catches them
     with pytest.raises(ValueError, match="'up'.*scales must be finite and positive"):
         pyquant.load_quantized(Net(), path)
+
+
+def _resident_mib() -> float:
+    """The process's resident memory, anonymous and file-backed (Linux), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or "cpu" not in pyquant.kernels.available_backends(),
+                    reason="resident memory as Linux reports it; the C++ CPU backend places the codes")
+@pytest.mark.parametrize("mode", ["int", "lut"])
+def test_a_loaded_checkpoint_holds_its_codes_once(tmp_path, cpu_mode, mode):
+    # The layers take the file's tensors; the CPU backend copies the large codes into 2 MB pages
+    # (int) or packs them (lut) and hands the file's pages back: resident once, in either mode
+    # (lut mode held them twice: the codes and their LUT layout).
+    from conftest import random_packed
+    from pyquant import _C
+
+    cpu_mode(mode)
+    if mode == "lut" and not _C.has_lut_kernel():
+        pytest.skip("this CPU's kernel set has no table-lookup kernels")
+    n, k, count = 4096, 4096, 8  # 4 MiB of codes a layer
+    layers = [pyquant.QuantLinear.from_packed(random_packed(n, k, seed=s)) for s in range(count)]
+    x = torch.randn(2, k)
+    with torch.no_grad():
+        want = [q(x) for q in layers]
+    path = pyquant.save_quantized(nn.Sequential(*layers), tmp_path / "ckpt")
+    del layers
+    codes_mib = count * n * k / 4 / 2**20
+    skeleton = nn.Sequential(*[nn.utils.skip_init(nn.Linear, k, n, bias=False) for _ in range(count)])
+    before = _resident_mib()
+    model = pyquant.load_quantized(skeleton, path)
+    grew = _resident_mib() - before
+    assert grew < 1.15 * codes_mib, f"{codes_mib:.0f} MiB of codes took {grew:.1f} MiB resident ({mode})"
+    with torch.no_grad():
+        for q, y in zip(model, want):
+            assert torch.equal(q(x), y)
+    # the layers view the file's mapping: saving over it (a new file renamed in place) keeps them
+    pyquant.save_quantized(model, path)
+    again = pyquant.load_quantized(nn.Sequential(*[nn.Linear(k, n, bias=False) for _ in range(count)]), path)
+    with torch.no_grad():
+        for a, b, y in zip(model, again, want):
+            assert torch.equal(a(x), y) and torch.equal(b(x), y)

@@ -193,3 +193,60 @@ def test_large_codes_move_into_huge_pages_once_and_stay_correct(cpu_mode):
     # a layer sharing a serving engine's tensors keeps them
     shared = pyquant.QuantLinear.from_packed(pw, share=True)
     assert shared.codes.data_ptr() == pw.codes.data_ptr() and not _C.is_in_huge_pages(shared.codes)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "cpu" not in kernels.available_backends(),
+                    reason="MADV_PAGEOUT is Linux's")
+def test_paging_out_loses_nothing(tmp_path):
+    from pyquant import _C
+
+    path = tmp_path / "bytes.bin"
+    data = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8)
+    data.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.uint8)  # copy-on-write
+    assert torch.equal(mapped, data)
+    mapped[: 1 << 20].fill_(7)  # these pages are the process's own now, the rest the file's
+    assert _C.page_out(mapped)
+    assert torch.equal(mapped[: 1 << 20], torch.full((1 << 20,), 7, dtype=torch.uint8))
+    assert torch.equal(mapped[1 << 20:], data[1 << 20:])
+    # anonymous memory, torch's or the 2 MB pages the kernels stream: left alone
+    assert not _C.page_out(torch.zeros(4 << 20, dtype=torch.uint8))
+    assert not _C.page_out(_C.zeros_in_huge_pages([4 << 20], torch.uint8))
+
+def _anon_mib() -> float:
+    """The process's resident anonymous memory (Linux), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "cpu" not in kernels.available_backends(),
+                    reason="resident memory as Linux reports it; the C++ CPU backend places the codes")
+@pytest.mark.parametrize("mode", ["int", "lut"])
+def test_layers_take_the_memory_of_their_codes_once_loaded(cpu_mode, mode):
+    # A new layer's zero codes (and their LUT layout) are pages never written: a skeleton costs no
+    # memory until it loads. Loaded, a layer holds its codes once (mode lut: plus their LUT
+    # layout), not also the heap blocks of the zeros and copies its state was built from.
+    cpu_mode(mode)
+    from pyquant import _C
+
+    if mode == "lut" and not _C.has_lut_kernel():
+        pytest.skip("this CPU's kernel set has no table-lookup kernels")
+    n, k, count = 4096, 4096, 8  # 4 MiB of codes a layer
+    sources = [random_packed(n, k, seed=s) for s in range(count)]  # made before the baseline
+    sources = [{name: getattr(pw, name) for name in ("codes", "A", "b", "su", "sv", "w_scale")} for pw in sources]
+    codes_mib = count * n * k / 4 / 2**20
+    before = _anon_mib()
+    layers = [pyquant.QuantLinear(k, n, bias=False) for _ in range(count)]
+    assert all(_C.is_in_huge_pages(q.codes) for q in layers)
+    made = _anon_mib()
+    assert made - before < 0.1 * codes_mib, f"{count} new layers took {made - before:.1f} MiB"
+    for q, tensors in zip(layers, sources):
+        q.load_state_dict(tensors)
+    copies = 2 if mode == "lut" else 1
+    loaded = _anon_mib()
+    assert loaded - before < (copies + 0.1) * codes_mib, \
+        f"{count} layers with {codes_mib:.0f} MiB of codes took {loaded - before:.1f} MiB ({mode})"
+    x = torch.randn(1, k)
+    with torch.no_grad():
+        for q, tensors in zip(layers, sources):
+            assert rel_err(q(x), F.linear(x, q.dequantize().weight)) < 1e-3

@@ -6,6 +6,8 @@
 // the CPU backend moves each large layer's codes here once, when it builds the layer's state.
 #include "ops.h"
 
+#include <c10/core/CPUAllocator.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -54,20 +56,52 @@ bool is_in_huge_pages(const torch::Tensor& t) {
   return t.has_storage() && t.device().is_cpu() && t.storage().data_ptr().get_deleter() == &unmap;
 }
 
-torch::Tensor in_huge_pages(const torch::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "in_huge_pages: the tensor must be on the CPU, got ", t.device());
-  const size_t bytes = t.nbytes();
-  if (bytes < kHugePage || is_in_huge_pages(t)) return t;
-  Mapping* m = map_aligned(bytes);
-  if (m == nullptr) return t;
-  const auto src = t.contiguous();
-  std::memcpy(m->addr, src.data_ptr(), bytes);
+torch::Tensor zeros_in_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = torch::TensorOptions().dtype(dtype).device(torch::kCPU);
+  size_t bytes = c10::elementSize(dtype);
+  for (const int64_t d : sizes) {
+    TORCH_CHECK_VALUE(d >= 0, "zeros_in_huge_pages: sizes must be >= 0, got ", sizes);
+    bytes *= static_cast<size_t>(d);
+  }
+  Mapping* m = bytes < kHugePage ? nullptr : map_aligned(bytes);
+  if (m == nullptr) return torch::zeros(sizes, options);
+  // (an anonymous mapping reads as zeros: its pages cost memory only once written)
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(m->addr, m, &unmap, c10::Device(c10::kCPU)),
                        /*allocator=*/nullptr, /*resizable=*/false);
-  return torch::empty({0}, t.options()).set_(storage, 0, t.sizes(), src.strides());
+  return torch::empty({0}, options).set_(storage, 0, sizes);
+}
+
+torch::Tensor in_huge_pages(const torch::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "in_huge_pages: the tensor must be on the CPU, got ", t.device());
+  if (t.nbytes() < kHugePage || is_in_huge_pages(t)) return t;
+  auto out = zeros_in_huge_pages(t.sizes(), t.scalar_type());
+  if (!is_in_huge_pages(out)) return t;  // the system refused the mapping
+  out.copy_(t);
+  return out;
+}
+
+bool page_out(const torch::Tensor& t) {
+#if defined(MADV_PAGEOUT)
+  if (!t.has_storage() || !t.device().is_cpu() || t.nbytes() == 0) return false;
+  // Anonymous memory of torch's or ours: without swap it cannot go anywhere, and reclaim splits
+  // the 2 MB pages of an in_huge_pages mapping trying (the int kernels would stream 4 KB pages).
+  if (t.storage().data_ptr().get_deleter() == c10::GetCPUAllocator()->raw_deleter() || is_in_huge_pages(t))
+    return false;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr()), end = start + t.nbytes();
+  const uintptr_t first = (start + kPage - 1) & ~(kPage - 1), last = end & ~(kPage - 1);
+  return last > first && madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT) == 0;
+#else
+  return false;
+#endif
 }
 
 #else  // no transparent huge pages to ask for: the tensor stays where it is
+
+bool page_out(const torch::Tensor&) { return false; }
+
+torch::Tensor zeros_in_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return torch::zeros(sizes, torch::TensorOptions().dtype(dtype).device(torch::kCPU));
+}
 
 torch::Tensor in_huge_pages(const torch::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "in_huge_pages: the tensor must be on the CPU, got ", t.device());

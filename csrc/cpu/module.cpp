@@ -171,6 +171,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("in_huge_pages", &pyquant::in_huge_pages,
         "t itself if under 2 MB, already there or without huge pages (not Linux), else a copy in 2 MB pages",
         py::arg("t"));
+  m.def("zeros_in_huge_pages", &pyquant::zeros_in_huge_pages,
+        "zeros in 2 MB pages, untouched pages costing no memory (torch.zeros under 2 MB or without huge pages)",
+        py::arg("sizes"), py::arg("dtype"));
+  m.def("page_out", &pyquant::page_out,
+        "ask the OS to reclaim t's whole pages now (a file mapping's; not torch's or in_huge_pages memory); nothing is lost", py::arg("t"));
   m.def("is_in_huge_pages", &pyquant::is_in_huge_pages, "whether t's memory is an in_huge_pages mapping",
         py::arg("t"));
   m.def("transform_activations", &pyquant::transform_activations,

@@ -18,6 +18,14 @@ torch::Tensor pack_lut_codes(const torch::Tensor& codes);
 // huge_pages.cpp: `t` itself when it is under 2 MB, already there or the OS has no transparent
 // huge pages (not Linux), else a copy in a 2 MB-aligned mapping advised MADV_HUGEPAGE
 torch::Tensor in_huge_pages(const torch::Tensor& t);
+// zeros of these sizes in such a mapping where they are 2 MB or more (untouched pages cost no
+// memory: a layer's codes before they are loaded), else torch::zeros
+torch::Tensor zeros_in_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype);
+// Asks the OS to reclaim the whole pages of t's bytes now (Linux MADV_PAGEOUT): pages of a file
+// mapping (a safetensors checkpoint) are dropped and read again if touched, anonymous ones go to
+// swap where there is swap; nothing is lost. Memory of torch's allocator and in_huge_pages
+// mappings is left alone (anonymous: see page_out). Whether the advice was given.
+bool page_out(const torch::Tensor& t);
 bool is_in_huge_pages(const torch::Tensor& t);
 
 // codebook_search.cpp

@@ -53,14 +53,18 @@ torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
   TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
   const auto cc = codes.contiguous();
   const int64_t n = cc.size(0), k4 = cc.size(1);
-  auto out = torch::zeros({n, k4}, cc.options());
+  // Straight into 2 MB pages, where the CPU backend keeps it: a copy from the heap left the heap
+  // holding the freed block, which glibc seldom returns. Zero bytes are not written: a new
+  // layer's zero codes pack to pages never touched, which cost no memory.
+  auto out = zeros_in_huge_pages({n, k4}, torch::kUInt8);
   const uint8_t* src = cc.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   // per block of rows: the rows of one block share their bytes
 #pragma omp parallel for
   for (int64_t nb = 0; nb < (n + cpu::kLutRows - 1) / cpu::kLutRows; ++nb)
     for (int64_t r = nb * cpu::kLutRows; r < std::min(n, (nb + 1) * cpu::kLutRows); ++r)
-      for (int64_t j = 0; j < k4; ++j) cpu::lut_pack_byte(n, k4, r, j, src[r * k4 + j], dst);
+      for (int64_t j = 0; j < k4; ++j)
+        if (src[r * k4 + j] != 0) cpu::lut_pack_byte(n, k4, r, j, src[r * k4 + j], dst);  // (zeros: as made)
   return out;
 }
 

@@ -5,9 +5,11 @@ x86-64, NEON on AArch64, portable C++ everywhere; ``_C.supported_isas()`` lists 
 with torch's thread pool. Activations are transformed once per token and
 rounded to 16-bit fixed point (two int8 halves), so the weight product is an exact integer dot
 product of the 2-bit levels (relative error about 1e-5 against fp32, bit-identical on every ISA).
-Its state for a layer: the codes moved into memory backed by 2 MB pages where they are 2 MB or
-more (``_C.in_huge_pages``; Linux: a batch-1 call streams them up to 1.5x faster than from 4 KB
-pages), and the layer's ``A``, ``b``, ``w_scale``, ``su``, ``sv`` and bias laid out once in one
+Its state for a layer: the codes in memory backed by 2 MB pages where they are 2 MB or more
+(Linux: a batch-1 call streams them up to 1.5x faster than from 4 KB pages; a new layer's codes
+are made there, :func:`pyquant.kernels.zeros_codes`, and ``_C.in_huge_pages`` moves codes that
+come from elsewhere: a tensor put in the layer's place, a move from another device; a
+checkpoint's pages copied from are given back to the OS, ``_C.page_out``), and the layer's ``A``, ``b``, ``w_scale``, ``su``, ``sv`` and bias laid out once in one
 fp32 tensor (:func:`frozen_params`). A traced graph (``torch.compile``, ``torch.export``) passes it
 to ``pyquant::frozen_linear`` in calls that need no gradient, instead of the six tensors: five
 tensors fewer per layer for the graph's guards and input checks (the compiled 2-bit MiniLM at
@@ -24,7 +26,8 @@ whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where 
 multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not
 measured for speed, where "auto" keeps int): a layer built under it also holds its codes in the
 LUT layout (``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the
-rest), and its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the
+rest; where the codes are a checkpoint's pages, as ``load_quantized`` and ``from_pretrained``
+leave them, ``_C.page_out`` gives those back to the OS, so that they are resident once), and its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the
 activations keep 14 bits instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products
 come from ``vpshufb`` table lookups. Its eager calls see in-place changes of the layer's tensors
 as int mode's do: a tensor whose version counter moved since its copy was made (an optimizer
@@ -88,7 +91,9 @@ def _versions(tensors) -> list[int]:
 
 
 def _lut_state(layer, params: torch.Tensor, codes: torch.Tensor) -> State:
-    return State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)), _versions(layer.op_tensors()))
+    state = State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)), _versions(layer.op_tensors()))
+    _C.page_out(codes)  # the calls stream the LUT layout; the codes' pages go back until needed
+    return state
 
 
 def build(layer) -> State:
@@ -111,7 +116,9 @@ def build(layer) -> State:
         with torch.inference_mode(False):
             if lut and params is not None:
                 return _lut_state(layer, params, codes)
-            layer._buffers["codes"] = _C.in_huge_pages(codes)
+            layer._buffers["codes"] = placed = _C.in_huge_pages(codes)
+            if placed is not codes:  # (a checkpoint's mapping outlives this view of it)
+                _C.page_out(codes)
     return State(params, None)
 
 
