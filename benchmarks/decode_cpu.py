@@ -36,10 +36,11 @@ Columns (each in its own subprocess, so that its peak resident memory is its own
   activations); n/a where the CPU's kernel set has none (``_C.has_lut_kernel()``).
 
 Decode tokens/s = batch * (N - 1) / time from the first to the last generated token (the prefill
-is not counted; llama-bench ``-p 0`` has none either), after a warm-up ``generate``. Before timing,
+is not counted; llama-bench ``-p 0`` has none either), after a warm-up ``generate``. After timing,
 the pyquant columns check their logits against the torch reference backend
-(``pyquant.kernels.force_backend("torch")``) and the int4 column its logits against bf16's, on a
-short input. Memory: the process's peak RSS (``wait4``'s ``ru_maxrss``: loading and quantizing
+(``pyquant.kernels.force_backend("torch")``: it reads the codes that mode lut leaves with the OS,
+so before it they would count in the decoding RSS), and before it the int4 column its logits
+against bf16's, on a short input. Memory: the process's peak RSS (``wait4``'s ``ru_maxrss``: loading and quantizing
 included, and for llama.cpp its mmapped model) and, for the Python columns, the peak RSS while
 decoding (``VmHWM`` reset just before the timed ``generate``).
 
@@ -416,14 +417,10 @@ def col_python(args) -> dict:
         pyquant.kernels.set_cpu_mode("lut" if "_lut" in name else "int")
         model = load_pyquant(args, head_2bit=name != "pyquant")
         res["bits_per_weight"] = pyquant.bits_per_weight(model)
-        res.update(backend_check(model))
-        log(f"  logits vs torch reference backend: relative error {res['rel_err_vs_torch_backend']:.2e} "
-            f"({res['backends']})")
-        if ref_file.is_file():  # how far 2-bit RTN is from bf16 (information, not a check)
-            res["rel_err_vs_bf16"] = rel_err(short_logits(model), torch.load(ref_file))
     res["model_rss_mb"] = proc_status_mb("VmRSS")
     if not name.endswith("_compiled"):
         res["batches"] = time_batches(model, args)
+        pyquant_checks(model, res, ref_file)
         return res
     # Compiled: eager tokens first (batch 1), to check the compiled model generates the same ones.
     eager = generate(model, prompt_ids(1, args.prompt), args.new_tokens, False)[0, args.prompt:].tolist()
@@ -443,7 +440,21 @@ def col_python(args) -> dict:
             lg = model(seq).logits[0, args.prompt - 1:-1].float()
         gap = (lg.max(-1).values - lg.gather(-1, seq[0, args.prompt:, None])[:, 0]) / lg.std(-1)
         res["compiled_tokens_max_eager_gap_std"] = gap.max().item()
+    pyquant_checks(model, res, ref_file)
     return res
+
+
+def pyquant_checks(model, res: dict, ref_file: Path) -> None:
+    """A pyquant model's logits against the torch reference backend's and bf16's, into ``res``.
+    After the timed decoding: the reference reads every layer's codes, whose pages mode lut
+    otherwise leaves with the OS (they would count in the decoding RSS)."""
+    if "bits_per_weight" not in res:  # not a pyquant column
+        return
+    res.update(backend_check(model))
+    log(f"  logits vs torch reference backend: relative error {res['rel_err_vs_torch_backend']:.2e} "
+        f"({res['backends']})")
+    if ref_file.is_file():  # how far 2-bit RTN is from bf16 (information, not a check)
+        res["rel_err_vs_bf16"] = rel_err(short_logits(model), torch.load(ref_file))
 
 
 class CompileTimeout(Exception):

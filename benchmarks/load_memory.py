@@ -60,21 +60,20 @@ def measure(work: Path, loader: str, mode: str) -> dict:
     import pyquant
 
     pyquant.kernels.set_cpu_mode(mode)
+    before = resident_mib()
     if loader == "pyquant":
         with no_init_weights():  # torch.empty: pages never written, no memory (the inv_freq buffers are made)
             skeleton = LlamaForCausalLM(LlamaConfig.from_pretrained(work / "hf"))
-        before = resident_mib()
         model = pyquant.load_quantized(skeleton, work / "pyquant")
     else:
-        before = resident_mib()
         model = AutoModelForCausalLM.from_pretrained(work / "hf")
     loaded = resident_mib()
     with torch.no_grad():
         model(torch.arange(8)[None])
-    layers = pyquant.nn.quantized_layers(model).values()
-    quantized = {id(t) for q in layers for t in q.state_dict().values()}
-    rest = [t for t in model.state_dict().values() if id(t) not in quantized]
-    return dict(loader=loader, mode=pyquant.ops._C.get_mode(), codes_mib=sum(q.codes.nbytes for q in layers) / 2**20,
+    layers = pyquant.nn.quantized_layers(model)
+    rest = [t for k, t in model.state_dict().items() if k.rpartition(".")[0] not in layers]
+    return dict(loader=loader, mode=pyquant.ops._C.get_mode(),
+                codes_mib=sum(q.codes.nbytes for q in layers.values()) / 2**20,
                 rest_mib=sum(t.nbytes for t in rest) / 2**20, load_mib=loaded - before,
                 forward_mib=resident_mib() - before)
 
@@ -112,14 +111,17 @@ def main() -> None:
     lines = [f"# Resident memory of a loaded 2-bit model ({cpu}, {when})", "",
              f"Command: `python benchmarks/load_memory.py --layers {args.layers}`; a Llama-2-7B-shaped model "
              f"({args.layers} decoder layers, vocabulary 1000), RTN 2-bit; each row a fresh process; growth of "
-             "VmRSS (anonymous and file-backed) over the load and up to the end of a first 8-token forward.", "",
-             "| loader | CPU mode | codes MiB | other tensors MiB | load MiB | × codes | after a forward MiB | × codes |",
+             "VmRSS (anonymous and file-backed) from before the model is made (the skeleton for "
+             "`load_quantized`) to after the load, and to after a first 8-token forward; other tensors: "
+             "the embeddings, norms and `lm_head` (fp32).", "",
+             "| loader | CPU mode | codes MiB | other tensors MiB | loaded MiB | × (codes + other) | "
+             "after a forward MiB | × (codes + other) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        size = r["codes_mib"] + r["rest_mib"]
         lines.append(f"| {LOADERS[r['loader']]} | {r['mode']} | {r['codes_mib']:.0f} | {r['rest_mib']:.0f} | "
-                     f"{r['load_mib']:.0f} | "
-                     f"{r['load_mib'] / r['codes_mib']:.2f} | {r['forward_mib']:.0f} | "
-                     f"{r['forward_mib'] / r['codes_mib']:.2f} |")
+                     f"{r['load_mib']:.0f} | {r['load_mib'] / size:.2f} | {r['forward_mib']:.0f} | "
+                     f"{r['forward_mib'] / size:.2f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -360,13 +360,13 @@ def _read_layer(layer: nn.Module, fqn: str, entry: dict, version: int, weights: 
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint written by :func:`save_quantized` into ``model``, the
-    unquantized skeleton of the same architecture; swaps ``QuantLinear`` in and
-    returns ``model``. The quantized layers hold the file's tensors (copy-on-write views of its
-    mapping: in place changes stay in memory), not copies. A Hugging Face directory (a transformers ``model``) loads through
-    ``type(model).from_pretrained(path)``, which returns a new model. Raises ``ValueError`` for
-    a checkpoint that is truncated, damaged (checksum), of an unknown version, or from another
-    model; the model is then left as it was."""
+    """Load a checkpoint written by :func:`save_quantized` into ``model``, the unquantized skeleton
+    of the same architecture; swaps ``QuantLinear`` in and returns ``model``. The quantized layers
+    hold the file's tensors (copy-on-write views of its mapping: changes in place never reach the
+    file), not copies. A Hugging Face directory (a transformers ``model``) loads through
+    ``type(model).from_pretrained(path)``, which returns a new model. Raises ``ValueError`` for a
+    checkpoint that is truncated, damaged (checksum), of an unknown version, or from another model;
+    the model is then left as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if hf_quantization_config(path) is not None:

@@ -2,37 +2,38 @@
 
 The kernels pick the widest instruction set the CPU has at run time (AVX-512 with VNNI or AVX2 on
 x86-64, NEON on AArch64, portable C++ everywhere; ``_C.supported_isas()`` lists them) and thread
-with torch's thread pool. Activations are transformed once per token and
-rounded to 16-bit fixed point (two int8 halves), so the weight product is an exact integer dot
-product of the 2-bit levels (relative error about 1e-5 against fp32, bit-identical on every ISA).
-Its state for a layer: the codes in memory backed by 2 MB pages where they are 2 MB or more
-(Linux: a batch-1 call streams them up to 1.5x faster than from 4 KB pages; a new layer's codes
-are made there, :func:`pyquant.kernels.zeros_codes`, and ``_C.in_huge_pages`` moves codes that
-come from elsewhere: a tensor put in the layer's place, a move from another device; a
-checkpoint's pages copied from are given back to the OS, ``_C.page_out``), and the layer's ``A``, ``b``, ``w_scale``, ``su``, ``sv`` and bias laid out once in one
-fp32 tensor (:func:`frozen_params`). A traced graph (``torch.compile``, ``torch.export``) passes it
-to ``pyquant::frozen_linear`` in calls that need no gradient, instead of the six tensors: five
-tensors fewer per layer for the graph's guards and input checks (the compiled 2-bit MiniLM at
-batch 1: see the README). Like every backend's state it is a copy, rebuilt by
-``QuantLinear.invalidate`` (loading, ``.to()`` and the quantizers call it): a compiled graph sees
-tensors changed in place after that. Eager calls run ``pyquant::linear`` on the tensors
-themselves, as they are at the call (checking that the copy is current would cost more there:
-each Python step of a call after a large layer's runs from caches its codes have flushed). Its
-gradient is the formula in :mod:`pyquant.ops`.
+with torch's thread pool. Activations are transformed once per token and rounded to 16-bit fixed
+point (two int8 halves), so the weight product is an exact integer dot product of the 2-bit levels
+(relative error about 1e-5 against fp32, bit-identical on every ISA). Its state for a layer: the
+codes in memory backed by 2 MB pages where they are 2 MB or more (Linux: a batch-1 call streams
+them up to 1.5x faster than from 4 KB pages; a new layer's codes are made there,
+:func:`pyquant.kernels.zeros_codes`, and ``_C.in_huge_pages`` moves codes that come from elsewhere:
+a tensor put in the layer's place, a move from another device; a checkpoint's pages copied from are
+given back to the OS, ``_C.page_out``), and the layer's ``A``, ``b``, ``w_scale``, ``su``, ``sv``
+and bias laid out once in one fp32 tensor (:func:`frozen_params`). A traced graph
+(``torch.compile``, ``torch.export``) passes it to ``pyquant::frozen_linear`` in calls that need no
+gradient, instead of the six tensors: five tensors fewer per layer for the graph's guards and input
+checks (the compiled 2-bit MiniLM at batch 1: see the README). Like every backend's state it is a
+copy, rebuilt by ``QuantLinear.invalidate`` (loading, ``.to()`` and the quantizers call it): a
+compiled graph sees tensors changed in place after that. Eager calls run ``pyquant::linear`` on the
+tensors themselves, as they are at the call (checking that the copy is current would cost more
+there: each Python step of a call after a large layer's runs from caches its codes have flushed).
+Its gradient is the formula in :mod:`pyquant.ops`.
 
 Mode ``"lut"`` (the default on the ``avx2`` kernel set, where mode ``"auto"`` picks it;
 ``PYQUANT_CPU_MODE=lut``, or ``pyquant.kernels.set_cpu_mode("lut", model)``, elsewhere), for CPUs
-whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where the byte
-multiplies of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not
-measured for speed, where "auto" keeps int): a layer built under it also holds its codes in the
-LUT layout (``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the
-rest; where the codes are a checkpoint's pages, as ``load_quantized`` and ``from_pretrained``
-leave them, ``_C.page_out`` gives those back to the OS, so that they are resident once), and its calls that need no gradient, eager or traced, run ``pyquant::lut_linear``: the
-activations keep 14 bits instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products
-come from ``vpshufb`` table lookups. Its eager calls see in-place changes of the layer's tensors
-as int mode's do: a tensor whose version counter moved since its copy was made (an optimizer
-step, a fill) has that copy rewritten first (:func:`refresh`). Elsewhere, and for layers built
-under another mode, ``"lut"`` runs the int mode.
+whose kernel set has table-lookup kernels (``_C.has_lut_kernel()``: AVX2, where the byte multiplies
+of the int kernels are the bottleneck, 1.5-2.6x int mode; AVX-512 and NEON, not measured for speed,
+where "auto" keeps int): a layer built under it also holds its codes in the LUT layout
+(``_C.pack_lut_codes``, one more copy of the codes, rebuilt by ``invalidate`` like the rest; where
+the codes are a checkpoint's pages, as ``load_quantized`` and ``from_pretrained`` leave them,
+``_C.page_out`` gives those back to the OS, so that they are resident once), and its calls that
+need no gradient, eager or traced, run ``pyquant::lut_linear``: the activations keep 14 bits
+instead of 16 (relative error ~2e-4 instead of ~5e-5) and the products come from ``vpshufb`` table
+lookups. Its eager calls see in-place changes of the layer's tensors as int mode's do: a tensor
+whose version counter moved since its copy was made (an optimizer step, a fill) has that copy
+rewritten first (:func:`refresh`). Elsewhere, and for layers built under another mode, ``"lut"``
+runs the int mode.
 
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
