@@ -56,6 +56,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run by be
 def _triton_env(monkeypatch, tmp_path):
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.available()  # (which registers pyquant::triton_linear, where an earlier import could not)
     # Correctness tests use the default configs; the autotune tests turn tuning on.
     monkeypatch.setenv("PYQUANT_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("PYQUANT_TRITON_CACHE_DIR", str(tmp_path / "autotune"))

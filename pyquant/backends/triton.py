@@ -52,7 +52,12 @@ def _interpret_env() -> bool:
 
 
 def available() -> bool:
-    return _triton_importable() and (torch.cuda.is_available() or _interpret_env())
+    """Whether the kernels can run in this process (a CUDA GPU, or ``TRITON_INTERPRET=1``); the
+    first time they can, ``pyquant::triton_linear`` is registered."""
+    ok = _triton_importable() and (torch.cuda.is_available() or _interpret_env())
+    if ok:
+        _register_op()
+    return ok
 
 
 def _kernels_interpreted() -> bool:
@@ -232,6 +237,15 @@ def _triton_linear(x: torch.Tensor, codes: torch.Tensor, A: torch.Tensor, b: tor
         return run_gemm(x, pw, bias, cfg)
 
 
-if _triton_importable():
-    triton_linear = torch.library.triton_op("pyquant::triton_linear", _triton_linear, mutates_args=())
-    register_autograd("pyquant::triton_linear")
+def _register_op() -> None:
+    # Only where the kernels can run: triton_op imports Inductor and sympy (~74 MiB and ~1-2 s in
+    # every CPU-only process that builds a layer, for an op it would never call).
+    global _registered
+    if not _registered:
+        torch.library.triton_op("pyquant::triton_linear", _triton_linear, mutates_args=())
+        register_autograd("pyquant::triton_linear")
+        _registered = True
+
+
+_registered = False
+available()  # registers the op where the kernels can run
