@@ -27,7 +27,8 @@ op                  what
                     need gradients on a GPU run the Triton op. Present where ``_C_cuda`` is built.
 ``cuda_transform``  the CUDA activation transform alone (tests).
 ``triton_linear``   the Triton kernels (``triton_op`` + ``wrap_triton``, so Inductor sees them);
-                    defined in :mod:`pyquant.backends.triton`, autograd formula below.
+                    defined in :mod:`pyquant.backends.triton`, autograd formula below. Present
+                    where the kernels can run (a CUDA GPU, or ``TRITON_INTERPRET=1``).
 ==================  ==========================================================================
 
 This module loads the extensions (which register the C++ schemas), and registers every
