@@ -213,6 +213,7 @@ def test_paging_out_loses_nothing(tmp_path):
     assert not _C.page_out(torch.zeros(4 << 20, dtype=torch.uint8))
     assert not _C.page_out(_C.zeros_in_huge_pages([4 << 20], torch.uint8))
 
+
 def _anon_mib() -> float:
     """The process's resident anonymous memory (Linux), MiB."""
     with open("/proc/self/status") as f:
@@ -248,5 +249,5 @@ def test_layers_take_the_memory_of_their_codes_once_loaded(cpu_mode, mode):
         f"{count} layers with {codes_mib:.0f} MiB of codes took {loaded - before:.1f} MiB ({mode})"
     x = torch.randn(1, k)
     with torch.no_grad():
-        for q, tensors in zip(layers, sources):
+        for q in layers:
             assert rel_err(q(x), F.linear(x, q.dequantize().weight)) < 1e-3
