@@ -28,12 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              vocab_size=1000, tie_word_embeddings=False)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode_cpu import proc_status_mb  # noqa: E402
+
 LOADERS = {"pyquant": "pyquant.load_quantized", "transformers": "AutoModelForCausalLM.from_pretrained"}
-
-
-def resident_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def prepare(work: Path, layers: int) -> None:
@@ -60,14 +58,14 @@ def measure(work: Path, loader: str, mode: str) -> dict:
     import pyquant
 
     pyquant.kernels.set_cpu_mode(mode)
-    before = resident_mib()
+    before = proc_status_mb("VmRSS")
     if loader == "pyquant":
         with no_init_weights():  # torch.empty: pages never written, no memory (the inv_freq buffers are made)
             skeleton = LlamaForCausalLM(LlamaConfig.from_pretrained(work / "hf"))
         model = pyquant.load_quantized(skeleton, work / "pyquant")
     else:
         model = AutoModelForCausalLM.from_pretrained(work / "hf")
-    loaded = resident_mib()
+    loaded = proc_status_mb("VmRSS")
     with torch.no_grad():
         model(torch.arange(8)[None])
     layers = pyquant.nn.quantized_layers(model)
@@ -75,7 +73,7 @@ def measure(work: Path, loader: str, mode: str) -> dict:
     return dict(loader=loader, mode=pyquant.ops._C.get_mode(),
                 codes_mib=sum(q.codes.nbytes for q in layers.values()) / 2**20,
                 rest_mib=sum(t.nbytes for t in rest) / 2**20, load_mib=loaded - before,
-                forward_mib=resident_mib() - before)
+                forward_mib=proc_status_mb("VmRSS") - before)
 
 
 def main() -> None:

@@ -45,6 +45,12 @@ def rehash_checkpoint(path) -> None:
     cfg_file.write_text(json.dumps(config))
 
 
+def status_mib(key: str) -> float:
+    """A memory line of ``/proc/self/status`` (Linux: ``VmRSS``, ``RssAnon``, ...), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

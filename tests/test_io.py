@@ -8,7 +8,7 @@ from torch import nn
 import pyquant
 from pyquant import io as pio
 
-from conftest import rehash_checkpoint
+from conftest import random_packed, rehash_checkpoint, status_mib
 
 
 class Net(nn.Module):
@@ -176,12 +176,6 @@ def test_daq_checkpoint_with_bad_scales_is_rejected(tmp_path):
         pyquant.load_quantized(Net(), path)
 
 
-def _resident_mib() -> float:
-    """The process's resident memory, anonymous and file-backed (Linux), MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status") or "cpu" not in pyquant.kernels.available_backends(),
                     reason="resident memory as Linux reports it; the C++ CPU backend places the codes")
 @pytest.mark.parametrize("mode", ["int", "lut"])
@@ -189,7 +183,6 @@ def test_a_loaded_checkpoint_holds_its_codes_once(tmp_path, cpu_mode, mode):
     # The layers take the file's tensors; the CPU backend copies the large codes into 2 MB pages
     # (int) or packs them (lut) and hands the file's pages back: resident once, in either mode
     # (lut mode held them twice: the codes and their LUT layout).
-    from conftest import random_packed
     from pyquant import _C
 
     cpu_mode(mode)
@@ -204,9 +197,9 @@ def test_a_loaded_checkpoint_holds_its_codes_once(tmp_path, cpu_mode, mode):
     del layers
     codes_mib = count * n * k / 4 / 2**20
     skeleton = nn.Sequential(*[nn.utils.skip_init(nn.Linear, k, n, bias=False) for _ in range(count)])
-    before = _resident_mib()
+    before = status_mib("VmRSS")
     model = pyquant.load_quantized(skeleton, path)
-    grew = _resident_mib() - before
+    grew = status_mib("VmRSS") - before
     assert grew < 1.15 * codes_mib, f"{codes_mib:.0f} MiB of codes took {grew:.1f} MiB resident ({mode})"
     with torch.no_grad():
         for q, y in zip(model, want):

@@ -7,7 +7,7 @@ from torch import nn
 import pyquant
 from pyquant import kernels
 
-from conftest import random_packed, rel_err
+from conftest import random_packed, rel_err, status_mib
 
 # (backend, C++ CPU mode, tolerance). The fp32 paths (torch reference, C++ "float" mode) must match
 # dense dequantize + F.linear to 1e-5; the C++ default "int" mode rounds the transformed activations
@@ -214,12 +214,6 @@ def test_paging_out_loses_nothing(tmp_path):
     assert not _C.page_out(_C.zeros_in_huge_pages([4 << 20], torch.uint8))
 
 
-def _anon_mib() -> float:
-    """The process's resident anonymous memory (Linux), MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
-
-
 @pytest.mark.skipif(sys.platform != "linux" or "cpu" not in kernels.available_backends(),
                     reason="resident memory as Linux reports it; the C++ CPU backend places the codes")
 @pytest.mark.parametrize("mode", ["int", "lut"])
@@ -236,15 +230,15 @@ def test_layers_take_the_memory_of_their_codes_once_loaded(cpu_mode, mode):
     sources = [random_packed(n, k, seed=s) for s in range(count)]  # made before the baseline
     sources = [{name: getattr(pw, name) for name in ("codes", "A", "b", "su", "sv", "w_scale")} for pw in sources]
     codes_mib = count * n * k / 4 / 2**20
-    before = _anon_mib()
+    before = status_mib("RssAnon")
     layers = [pyquant.QuantLinear(k, n, bias=False) for _ in range(count)]
     assert all(_C.is_in_huge_pages(q.codes) for q in layers)
-    made = _anon_mib()
+    made = status_mib("RssAnon")
     assert made - before < 0.1 * codes_mib, f"{count} new layers took {made - before:.1f} MiB"
     for q, tensors in zip(layers, sources):
         q.load_state_dict(tensors)
     copies = 2 if mode == "lut" else 1
-    loaded = _anon_mib()
+    loaded = status_mib("RssAnon")
     assert loaded - before < (copies + 0.1) * codes_mib, \
         f"{count} layers with {codes_mib:.0f} MiB of codes took {loaded - before:.1f} MiB ({mode})"
     x = torch.randn(1, k)
