@@ -137,8 +137,9 @@ int main(int argc, char** argv) {
   const int threads = std::atoi(argv[4]);
   const KernelSet* set = argc > 5 ? find_kernel_set(argv[5]) : &best_kernel_set();
   const bool lut = argc > 6 && std::strcmp(argv[6], "lut") == 0;
-  if (argc > 6 && !lut && std::strcmp(argv[6], "int") != 0) {
-    std::fprintf(stderr, "MODE must be int or lut, got '%s'\n", argv[6]);
+  const bool plain_read = argc > 6 && std::strcmp(argv[6], "read") == 0;
+  if (argc > 6 && !lut && !plain_read && std::strcmp(argv[6], "int") != 0) {
+    std::fprintf(stderr, "MODE must be int, lut or read, got '%s'\n", argv[6]);
     return 2;
   }
   if (N <= 0 || K <= 0 || K % 4 || M <= 0 || threads <= 0) {
@@ -199,7 +200,8 @@ int main(int argc, char** argv) {
     IntArgs a = base;
     a.codes = codes[call % layers];
     const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
-    if (n0 < n1) kernel(a, n0, n1);
+    if (n0 < n1 && plain_read) read_range(a.codes + n0 * K4, (n1 - n0) * K4);
+    else if (n0 < n1) kernel(a, n0, n1);
   });
   const size_t probe = size_t(512) << 20;
   uint8_t* buf = huge_alloc(probe);
@@ -210,7 +212,7 @@ int main(int argc, char** argv) {
   const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
   const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
   std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
-              lut ? " lut" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
+              lut ? " lut" : plain_read ? " read" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
   std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
               kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
   return 0;
