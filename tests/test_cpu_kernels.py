@@ -74,6 +74,7 @@ CASES = [
     (11008, 31, 1, torch.float32, True, True, torch.float32),
     (11008, 45, 17, torch.bfloat16, False, True, torch.float16),
     (11008, 40, 5, torch.float32, True, False, torch.float32),
+    (11008, 33, 2, torch.float32, True, False, torch.float32),  # (avx512: two tokens past kPairActBytes)
     (4096, 70, 8, torch.float16, True, True, torch.float16),
 ]
 

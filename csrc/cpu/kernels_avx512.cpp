@@ -5,9 +5,10 @@
 // GEMV (int mode, 1-32 tokens, plane layout): a 64-byte load of codes holds 256 weights; masking
 // gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and vpdpbusd
 // multiplies them as u8 x s8 with no further unpacking. 2 rows share each activation load,
-// tokens go 2 at a time, codes are prefetched ahead, and the 16 int32 lanes are summed once per
-// 32 groups. At one token it takes 0.9-1.1x the time a plain read of the same codes takes on two
-// Zen 5 threads, 1.3-1.4x on one (kernel_bench mode read).
+// tokens go 2 at a time (one at a time past K = 9216, kPairActBytes), codes are prefetched into
+// L2 ahead, and the 16 int32 lanes are summed once per 32 groups. At one token it takes 0.9-1.1x
+// the time a plain read of the same codes takes on two Zen 5 threads, 1.3-1.4x on one
+// (kernel_bench mode read).
 //
 // GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
 // dwords holding the 4 levels of one code (lanes = rows) and reused by a block of tokens: each
@@ -184,6 +185,11 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 // the passes (blocks of 3 or 4 tokens over 2 rows were measured 2x slower once the codes stream
 // from memory: the activations of 4 tokens, 32 KB at K = 4096, crowd the codes out of L1).
 constexpr int64_t kGemvSubTile = 16;
+// Tokens go in pairs while both tokens' activations fit in 3/4 of a 48 KB L1 (K up to 9216);
+// past that they and the codes evict each other, and each token goes alone over the sub-tile,
+// the second reading its codes from L2 (Zen 5, one thread, 11008 x 4096: 2 tokens 1.95 -> 1.17-1.44
+// ms, 4 tokens 3.0 -> 2.2-2.5; at 8192 x 8192, 32 KB for the pair, alone was 5-25 % slower).
+constexpr int64_t kPairActBytes = 36 << 10;
 
 // ------------------------------------------------------------------ int GEMM, natural layout
 
@@ -475,13 +481,15 @@ void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {
 }  // namespace
 
 void int_plane_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
-  // (one pass over the rows for one or two tokens: nothing to keep in L1 between passes)
+  // (one pass over the rows for one token, or a pair: nothing to keep in L1 between passes)
   if (a.M == 1) return int_plane_rows<1>(a, n0, n1, 0);
-  if (a.M == 2) return int_plane_rows<2>(a, n0, n1, 0);
+  const bool pairs = 2 * a.act_stride <= kPairActBytes;
+  if (a.M == 2 && pairs) return int_plane_rows<2>(a, n0, n1, 0);
   for (int64_t t0 = n0; t0 < n1; t0 += kGemvSubTile) {
     const int64_t t1 = imin(n1, t0 + kGemvSubTile);
-    for (int64_t m0 = 0; m0 + 1 < a.M; m0 += 2) int_plane_rows<2>(a, t0, t1, m0);
-    if (a.M % 2) int_plane_rows<1>(a, t0, t1, a.M - 1);
+    int64_t m0 = 0;
+    for (; pairs && m0 + 1 < a.M; m0 += 2) int_plane_rows<2>(a, t0, t1, m0);
+    for (; m0 < a.M; ++m0) int_plane_rows<1>(a, t0, t1, m0);
   }
 }
 
