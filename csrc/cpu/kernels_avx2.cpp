@@ -46,8 +46,8 @@ constexpr int kWidenHalves = 8;
 
 // Codes are prefetched into L2 this many bytes ahead of each row's loads (prefetcht1, once per
 // 64-byte line), as in the other GEMVs: the hardware prefetchers alone left the loop waiting on
-// memory (kernel_bench, Zen 5, one token, 4096 x 4096: 740 -> 400 us on one thread; 11008 x 4096:
-// 1.98 -> 1.04 ms; 2 KB ahead gained half as much, 8 KB about the same).
+// memory (kernel_bench, Zen 5, one token, one thread: 4096 x 11008 1.90-2.06 -> 0.95-1.13 ms,
+// 11008 x 4096 1.71-1.73 -> 0.98-0.99; 2 KB ahead gained a fifth as much on the latter, 8 KB no more).
 constexpr int64_t kIntPrefetchBytes = 4096;
 
 template <int R, int MT>
@@ -138,8 +138,9 @@ inline void add_epi16_in_place(__m256i& acc, __m256i x) { asm("vpaddw %1, %0, %0
 // int32 sums fold into int64 every this many code bytes: |sum| per code byte <= 3 * 4 * 8128.
 constexpr int64_t kLutFold = 16384;
 // The block's codes (one stream) are prefetched into L2 this many bytes ahead, once per 64-byte
-// line: kernel_bench on Zen 5, one token, 11008 x 4096: 1.12 -> 0.46 ms on one thread, 0.58 ->
-// 0.34 ms on two (4 KB ahead: 0.64 and 0.37; into L1, prefetches wait for its few miss buffers).
+// line: kernel_bench on Zen 5, one token, 4096 x 11008: 1.01-1.24 -> 0.45-0.47 ms on one thread,
+// 0.52-0.64 -> 0.33-0.35 on two (4 KB ahead: 0.58-0.70 and 0.35-0.38; into L1, prefetches wait for
+// its few miss buffers).
 constexpr int64_t kLutPrefetchBytes = 8192;
 
 template <int MT>
