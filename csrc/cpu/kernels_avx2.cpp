@@ -137,11 +137,6 @@ constexpr int64_t kLutWiden = 32;
 inline void add_epi16_in_place(__m256i& acc, __m256i x) { asm("vpaddw %1, %0, %0" : "+x"(acc) : "x"(x)); }
 // int32 sums fold into int64 every this many code bytes: |sum| per code byte <= 3 * 4 * 8128.
 constexpr int64_t kLutFold = 16384;
-// The block's codes (one stream) are prefetched into L2 this many bytes ahead, once per 64-byte
-// line: kernel_bench on Zen 5, one token, 4096 x 11008: 1.01-1.24 -> 0.45-0.47 ms on one thread,
-// 0.52-0.64 -> 0.33-0.35 on two (4 KB ahead: 0.58-0.70 and 0.35-0.38; into L1, prefetches wait for
-// its few miss buffers).
-constexpr int64_t kLutPrefetchBytes = 8192;
 
 template <int MT>
 void lut_block(const IntArgs& a, int64_t nb, int64_t m0) {

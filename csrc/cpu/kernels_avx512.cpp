@@ -390,9 +390,6 @@ void float_plane_rows(const FloatArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 // kernel's 8 + 8 + 8 per 256.
 constexpr int64_t kLutWiden512 = 64;
 constexpr int64_t kLutFold512 = 16384;
-// The block's codes are prefetched into L2 this far ahead, once per pair of code bytes (one 64-byte
-// line), as the AVX2 kernel does: Zen 5, one token, 4096 x 11008: 0.96 -> 0.64 ms on one thread.
-constexpr int64_t kLutPrefetch512 = 8192;
 
 template <bool kOdd>
 inline __m512i load_pair(const uint8_t* p) {  // 64 bytes, or 32 and zeros
@@ -408,7 +405,7 @@ inline void lut_pair(const uint8_t* codes, const uint8_t* const (&tables)[MT], i
   const __m512i planes = _mm512_set1_epi16(0x0201);  // bytes [1, 2]
   const long long f = static_cast<long long>(0x8080808080808080ull);
   const __m512i flip = _mm512_set_epi64(f, f, 0, 0, f, f, 0, 0);  // the high lanes' bytes
-  _mm_prefetch(reinterpret_cast<const char*>(codes + kLutRows * j + kLutPrefetch512), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(codes + kLutRows * j + kLutPrefetchBytes), _MM_HINT_T1);  // (one line per pair)
   const __m512i c = load_pair<kOdd>(codes + kLutRows * j);
   const __m512i x = _mm512_shuffle_i32x4(c, c, 0xA0), y = _mm512_shuffle_i32x4(c, c, 0xF5);
   const __m512i idx[4] = {_mm512_and_si512(x, low4), _mm512_and_si512(_mm512_srli_epi16(x, 4), low4),
