@@ -89,15 +89,30 @@ constexpr int64_t kSerialWork = int64_t(1) << 21;
 // sub-tiles), above it the cache-blocked GEMM, whose per-tile unpacking only pays off for more
 // tokens (4096 x 4096 on Zen 5, 2 threads: GEMV faster up to 32 tokens, GEMM from 64).
 constexpr int64_t kGemvMaxTokens = 32;
-// A layer whose codes fit in cache (at most this many bytes) reads them from there, so the
-// GEMV's single pass over the codes saves nothing and the GEMM's register reuse wins from a few
-// tokens on (Xeon, 2 threads, 384 x 384 / 384 x 1536 / 1536 x 384: GEMM 1.2-2.2x faster from 16
-// tokens on, even at 8, GEMV faster at 2).
+// A layer whose codes fit in cache (at most this many bytes) reads them from there, and a thread
+// of a call split by tokens (qlinear.cpp CallSplit) unpacks all of its tiles for its share of the
+// tokens.
 constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
-constexpr int64_t kGemvMaxTokensSmallLayer = 8;
-// The most tokens the GEMV takes on a layer of `code_bytes` codes (more: the GEMM, where a set has one).
-inline int64_t gemv_max_tokens(int64_t code_bytes) {
-  return code_bytes <= kSmallLayerCodeBytes ? kGemvMaxTokensSmallLayer : kGemvMaxTokens;
+// The most tokens the GEMV takes on a layer of K = 4 * K4 inputs and `code_bytes` codes (more: the
+// GEMM, where a set has one; both give the same bits). Short rows are what the GEMV does worst:
+// each (row, token) ends in a horizontal sum, which at K = 384 costs about as much as its
+// multiplies, while the GEMM's lanes are rows and need none. Measured on Zen 5 (cpu_linear with
+// algo "gemv" against "gemm", 16 layers cycled, 1 and 2 threads), the GEMM is faster from
+//  - 3 tokens at K = 384 (384 x 384 at 8 tokens: 30 -> 21 us on 2 threads, 384 -> 1536 57 -> 46),
+//    5 in a model, where the GEMM unpacks codes that other layers pushed out to L3 (the 2-bit
+//    MiniLM at 3 and 4 tokens came out within noise either way);
+//  - 5-8 at K = 512 on a cached layer (512 x 512), 9-16 on a larger one (512 -> 8192: GEMV 275 vs
+//    GEMM 356 us at 8 tokens, 1186 vs 959 at 16 on one thread);
+//  - 12-24 at K = 768-1024 (768 x 768, 1024 x 1024, 1024 -> 2816, 896 -> 4864);
+//  - 24-32 and later at K >= 1536, cached or not (3072 -> 768 at 16 tokens: GEMV 236 vs GEMM 293;
+//    until session 25 a cached layer took the GEMM from 9 tokens at every K).
+// (The Xeon had found the GEMM faster from 8 tokens at 1536 -> 384 too, before its AMX set took
+// over all batch sizes there; AVX-512 Intel CPUs without AMX are unmeasured under this rule.)
+inline int64_t gemv_max_tokens(int64_t code_bytes, int64_t K4) {
+  const int64_t K = 4 * K4;
+  if (K <= 512) return code_bytes <= kSmallLayerCodeBytes ? 4 : 12;
+  if (K <= 1024) return code_bytes <= kSmallLayerCodeBytes ? 16 : 12;
+  return kGemvMaxTokens;
 }
 
 // The code bytes of group g of a row for kernels that load whole groups (NEON's, the float

@@ -6,8 +6,8 @@
 //     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h), and
 //     for the tile kernel its operands, made once per call;
 //  2. per range of output rows and tokens, the unsigned INT2 dot products of the kernel set chosen at run time
-//     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 32 tokens (8 for a layer
-//     whose codes fit in cache), a cache-blocked GEMM above where the set has one;
+//     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 2-32 tokens (fewer for
+//     shorter rows: kernel_api.h gemv_max_tokens), a cache-blocked GEMM above where the set has one;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
 // Passes 1 and 3 (transform.h) have a portable and an AVX-512 build that round identically, and the
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and
@@ -594,7 +594,7 @@ torch::Tensor run_layer(const torch::Tensor& x, const Layer& L, const KernelSet&
   const bool gemm_possible = mode == Mode::kInt && set.int_gemm != nullptr;
   TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and an isa with a GEMM ('",
                     set.name, "' has ", set.int_gemm ? "one" : "none", ")");
-  const int64_t gemv_max = cpu::gemv_max_tokens(L.N * L.K4);
+  const int64_t gemv_max = cpu::gemv_max_tokens(L.N * L.K4, L.K4);
   const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > gemv_max));
   // (past the dispatcher: torch::empty took ~0.7 us of a MiniLM layer call's ~1.1 us of set-up,
   // at::empty_cpu ~0.5, most of it the allocation itself)

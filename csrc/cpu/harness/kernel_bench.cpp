@@ -176,7 +176,7 @@ int main(int argc, char** argv) {
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);
   std::vector<int64_t> out64(narrow ? 0 : M * N);
-  const bool gemm = !lut && set->int_gemm && M > gemv_max_tokens(bytes);
+  const bool gemm = !lut && set->int_gemm && M > gemv_max_tokens(bytes, K4);
   if (gemm) {
     std::fprintf(stderr, "M = %ld takes the GEMM (natural layout), which this benchmark does not time\n", long(M));
     return 2;
