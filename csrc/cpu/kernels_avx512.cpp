@@ -501,6 +501,11 @@ void int_gemm_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += 32) {
       const int rows = static_cast<int>(imin(32, n1 - t0));
       (kHasVbmi ? unpack_tile_vbmi : unpack_tile)(a.codes + t0 * a.K4, a.K4, rows, buf);
+      // the next tile's codes into L2 while this one multiplies: unpacking reads 32 rows at once,
+      // K4 bytes apart, a pattern the hardware prefetchers do not follow
+      const uint8_t* next = a.codes + (t0 + 32) * a.K4;
+      const uint8_t* end = a.codes + imin(n1, t0 + 64) * a.K4;
+      for (; next < end; next += 64) _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
       for (int64_t m = mb; m < mend; m += kMicroTokens) gemm_tokens(a, buf, m, imin(kMicroTokens, mend - m), t0, rows);
     }
   }
