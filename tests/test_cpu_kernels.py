@@ -77,7 +77,7 @@ CASES = [
     (11008, 33, 2, torch.float32, True, False, torch.float32),  # (avx512: two tokens past kPairActBytes)
     (4096, 70, 8, torch.float16, True, True, torch.float16),
     (2048, 80, 2, torch.float32, True, True, torch.float32),  # (avx512: 16-row blocks, reduce16, up to K = 2048)
-    (512, 48, 4, torch.float32, False, False, torch.float32),  # (avx512: the GEMV's last token count at K = 512)
+    (512, 48, 4, torch.float32, False, False, torch.float32),  # (avx512: short rows, 4 tokens in pairs)
 ]
 
 

@@ -95,23 +95,23 @@ constexpr int64_t kGemvMaxTokens = 32;
 constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
 // The most tokens the GEMV takes on a layer of K = 4 * K4 inputs and `code_bytes` codes (more: the
 // GEMM, where a set has one; both give the same bits). Short rows are what the GEMV does worst:
-// each (row, token) ends in a horizontal sum, which at K = 384 costs about as much as its
-// multiplies, while the GEMM's lanes are rows and need none. Measured on Zen 5 (cpu_linear with
-// algo "gemv" against "gemm", 16 layers cycled, 1 and 2 threads), the GEMM is faster from
-//  - 3 tokens at K = 384 (384 x 384 at 8 tokens: 30 -> 21 us on 2 threads, 384 -> 1536 57 -> 46),
-//    5 in a model, where the GEMM unpacks codes that other layers pushed out to L3 (the 2-bit
-//    MiniLM at 3 and 4 tokens came out within noise either way);
-//  - 5-8 at K = 512 on a cached layer (512 x 512), 9-16 on a larger one (512 -> 8192: GEMV 275 vs
-//    GEMM 356 us at 8 tokens, 1186 vs 959 at 16 on one thread);
-//  - 12-24 at K = 768-1024 (768 x 768, 1024 x 1024, 1024 -> 2816, 896 -> 4864);
-//  - 24-32 and later at K >= 1536, cached or not (3072 -> 768 at 16 tokens: GEMV 236 vs GEMM 293;
-//    until session 25 a cached layer took the GEMM from 9 tokens at every K).
+// each (row, token) ends in a horizontal sum, which at K = 384 costs about a third of its
+// multiplies even summed 16 rows at a time, while the GEMM's lanes are rows and need none; long
+// rows are where the GEMM's unpacking costs most. Measured on Zen 5 (cpu_linear with algo "gemv"
+// against "gemm", 16 layers cycled, 1 and 2 threads), the GEMM is faster from
+//  - 5-6 tokens at K = 384 (384 x 384 at 8 tokens: 26 -> 21 us on one thread; the layer in cache
+//    it wins from 3, but in a model the GEMM unpacks codes that other layers pushed out to L3);
+//  - 9-16 at K = 512 (512 x 512, 512 -> 2048, 512 -> 8192);
+//  - 12-24 at K = 768-1024 on cached layers (768 x 768, 1024 x 1024), 9-12 on a larger one
+//    (896 -> 4864: 295 vs 285 us at 8 tokens, 381 vs 354 at 12, 2 threads);
+//  - 24-32 and later at K >= 1536, cached or not (3072 -> 768 at 16 tokens: GEMV 236 vs GEMM 293
+//    us; until session 25 a cached layer took the GEMM from 9 tokens at every K).
 // (The Xeon had found the GEMM faster from 8 tokens at 1536 -> 384 too, before its AMX set took
 // over all batch sizes there; AVX-512 Intel CPUs without AMX are unmeasured under this rule.)
 inline int64_t gemv_max_tokens(int64_t code_bytes, int64_t K4) {
   const int64_t K = 4 * K4;
-  if (K <= 512) return code_bytes <= kSmallLayerCodeBytes ? 4 : 12;
-  if (K <= 1024) return code_bytes <= kSmallLayerCodeBytes ? 16 : 12;
+  if (K <= 384) return 4;
+  if (K <= 1024) return code_bytes <= kSmallLayerCodeBytes ? (K <= 512 ? 8 : 16) : 12;
   return kGemvMaxTokens;
 }
 
