@@ -6,9 +6,9 @@
 // gives four 64-byte planes of 2-bit levels, each lined up with 64 activations, and vpdpbusd
 // multiplies them as u8 x s8 with no further unpacking. 2 rows share each activation load,
 // tokens go 2 at a time (one at a time past K = 9216, kPairActBytes), codes are prefetched into
-// L2 ahead, and the 16 int32 lanes are summed once per 32 groups. At one token it takes 0.9-1.1x
-// the time a plain read of the same codes takes on two Zen 5 threads, 1.3-1.4x on one
-// (kernel_bench mode read).
+// L2 ahead, and the 16 int32 lanes are summed once per 32 groups (up to K = 2048 once per row,
+// 16 rows in one transposing reduction). At one token it takes 0.9-1.1x the time a plain read of
+// the same codes takes on two Zen 5 threads, 1.3-1.4x on one (kernel_bench mode read).
 //
 // GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
 // dwords holding the 4 levels of one code (lanes = rows) and reused by a block of tokens: each

@@ -6,7 +6,7 @@
 //     into two int8 halves, written in the layout the chosen kernel reads (see kernel_api.h), and
 //     for the tile kernel its operands, made once per call;
 //  2. per range of output rows and tokens, the unsigned INT2 dot products of the kernel set chosen at run time
-//     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 2-32 tokens (fewer for
+//     (kernel_table.h: AVX-512 VNNI, AVX2, NEON or portable): GEMV up to 4-32 tokens (fewer for
 //     shorter rows: kernel_api.h gemv_max_tokens), a cache-blocked GEMM above where the set has one;
 //  3. per token, the output transform: scale, H_out, sv, bias, cast to the input dtype.
 // Passes 1 and 3 (transform.h) have a portable and an AVX-512 build that round identically, and the
