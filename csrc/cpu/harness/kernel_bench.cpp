@@ -8,13 +8,16 @@
 //       -lpthread -o /tmp/kernel_bench
 //   /tmp/kernel_bench N K M THREADS [SET [MODE]]   e.g. /tmp/kernel_bench 4096 4096 1 2 amx
 //
-// MODE int (the default) or lut: the table-lookup GEMV (kernel_api.h; random bytes are valid codes
+// MODE int (the default: the set's GEMV, or past its token count for the shape, kernel_api.h
+// gemv_max_tokens, its GEMM where it has one) or lut: the table-lookup GEMV (kernel_api.h; random bytes are valid codes
 // in the LUT layout too), the set's own or the portable one, on tables made once before the calls;
 // or read: no kernel, a plain read of each call's own rows (the same split, the same cycled layers),
 // which streams faster than the floor's one long read (Zen 5, one thread: ~30 vs ~22 GB/s).
 //
 // Each call multiplies the next of enough distinct random layers (at least 16, and 1.5 GB in all)
-// that their codes come from memory, not from a last-level cache of hundreds of MB; the codes sit
+// that their codes come from memory, not from a last-level cache of hundreds of MB (the
+// environment variable PYQUANT_BENCH_LAYERS=n cycles n layers instead: 1 keeps a small layer in
+// cache, to time a kernel's compute alone); the codes sit
 // in 2 MB pages, as the extension keeps large layers' codes. Threads split the rows in halves (in
 // row tiles) and spin between calls; every figure is a median over calls. The read probe streams
 // a 512 MB buffer in 2 MB pages on the same threads, two streams per thread like the GEMV, and
@@ -153,7 +156,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, bytes = N * K4;
-  const int layers = static_cast<int>(std::max<int64_t>(16, int64_t(1.5e9) / bytes + 1));
+  const char* layers_env = std::getenv("PYQUANT_BENCH_LAYERS");
+  const int layers = layers_env ? std::max(1, std::atoi(layers_env))
+                                : static_cast<int>(std::max<int64_t>(16, int64_t(1.5e9) / bytes + 1));
   std::mt19937 rng(1);
   // One allocation for all layers, each 64-byte aligned in it: one per layer would round each up
   // to a 2 MB page (40 000 layers of 384 x 384: 80 GB of address space, killed).
@@ -176,11 +181,12 @@ int main(int argc, char** argv) {
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);
   std::vector<int64_t> out64(narrow ? 0 : M * N);
-  const bool gemm = !lut && set->int_gemm && M > gemv_max_tokens(bytes, K4);
-  if (gemm) {
-    std::fprintf(stderr, "M = %ld takes the GEMM (natural layout), which this benchmark does not time\n", long(M));
-    return 2;
-  }
+  // past the set's GEMV token count, the GEMM, as the driver runs it (random activation bytes are
+  // valid in its natural layout too, which takes the same G * 512 bytes per token)
+  const bool gemm = !lut && !plain_read && set->int_gemm && M > gemv_max_tokens(bytes, K4);
+  std::vector<uint32_t*> scratch(threads, nullptr);
+  for (auto& p : scratch)
+    if (gemm) p = static_cast<uint32_t*>(std::aligned_alloc(64, (gemm_scratch_bytes(K4) + 63) / 64 * 64));
   const int64_t packed_bytes = !lut && set->packed_bytes ? set->packed_bytes(M, G) : 0;
   uint8_t* packed = packed_bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (packed_bytes + 63) / 64 * 64)) : nullptr;
   IntArgs base{codes[0], N, K4, G, act.data(), G * 512, M, narrow ? out32.data() : nullptr,
@@ -195,12 +201,13 @@ int main(int argc, char** argv) {
     base.act = reinterpret_cast<const int8_t*>(tables.data());
     base.act_stride = K4 * kLutTableBytes;
   }
-  const IntKernel kernel = lut ? lut_set.lut_gemv : set->int_gemv;
+  const IntKernel kernel = lut ? lut_set.lut_gemv : gemm ? set->int_gemm : set->int_gemv;
   const int64_t tiles = (N + kRowTile - 1) / kRowTile, per = (tiles + threads - 1) / threads * kRowTile;
   const int calls = std::max(layers + 200, 2 * layers);
   const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
     IntArgs a = base;
     a.codes = codes[call % layers];
+    a.scratch = scratch[t];
     const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
     if (n0 < n1 && plain_read) read_range(a.codes + n0 * K4, (n1 - n0) * K4);
     else if (n0 < n1) kernel(a, n0, n1);
@@ -214,7 +221,7 @@ int main(int argc, char** argv) {
   const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
   const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
   std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
-              lut ? " lut" : plain_read ? " read" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
+              lut ? " lut" : plain_read ? " read" : gemm ? " gemm" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
   std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
               kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
   return 0;
