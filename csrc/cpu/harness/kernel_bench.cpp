@@ -9,8 +9,9 @@
 //   /tmp/kernel_bench N K M THREADS [SET [MODE]]   e.g. /tmp/kernel_bench 4096 4096 1 2 amx
 //
 // MODE int (the default: the set's GEMV, or past its token count for the shape, kernel_api.h
-// gemv_max_tokens, its GEMM where it has one) or lut: the table-lookup GEMV (kernel_api.h; random bytes are valid codes
-// in the LUT layout too), the set's own or the portable one, on tables made once before the calls;
+// gemv_max_tokens, its GEMM where it has one) or lut: the table-lookup GEMV (kernel_api.h; random
+// bytes are valid codes in the LUT layout too), the set's own or the portable one, on tables made
+// once before the calls;
 // or read: no kernel, a plain read of each call's own rows (the same split, the same cycled layers),
 // which streams faster than the floor's one long read (Zen 5, one thread: ~30 vs ~22 GB/s).
 //
@@ -157,7 +158,11 @@ int main(int argc, char** argv) {
   }
   const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, bytes = N * K4;
   const char* layers_env = std::getenv("PYQUANT_BENCH_LAYERS");
-  const int layers = layers_env ? std::max(1, std::atoi(layers_env))
+  if (layers_env && std::atoi(layers_env) <= 0) {
+    std::fprintf(stderr, "PYQUANT_BENCH_LAYERS must be a positive count of layers, got '%s'\n", layers_env);
+    return 2;
+  }
+  const int layers = layers_env ? std::atoi(layers_env)
                                 : static_cast<int>(std::max<int64_t>(16, int64_t(1.5e9) / bytes + 1));
   std::mt19937 rng(1);
   // One allocation for all layers, each 64-byte aligned in it: one per layer would round each up
