@@ -32,11 +32,16 @@ namespace {
 
 // ------------------------------------------------------------------ int GEMV, plane layout
 
-// The sums of the 16 int32 lanes of a, b, c and d, as 4 int32.
-inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+// Per 128-bit lane L: lane L's part of the sums of a, b, c and d (int32 0-3), from pairwise unpacks.
+inline __m512i lane_sums4(__m512i a, __m512i b, __m512i c, __m512i d) {
   const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
   const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+
+// The sums of the 16 int32 lanes of a, b, c and d, as 4 int32.
+inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i abcd = lane_sums4(a, b, c, d);
   const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
@@ -161,18 +166,12 @@ void rows_tokens(const IntArgs& a, const int64_t (&n)[P], int64_t m0, int64_t pf
     for (int t = 0; t < T; ++t) a.store(m0 + t, n[r], total[r * T + t]);
 }
 
-// The sums of the 16 int32 lanes of each of v[0..15], in order: reduce4's pairwise unpacks per
-// four vectors (each 128-bit lane then holds its part of the four sums), then the four lanes of
-// the four results added crosswise. ~3 instructions per sum where reduce4 and a scalar store took
-// ~12.
+// The sums of the 16 int32 lanes of each of v[0..15], in order: lane_sums4 per four vectors, then
+// the four lanes of the four results added crosswise. ~3 instructions per sum where reduce4 and a
+// scalar store took ~12.
 inline __m512i reduce16(const __m512i (&v)[16]) {
   __m512i q[4];  // q[g], 128-bit lane L: lane L's part of the sums of v[4g .. 4g+3]
-  for (int g = 0; g < 4; ++g) {
-    const __m512i *a = v + 4 * g;
-    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
-    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
-    q[g] = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-  }
+  for (int g = 0; g < 4; ++g) q[g] = lane_sums4(v[4 * g], v[4 * g + 1], v[4 * g + 2], v[4 * g + 3]);
   // lanes [q0.0+q0.1, q0.2+q0.3, q1.0+q1.1, q1.2+q1.3], the same for q2, q3; then the halves
   const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], 0x88), _mm512_shuffle_i32x4(q[0], q[1], 0xDD));
   const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2], q[3], 0x88), _mm512_shuffle_i32x4(q[2], q[3], 0xDD));
