@@ -194,6 +194,68 @@ void lut_gemv_avx2(const IntArgs& a, int64_t n0, int64_t n1);
 void lut_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1);
 void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 
+// Triple-lookup kernels (mode "lut3": qlinear.cpp's lut3_linear, pack.cpp's pack_lut3_codes), for
+// CPUs whose byte multiplies are the bottleneck of int mode (two vpdpbusd per 64 weight-tokens on
+// one port) but that permute 16-bit words from a 64-entry, two-register table in one instruction
+// (AVX-512 VBMI2's vpermi2w, with vpshrdw to cut 6-bit fields): three weights' levels make one
+// 6-bit index, and per token and triple a table holds all 64 sums  e = sum_w (z_w - 2) * q3_w, so
+// one lookup does 3 multiply-adds for each of 32 rows (Zen 5: 1.8x the int GEMV's rate in L2).
+//  - q3 = lut3_q(q), the int mode's q / 32 rounded to nearest, ties to even (|q3| <= 1016; 11-bit
+//    activations): every table entry is within +-6096, so four of them add up in int16 before
+//    the kernel widens them. The kernels return the exact integer V = 32 * sum (z - 2) * q3 +
+//    2 * sum q: the levels' mean part comes from the 16-bit q, so that the activations' rounding
+//    errors enter with the weights z - 2 (mean -1/2), not z (mean 3/2): the same error in every
+//    row of a token, which the latter would triple (random 512 x 4096 layers: 0.5-4e-3 -> see
+//    tests/test_lut3_mode.py). The driver scales V as int mode's; every ISA gives the same bits.
+//  - weight order: the triples run over s, the int mode's plane order with the last group's lanes
+//    packed: element k = 256 g + 4 p + i is s = 256 g + P_g i + p, P_g = min(64, K4 - 64 g) (the
+//    plane layout's lanes, so the tables come from it with no transpose). Triple t holds s = 3t,
+//    3t+1, 3t+2 (past K: level 0), index = z_0 | z_1 << 2 | z_2 << 4; 8 triples make a chunk,
+//    C = ceil(K / 24) chunks per row.
+//  - codes, LUT3 layout: rows in groups of 4 blocks of 32 (N padded with zero rows to a multiple
+//    of 128), per group and chunk the 4 blocks' records one after another, a record being 3
+//    vectors of 32 uint16 (lane = row): word 0 = t0 | t1 << 6 | t2 << 12, word 1 = t2 >> 4 |
+//    t3 << 2 | t4 << 8 | t5 << 14, word 2 = t5 >> 2 | t6 << 4 | t7 << 10 (t_j: the chunk's j-th
+//    index), i.e. 2 bits per weight. A group's chunks follow each other, so a range of rows is one
+//    stream of codes. Tensor: [ceil(N / 128), C * 768] uint8.
+//  - tables, per token: kLut3HeadBytes (int64 2 * sum q first), then per chunk and triple 64
+//    int16 entries, e[index].
+inline int lut3_q(int q) { return (q + 15 + ((q >> 5) & 1)) >> 5; }
+constexpr int64_t kLut3Rows = 128;        // rows per group of the layout
+constexpr int64_t kLut3ChunkBytes = 768;  // one chunk of a group: 4 blocks x 3 x 32 uint16
+constexpr int64_t kLut3HeadBytes = 64;
+constexpr int64_t kLut3TableBytes = 1024;  // per chunk: 8 triples x 64 int16
+inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
+inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
+inline int64_t lut3_table_stride(int64_t K4) { return kLut3HeadBytes + lut3_chunks(K4) * kLut3TableBytes; }
+// Element k of s (see above), or -1 past K.
+inline int64_t lut3_element(int64_t K4, int64_t s) {
+  if (s >= 4 * K4) return -1;
+  const int64_t g = s / 256, r = s % 256, P = K4 - 64 * g < 64 ? K4 - 64 * g : 64;
+  return 256 * g + 4 * (r % P) + r / P;
+}
+// Where triple j (0-7) of a chunk lies in the record's three words: its bits [0, 6) go to word
+// w0 from bit b0 up; the bits a word could not hold to word w0 + 1 from bit 0.
+inline void lut3_place(int j, uint32_t index, uint16_t* words) {
+  static constexpr int kWord[8] = {0, 0, 0, 1, 1, 1, 2, 2}, kBit[8] = {0, 6, 12, 2, 8, 14, 4, 10};
+  const uint32_t v = index << kBit[j];
+  words[kWord[j]] = static_cast<uint16_t>(words[kWord[j]] | (v & 0xFFFF));
+  if (v >> 16) words[kWord[j] + 1] = static_cast<uint16_t>(words[kWord[j] + 1] | (v >> 16));
+}
+inline uint32_t lut3_index(int j, const uint16_t* words) {
+  static constexpr int kWord[8] = {0, 0, 0, 1, 1, 1, 2, 2}, kBit[8] = {0, 6, 12, 2, 8, 14, 4, 10};
+  uint32_t v = words[kWord[j]] >> kBit[j];
+  if (kBit[j] > 10) v |= static_cast<uint32_t>(words[kWord[j] + 1]) << (16 - kBit[j]);
+  return v & 63;
+}
+// One token's tables from its int-mode activations in the plane layout (G * 512 bytes).
+void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables);
+void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables);
+// IntArgs with codes in the LUT3 layout, act the tables (act_stride = lut3_table_stride(K4));
+// rows [n0, n1), n0 a multiple of 32 (kRowTile), n1 a multiple of 32 or N.
+void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1);
+void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1);
+
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);
 

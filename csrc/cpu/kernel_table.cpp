@@ -25,6 +25,10 @@ bool has_avx512_vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
+bool has_avx512_vbmi2() {
+  __builtin_cpu_init();
+  return has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi2");
+}
 // AMX also needs the kernel's consent: Linux enables the 8 KB tile state per process, on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and kills a process that uses the tiles
 // without it. Asked once; a refusal (an old kernel, a hypervisor that hides the state) means no AMX.
@@ -47,15 +51,16 @@ bool has_amx() {
 
 const KernelSet kSets[] = {
     {"scalar", always, int_plane_scalar, nullptr, float_plane_scalar, &kPortableMath, nullptr, nullptr, nullptr,
-     lut_gemv_scalar, lut_tables_scalar},
+     lut_gemv_scalar, lut_tables_scalar, false, lut3_gemv_scalar, lut3_tables_scalar, always},
 #if defined(__x86_64__)
     {"avx2", has_avx2, int_plane_avx2, nullptr, float_plane_avx2, &kAvx2Math, nullptr, nullptr, nullptr,
      lut_gemv_avx2, lut_tables_avx2, /*lut_by_default=*/true},
     // (the AVX-512 sets build their LUT tables with the AVX2 builder: every such CPU has AVX2)
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math, nullptr,
-     nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2},
+     nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512, has_avx512_vbmi2},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
-     amx_packed_bytes, amx_pack_tokens, lut_gemv_avx512, lut_tables_avx2},
+     amx_packed_bytes, amx_pack_tokens, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512,
+     has_avx512_vbmi2},
 #endif
 #if defined(__aarch64__)
     // Advanced SIMD is part of the AArch64 base architecture: every such CPU has it.

@@ -35,6 +35,11 @@ struct KernelSet {
   // 2x; llvm-mca puts the one-token lut loop at 1.3-1.8x the int GEMV's products per cycle on
   // Haswell to Alder Lake and Zen 1-3). Unmeasured sets keep int.
   bool lut_by_default = false;
+  // mode "lut3" (kernel_api.h's triple-lookup kernels), where lut3_supported() (the instructions
+  // past the set's own: AVX-512 VBMI2); null, or not supported: the portable set's (same integers)
+  IntKernel lut3_gemv = nullptr;
+  LutTables lut3_tables = nullptr;
+  bool (*lut3_supported)() = nullptr;
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -118,6 +118,17 @@ torch::Tensor no_gradient_autograd(const torch::Tensor& x, const torch::Tensor& 
   return op.call(x, codes, params, had_in, had_out);
 }
 
+constexpr char kLut3Linear[] = "pyquant::lut3_linear";
+torch::Tensor lut3_no_gradient(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
+                               int64_t out_features, int64_t had_in, int64_t had_out) {
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()), kLut3Linear,
+                    " has no gradient; a call that needs one takes pyquant::linear");
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kLut3Linear, "").typed<decltype(pyquant::lut3_qlinear)>();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(x, codes, params, out_features, had_in, had_out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pyquant, m) {
@@ -133,6 +144,9 @@ TORCH_LIBRARY(pyquant, m) {
   // frozen_linear in mode "lut" (csrc/cpu/kernel_api.h): lut_codes are the codes in the LUT layout
   // (_C.pack_lut_codes), the activations keep 14 bits and the products come from table lookups.
   m.def("lut_linear(Tensor x, Tensor lut_codes, Tensor params, int had_in, int had_out) -> Tensor");
+  // frozen_linear in mode "lut3" (kernel_api.h): lut3_codes are the codes in the LUT3 layout
+  // (_C.pack_lut3_codes), the activations keep 11 bits, one table lookup serves three weights.
+  m.def("lut3_linear(Tensor x, Tensor lut3_codes, Tensor params, int out_features, int had_in, int had_out) -> Tensor");
   m.def(
       "cpu_linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
       "int had_in, int had_out, *, str isa=\"\", str mode=\"\", str algo=\"auto\") -> Tensor");
@@ -149,6 +163,7 @@ TORCH_LIBRARY_IMPL(pyquant, CPU, m) {
   m.impl("linear", &linear);
   m.impl("frozen_linear", &pyquant::frozen_qlinear);
   m.impl("lut_linear", &pyquant::lut_qlinear);
+  m.impl("lut3_linear", &pyquant::lut3_qlinear);
   m.impl("cpu_linear", &cpu_linear);
   m.impl("nearest_codeword", &pyquant::nearest_codeword);
 }
@@ -157,6 +172,7 @@ TORCH_LIBRARY_IMPL(pyquant, Autograd, m) {
   m.impl("linear", &linear_autograd);
   m.impl("frozen_linear", &no_gradient_autograd<kFrozenLinear>);
   m.impl("lut_linear", &no_gradient_autograd<kLutLinear>);
+  m.impl("lut3_linear", &lut3_no_gradient);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -166,6 +182,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_codes", &pyquant::unpack_codes, "unpack codes [N, K/4] into levels [N, K]");
   m.def("pack_lut_codes", &pyquant::pack_lut_codes, "codes [N, K/4] in the LUT layout that lut_linear reads",
         py::arg("codes"));
+  m.def("pack_lut3_codes", &pyquant::pack_lut3_codes,
+        "codes [N, K/4] in the LUT3 layout that lut3_linear reads: [ceil(N/128), ceil(K/24) * 768] uint8",
+        py::arg("codes"));
+  m.def("has_lut3_kernel", &pyquant::has_lut3_kernel,
+        "whether the kernel set in use runs its own triple-lookup kernels (mode 'lut3') on this CPU");
   m.def("has_lut_kernel", &pyquant::has_lut_kernel,
         "whether the kernel set in use has its own table-lookup kernels (mode 'lut')");
   m.def("in_huge_pages", &pyquant::in_huge_pages,

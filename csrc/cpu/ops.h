@@ -14,6 +14,8 @@ torch::Tensor pack_codes(const torch::Tensor& z);
 torch::Tensor unpack_codes(const torch::Tensor& codes);
 // codes [N, K/4] in the LUT layout of the table-lookup kernels (csrc/cpu/kernel_api.h), same shape
 torch::Tensor pack_lut_codes(const torch::Tensor& codes);
+// codes [N, K/4] in the LUT3 layout of the triple-lookup kernels (kernel_api.h): [ceil(N / 128), ceil(K / 24) * 768]
+torch::Tensor pack_lut3_codes(const torch::Tensor& codes);
 
 // huge_pages.cpp: `t` itself when it is under 2 MB, already there or the OS has no transparent
 // huge pages (not Linux), else a copy in a 2 MB-aligned mapping advised MADV_HUGEPAGE
@@ -48,6 +50,12 @@ torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes
                           int64_t had_in, int64_t had_out);
 // whether the kernel set in use has its own table-lookup kernels (else lut_qlinear runs the portable ones)
 bool has_lut_kernel();
+// frozen_qlinear in mode "lut3": lut3_codes from pack_lut3_codes (11-bit activations, one lookup per
+// three weights); N = out_features
+torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& lut3_codes, const torch::Tensor& params,
+                           int64_t out_features, int64_t had_in, int64_t had_out);
+// whether the kernel set in use runs its own triple-lookup kernels on this CPU (else the portable ones)
+bool has_lut3_kernel();
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,
                                                                const torch::Tensor& A, const torch::Tensor& b,
                                                                int64_t had_in);

@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "kernel_api.h"
 
@@ -65,6 +66,39 @@ torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
     for (int64_t r = nb * cpu::kLutRows; r < std::min(n, (nb + 1) * cpu::kLutRows); ++r)
       for (int64_t j = 0; j < k4; ++j)
         if (src[r * k4 + j] != 0) cpu::lut_pack_byte(n, k4, r, j, src[r * k4 + j], dst);  // (zeros: as made)
+  return out;
+}
+
+torch::Tensor pack_lut3_codes(const torch::Tensor& codes) {
+  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) > 0 && codes.size(1) > 0,
+                    "codes must be non-empty 2-D [N, K/4], got shape ", codes.sizes());
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
+  const auto cc = codes.contiguous();
+  const int64_t n = cc.size(0), k4 = cc.size(1), chunks = cpu::lut3_chunks(k4);
+  auto out = zeros_in_huge_pages({cpu::lut3_groups(n), chunks * cpu::kLut3ChunkBytes}, torch::kUInt8);
+  const uint8_t* src = cc.data_ptr<uint8_t>();
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>());
+  // each row's element of every s (the same for all rows)
+  std::vector<int64_t> element(static_cast<size_t>(chunks * 24));
+  for (int64_t s = 0; s < chunks * 24; ++s) element[s] = cpu::lut3_element(k4, s);
+#pragma omp parallel for
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint16_t words[3] = {0, 0, 0};
+      for (int j = 0; j < 8; ++j) {
+        uint32_t index = 0;
+        for (int w = 0; w < 3; ++w) {
+          const int64_t k = element[24 * c + 3 * j + w];
+          if (k >= 0) index |= static_cast<uint32_t>((src[r * k4 + k / 4] >> (6 - 2 * (k % 4))) & 3) << (2 * w);
+        }
+        cpu::lut3_place(j, index, words);
+      }
+      uint16_t* rec = dst + ((r / cpu::kLut3Rows) * chunks + c) * (cpu::kLut3ChunkBytes / 2) +
+                      (r % cpu::kLut3Rows) / 32 * 96 + r % 32;
+      for (int w = 0; w < 3; ++w)
+        if (words[w]) rec[32 * w] = words[w];  // (zeros: as made)
+    }
   return out;
 }
 

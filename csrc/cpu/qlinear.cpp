@@ -13,7 +13,9 @@
 // int kernels return exact integers, so int mode gives bit-identical results on every ISA and
 // thread count; float mode is deterministic per ISA. Mode "lut" (lut_linear, on codes repacked by
 // pack_lut_codes) is int mode with the activations cut to 14 bits and table-lookup kernels in pass
-// 2, whose tables pass 1 makes (kernel_api.h); exact integers too.
+// 2, whose tables pass 1 makes (kernel_api.h); exact integers too. Mode "lut3" (lut3_linear, on
+// codes repacked by pack_lut3_codes) likewise, with 11-bit activations and one lookup per three
+// weights.
 #include "ops.h"
 
 #include <ATen/EmptyTensor.h>
@@ -43,7 +45,8 @@ using cpu::kGroupElems;
 using cpu::KernelSet;
 // kLut: int mode's activations cut to 14 bits and multiplied by table lookups (kernel_api.h), on
 // codes in the LUT layout: lut_linear's only mode. As the default for the other ops it is int mode.
-enum class Mode { kInt = 0, kFloat = 1, kLut = 2 };
+// kLut3 likewise: 11-bit activations, triple lookups, codes in the LUT3 layout (lut3_linear).
+enum class Mode { kInt = 0, kFloat = 1, kLut = 2, kLut3 = 3 };
 
 std::atomic<const KernelSet*> g_isa{nullptr};  // null: automatic (the best this CPU supports)
 // set_mode's setting: a Mode, or kAutoMode, the initial one: the kernel set's own default
@@ -77,6 +80,8 @@ Mode parse_mode(const std::string& name) {
   if (name == "float") return Mode::kFloat;
   TORCH_CHECK_VALUE(name != "lut", "mode 'lut' needs codes in the LUT layout (_C.pack_lut_codes): ",
                     "call pyquant::lut_linear");
+  TORCH_CHECK_VALUE(name != "lut3", "mode 'lut3' needs codes in the LUT3 layout (_C.pack_lut3_codes): ",
+                    "call pyquant::lut3_linear");
   TORCH_CHECK_VALUE(false, "mode must be 'int' or 'float', got '", name, "'");
   return Mode::kInt;
 }
@@ -218,8 +223,7 @@ Layer check_layer(const torch::Tensor& codes, const torch::Tensor& A, const torc
 }
 
 // The layer from frozen_linear's params (see kParamsHead): pointers into it, nothing converted.
-Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out) {
-  Layer L = check_codes(codes);
+void set_params(Layer& L, const torch::Tensor& params, int64_t had_in, int64_t had_out) {
   TORCH_CHECK_TYPE(params.scalar_type() == torch::kFloat, "params must be float32, got ", params.scalar_type());
   TORCH_CHECK_VALUE(params.device().is_cpu(), "params must be on the CPU, got ", params.device());
   const int64_t plain = kParamsHead + L.K + L.N;  // without a bias
@@ -233,6 +237,33 @@ Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params,
   L.sv = p + kParamsHead + L.K;
   L.bias = params.size(0) > plain ? p + plain : nullptr;
   set_blocks(L, had_in, had_out);
+}
+
+Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params, int64_t had_in, int64_t had_out) {
+  Layer L = check_codes(codes);
+  set_params(L, params, had_in, had_out);
+  return L;
+}
+
+// lut3_linear's layer: N from out_features, K from x (the LUT3 layout's shape holds neither exactly).
+Layer layer_from_lut3(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
+                      int64_t out_features, int64_t had_in, int64_t had_out) {
+  TORCH_CHECK_VALUE(out_features > 0, "out_features must be positive, got ", out_features);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0 && x.size(1) % 4 == 0, "x must be 2-D [M, K] with K % 4 == 0, got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "lut3_codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "lut3_codes must be on the CPU, got ", codes.device());
+  Layer L;
+  L.N = out_features;
+  L.K4 = x.size(1) / 4;
+  L.K = x.size(1);
+  L.G = (L.K4 + kGroupCodes - 1) / kGroupCodes;
+  const int64_t groups = cpu::lut3_groups(L.N), bytes = cpu::lut3_chunks(L.K4) * cpu::kLut3ChunkBytes;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == groups && codes.size(1) == bytes && codes.is_contiguous(),
+                    "lut3_codes must be contiguous [", groups, ", ", bytes, "] (_C.pack_lut3_codes of codes [",
+                    out_features, ", ", L.K4, "]), got ", codes.sizes());
+  L.codes = codes;
+  set_params(L, params, had_in, had_out);
   return L;
 }
 
@@ -483,14 +514,15 @@ template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
                   torch::Tensor& y) {
   const int64_t M = x.size(0);
-  const bool lut = mode == Mode::kLut;  // L.codes in the LUT layout
+  const bool lut = mode == Mode::kLut || mode == Mode::kLut3;  // L.codes in the LUT or LUT3 layout
   const bool int_mode = mode != Mode::kFloat;
   // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
   const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
   const bool narrow = L.K <= cpu::kInt32MaxK;
   // The kernel's operands made from the activations once per call: lut mode's tables (per token),
   // the tile kernel's (per block of tokens).
-  const int64_t packed_bytes = lut ? M * L.K4 * cpu::kLutTableBytes
+  const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
+  const int64_t packed_bytes = lut ? M * table_stride
                                : mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G)
                                                                                   : 0;
   const int64_t token_block = packed_bytes && !lut ? cpu::kPackTokenBlock : 1;
@@ -499,11 +531,14 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
-  // lut mode: the set's table-lookup kernels, else the portable ones (the same integers)
+  // lut modes: the set's table-lookup kernels, else the portable ones (the same integers)
   int n_sets;
-  const cpu::KernelSet& lut_set = set.lut_gemv ? set : cpu::kernel_sets(&n_sets)[0];
-  const cpu::IntKernel lut_gemv = lut_set.lut_gemv;
-  const cpu::LutTables lut_tables = lut_set.lut_tables;
+  const cpu::KernelSet& portable = cpu::kernel_sets(&n_sets)[0];
+  const bool own_lut3 = set.lut3_gemv && set.lut3_supported && set.lut3_supported();
+  const cpu::IntKernel lut_gemv = mode == Mode::kLut3 ? (own_lut3 ? set : portable).lut3_gemv
+                                                      : (set.lut_gemv ? set : portable).lut_gemv;
+  const cpu::LutTables lut_tables = mode == Mode::kLut3 ? (own_lut3 ? set : portable).lut3_tables
+                                                        : (set.lut_gemv ? set : portable).lut_tables;
   std::vector<double> scale(M), cst(M);
   // Per worker: the token being transformed (G * 256 floats, zero tail), an output row in fp32
   // (N floats), and in int mode with the GEMM its tile.
@@ -525,10 +560,10 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
     std::memset(slots + w * slot + L.K * 4, 0, xt_bytes - L.K * 4);
   const auto xt_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot); };
   const auto row_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot + xt_bytes); };
-  // (lut mode: the kernel reads the tables, K4 * kLutTableBytes per token, instead of the activations)
+  // (lut modes: the kernel reads the tables, table_stride bytes per token, instead of the activations)
   const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G,
                               static_cast<const int8_t*>(lut ? static_cast<void*>(packed) : act),
-                              lut ? L.K4 * cpu::kLutTableBytes : act_stride(L), M,
+                              lut ? table_stride : act_stride(L), M,
                               narrow ? static_cast<int32_t*>(dot) : nullptr,
                               narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, lut ? nullptr : packed};
   const int64_t packed_block = packed && !lut ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
@@ -546,7 +581,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
                    xt_of(w));
     if (lut) {
       for (int64_t m = m0; m < m1; ++m)
-        lut_tables(static_cast<const int8_t*>(act) + m * act_stride(L), L.K4, packed + m * L.K4 * cpu::kLutTableBytes);
+        lut_tables(static_cast<const int8_t*>(act) + m * act_stride(L), L.K4, packed + m * table_stride);
       return;
     }
     if (!packed) return;
@@ -632,6 +667,20 @@ torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes
   const KernelSet& set = parse_isa("", "isa");
   const Layer L = layer_from_params(lut_codes, params, had_in, had_out);
   return run_layer(x, L, set, Mode::kLut, "auto");
+}
+
+torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& lut3_codes, const torch::Tensor& params,
+                           int64_t out_features, int64_t had_in, int64_t had_out) {
+  const KernelSet& set = parse_isa("", "isa");
+  const Layer L = layer_from_lut3(x, lut3_codes, params, out_features, had_in, had_out);
+  return run_layer(x, L, set, Mode::kLut3, "auto");
+}
+
+bool has_lut3_kernel() {
+  int n;
+  const KernelSet& set = parse_isa("", "isa");
+  return set.lut3_gemv != nullptr && set.lut3_supported && set.lut3_supported() &&
+         &set != &cpu::kernel_sets(&n)[0];  // (the portable set's: the reference)
 }
 
 bool has_lut_kernel() {
