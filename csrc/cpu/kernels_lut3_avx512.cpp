@@ -24,8 +24,11 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
-constexpr int64_t kBlockTableBytes = int64_t(512) << 10;  // tables of a chunk range, all tokens of a block
-constexpr int64_t kPrefetchBytes = 2048;
+// Chunks per range with several tokens: the group's codes for the range (12 KB) stay in L1 from
+// one token to the next, and every token's tables for it (16 KB) come from L2. One token takes
+// all of K in one range.
+constexpr int64_t kRangeChunks = 16;
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline __m512i look(const int16_t* table, __m512i index) {
   return _mm512_permutex2var_epi16(_mm512_load_si512(table), index, _mm512_load_si512(table + 32));
@@ -43,7 +46,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t c0, int64_t c1, bo
     const uint16_t* p = rec + c * (kLut3ChunkBytes / 2);
     if (prefetch) {
       const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-      for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
     }
     const int16_t* t = e + c * (kLut3TableBytes / 2);
     __m512i w0[R], w1[R], w2[R];
@@ -163,8 +166,7 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   alignas(64) int32_t acc[kTokenBlock][kLut3Rows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
-    // chunks per range: the range's tables of all mt tokens within kBlockTableBytes
-    const int64_t range = kBlockTableBytes / (mt * kLut3TableBytes);
+    const int64_t range = mt == 1 ? C : kRangeChunks;
     for (int64_t b = n0 / 32; b < b_end;) {
       const int64_t group = b / 4, R = imin(4 - b % 4, b_end - b);
       const auto* rec = reinterpret_cast<const uint16_t*>(a.codes) + group * C * (kLut3ChunkBytes / 2) + (b % 4) * 96;
