@@ -4,12 +4,13 @@
 // 64-entry table (two registers, vpermi2w), four lookups summed in int16, then widened into even-
 // and odd-row int32 sums (vpdpwssd by 1 in the low or the high word).
 //
-// Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load; per group
-// the tokens go one at a time over a range of chunks whose tables, for every token of a block of
-// kTokenBlock, stay in L2, and the group's codes for that range stay in L1/L2 between tokens. The
-// first token's pass prefetches the codes ahead (a group's chunks, and the groups, are one stream).
-// Zen 5, one thread, codes in L2 (1024 x 3072): 173 G multiply-adds/s at one token and 165 at 2-8,
-// against the int GEMV's ~92.
+// Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load (the load
+// port, one 64-byte load per cycle on Zen 5, is what a single block would wait on); ranges of
+// chunks keep codes and tables in cache between groups and tokens (kRangeChunks); tokens go in
+// blocks of kTokenBlock. The first token's pass prefetches the codes ahead (a group's chunks, and
+// the groups, are one stream). A prototype of the loop alone (Zen 5, one thread, codes in L2,
+// 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; a whole
+// layer call from memory gains less (benchmarks/lut3_bench.py).
 #include <immintrin.h>
 
 #include "kernel_api.h"
@@ -24,11 +25,19 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
-// Chunks per range with several tokens: the group's codes for the range (12 KB) stay in L1 from
-// one token to the next, and every token's tables for it (16 KB) come from L2. One token takes
-// all of K in one range.
+// The kernel goes over spans of kSpanRows rows (two groups) one range of kRangeChunks chunks at a
+// time, each range over the span's groups and then over the tokens: a group's codes for the
+// range (12 KB) stay in L1 from one token to the next, and a token's tables for it (16 KB) from
+// one group to the next; partial sums wait in `acc`. Without ranges (all of K per group and
+// token) the tables of a long row (459 KB per token at K = 11008) and the codes streaming past
+// evict each other from L2. Zen 5, 11008 -> 4096 from memory, 4 tokens, 1 thread: ranges of 16
+// chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode 2.02-2.11); one token 0.58-0.66 for all.
 constexpr int64_t kRangeChunks = 16;
-constexpr int64_t kPrefetchBytes = 8192;
+constexpr int64_t kSpanRows = 256;
+// Codes are prefetched into L2 (prefetcht1) this far ahead in the first token's pass. Zen 5,
+// 4096 x 4096 from memory, one token, one thread: none 0.384 ms, 2 KB into L1 0.336, 4 KB 0.204,
+// 8 KB 0.183, 16 KB 0.165-0.183, 32 KB 0.171 (int mode 0.21-0.26 in the same runs).
+constexpr int64_t kPrefetchBytes = 16384;
 
 inline __m512i look(const int16_t* table, __m512i index) {
   return _mm512_permutex2var_epi16(_mm512_load_si512(table), index, _mm512_load_si512(table + 32));
@@ -163,25 +172,28 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
 void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   const int64_t C = lut3_chunks(a.K4);
   const int64_t b_end = (n1 + 31) / 32;  // blocks of 32 rows (the last may hold rows past N: zero codes)
-  alignas(64) int32_t acc[kTokenBlock][kLut3Rows];
+  alignas(64) int32_t acc[kTokenBlock][kSpanRows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
-    const int64_t range = mt == 1 ? C : kRangeChunks;
-    for (int64_t b = n0 / 32; b < b_end;) {
-      const int64_t group = b / 4, R = imin(4 - b % 4, b_end - b);
-      const auto* rec = reinterpret_cast<const uint16_t*>(a.codes) + group * C * (kLut3ChunkBytes / 2) + (b % 4) * 96;
-      for (int64_t c0 = 0; c0 < C; c0 += range) {
-        const int64_t c1 = imin(C, c0 + range);
-        for (int64_t m = 0; m < mt; ++m) {
-          const auto* tables = reinterpret_cast<const uint8_t*>(a.act + (m0 + m) * a.act_stride);
-          kRows[R](rec, reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes), c0, c1, m == 0, c0 == 0, acc[m]);
+    for (int64_t b0 = n0 / 32; b0 < b_end; b0 += kSpanRows / 32) {
+      const int64_t b1 = imin(b_end, b0 + kSpanRows / 32);
+      for (int64_t c0 = 0; c0 < C; c0 += kRangeChunks) {
+        const int64_t c1 = imin(C, c0 + kRangeChunks);
+        for (int64_t b = b0; b < b1;) {
+          const int64_t R = imin(4 - b % 4, b1 - b);
+          const auto* rec = reinterpret_cast<const uint16_t*>(a.codes) + (b / 4) * C * (kLut3ChunkBytes / 2) + (b % 4) * 96;
+          for (int64_t m = 0; m < mt; ++m) {
+            const auto* tables = reinterpret_cast<const uint8_t*>(a.act + (m0 + m) * a.act_stride);
+            kRows[R](rec, reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes), c0, c1, m == 0, c0 == 0,
+                     acc[m] + 32 * (b - b0));
+          }
+          b += R;
         }
       }
       for (int64_t m = 0; m < mt; ++m) {
         const int64_t cst = *reinterpret_cast<const int64_t*>(a.act + (m0 + m) * a.act_stride);
-        for (int64_t n = 32 * b; n < imin(32 * (b + R), n1); ++n) a.store(m0 + m, n, 32 * int64_t(acc[m][n - 32 * b]) + cst);
+        for (int64_t n = 32 * b0; n < imin(32 * b1, n1); ++n) a.store(m0 + m, n, 32 * int64_t(acc[m][n - 32 * b0]) + cst);
       }
-      b += R;
     }
   }
 }

@@ -519,13 +519,15 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
   const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
   const bool narrow = L.K <= cpu::kInt32MaxK;
-  // The kernel's operands made from the activations once per call: lut mode's tables (per token),
-  // the tile kernel's (per block of tokens).
+  // The kernel's operands made from the activations once per call: the tile kernel's (per block
+  // of tokens).
+  const int64_t packed_bytes = mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G) : 0;
+  const int64_t token_block = packed_bytes ? cpu::kPackTokenBlock : 1;
+  // The lut modes' tables (per token, table_stride bytes) are made by every worker for itself, at
+  // its first kernel call, from the activations: they are 4 (lut) to 21 (lut3) times their size,
+  // and a thread reading another's from that core's cache took longer than making them (4096 x
+  // 512, one token, 2 threads, lut3: 0.035 -> see the session-26 notes in README).
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
-  const int64_t packed_bytes = lut ? M * table_stride
-                               : mode == Mode::kInt && !gemm && set.packed_bytes ? set.packed_bytes(M, L.G)
-                                                                                  : 0;
-  const int64_t token_block = packed_bytes && !lut ? cpu::kPackTokenBlock : 1;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
                         int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes);
   const T* xp = x.data_ptr<T>();
@@ -544,7 +546,8 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   // (N floats), and in int mode with the GEMM its tile.
   const int64_t xt_bytes = align64(L.G * kGroupElems * 4), row_bytes = align64(L.N * 4);
   const int64_t tile_bytes = gemm ? align64(cpu::gemm_scratch_bytes(L.K4)) : 0;
-  const int64_t slot = xt_bytes + row_bytes + tile_bytes;
+  const int64_t table_bytes = lut ? align64(M * table_stride) : 0;
+  const int64_t slot = xt_bytes + row_bytes + tile_bytes + table_bytes;
   const int64_t act_bytes = align64(int_mode ? M * act_stride(L) : M * L.G * kGroupElems * 4);
   const int64_t dot_bytes = align64(M * L.N * (int_mode && !narrow ? 8 : 4));
   uint8_t* ws = t_workspace.get(act_bytes + dot_bytes + align64(packed_bytes) + split.workers() * slot);
@@ -560,13 +563,13 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
     std::memset(slots + w * slot + L.K * 4, 0, xt_bytes - L.K * 4);
   const auto xt_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot); };
   const auto row_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot + xt_bytes); };
-  // (lut modes: the kernel reads the tables, table_stride bytes per token, instead of the activations)
-  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G,
-                              static_cast<const int8_t*>(lut ? static_cast<void*>(packed) : act),
+  // (lut modes: the kernel reads the worker's tables, table_stride bytes per token, instead of the
+  // activations; multiply() points act at them)
+  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const int8_t*>(act),
                               lut ? table_stride : act_stride(L), M,
                               narrow ? static_cast<int32_t*>(dot) : nullptr,
-                              narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, lut ? nullptr : packed};
-  const int64_t packed_block = packed && !lut ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
+                              narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, packed};
+  const int64_t packed_block = packed ? set.packed_bytes(cpu::kPackTokenBlock, L.G) : 0;
   const auto tokens_of = [&](int64_t m0, int64_t m1) {  // int_args for tokens [m0, m1), m0 a multiple of the block
     cpu::IntArgs mine = int_args;
     mine.act += m0 * mine.act_stride;
@@ -579,11 +582,6 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const auto prepare = [&](int64_t m0, int64_t m1, int64_t w) {
     prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
                    xt_of(w));
-    if (lut) {
-      for (int64_t m = m0; m < m1; ++m)
-        lut_tables(static_cast<const int8_t*>(act) + m * act_stride(L), L.K4, packed + m * table_stride);
-      return;
-    }
     if (!packed) return;
     // The operands for the tokens of the kernel call that reads them, whose count picks their
     // layout (the tile kernel's narrow one up to 8 tokens): split by tokens, this thread's range
@@ -596,9 +594,19 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   };
   if (int_mode) {
     const cpu::IntKernel kernel = lut ? lut_gemv : gemm ? set.int_gemm : set.int_gemv;
+    std::vector<uint8_t> tables_made(lut ? split.workers() * M : 0);  // per worker and token
     const auto multiply = [&](int64_t n0, int64_t n1, int64_t m0, int64_t m1, int64_t w) {
       cpu::IntArgs mine = tokens_of(m0, m1);
       mine.scratch = reinterpret_cast<uint32_t*>(slots + w * slot + xt_bytes + row_bytes);
+      if (lut) {
+        uint8_t* tables = slots + w * slot + xt_bytes + row_bytes + tile_bytes;
+        for (int64_t m = m0; m < m1; ++m)
+          if (!tables_made[w * M + m]) {
+            lut_tables(static_cast<const int8_t*>(act) + m * act_stride(L), L.K4, tables + m * table_stride);
+            tables_made[w * M + m] = 1;
+          }
+        mine.act = reinterpret_cast<const int8_t*>(tables + m0 * table_stride);
+      }
       kernel(mine, n0, n1);
     };
     if (narrow) {
