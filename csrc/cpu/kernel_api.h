@@ -199,14 +199,15 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 // one port) but that permute 16-bit words from a 64-entry, two-register table in one instruction
 // (AVX-512 VBMI2's vpermi2w, with vpshrdw to cut 6-bit fields): three weights' levels make one
 // 6-bit index, and per token and triple a table holds all 64 sums  e = sum_w (z_w - 2) * q3_w, so
-// one lookup does 3 multiply-adds for each of 32 rows (Zen 5: 1.8x the int GEMV's rate in L2).
-//  - q3 = lut3_q(q), the int mode's q / 32 rounded to nearest, ties to even (|q3| <= 1016; 11-bit
-//    activations): every table entry is within +-6096, so four of them add up in int16 before
-//    the kernel widens them. The kernels return the exact integer V = 32 * sum (z - 2) * q3 +
-//    2 * sum q: the levels' mean part comes from the 16-bit q, so that the activations' rounding
-//    errors enter with the weights z - 2 (mean -1/2), not z (mean 3/2): the same error in every
-//    row of a token, which the latter would triple (random 512 x 4096 layers: 0.5-4e-3 -> see
-//    tests/test_lut3_mode.py). The driver scales V as int mode's; every ISA gives the same bits.
+// one lookup does 3 multiply-adds for each of 32 rows.
+//  - q3 = lut3_q(q), the int mode's q / 16 rounded to nearest, ties to even (|q3| <= 2032; 12-bit
+//    activations): every table entry is within +-12192, so two of them add up in int16 before the
+//    kernel widens them. (q / 32 let four add up, 10 % faster, but its error reached 2.4e-3 on a
+//    random 300 x 1028 layer without the Hadamard transform.) The kernels return the exact integer
+//    V = 16 * sum (z - 2) * q3 + 2 * sum q: the levels' mean part comes from the 16-bit q, so that
+//    the activations' rounding errors enter with the weights z - 2 (mean -1/2), not z (mean 3/2):
+//    the same error in every row of a token, which the latter would triple. The driver scales V
+//    as int mode's; every ISA gives the same bits.
 //  - weight order: the triples run over s, the int mode's plane order with the last group's lanes
 //    packed: element k = 256 g + 4 p + i is s = 256 g + P_g i + p, P_g = min(64, K4 - 64 g) (the
 //    plane layout's lanes, so the tables come from it with no transpose). Triple t holds s = 3t,
@@ -220,7 +221,7 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //    stream of codes. Tensor: [ceil(N / 128), C * 768] uint8.
 //  - tables, per token: kLut3HeadBytes (int64 2 * sum q first), then per chunk and triple 64
 //    int16 entries, e[index].
-inline int lut3_q(int q) { return (q + 15 + ((q >> 5) & 1)) >> 5; }
+inline int lut3_q(int q) { return (q + 7 + ((q >> 4) & 1)) >> 4; }
 constexpr int64_t kLut3Rows = 128;        // rows per group of the layout
 constexpr int64_t kLut3ChunkBytes = 768;  // one chunk of a group: 4 blocks x 3 x 32 uint16
 constexpr int64_t kLut3HeadBytes = 64;

@@ -126,7 +126,7 @@ void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
         const uint16_t words[3] = {rec[0], rec[32], rec[64]};
         for (int j = 0; j < 8; ++j) acc += e[64 * (8 * c + j) + lut3_index(j, words)];
       }
-      a.store(m, n, 32 * acc + *reinterpret_cast<const int64_t*>(tables));
+      a.store(m, n, 16 * acc + *reinterpret_cast<const int64_t*>(tables));
     }
   }
 }
