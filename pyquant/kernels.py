@@ -76,7 +76,7 @@ def force_backend(name: str | None):
         _forced = prev
 
 
-CPU_MODES = ("auto", "int", "float", "lut")
+CPU_MODES = ("auto", "int", "float", "lut", "lut3")
 
 
 def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
@@ -85,10 +85,13 @@ def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
     faster than its int kernels (``avx2``), else ``"int"``; ``"int"`` (activations in 16-bit fixed
     point, relative error ~5e-5, the same bits on every kernel set); ``"float"`` (fp32 activations,
     slower); ``"lut"`` (14-bit activations, products from table lookups: ~2e-4, 1.5-2.6x int mode
-    on AVX2 CPUs; int mode where ``ops._C.has_lut_kernel()`` is false). ``ops._C.get_mode()`` says
-    which one runs. Int and float apply from the next call. Lut applies to layers built from then
-    on, which keep their codes in a second layout too; ``model``: its ``QuantLinear`` layers are
-    rebuilt now (into lut mode, or out of it, dropping those copies)."""
+    on AVX2 CPUs; int mode where ``ops._C.has_lut_kernel()`` is false); ``"lut3"`` (12-bit
+    activations, one table lookup per three weights: ~2-7e-4, on AVX-512 VBMI2 CPUs, where the int
+    kernels' byte multiplies are the bottleneck; int mode where ``ops._C.has_lut3_kernel()`` is
+    false). ``ops._C.get_mode()`` says which one runs. Int and float apply from the next call. Lut
+    and lut3 apply to layers built from then on, which keep their codes in a second layout too;
+    ``model``: its ``QuantLinear`` layers are rebuilt now (into that mode, or out of it, dropping
+    those copies)."""
     if not isinstance(mode, str) or mode not in CPU_MODES:
         raise ValueError(f"mode must be one of {CPU_MODES}, got {mode!r}")
     if model is not None and not isinstance(model, torch.nn.Module):

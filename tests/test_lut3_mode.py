@@ -19,7 +19,7 @@ from pyquant.format import dequantize
 from pyquant.ops import _C
 from pyquant.sentences import split_sentences
 
-from conftest import rel_err
+from conftest import random_packed, rel_err
 from test_cpu_kernels import make_packed
 
 ISAS = _C.supported_isas()
@@ -168,6 +168,84 @@ def test_has_lut3_kernel_follows_the_kernel_set(isa):
     isa("auto")
     flags = open("/proc/cpuinfo").read() if _C.get_isa() != "scalar" else ""
     assert _C.has_lut3_kernel() == (_C.get_isa() in ("avx512", "amx") and "avx512_vbmi2" in flags)
+
+
+needs_lut3_kernel = pytest.mark.skipif(not _C.has_lut3_kernel(), reason="this CPU's kernel set has no triple-lookup "
+                                       "kernel of its own (AVX-512 VBMI2): mode lut3 runs int mode here")
+
+
+@needs_lut3_kernel
+def test_layers_built_under_lut3_mode_run_lut3_linear_without_gradients(cpu_mode):
+    cpu_mode("lut3")
+    layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), torch.randn(64))
+    state = layer._plan.states["cpu"]
+    assert state.lut3 and torch.equal(state.lut_codes, _C.pack_lut3_codes(layer.codes))
+    x = torch.randn(3, 256)
+    want = torch.ops.pyquant.lut3_linear(x, state.lut_codes, state.params, 64, layer.had_in, layer.had_out)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+        graphs = []
+        keep = lambda gm, _: (graphs.append(gm), gm)[1]  # noqa: E731
+        assert torch.equal(torch.compile(layer, backend=keep, fullgraph=True)(x), want)
+        torch._dynamo.reset()
+    assert torch.ops.pyquant.lut3_linear.default in {n.target for n in graphs[0].graph.nodes}
+    # a call that needs gradients runs pyquant::linear (int mode) and has them
+    y = layer(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None and rel_err(y.detach(), want) <= TOL
+    # built under int mode: int mode whatever the mode at the call
+    cpu_mode("int")
+    plain = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), layer.bias.detach())
+    assert plain._plan.states["cpu"].lut_codes is None
+    cpu_mode("lut3")
+    with torch.no_grad():
+        assert torch.equal(plain(x.detach()), torch.ops.pyquant.linear(x.detach(), *plain.op_tensors(), plain.had_in,
+                                                                        plain.had_out))
+
+
+@needs_lut3_kernel
+def test_set_cpu_mode_switches_a_built_model_in_and_out_of_lut3_mode(cpu_mode):
+    cpu_mode("int")
+    model = torch.nn.Sequential(pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=9)), torch.nn.ReLU(),
+                                pyquant.QuantLinear.from_packed(random_packed(32, 64, seed=10)))
+    layers = [model[0], model[2]]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        int_out = model(x)
+        assert pyquant.kernels.set_cpu_mode("lut3", model) == "int" and _C.get_mode() == "lut3"
+        for layer in layers:
+            assert torch.equal(layer._plan.states["cpu"].lut_codes, _C.pack_lut3_codes(layer.codes))
+        h = F.relu(torch.ops.pyquant.lut3_linear(*lut3_args(layers[0].packed, x)))
+        assert torch.equal(model(x), torch.ops.pyquant.lut3_linear(*lut3_args(layers[1].packed, h)))
+        assert rel_err(model(x), int_out) <= 1e-2
+        assert pyquant.kernels.set_cpu_mode("lut", model) == "lut3"  # from one table layout to the other
+        assert all(not layer._plan.states["cpu"].lut3 for layer in layers)
+        assert pyquant.kernels.set_cpu_mode("int", model) == "lut"
+        assert all(layer._plan.states["cpu"].lut_codes is None for layer in layers)
+        assert torch.equal(model(x), int_out)
+
+
+@needs_lut3_kernel
+def test_lut3_copies_follow_in_place_changes_and_refreshes(cpu_mode):
+    """Eager calls rewrite the LUT3 copy of codes changed in place; an engine's refresh of the codes
+    repacks them in the LUT3 layout."""
+    cpu_mode("lut3")
+    layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=11), torch.randn(64))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        before = layer(x)
+        layer.codes.copy_(layer.codes.roll(1, 0))
+        assert torch.equal(layer(x), torch.ops.pyquant.lut3_linear(*lut3_args(layer.packed, x, layer.bias)))
+        assert not torch.equal(layer(x), before)
+        assert torch.equal(layer._plan.states["cpu"].lut_codes, _C.pack_lut3_codes(layer.codes))
+    old, new = random_packed(64, 256, seed=7), random_packed(64, 256, seed=8)
+    shared = pyquant.QuantLinear.from_packed(old, share=True, refreshed=True)
+    state = shared._plan.states["cpu"]
+    assert state.lut3
+    with torch.no_grad():
+        shared.codes.copy_(new.codes)
+    shared.refresh(("codes",))
+    assert torch.equal(state.lut_codes, _C.pack_lut3_codes(new.codes))
 
 
 def test_real_minilm_layers_and_embeddings_in_lut3_mode(minilm):

@@ -307,7 +307,7 @@ def test_the_default_mode_auto_is_lut_on_the_avx2_set_only(cpu_mode, isa):
         assert torch.equal(layer(x), torch.ops.pyquant.lut_linear(*lut_args(layer.packed, x)))
     assert pyquant.kernels.set_cpu_mode("int") == "auto" and _C.get_mode() == "int"
     assert pyquant.kernels.set_cpu_mode("auto") == "int" and _C.get_mode() == "lut"
-    with pytest.raises(ValueError, match="mode must be 'auto', 'int', 'float' or 'lut'"):
+    with pytest.raises(ValueError, match="mode must be 'auto', 'int', 'float', 'lut' or 'lut3'"):
         _C.set_mode("fast")
 
 

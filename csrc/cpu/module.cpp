@@ -208,8 +208,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");
   m.def("set_mode", &pyquant::set_mode,
         "default mode for calls with mode='': 'auto' (the initial one: 'lut' where the kernel set's lut kernel "
-        "is the faster, else 'int'), 'int', 'float' or 'lut' (int for the ops on natural-layout codes; layers "
-        "built under it run lut_linear where has_lut_kernel())",
+        "is the faster, else 'int'), 'int', 'float', 'lut' or 'lut3' (int for the ops on natural-layout codes; "
+        "layers built under it run lut_linear where has_lut_kernel(), lut3_linear where has_lut3_kernel())",
         py::arg("name"));
   m.def("get_mode", &pyquant::get_mode,
         "the default mode: what it runs ('auto' resolved for the current kernel set), or with resolve=False the "

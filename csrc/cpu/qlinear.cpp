@@ -72,8 +72,8 @@ const KernelSet& parse_isa(const std::string& name, const char* arg) {
   return *set;
 }
 
-// The mode of a call on codes in the natural layout: "lut" (set_mode's default only) runs int mode
-// there, for lut_linear alone has the codes its kernels read.
+// The mode of a call on codes in the natural layout: "lut" and "lut3" (set_mode's default only) run
+// int mode there, for lut_linear and lut3_linear alone have the codes their kernels read.
 Mode parse_mode(const std::string& name) {
   if (name.empty()) return g_mode.load() == static_cast<int>(Mode::kFloat) ? Mode::kFloat : Mode::kInt;
   if (name == "int") return Mode::kInt;
@@ -733,11 +733,12 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 void set_mode(const std::string& name) {
-  TORCH_CHECK_VALUE(name == "auto" || name == "int" || name == "float" || name == "lut",
-                    "mode must be 'auto', 'int', 'float' or 'lut', got '", name, "'");
-  g_mode.store(name == "auto"  ? kAutoMode
-               : name == "lut" ? static_cast<int>(Mode::kLut)
-                               : static_cast<int>(parse_mode(name)));
+  TORCH_CHECK_VALUE(name == "auto" || name == "int" || name == "float" || name == "lut" || name == "lut3",
+                    "mode must be 'auto', 'int', 'float', 'lut' or 'lut3', got '", name, "'");
+  g_mode.store(name == "auto"    ? kAutoMode
+               : name == "lut"  ? static_cast<int>(Mode::kLut)
+               : name == "lut3" ? static_cast<int>(Mode::kLut3)
+                                : static_cast<int>(parse_mode(name)));
 }
 std::string get_mode(bool resolve) {
   int mode = g_mode.load();
@@ -748,6 +749,7 @@ std::string get_mode(bool resolve) {
   switch (static_cast<Mode>(mode)) {
     case Mode::kFloat: return "float";
     case Mode::kLut: return "lut";
+    case Mode::kLut3: return "lut3";
     default: return "int";
   }
 }

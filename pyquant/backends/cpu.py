@@ -35,11 +35,17 @@ whose version counter moved since its copy was made (an optimizer step, a fill) 
 rewritten first (:func:`refresh`). Elsewhere, and for layers built under another mode, ``"lut"``
 runs the int mode.
 
+Mode ``"lut3"`` (``PYQUANT_CPU_MODE=lut3`` or ``set_cpu_mode("lut3", model)``; never picked by
+"auto") works the same way with the LUT3 layout (``_C.pack_lut3_codes``) and
+``pyquant::lut3_linear``, where the kernel set runs its own triple-lookup kernel
+(``_C.has_lut3_kernel()``: AVX-512 with VBMI2, Ice Lake and Zen 4 on): 12-bit activations (relative
+error ~2-7e-4), one ``vpermi2w`` lookup per three weights and 32 rows. Elsewhere it runs int mode.
+
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
 ``PYQUANT_CPU_MODE=int`` the exact 16-bit mode above where "auto" would pick lut,
 ``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison),
-``PYQUANT_CPU_MODE=lut`` the mode above, ``auto`` the default.
+``PYQUANT_CPU_MODE=lut`` or ``lut3`` the modes above, ``auto`` the default.
 """
 from __future__ import annotations
 
@@ -72,11 +78,13 @@ def supports(layer, dtype: torch.dtype, needs_grad: bool) -> str | None:
 
 class State(NamedTuple):
     """A layer's state: :func:`frozen_params`, and its codes in the LUT layout in mode ``"lut"``
-    (None otherwise) with ``versions``, the version counters of the layer's tensors
-    (:data:`TENSOR_NAMES`) the copies were made from, by which eager calls see in-place changes."""
+    (the LUT3 layout in mode ``"lut3"``, ``lut3`` true; None otherwise) with ``versions``, the
+    version counters of the layer's tensors (:data:`TENSOR_NAMES`) the copies were made from, by
+    which eager calls see in-place changes."""
     params: torch.Tensor | None
     lut_codes: torch.Tensor | None
     versions: list[int] | None = None
+    lut3: bool = False
 
 
 TENSOR_NAMES = ("codes", "A", "b", "su", "sv", "w_scale", "bias")  # QuantLinear.op_tensors' order
@@ -91,8 +99,22 @@ def _versions(tensors) -> list[int]:
         return [-1 if t is None or t.is_inference() else t._version for t in tensors]
 
 
-def _lut_state(layer, params: torch.Tensor, codes: torch.Tensor) -> State:
-    state = State(params, _C.in_huge_pages(_C.pack_lut_codes(codes)), _versions(layer.op_tensors()))
+def _pack(codes: torch.Tensor, lut3: bool) -> torch.Tensor:
+    return _C.pack_lut3_codes(codes) if lut3 else _C.pack_lut_codes(codes)
+
+
+def _lut_mode() -> str | None:
+    """"lut" or "lut3" where the mode is one of them and the kernel set has its own kernel for it."""
+    mode = _C.get_mode()
+    if mode == "lut" and _C.has_lut_kernel():
+        return mode
+    if mode == "lut3" and _C.has_lut3_kernel():
+        return mode
+    return None
+
+
+def _lut_state(layer, params: torch.Tensor, codes: torch.Tensor, lut3: bool) -> State:
+    state = State(params, _C.in_huge_pages(_pack(codes, lut3)), _versions(layer.op_tensors()), lut3)
     _C.page_out(codes)  # the calls stream the LUT layout; the codes' pages go back until needed
     return state
 
@@ -104,19 +126,20 @@ def build(layer) -> State:
     (``from_packed(share=True, refreshed=True)``: vLLM's weight loader, ``pyquant.tp.Shard.load``,
     has :func:`refresh` rewrite them after every later write)."""
     codes = layer._buffers.get("codes")
-    lut = codes is not None and _C.get_mode() == "lut" and _C.has_lut_kernel()
+    mode = _lut_mode() if codes is not None else None
+    lut, lut3 = mode is not None, mode == "lut3"
     if layer._shares_tensors:  # the engine's codes stay where they are
         if not (lut and layer._engine_refreshes and codes.device.type == "cpu"):
             return State(None, None)
         with torch.inference_mode(False):
-            return _lut_state(layer, _params(layer), codes)
+            return _lut_state(layer, _params(layer), codes, lut3)
     params = frozen_params(layer)
     if codes is not None:
         # A plain tensor even when the layer is built under inference_mode: an inference tensor
         # could not be saved for a later backward.
         with torch.inference_mode(False):
             if lut and params is not None:
-                return _lut_state(layer, params, codes)
+                return _lut_state(layer, params, codes, lut3)
             layer._buffers["codes"] = placed = _C.in_huge_pages(codes)
             if placed is not codes:  # (a checkpoint's mapping outlives this view of it)
                 _C.page_out(codes)
@@ -154,7 +177,7 @@ def refresh(layer, state: State, changed: frozenset[str]) -> None:
             if now is not None:
                 state.versions[1:] = now[1:]
         if state.lut_codes is not None and "codes" in changed:
-            state.lut_codes.copy_(_C.pack_lut_codes(layer._buffers["codes"]))
+            state.lut_codes.copy_(_pack(layer._buffers["codes"], state.lut3))
             if now is not None:
                 state.versions[0] = now[0]
 
@@ -172,12 +195,19 @@ def forward_nograd(x: torch.Tensor, layer, state: State) -> torch.Tensor:
     now = _versions(layer.op_tensors())
     if now != state.versions:
         refresh(layer, state, frozenset(n for n, a, b in zip(TENSOR_NAMES, now, state.versions) if a != b))
+    return _lut_call(x, layer, state)
+
+
+def _lut_call(x: torch.Tensor, layer, state: State) -> torch.Tensor:
+    if state.lut3:
+        return torch.ops.pyquant.lut3_linear.default(x, state.lut_codes, state.params, layer.out_features,
+                                                     layer.had_in, layer.had_out)
     return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
 
 
 def forward_traced(x: torch.Tensor, layer, state: State) -> torch.Tensor:
     if state.lut_codes is not None:
-        return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
+        return _lut_call(x, layer, state)
     if state.params is None:
         return forward(x, layer, state)
     return torch.ops.pyquant.frozen_linear.default(x, layer.op_tensors()[0], state.params, layer.had_in,
