@@ -1,5 +1,5 @@
 """Plot the CPU suite's speed-ups (pyquant 2-bit against F.linear bf16 and torch's int4 kernel;
-mode "lut" dashed, in the same colour, where the report has it).
+mode "lut" dashed and "lut3" dotted, in the same colour, where the report has them).
 
     python benchmarks/plot_cpu.py [benchmarks/results/cpu_full_2t.json]
 
@@ -32,9 +32,10 @@ def plot(report_path: Path) -> Path:
         for name, rows in shapes.items():
             rows = sorted(rows, key=lambda r: r["batch"])
             line, = ax.plot([r["batch"] for r in rows], [r["speedup"][other] for r in rows], marker="o", label=name)
-            if "lut_speedup" in rows[0]:
-                ax.plot([r["batch"] for r in rows], [r["lut_speedup"][other] for r in rows], marker="x",
-                        linestyle="--", color=line.get_color(), label=f"{name} lut")
+            for mode, style in (("lut", "--"), ("lut3", ":")):
+                if f"{mode}_speedup" in rows[0]:
+                    ax.plot([r["batch"] for r in rows], [r[f"{mode}_speedup"][other] for r in rows], marker="x",
+                            linestyle=style, color=line.get_color(), label=f"{name} {mode}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)

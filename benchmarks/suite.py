@@ -8,6 +8,8 @@ For every weight shape (in x out features) and batch size, in one process, side 
 - pyquant 2-bit        ``torch.ops.pyquant.linear`` (the CPU backend's eager call), fp32 activations
 - pyquant lut          ``torch.ops.pyquant.lut_linear`` (mode "lut": 14-bit activations, table
                        lookups), where the kernel set has table-lookup kernels (``_C.has_lut_kernel()``)
+- pyquant lut3         ``torch.ops.pyquant.lut3_linear`` (mode "lut3": 12-bit activations, one lookup
+                       per three weights), where the kernel set has its own (``_C.has_lut3_kernel()``)
 - F.linear fp32        dense fp32 weight
 - F.linear bf16        dense bf16 weight, bf16 activations
 - int4 (group 128)     ``torch._weight_int4pack_mm_for_cpu``, bf16 activations
@@ -61,11 +63,19 @@ QUICK_SHAPES = [(4096, 4096), (384, 1536)]
 QUICK_BATCHES = [1, 8, 32, 128]
 N_WEIGHTS = 16
 DENSE_SET_BYTES = 1 << 30  # cap on one dense method's cycled set when 16 weights would not fit
-# (mode "lut" where this CPU's kernel set has table-lookup kernels)
-METHODS = ("pyquant",) + (("pyquant_lut",) if pyquant.ops._C.has_lut_kernel() else ()) + ("fp32", "bf16", "int4", "int8")
+
+# The table-lookup modes whose kernels this CPU's kernel set has: mode -> (codes in its layout,
+# the layer call on (codes in that layout, frozen params) of PackedWeight pw).
+_C = pyquant.ops._C
+TABLE_MODES = {mode: spec for mode, has, spec in (
+    ("lut", _C.has_lut_kernel, (_C.pack_lut_codes, lambda x, w, pw: torch.ops.pyquant.lut_linear(
+        x, w[0], w[1], pw.had_in, pw.had_out))),
+    ("lut3", _C.has_lut3_kernel, (_C.pack_lut3_codes, lambda x, w, pw: torch.ops.pyquant.lut3_linear(
+        x, w[0], w[1], pw.codes.shape[0], pw.had_in, pw.had_out)))) if has()}
 OTHERS = ("fp32", "bf16", "int4", "int8")
-LABELS = {"pyquant": "pyquant 2-bit", "pyquant_lut": "pyquant lut", "fp32": "F.linear fp32", "bf16": "F.linear bf16",
-          "int4": "int4 g128", "int8": "int8"}
+METHODS = ("pyquant",) + tuple(f"pyquant_{mode}" for mode in TABLE_MODES) + OTHERS
+LABELS = {"pyquant": "pyquant 2-bit", "pyquant_lut": "pyquant lut", "pyquant_lut3": "pyquant lut3",
+          "fp32": "F.linear fp32", "bf16": "F.linear bf16", "int4": "int4 g128", "int8": "int8"}
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -165,10 +175,6 @@ def make_methods(k: int, n: int) -> dict:
                                                                          pw.w_scale, had_in=pw.had_in,
                                                                          had_out=pw.had_out)), stored_bytes(pw)),
                     lambda x, w: cpu_backend.forward(x, w, None), torch.float32),
-        # the same, in mode "lut": (codes in the LUT layout, in 2 MB pages as the backend keeps them, params)
-        "pyquant_lut": ([(pyquant.ops._C.in_huge_pages(pyquant.ops._C.pack_lut_codes(pw.codes.clone())),
-                          cpu_backend.frozen_params(QuantLinear.from_packed(pw))) for _ in range(N_WEIGHTS)],
-                        lambda x, w: torch.ops.pyquant.lut_linear(x, w[0], w[1], pw.had_in, pw.had_out), torch.float32),
         "fp32": (_copies(dense.clone, dense.numel() * 4, DENSE_SET_BYTES), F.linear, torch.float32),
         "bf16": (_copies(bf16.clone, bf16.numel() * 2, DENSE_SET_BYTES), F.linear, torch.bfloat16),
         "int4": (_copies(int4_base.clone, int4_base.numel(), DENSE_SET_BYTES),
@@ -176,6 +182,11 @@ def make_methods(k: int, n: int) -> dict:
         "int8": (_copies(int8_base.clone, int8_base.numel(), DENSE_SET_BYTES),
                  lambda x, w: torch._weight_int8pack_mm(x, w, int8_scales), torch.bfloat16),
     }
+    for mode, (pack, call) in TABLE_MODES.items():
+        # the same in a table mode: (codes in its layout, in 2 MB pages as the backend keeps them, params)
+        methods[f"pyquant_{mode}"] = ([(_C.in_huge_pages(pack(pw.codes.clone())),
+                                        cpu_backend.frozen_params(QuantLinear.from_packed(pw))) for _ in range(N_WEIGHTS)],
+                                      lambda x, w, call=call: call(x, w, pw), torch.float32)
     return {name: methods[name] for name in METHODS}, stored_bytes(pw)
 
 
@@ -235,9 +246,9 @@ def bench_shape(k: int, n: int, batches: list[int], min_time: float, progress) -
             "speedup": {name: ms[name] / ms["pyquant"] for name in METHODS if name != "pyquant"},
             "pyquant_over_floor": ms["pyquant"] / floor_ms,
         })
-        if "pyquant_lut" in ms:
-            rows[-1]["lut_speedup"] = {name: ms[name] / ms["pyquant_lut"] for name in OTHERS + ("pyquant",)}
-            rows[-1]["lut_over_floor"] = ms["pyquant_lut"] / floor_ms
+        for mode in TABLE_MODES:
+            rows[-1][f"{mode}_speedup"] = {name: ms[name] / ms[f"pyquant_{mode}"] for name in OTHERS + ("pyquant",)}
+            rows[-1][f"{mode}_over_floor"] = ms[f"pyquant_{mode}"] / floor_ms
         progress.update(1)
     return rows
 
@@ -266,17 +277,16 @@ def int_vs_float(k: int, n: int, batches=(1, 32), min_time: float = 0.2) -> list
             calls[mode] = _pass(weights, run, x)
             y = run(x, weights[0]).double()
             err[mode] = ((y - ref).norm() / ref.norm()).item()
-        if "pyquant_lut" in METHODS:
-            lut = [(pyquant.ops._C.pack_lut_codes(w.codes), cpu_backend.frozen_params(QuantLinear.from_packed(w)))
-                   for w, _ in weights]
-            run = lambda x, w: torch.ops.pyquant.lut_linear(x, w[0], w[1], pw.had_in, pw.had_out)  # noqa: E731
-            calls["lut"] = _pass(lut, run, x)
-            err["lut"] = ((run(x, lut[0]).double() - ref).norm() / ref.norm()).item()
+        for mode, (pack, call) in TABLE_MODES.items():
+            table = [(pack(w.codes), cpu_backend.frozen_params(QuantLinear.from_packed(w))) for w, _ in weights]
+            run = lambda x, w, call=call: call(x, w, pw)  # noqa: E731
+            calls[mode] = _pass(table, run, x)
+            err[mode] = ((run(x, table[0]).double() - ref).norm() / ref.norm()).item()
         t = side_by_side(calls, min_time)
         out.append({"in": k, "out": n, "batch": m, "int_ms": t["int"]["median"] * 1e3,
                     "float_ms": t["float"]["median"] * 1e3, "int_rel_err": err["int"], "float_rel_err": err["float"]})
-        if "lut" in calls:
-            out[-1] |= {"lut_ms": t["lut"]["median"] * 1e3, "lut_rel_err": err["lut"]}
+        for mode in TABLE_MODES:
+            out[-1] |= {f"{mode}_ms": t[mode]["median"] * 1e3, f"{mode}_rel_err": err[mode]}
     return out
 
 
@@ -309,10 +319,11 @@ def compare_isas(shapes, batches, min_time: float = 0.2) -> list[dict]:
 # ----------------------------------------------------------------------------- MiniLM
 
 def built_in_mode(qmodel, mode: str):
-    """A copy of ``qmodel`` whose layers are built in CPU mode ``mode`` (in "lut" their state holds
-    the LUT-layout codes), or None for "lut" where this CPU's kernel set has no table-lookup
-    kernels. (The columns name their mode: the default, "auto", is "lut" on some CPUs.)"""
-    if mode == "lut" and not pyquant.ops._C.has_lut_kernel():
+    """A copy of ``qmodel`` whose layers are built in CPU mode ``mode`` (in "lut" and "lut3" their
+    state holds the codes in that mode's layout), or None for a table mode whose kernels this CPU's
+    kernel set does not have. (The columns name their mode: the default, "auto", is "lut" on some
+    CPUs.)"""
+    if mode in ("lut", "lut3") and mode not in TABLE_MODES:
         return None
     before = pyquant.kernels.set_cpu_mode(mode)
     try:
@@ -332,22 +343,23 @@ def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, min_time: float = 2.0)
     model, tokenizer = load_minilm()
     qmodel = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(bits=2), filter_fn=encoder_filter,
                                     progress=False)
-    qmodel, lut = built_in_mode(qmodel, "int"), built_in_mode(qmodel, "lut")
+    tables = {mode: built_in_mode(qmodel, mode) for mode in TABLE_MODES}
+    qmodel = built_in_mode(qmodel, "int")
     layer = next(m for m in qmodel.modules() if isinstance(m, pyquant.QuantLinear))
     _, sentences = split_sentences(0, max(batch_sizes))
     out = []
     for bs in batch_sizes:
         batch = tokenize(tokenizer, sentences[:bs], max_length=seq_len, padding="max_length")
         calls = {"fp32": lambda: (model(**batch), 1)[1], "pyquant": lambda: (qmodel(**batch), 1)[1]}
-        if lut is not None:
-            calls["pyquant_lut"] = lambda: (lut(**batch), 1)[1]
+        for mode, table in tables.items():
+            calls[f"pyquant_{mode}"] = lambda table=table: (table(**batch), 1)[1]
         t = side_by_side(calls, min_time)
         fp32, q = bs / t["fp32"]["median"], bs / t["pyquant"]["median"]
         out.append({"batch": bs, "seq_len": seq_len, "fp32_sentences_per_s": fp32, "pyquant_sentences_per_s": q,
                     "speedup": q / fp32, "backend": layer.last_backend, "rounds": t["fp32"]["rounds"]})
-        if lut is not None:
-            out[-1]["pyquant_lut_sentences_per_s"] = bs / t["pyquant_lut"]["median"]
-            out[-1]["lut_speedup"] = out[-1]["pyquant_lut_sentences_per_s"] / fp32
+        for mode in tables:
+            out[-1][f"pyquant_{mode}_sentences_per_s"] = bs / t[f"pyquant_{mode}"]["median"]
+            out[-1][f"{mode}_speedup"] = out[-1][f"pyquant_{mode}_sentences_per_s"] / fp32
     return out
 
 
@@ -378,33 +390,36 @@ def markdown(report: dict) -> str:
     for row in report["results"]:
         by_shape.setdefault((row["in"], row["out"]), []).append(row)
     for (k, n), rows in by_shape.items():
-        lut = "lut_speedup" in rows[0]
-        lut_cols = ["lut / floor", "lut: x pyquant int", "lut: x int4", "lut: x bf16"] if lut else []
+        modes = [mode for mode in ("lut", "lut3") if f"{mode}_speedup" in rows[0]]
+        lut_cols = [f"{mode}{c}" for mode in modes for c in (" / floor", ": x pyquant int", ": x int4", ": x bf16")]
+        methods = [m for m in METHODS if m in rows[0]["ms"]]
         lines += [f"## {k} x {n} (in x out), {rows[0]['pyquant_bytes'] / 2**20:.2f} MiB stored at 2-bit", "",
-                  "| batch | " + " | ".join(f"{LABELS[m]} ms" for m in METHODS) + " | read GB/s | floor ms | "
+                  "| batch | " + " | ".join(f"{LABELS[m]} ms" for m in methods) + " | read GB/s | floor ms | "
                   + " | ".join(f"x {m}" for m in OTHERS) + " | pyquant / floor | " + "".join(f"{c} | " for c in lut_cols),
-                  "|" + "---:|" * (len(METHODS) + len(OTHERS) + 4 + len(lut_cols))]
+                  "|" + "---:|" * (len(methods) + len(OTHERS) + 4 + len(lut_cols))]
         for r in rows:
-            lines.append(f"| {r['batch']} | " + " | ".join(_fmt(r["ms"][m]) for m in METHODS)
+            lines.append(f"| {r['batch']} | " + " | ".join(_fmt(r["ms"][m]) for m in methods)
                          + f" | {r['read_bandwidth_gbs']:.1f} | {_fmt(r['floor_ms'])} | "
                          + " | ".join(f"{r['speedup'][m]:.2f}" for m in OTHERS)
                          + f" | {r['pyquant_over_floor']:.2f} |"
-                         + ("" if not lut else f" {r['lut_over_floor']:.2f} | {r['lut_speedup']['pyquant']:.2f} | "
-                            f"{r['lut_speedup']['int4']:.2f} | {r['lut_speedup']['bf16']:.2f} |"))
+                         + "".join(f" {r[f'{mode}_over_floor']:.2f} | {r[f'{mode}_speedup']['pyquant']:.2f} | "
+                                   f"{r[f'{mode}_speedup']['int4']:.2f} | {r[f'{mode}_speedup']['bf16']:.2f} |"
+                                   for mode in modes))
         lines.append("")
     if report.get("modes"):
-        lut = "lut_ms" in report["modes"][0]
+        modes = [mode for mode in ("lut", "lut3") if f"{mode}_ms" in report["modes"][0]]
+        named = {"lut": "lut mode (14-bit, table lookups)", "lut3": "lut3 mode (12-bit, triple lookups)"}
         lines += ["## int mode (16-bit fixed-point activations) vs float mode (fp32 activations)"
-                  + (" and lut mode (14-bit, table lookups)" if lut else ""), "",
+                  + "".join(f" and {named[mode]}" for mode in modes), "",
                   "Relative error ||y - y_ref|| / ||y_ref|| against format.dequantize + F.linear in fp64.", "",
                   "| shape (in x out) | batch | int ms | float ms | float / int | int rel. error | float rel. error |"
-                  + (" lut ms | int / lut | lut rel. error |" if lut else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if lut else "")]
+                  + "".join(f" {mode} ms | int / {mode} | {mode} rel. error |" for mode in modes),
+                  "|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(modes)]
         for r in report["modes"]:
             lines.append(f"| {r['in']} x {r['out']} | {r['batch']} | {_fmt(r['int_ms'])} | {_fmt(r['float_ms'])} | "
                          f"{r['float_ms'] / r['int_ms']:.2f} | {r['int_rel_err']:.1e} | {r['float_rel_err']:.1e} |"
-                         + (f" {_fmt(r['lut_ms'])} | {r['int_ms'] / r['lut_ms']:.2f} | {r['lut_rel_err']:.1e} |"
-                            if lut else ""))
+                         + "".join(f" {_fmt(r[f'{mode}_ms'])} | {r['int_ms'] / r[f'{mode}_ms']:.2f} | "
+                                   f"{r[f'{mode}_rel_err']:.1e} |" for mode in modes))
         lines.append("")
     if report.get("isas"):
         isas = list(report["isas"][0]["ms"])
@@ -419,15 +434,16 @@ def markdown(report: dict) -> str:
                          + f" | {'yes' if r['identical'] else 'NO'} |")
         lines.append("")
     if report.get("minilm"):
-        lut = "lut_speedup" in report["minilm"][0]
+        modes = [mode for mode in ("lut", "lut3") if f"{mode}_speedup" in report["minilm"][0]]
         lines += ["## MiniLM (all-MiniLM-L6-v2) encode, 2-bit RTN encoder vs fp32", "",
                   "| batch | seq len | fp32 sentences/s | pyquant sentences/s | speed-up | backend |"
-                  + (" lut sentences/s | lut speed-up |" if lut else ""),
-                  "|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if lut else "")]
+                  + "".join(f" {mode} sentences/s | {mode} speed-up |" for mode in modes),
+                  "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(modes)]
         for r in report["minilm"]:
             lines.append(f"| {r['batch']} | {r['seq_len']} | {r['fp32_sentences_per_s']:.1f} | "
                          f"{r['pyquant_sentences_per_s']:.1f} | {r['speedup']:.2f} | {r['backend']} |"
-                         + (f" {r['pyquant_lut_sentences_per_s']:.1f} | {r['lut_speedup']:.2f} |" if lut else ""))
+                         + "".join(f" {r[f'pyquant_{mode}_sentences_per_s']:.1f} | {r[f'{mode}_speedup']:.2f} |"
+                                   for mode in modes))
         lines.append("")
     return "\n".join(lines)
 

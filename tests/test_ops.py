@@ -61,7 +61,9 @@ def test_every_registered_cpu_op_is_checked():
     # the dispatcher's list (dir(torch.ops.pyquant) holds only the ops some earlier code touched)
     names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyquant::")}
     cpu_ops = {n for n in names if not n.startswith(("cuda_", "triton_"))}
-    assert cpu_ops == {"linear", "frozen_linear", "lut_linear", "cpu_linear", "linear_backward", "nearest_codeword"}, names
+    # (lut_linear and lut3_linear: opcheck in test_lut_mode.py and test_lut3_mode.py)
+    assert cpu_ops == {"linear", "frozen_linear", "lut_linear", "lut3_linear", "cpu_linear", "linear_backward",
+                       "nearest_codeword"}, names
 
 
 # ---------------------------------------------------------------------------- frozen_linear
