@@ -200,14 +200,19 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 // (AVX-512 VBMI2's vpermi2w, with vpshrdw to cut 6-bit fields): three weights' levels make one
 // 6-bit index, and per token and triple a table holds all 64 sums  e = sum_w (z_w - 2) * q3_w, so
 // one lookup does 3 multiply-adds for each of 32 rows.
-//  - q3 = lut3_q(q), the int mode's q / 16 rounded to nearest, ties to even (|q3| <= 2032; 12-bit
-//    activations): every table entry is within +-12192, so two of them add up in int16 before the
-//    kernel widens them. (q / 32 let four add up, 10 % faster, but its error reached 2.4e-3 on a
-//    random 300 x 1028 layer without the Hadamard transform.) The kernels return the exact integer
-//    V = 16 * sum (z - 2) * q3 + 2 * sum q: the levels' mean part comes from the 16-bit q, so that
-//    the activations' rounding errors enter with the weights z - 2 (mean -1/2), not z (mean 3/2):
-//    the same error in every row of a token, which the latter would triple. The driver scales V
-//    as int mode's; every ISA gives the same bits.
+//  - q3 = lut3_q(q), the int mode's q / 18 rounded to nearest, halves away from zero (|q3| <=
+//    1806; 11.8-bit activations; away from zero, not up: the levels are not centred, so a bias of
+//    a half step on the ties, the same sign on every activation, would add up over K).
+//  - tables, per token and triple t of q3 values (a, b, c): the 64 sums e = sum_w (z_w - 2) * q3_w
+//    less the triple's offset o_t = floor((lo + hi) / 2), lo and hi the least and greatest of them,
+//    so that every entry is within +-8127 (hi - lo <= 9 * 1806) and four add up in int16 before
+//    the kernel widens them. (q / 32 with no offsets let four add up too, but its error reached
+//    2.4e-3 on a random 300 x 1028 layer without the Hadamard transform; q / 16, two at a time,
+//    cost a third more time.)
+//  - the kernels return the exact integer V = 18 * sum e + 18 * sum o_t + 2 * sum q: the levels'
+//    mean part comes from the 16-bit q, so that the activations' rounding errors enter with the
+//    weights z - 2 (mean -1/2), not z (mean 3/2): the same error in every row of a token, which
+//    the latter would triple. The driver scales V as int mode's; every ISA gives the same bits.
 //  - weight order: the triples run over s, the int mode's plane order with the last group's lanes
 //    packed: element k = 256 g + 4 p + i is s = 256 g + P_g i + p, P_g = min(64, K4 - 64 g) (the
 //    plane layout's lanes, so the tables come from it with no transpose). Triple t holds s = 3t,
@@ -219,9 +224,13 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //    t3 << 2 | t4 << 8 | t5 << 14, word 2 = t5 >> 2 | t6 << 4 | t7 << 10 (t_j: the chunk's j-th
 //    index), i.e. 2 bits per weight. A group's chunks follow each other, so a range of rows is one
 //    stream of codes. Tensor: [ceil(N / 128), C * 768] uint8.
-//  - tables, per token: kLut3HeadBytes (int64 2 * sum q first), then per chunk and triple 64
-//    int16 entries, e[index].
-inline int lut3_q(int q) { return (q + 7 + ((q >> 4) & 1)) >> 4; }
+//  - table layout, per token: kLut3HeadBytes (int64 18 * sum o_t + 2 * sum q first), then per
+//    chunk and triple its 64 int16 entries, e[index].
+inline int lut3_q(int q) { return q >= 0 ? (q + 9) / 18 : -((9 - q) / 18); }
+constexpr int64_t kLut3Step = 18;  // V = kLut3Step * (sum of entries) + the token's constant
+// A triple's offset o_t (see above) from its three q3: each weight's least and greatest (z - 2) q
+// are -2 q and q, or q and -2 q, so lo + hi = -(q0 + q1 + q2).
+inline int lut3_offset(const int16_t* q3) { return -(q3[0] + q3[1] + q3[2]) >> 1; }
 constexpr int64_t kLut3Rows = 128;        // rows per group of the layout
 constexpr int64_t kLut3ChunkBytes = 768;  // one chunk of a group: 4 blocks x 3 x 32 uint16
 constexpr int64_t kLut3HeadBytes = 64;

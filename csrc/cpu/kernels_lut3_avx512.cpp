@@ -1,7 +1,7 @@
 // Mode "lut3" on AVX-512 with VBMI2 (Ice Lake, Sapphire Rapids, Zen 4 and later): the triple-lookup
 // GEMV of kernel_api.h. Per 32 rows, chunk of 8 triples and token: the chunk's 3 code vectors give
 // the 8 index vectors (5 shifts, 2 vpshrdw; shared by the tokens), each looked up in its triple's
-// 64-entry table (two registers, vpermi2w), two lookups summed in int16, then widened into even-
+// 64-entry table (two registers, vpermi2w), four lookups summed in int16, then widened into even-
 // and odd-row int32 sums (vpdpwssd by 1 in the low or the high word).
 //
 // Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load (the load
@@ -45,7 +45,7 @@ template <int R>
 void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t c0, int64_t c1, bool prefetch, bool first,
                int32_t* acc) {
   const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
-  __m512i ae[R], ao[R];
+  __m512i ae[R], ao[R], s[R];
   for (int r = 0; r < R; ++r) ae[r] = ao[r] = _mm512_setzero_si512();
   for (int64_t c = c0; c < c1; ++c) {
     const uint16_t* p = rec + c * (kLut3ChunkBytes / 2);
@@ -59,28 +59,39 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t c0, int64_t c1, bo
       w0[r] = _mm512_loadu_si512(p + 96 * r);
       w1[r] = _mm512_loadu_si512(p + 96 * r + 32);
     }
-    // Triples j and j + 1 (indices a and b, kernel_api.h lut3_place): two lookups, their int16 sum
-    // widened into the row sums.
-    const auto pair = [&](int j, const __m512i (&a)[R], const __m512i (&b)[R]) {
-      const __m512i al = _mm512_load_si512(t + 64 * j), ah = _mm512_load_si512(t + 64 * j + 32);
-      const __m512i bl = _mm512_load_si512(t + 64 * j + 64), bh = _mm512_load_si512(t + 64 * j + 96);
+    // triples 0-3: word 0, and word 1's low bits
+    for (int j = 0; j < 4; ++j) {
+      const __m512i tl = _mm512_load_si512(t + 64 * j), th = _mm512_load_si512(t + 64 * j + 32);
       for (int r = 0; r < R; ++r) {
-        const __m512i s = _mm512_add_epi16(_mm512_permutex2var_epi16(al, a[r], ah),
-                                           _mm512_permutex2var_epi16(bl, b[r], bh));
-        ae[r] = _mm512_dpwssd_epi32(ae[r], s, even);
-        ao[r] = _mm512_dpwssd_epi32(ao[r], s, odd);
+        const __m512i index = j == 0   ? w0[r]
+                              : j == 1 ? _mm512_srli_epi16(w0[r], 6)
+                              : j == 2 ? _mm512_shrdi_epi16(w0[r], w1[r], 12)
+                                       : _mm512_srli_epi16(w1[r], 2);
+        const __m512i v = _mm512_permutex2var_epi16(tl, index, th);
+        s[r] = j == 0 ? v : _mm512_add_epi16(s[r], v);
       }
-    };
-    __m512i a[R], b[R];
-    for (int r = 0; r < R; ++r) a[r] = w0[r], b[r] = _mm512_srli_epi16(w0[r], 6);
-    pair(0, a, b);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_shrdi_epi16(w0[r], w1[r], 12), b[r] = _mm512_srli_epi16(w1[r], 2);
-    pair(2, a, b);
-    for (int r = 0; r < R; ++r) w2[r] = _mm512_loadu_si512(p + 96 * r + 64);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_srli_epi16(w1[r], 8), b[r] = _mm512_shrdi_epi16(w1[r], w2[r], 14);
-    pair(4, a, b);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_srli_epi16(w2[r], 4), b[r] = _mm512_srli_epi16(w2[r], 10);
-    pair(6, a, b);
+    }
+    for (int r = 0; r < R; ++r) {
+      ae[r] = _mm512_dpwssd_epi32(ae[r], s[r], even);
+      ao[r] = _mm512_dpwssd_epi32(ao[r], s[r], odd);
+      w2[r] = _mm512_loadu_si512(p + 96 * r + 64);
+    }
+    // triples 4-7: word 1's high bits, word 2
+    for (int j = 4; j < 8; ++j) {
+      const __m512i tl = _mm512_load_si512(t + 64 * j), th = _mm512_load_si512(t + 64 * j + 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512i index = j == 4   ? _mm512_srli_epi16(w1[r], 8)
+                              : j == 5 ? _mm512_shrdi_epi16(w1[r], w2[r], 14)
+                              : j == 6 ? _mm512_srli_epi16(w2[r], 4)
+                                       : _mm512_srli_epi16(w2[r], 10);
+        const __m512i v = _mm512_permutex2var_epi16(tl, index, th);
+        s[r] = j == 4 ? v : _mm512_add_epi16(s[r], v);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      ae[r] = _mm512_dpwssd_epi32(ae[r], s[r], even);
+      ao[r] = _mm512_dpwssd_epi32(ao[r], s[r], odd);
+    }
   }
   // even rows in ae's lanes, odd rows in ao's: back to row order
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -109,7 +120,8 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
   // entries (bytes [128 t, 128 t + 128)) then never reach a triple's q3 not yet read (from byte
   // 976 C + 6 t on).
   int16_t* q3 = e + 488 * C;
-  const __m512i one = _mm512_set1_epi16(1), seven = _mm512_set1_epi16(7);
+  const __m512i one = _mm512_set1_epi16(1), nine = _mm512_set1_epi16(9);
+  const __m512i magic = _mm512_set1_epi16(static_cast<int16_t>(58255));
   __m512i sum = _mm512_setzero_si512();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t P = K4 - 64 * g < 64 ? K4 - 64 * g : 64;
@@ -120,9 +132,11 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
         const __m512i q = _mm512_add_epi16(
             _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ah))), 8),
             _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ah + 256))));
-        // lut3_q: (q + 7 + ((q >> 4) & 1)) >> 4
-        const __m512i v = _mm512_srai_epi16(
-            _mm512_add_epi16(_mm512_add_epi16(q, seven), _mm512_and_si512(_mm512_srai_epi16(q, 4), one)), 4);
+        // lut3_q: |q| / 18 rounded (floor((|q| + 9) / 18) = ((|q| + 9) * 58255) >> 20, exact for
+        // |q| <= 32512), the sign put back
+        const __m512i mag = _mm512_srli_epi16(_mm512_mulhi_epu16(_mm512_add_epi16(_mm512_abs_epi16(q), nine), magic), 4);
+        const __m512i v = _mm512_mask_sub_epi16(mag, _mm512_cmplt_epi16_mask(q, _mm512_setzero_si512()),
+                                                _mm512_setzero_si512(), mag);
         const auto mask = static_cast<__mmask32>(lanes >> (32 * half));
         _mm512_mask_storeu_epi16(q3 + 256 * g + P * i + 32 * half, mask, v);
         sum = _mm512_add_epi32(sum, _mm512_madd_epi16(q, one));  // (padding lanes: q = 0)
@@ -138,18 +152,24 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     lo[w] = _mm512_load_si512(pattern[w]);
     hi[w] = _mm512_load_si512(pattern[w] + 32);
   }
+  int64_t offsets = 0;
   for (int64_t t = 0; t < 8 * C; ++t) {
+    const int o = lut3_offset(q3 + 3 * t);  // (read before this triple's entries overwrite its q3)
+    offsets += o;
     const __m512i q0 = _mm512_set1_epi16(q3[3 * t]), q1 = _mm512_set1_epi16(q3[3 * t + 1]),
-                  q2 = _mm512_set1_epi16(q3[3 * t + 2]);
-    const __m512i l = _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(lo[0], q0), _mm512_mullo_epi16(lo[1], q1)),
-                                       _mm512_mullo_epi16(lo[2], q2));
-    const __m512i h = _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(hi[0], q0), _mm512_mullo_epi16(hi[1], q1)),
-                                       _mm512_mullo_epi16(hi[2], q2));
+                  q2 = _mm512_set1_epi16(q3[3 * t + 2]), off = _mm512_set1_epi16(static_cast<int16_t>(o));
+    const __m512i l = _mm512_sub_epi16(
+        _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(lo[0], q0), _mm512_mullo_epi16(lo[1], q1)),
+                         _mm512_mullo_epi16(lo[2], q2)), off);
+    const __m512i h = _mm512_sub_epi16(
+        _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(hi[0], q0), _mm512_mullo_epi16(hi[1], q1)),
+                         _mm512_mullo_epi16(hi[2], q2)), off);
     _mm512_storeu_si512(e + 64 * t, l);
     _mm512_storeu_si512(e + 64 * t + 32, h);
   }
   // (each lane's sum is within 2 * 32512 * K / 32: int32 up to K = 10^6; their total is not)
   *reinterpret_cast<int64_t*>(tables) =
+      kLut3Step * offsets +
       2 * (_mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum))) +
            _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(sum, 1))));
 }
@@ -177,7 +197,7 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
       }
       for (int64_t m = 0; m < mt; ++m) {
         const int64_t cst = *reinterpret_cast<const int64_t*>(a.act + (m0 + m) * a.act_stride);
-        for (int64_t n = 32 * b0; n < imin(32 * b1, n1); ++n) a.store(m0 + m, n, 16 * int64_t(acc[m][n - 32 * b0]) + cst);
+        for (int64_t n = 32 * b0; n < imin(32 * b1, n1); ++n) a.store(m0 + m, n, kLut3Step * acc[m][n - 32 * b0] + cst);
       }
     }
   }

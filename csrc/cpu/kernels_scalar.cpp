@@ -88,28 +88,28 @@ void lut_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
 
 void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
   const int64_t C = lut3_chunks(K4);
-  int64_t sum = 0;
+  int64_t sum = 0, offsets = 0;
   auto* e = reinterpret_cast<int16_t*>(tables + kLut3HeadBytes);
   for (int64_t t = 0; t < 8 * C; ++t) {
-    int q3[3];
+    int16_t q3[3];
     for (int w = 0; w < 3; ++w) {
       const int64_t k = lut3_element(K4, 3 * t + w);
-      if (k < 0) {
-        q3[w] = 0;
-        continue;
-      }
+      q3[w] = 0;
+      if (k < 0) continue;
       const int8_t* ah = act + (k / 256) * 512 + (k % 4) * 64 + (k % 256) / 4;
       const int q = 256 * ah[0] + ah[256];
-      q3[w] = lut3_q(q);
+      q3[w] = static_cast<int16_t>(lut3_q(q));
       sum += q;
     }
+    const int o = lut3_offset(q3);
+    offsets += o;
     for (int index = 0; index < 64; ++index) {
-      int v = 0;
+      int v = -o;
       for (int w = 0; w < 3; ++w) v += ((index >> (2 * w) & 3) - 2) * q3[w];
       e[64 * t + index] = static_cast<int16_t>(v);
     }
   }
-  *reinterpret_cast<int64_t*>(tables) = 2 * sum;
+  *reinterpret_cast<int64_t*>(tables) = kLut3Step * offsets + 2 * sum;
 }
 
 void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
@@ -126,7 +126,7 @@ void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
         const uint16_t words[3] = {rec[0], rec[32], rec[64]};
         for (int j = 0; j < 8; ++j) acc += e[64 * (8 * c + j) + lut3_index(j, words)];
       }
-      a.store(m, n, 16 * acc + *reinterpret_cast<const int64_t*>(tables));
+      a.store(m, n, kLut3Step * acc + *reinterpret_cast<const int64_t*>(tables));
     }
   }
 }

@@ -412,13 +412,16 @@ class WorkQueue {
 // change the result.
 struct CallSplit {
   static constexpr int64_t kMinGrabRows = 256;  // rows per kernel call where the layer has them
-  int64_t M, N, tiles, threads, prepare_chunk, token_chunk, row_grab;
+  int64_t M, N, tiles, threads, prepare_chunk, token_chunk, row_grab, row_steal;
   bool by_tokens;
   // `work`: the call's multiply-adds. `token_block`: pass 1 and a split by tokens take tokens in
   // multiples of it. `cached`: the layer's codes fit in cache. One thread below kSerialWork
   // multiply-adds, or below `serial_rows` where the split would be by rows (a kernel set may ask
-  // for more: the tile kernel's rows cost little next to its fixed costs per call).
-  CallSplit(int64_t M, int64_t N, int64_t work, int64_t serial_rows, int64_t token_block, bool cached)
+  // for more: the tile kernel's rows cost little next to its fixed costs per call). `row_align`:
+  // every range of rows a kernel call gets starts on a multiple of this many tiles (lut3's
+  // groups of 128 rows share their table loads).
+  CallSplit(int64_t M, int64_t N, int64_t work, int64_t serial_rows, int64_t token_block, bool cached,
+            int64_t row_align = 1)
       : M(M), N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
     token_chunk = (M + threads - 1) / threads;
     token_chunk = (token_chunk + token_block - 1) / token_block * token_block;
@@ -437,6 +440,8 @@ struct CallSplit {
     // two calls per thread on a small layer.
     row_grab = std::max({int64_t(1), tiles / (8 * threads),
                          std::min<int64_t>(kMinGrabRows / cpu::kRowTile, (tiles + 2 * threads - 1) / (2 * threads))});
+    row_grab = (row_grab + row_align - 1) / row_align * row_align;
+    row_steal = ((row_grab + 3) / 4 + row_align - 1) / row_align * row_align;
   }
   int64_t workers() const { return threads; }
   // prepare(m0, m1, worker) on tokens, multiply(n0, n1, m0, m1, worker) on rows x tokens, then
@@ -457,7 +462,7 @@ struct CallSplit {
         }
       });
     } else {
-      WorkQueue first(M, prepare_chunk, threads, prepare_chunk), rows(tiles, row_grab, threads, (row_grab + 3) / 4),
+      WorkQueue first(M, prepare_chunk, threads, prepare_chunk), rows(tiles, row_grab, threads, row_steal),
           last(M, token_chunk, threads, token_chunk);
       at::parallel_for(0, threads, 1, [&](int64_t w0, int64_t w1) {
         for (int64_t w = w0; w < w1; ++w) {
@@ -525,11 +530,12 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const int64_t token_block = packed_bytes ? cpu::kPackTokenBlock : 1;
   // The lut modes' tables (per token, table_stride bytes) are made by every worker for itself, at
   // its first kernel call, from the activations: they are 4 (lut) to 21 (lut3) times their size,
-  // and a thread reading another's from that core's cache took longer than making them (4096 x
-  // 512, one token, 2 threads, lut3: 0.035 -> see the session-26 notes in README).
+  // and a thread reading another's from that core's cache took longer than making them (Zen 5,
+  // 4096 x 512, one token, 2 threads, lut3: 0.035 -> 0.016 ms, int mode 0.018).
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
-                        int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes);
+                        int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes,
+                        mode == Mode::kLut3 ? cpu::kLut3Rows / cpu::kRowTile : 1);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
