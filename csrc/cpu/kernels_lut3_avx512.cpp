@@ -25,15 +25,17 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
-// The kernel goes over spans of kSpanRows rows (two groups) one range of kRangeChunks chunks at a
-// time, each range over the span's groups and then over the tokens: a group's codes for the
-// range (12 KB) stay in L1 from one token to the next, and a token's tables for it (16 KB) from
-// one group to the next; partial sums wait in `acc`. Without ranges (all of K per group and
-// token) the tables of a long row (459 KB per token at K = 11008) and the codes streaming past
-// evict each other from L2. Zen 5, 11008 -> 4096 from memory, 4 tokens, 1 thread: ranges of 16
-// chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode 2.02-2.11); one token 0.58-0.66 for all.
+// The kernel goes over spans of up to kSpanRows rows (16 groups) one range of kRangeChunks chunks
+// at a time, each range over the span's groups and then over the tokens: a group's codes for the
+// range (12 KB) stay in L1 from one token to the next, and the tokens' tables for it (16 KB each)
+// in L2 from one group to the next; partial sums wait in `acc` (64 KB). Without ranges (all of K
+// per group and token) the tables of a long row (459 KB per token at K = 11008) and the codes
+// streaming past evict each other from L2. Zen 5, 11008 -> 4096 from memory (lut3_bench.py):
+// 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode
+// 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables per span from
+// L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7).
 constexpr int64_t kRangeChunks = 16;
-constexpr int64_t kSpanRows = 256;
+constexpr int64_t kSpanRows = 2048;
 // Codes are prefetched into L2 (prefetcht1) this far ahead in the first token's pass. Zen 5,
 // 4096 x 4096 from memory, one token, one thread: none 0.384 ms, 2 KB into L1 0.336, 4 KB 0.204,
 // 8 KB 0.183, 16 KB 0.165-0.183, 32 KB 0.171 (int mode 0.21-0.26 in the same runs).

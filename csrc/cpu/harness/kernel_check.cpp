@@ -153,6 +153,114 @@ void check_lut_extremes(const KernelSet* sets, int n_sets) {
       }
 }
 
+// Codes [N, K4] in the LUT3 layout (kernel_api.h), as pack.cpp's pack_lut3_codes makes them.
+std::vector<uint16_t> lut3_layout(const std::vector<uint8_t>& codes, int64_t N, int64_t K4) {
+  const int64_t C = lut3_chunks(K4);
+  std::vector<uint16_t> out(lut3_groups(N) * C * kLut3ChunkBytes / 2, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      uint16_t words[3] = {0, 0, 0};
+      for (int j = 0; j < 8; ++j) {
+        uint32_t index = 0;
+        for (int w = 0; w < 3; ++w) {
+          const int64_t k = lut3_element(K4, 24 * c + 3 * j + w);
+          if (k >= 0) index |= static_cast<uint32_t>((codes[n * K4 + k / 4] >> (6 - 2 * (k % 4))) & 3) << (2 * w);
+        }
+        lut3_place(j, index, words);
+      }
+      uint16_t* rec = out.data() + ((n / kLut3Rows) * C + c) * (kLut3ChunkBytes / 2) + (n % kLut3Rows) / 32 * 96 + n % 32;
+      for (int w = 0; w < 3; ++w) rec[32 * w] = words[w];
+    }
+  return out;
+}
+
+// Mode "lut3" on the int-mode activations `act` (plane layout): the portable tables and GEMV
+// against the naive 18 * sum (z - 2) * q3 + 2 * sum q, every set with its own lut3 kernel (tables
+// and GEMV) against the portable ones. Returns the portable V (int64, [M, N]).
+std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c, const std::vector<uint8_t>& codes,
+                                const int8_t* act) {
+  const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, stride = lut3_table_stride(K4);
+  const bool narrow = c.K <= kInt32MaxK;
+  const std::vector<uint16_t> lut3 = lut3_layout(codes, c.N, K4);
+  Aligned tables(c.M * stride);
+  uint8_t* tp = tables.p;
+  for (int64_t m = 0; m < c.M; ++m) lut3_tables_scalar(act + m * G * 512, K4, tp + m * stride);
+  const auto run = [&](IntKernel kernel, const uint8_t* t) {
+    std::vector<int32_t> o32(c.M * c.N, -1);
+    std::vector<int64_t> o64(c.M * c.N, -1);
+    IntArgs a{reinterpret_cast<const uint8_t*>(lut3.data()), c.N, K4, G, reinterpret_cast<const int8_t*>(t), stride,
+              c.M, narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+    // in row ranges starting on multiples of kRowTile, as the driver calls it
+    for (int64_t n0 = 0; n0 < c.N; n0 += 2 * kRowTile) kernel(a, n0, std::min(c.N, n0 + 2 * kRowTile));
+    if (narrow)
+      for (size_t i = 0; i < o32.size(); ++i) o64[i] = o32[i];
+    return o64;
+  };
+  const std::vector<int64_t> want = run(lut3_gemv_scalar, tp);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; n += 5) {
+      int64_t v = 0;
+      const int8_t* t = act + m * G * 512;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const int64_t j = k / 4, i = k % 4, g = j / kGroupCodes, p = j % kGroupCodes;
+        const int z = (codes[n * K4 + j] >> (6 - 2 * i)) & 3, q = 256 * t[g * 512 + i * 64 + p] + t[g * 512 + 256 + i * 64 + p];
+        v += kLut3Step * (z - 2) * lut3_q(q) + 2 * q;
+      }
+      CHECK(v == want[m * c.N + n], "portable LUT3 kernel vs naive sum: N=%lld K=%lld m=%lld n=%lld",
+            (long long)c.N, (long long)c.K, (long long)m, (long long)n);
+    }
+  for (int s = 0; s < n_sets; ++s) {
+    if (!sets[s].supported() || !sets[s].lut3_gemv || !sets[s].lut3_supported || !sets[s].lut3_supported()) continue;
+    Aligned mine(c.M * stride);
+    uint8_t* mp = mine.p;
+    for (int64_t m = 0; m < c.M; ++m) sets[s].lut3_tables(act + m * G * 512, K4, mp + m * stride);
+    CHECK(std::memcmp(mp, tp, c.M * stride) == 0, "%s LUT3 tables differ from the portable ones: N=%lld K=%lld M=%lld",
+          sets[s].name, (long long)c.N, (long long)c.K, (long long)c.M);
+    CHECK(run(sets[s].lut3_gemv, tp) == want, "%s LUT3 GEMV differs from the portable one: N=%lld K=%lld M=%lld",
+          sets[s].name, (long long)c.N, (long long)c.K, (long long)c.M);
+  }
+  return want;
+}
+
+// The LUT3 kernels' largest sums: levels all 3 or all 0 against q = +-kQMax everywhere (every
+// table entry +-8127, four of them 32508 in int16), up to K = 131072 (int64 outputs).
+void check_lut3_extremes(const KernelSet* sets, int n_sets) {
+  const int64_t N = 130;
+  for (int64_t K : {int64_t(1028), kInt32MaxK, int64_t(131072)})
+    for (int q : {int(kQMax), -int(kQMax)})
+      for (uint8_t code : {uint8_t(0xFF), uint8_t(0)}) {
+        const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, M = 2, stride = lut3_table_stride(K4);
+        Aligned plane(M * G * 512);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t g = k / kGroupElems, p = (k / 4) % kGroupCodes, i = k % 4;
+            int8_t* pl = reinterpret_cast<int8_t*>(plane.p) + m * G * 512 + g * 512;
+            pl[64 * i + p] = static_cast<int8_t>(q / 256);  // (kQMax = 127 * 256: lo = 0)
+            pl[256 + 64 * i + p] = 0;
+          }
+        const int z = code ? 3 : 0;
+        const int64_t want = K * (kLut3Step * (z - 2) * lut3_q(q) + 2 * q);
+        const std::vector<uint16_t> lut3 = lut3_layout(std::vector<uint8_t>(N * K4, code), N, K4);
+        const bool narrow = K <= kInt32MaxK;
+        for (int s = 0; s < n_sets; ++s) {
+          if (!sets[s].supported() || !sets[s].lut3_gemv || !sets[s].lut3_supported()) continue;
+          Aligned tables(M * stride);
+          for (int64_t m = 0; m < M; ++m)
+            sets[s].lut3_tables(reinterpret_cast<int8_t*>(plane.p) + m * G * 512, K4,
+                                tables.p + m * stride);
+          std::vector<int32_t> o32(M * N, -1);
+          std::vector<int64_t> o64(M * N, -1);
+          IntArgs a{reinterpret_cast<const uint8_t*>(lut3.data()), N, K4, G, reinterpret_cast<const int8_t*>(tables.p),
+                    stride, M, narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+          sets[s].lut3_gemv(a, 0, N);
+          int64_t bad = 0;
+          for (int64_t i = 0; i < M * N; ++i) bad += (narrow ? o32[i] : o64[i]) != want;
+          CHECK(bad == 0, "%s LUT3 GEMV at the extremes: %lld of %lld outputs differ (K=%lld q=%d z=%d)", sets[s].name,
+                (long long)bad, (long long)(M * N), (long long)K, q, z);
+        }
+      }
+}
+
 void run_case(const Case& c, std::mt19937& rng) {
   const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
   // Inputs from the raw integer stream (mt19937 is specified bit for bit), converted exactly: the
@@ -211,6 +319,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   mix(cst.data(), 8 * c.M);
   mix(want.data(), 8 * want.size());
   mix(check_lut(sets, n_sets, c, codes, reinterpret_cast<const int8_t*>(act.p)).data(), 8 * c.M * c.N);
+  mix(check_lut3(sets, n_sets, c, codes, reinterpret_cast<const int8_t*>(act.p)).data(), 8 * c.M * c.N);
   std::printf("digest %016llx\n", (unsigned long long)h);
 
   std::vector<float> xtf(G * kGroupElems), wantf(c.M * c.N), bound(c.M * c.N, 0.f);
@@ -490,6 +599,7 @@ int main() {
   check_transforms(sets, n_sets, rng);
   check_extremes(sets, n_sets);
   check_lut_extremes(sets, n_sets);
+  check_lut3_extremes(sets, n_sets);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;
