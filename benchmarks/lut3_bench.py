@@ -62,7 +62,8 @@ def main() -> None:
                 for m in args.batches:
                     x = torch.randn(m, k, generator=torch.Generator().manual_seed(99))
                     int_call = lambda i: torch.ops.pyquant.frozen_linear(x, ls[i % 16][0], ls[i % 16][2], 0, 0)
-                    lut3_call = lambda i: torch.ops.pyquant.lut3_linear(x, ls[i % 16][1], ls[i % 16][2], n_out, 0, 0)
+                    lut3_call = lambda i: torch.ops.pyquant.lut3_linear(x, ls[i % 16][0], ls[i % 16][1], ls[i % 16][2], 0,
+                                                                        0)
                     int_call(0), lut3_call(0)
                     t_int, t_lut3 = [], []
                     for _ in range(args.rounds):

@@ -65,13 +65,13 @@ N_WEIGHTS = 16
 DENSE_SET_BYTES = 1 << 30  # cap on one dense method's cycled set when 16 weights would not fit
 
 # The table-lookup modes whose kernels this CPU's kernel set has: mode -> (codes in its layout,
-# the layer call on (codes in that layout, frozen params) of PackedWeight pw).
+# the layer call on w = (codes in that layout, frozen params, codes) of PackedWeight pw).
 _C = pyquant.ops._C
 TABLE_MODES = {mode: spec for mode, has, spec in (
     ("lut", _C.has_lut_kernel, (_C.pack_lut_codes, lambda x, w, pw: torch.ops.pyquant.lut_linear(
         x, w[0], w[1], pw.had_in, pw.had_out))),
     ("lut3", _C.has_lut3_kernel, (_C.pack_lut3_codes, lambda x, w, pw: torch.ops.pyquant.lut3_linear(
-        x, w[0], w[1], pw.codes.shape[0], pw.had_in, pw.had_out)))) if has()}
+        x, w[2], w[0], w[1], pw.had_in, pw.had_out)))) if has()}
 OTHERS = ("fp32", "bf16", "int4", "int8")
 METHODS = ("pyquant",) + tuple(f"pyquant_{mode}" for mode in TABLE_MODES) + OTHERS
 LABELS = {"pyquant": "pyquant 2-bit", "pyquant_lut": "pyquant lut", "pyquant_lut3": "pyquant lut3",
@@ -184,8 +184,9 @@ def make_methods(k: int, n: int) -> dict:
     }
     for mode, (pack, call) in TABLE_MODES.items():
         # the same in a table mode: (codes in its layout, in 2 MB pages as the backend keeps them, params)
-        methods[f"pyquant_{mode}"] = ([(_C.in_huge_pages(pack(pw.codes.clone())),
-                                        cpu_backend.frozen_params(QuantLinear.from_packed(pw))) for _ in range(N_WEIGHTS)],
+        params = cpu_backend.frozen_params(QuantLinear.from_packed(pw))
+        methods[f"pyquant_{mode}"] = ([(_C.in_huge_pages(pack(codes)), params, codes)
+                                       for codes in (pw.codes.clone() for _ in range(N_WEIGHTS))],
                                       lambda x, w, call=call: call(x, w, pw), torch.float32)
     return {name: methods[name] for name in METHODS}, stored_bytes(pw)
 
@@ -278,7 +279,7 @@ def int_vs_float(k: int, n: int, batches=(1, 32), min_time: float = 0.2) -> list
             y = run(x, weights[0]).double()
             err[mode] = ((y - ref).norm() / ref.norm()).item()
         for mode, (pack, call) in TABLE_MODES.items():
-            table = [(pack(w.codes), cpu_backend.frozen_params(QuantLinear.from_packed(w))) for w, _ in weights]
+            table = [(pack(w.codes), cpu_backend.frozen_params(QuantLinear.from_packed(w)), w.codes) for w, _ in weights]
             run = lambda x, w, call=call: call(x, w, pw)  # noqa: E731
             calls[mode] = _pass(table, run, x)
             err[mode] = ((run(x, table[0]).double() - ref).norm() / ref.norm()).item()

@@ -18,10 +18,11 @@ op                  what
 ``lut_linear``      ``frozen_linear`` in the CPU's mode ``"lut"``: on the codes in the LUT layout
                     (``_C.pack_lut_codes``, same shape), activations cut to 14 bits, the products
                     from table lookups (csrc/cpu/kernel_api.h). No autograd.
-``lut3_linear``     ``frozen_linear`` in mode ``"lut3"``: on the codes in the LUT3 layout
-                    (``_C.pack_lut3_codes``, ``[ceil(N/128), ceil(K/24) * 768]``, so ``N`` comes as
-                    ``out_features``), activations cut to 11 bits, one table lookup per three weights
-                    (csrc/cpu/kernel_api.h; AVX-512 VBMI2 CPUs run their own kernel). No autograd.
+``lut3_linear``     ``frozen_linear`` in mode ``"lut3"``: the codes also in the LUT3 layout
+                    (``_C.pack_lut3_codes``, ``[ceil(N/128), ceil(K/24) * 768]``), activations cut to
+                    ~12 bits, one table lookup per three weights (csrc/cpu/kernel_api.h; AVX-512
+                    VBMI2 CPUs run their own kernel); past the GEMV's token count the int GEMM on
+                    ``codes`` with the same activations, the same result. No autograd.
 ``cpu_linear``      the same C++ kernel with its instruction set, mode and algorithm selectable
                     (keyword-only ``isa``, ``mode``, ``algo``); for tests and benchmarks.
 ``nearest_codeword`` UniSVQ's fit: per row of ``lin [M, 4]`` the first ``argmax_c lin . cb2t[:, c]
@@ -139,18 +140,14 @@ def _frozen_linear_fake(x, codes, params, had_in, had_out):
 
 
 @torch.library.register_fake("pyquant::lut3_linear")
-def _lut3_linear_fake(x, lut3_codes, params, out_features, had_in, had_out):
-    if not isinstance(out_features, int) or out_features <= 0:
-        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] % VECTOR_DIM or x.shape[1] == 0:
-        raise ValueError(f"x must be 2-D [M, K] with K % {VECTOR_DIM} == 0, got {list(getattr(x, 'shape', []))}")
-    n, k4 = out_features, x.shape[1] // VECTOR_DIM
+def _lut3_linear_fake(x, codes, lut3_codes, params, had_in, had_out):
+    out = _frozen_linear_fake(x, codes, params, had_in, had_out)  # (checks x, codes and params)
+    n, k4 = codes.shape
     shape = (-(-n // 128), -(-4 * k4 // 24) * 768)
     if not isinstance(lut3_codes, torch.Tensor) or lut3_codes.dtype != torch.uint8 or tuple(lut3_codes.shape) != shape:
         raise ValueError(f"lut3_codes must be uint8 {list(shape)} (_C.pack_lut3_codes of codes [{n}, {k4}]), got "
                          f"{getattr(lut3_codes, 'dtype', type(lut3_codes).__name__)} {list(getattr(lut3_codes, 'shape', []))}")
-    # the params and x are checked as frozen_linear's, against codes of the natural shape
-    return _frozen_linear_fake(x, lut3_codes.new_empty((n, k4)), params, had_in, had_out)
+    return out
 
 
 @torch.library.register_fake("pyquant::lut_linear")

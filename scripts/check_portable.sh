@@ -5,8 +5,8 @@
 #     tool, csrc/cpu/harness/kernel_bench.cpp, is built too);
 #  2. on x86-64, the AVX-512 kernel files on any CPU: built against SIMDe's portable intrinsics
 #     (csrc/cpu/harness/avx512_emulation/immintrin.h) with their target pragmas and inline asm
-#     taken out, and run in the harness as the `avx512` set, with and without VBMI (a CPU without
-#     AVX-512 otherwise never runs them);
+#     taken out, and run in the harness as the `avx512` set (its lut3 kernel too), with and without
+#     VBMI (a CPU without AVX-512 otherwise never runs them);
 #  3. the harness cross-compiled for AArch64 (Debian's g++-aarch64-linux-gnu, static) and run
 #     under qemu-aarch64: the NEON kernels against the portable ones, and int mode's digests
 #     (activations, scales, dot products) equal to the native run's;
@@ -52,7 +52,7 @@ if [ "$(uname -m)" = x86_64 ]; then
       echo "== the AVX-512 kernels, emulated (SIMDe), VBMI $vbmi"
       emu="$work/emu_$vbmi"
       mkdir -p "$emu"
-      for f in kernels_avx512.cpp transform_avx512.cpp; do
+      for f in kernels_avx512.cpp kernels_lut3_avx512.cpp transform_avx512.cpp; do
         # no target pragmas or attributes (the compiler would emit AVX-512 itself), the CPU check
         # for VBMI answered; PYQUANT_NO_INLINE_ASM: intrinsics where the files use inline asm
         sed -e 's/^#pragma GCC target.*//' -e 's/__attribute__((target("[^"]*")))//' \
@@ -62,9 +62,11 @@ if [ "$(uname -m)" = x86_64 ]; then
           -c "$emu/$f" -o "$emu/${f%.cpp}.o" \
           2> "$emu/build.log" || { cat "$emu/build.log"; exit 1; }
       done
-      # the avx512 set runs whatever the CPU
-      sed 's/^bool has_avx512_vnni() {/bool has_avx512_vnni() { return true;/' "$SRC/kernel_table.cpp" > "$emu/kernel_table.cpp"
+      # the avx512 set, and its lut3 kernel, run whatever the CPU
+      sed -e 's/^bool has_avx512_vnni() {/bool has_avx512_vnni() { return true;/' \
+          -e 's/^bool has_avx512_vbmi2() {/bool has_avx512_vbmi2() { return true;/' "$SRC/kernel_table.cpp" > "$emu/kernel_table.cpp"
       grep -q 'has_avx512_vnni() { return true;' "$emu/kernel_table.cpp" || { echo "check_portable: has_avx512_vnni not found"; exit 1; }
+      grep -q 'has_avx512_vbmi2() { return true;' "$emu/kernel_table.cpp" || { echo "check_portable: has_avx512_vbmi2 not found"; exit 1; }
       # shellcheck disable=SC2046
       g++ $flags "$SRC/harness/kernel_check.cpp" "$emu/kernel_table.cpp" "$SRC/transform.cpp" "$SRC/kernels_scalar.cpp" \
         $(arch_files x86_64 | tr ' ' '\n' | grep -v avx512 | tr '\n' ' ') "$emu"/*.o -o "$emu/check" 2> "$emu/build.log" ||

@@ -1,5 +1,5 @@
 """Mode "lut3" of the CPU kernels (``pyquant::lut3_linear``, csrc/cpu/kernel_api.h's triple-lookup
-kernels): activations cut to 11 bits, one table lookup per three weights, on codes in the LUT3
+kernels): activations cut to ~12 bits, one table lookup per three weights, on codes in the LUT3
 layout.
 
 Against the fp64 reference (relative error <= 2e-3 per layer, on random layers and on the real
@@ -34,8 +34,7 @@ def isa():
 
 def lut3_args(pw, x, bias=None):
     layer = pyquant.QuantLinear.from_packed(pw, bias)
-    return (x, _C.pack_lut3_codes(pw.codes), cpu_backend.frozen_params(layer), pw.codes.shape[0], pw.had_in,
-            pw.had_out)
+    return (x, pw.codes, _C.pack_lut3_codes(pw.codes), cpu_backend.frozen_params(layer), pw.had_in, pw.had_out)
 
 
 def reference(x, pw, bias=None):
@@ -90,6 +89,20 @@ def test_lut3_linear_is_within_2e_3_of_fp64_and_the_same_bits_on_every_isa(isa, 
         assert rel_err(outs["scalar"], reference(x, pw, bias)) <= TOL, m
 
 
+@pytest.mark.parametrize("n,k", [(300, 4096), (96, 384), (130, 1028)])
+def test_lut3_linear_gives_the_same_bits_at_any_batch(isa, n, k):
+    """Past the GEMV's token count (kernel_api.h gemv_max_tokens) mode lut3 runs the int GEMM on its
+    12-bit activations: every token's output equals that of a call on the token alone, on every set."""
+    pw = make_packed(n, k, hadamard=True, seed=n)
+    x = torch.randn(45, k)
+    for name in ISAS:
+        isa(name)
+        with torch.no_grad():
+            batch = torch.ops.pyquant.lut3_linear(*lut3_args(pw, x))
+            alone = torch.cat([torch.ops.pyquant.lut3_linear(*lut3_args(pw, x[i:i + 1])) for i in range(len(x))])
+        assert torch.equal(batch, alone), name
+
+
 def test_lut3_linear_results_do_not_depend_on_the_thread_count():
     pw = make_packed(300, 512, hadamard=True, seed=5)
     x = torch.randn(9, 512)
@@ -120,23 +133,25 @@ def test_lut3_linear_opcheck_and_bad_input():
     with torch.no_grad():
         for m in (1, 3, 40):
             torch.library.opcheck(torch.ops.pyquant.lut3_linear.default, lut3_args(pw, torch.randn(m, 256)))
-    x, lut3, params, n, had_in, had_out = lut3_args(pw, torch.randn(2, 256))
+    x, codes, lut3, params, had_in, had_out = lut3_args(pw, torch.randn(2, 256))
+    with pytest.raises(ValueError, match="x must have shape"):
+        torch.ops.pyquant.lut3_linear(torch.randn(2, 128), codes, lut3, params, had_in, had_out)
     with pytest.raises(ValueError, match="lut3_codes must be contiguous"):
-        torch.ops.pyquant.lut3_linear(torch.randn(2, 512), lut3, params, n, had_in, had_out)
+        torch.ops.pyquant.lut3_linear(x, codes, lut3[:, :768].contiguous(), params, had_in, had_out)
     with pytest.raises(ValueError, match="lut3_codes must be contiguous"):
-        torch.ops.pyquant.lut3_linear(x, lut3, params, 200, had_in, had_out)
-    with pytest.raises(ValueError, match="out_features must be positive"):
-        torch.ops.pyquant.lut3_linear(x, lut3, params, 0, had_in, had_out)
+        torch.ops.pyquant.lut3_linear(x, codes, _C.pack_lut3_codes(codes[:, :32]), params, had_in, had_out)
     with pytest.raises(ValueError, match="params must be"):
-        torch.ops.pyquant.lut3_linear(x, lut3, params[:-1], n, had_in, had_out)
+        torch.ops.pyquant.lut3_linear(x, codes, lut3, params[:-1], had_in, had_out)
     with pytest.raises(TypeError, match="lut3_codes must be uint8"):
-        torch.ops.pyquant.lut3_linear(x, lut3.int(), params, n, had_in, had_out)
+        torch.ops.pyquant.lut3_linear(x, codes, lut3.int(), params, had_in, had_out)
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        torch.ops.pyquant.lut3_linear(x, codes.int(), lut3, params, had_in, had_out)
     with pytest.raises(TypeError, match="codes must be uint8"):
         _C.pack_lut3_codes(pw.codes.int())
     with pytest.raises(ValueError, match="codes must be non-empty 2-D"):
         _C.pack_lut3_codes(pw.codes[0])
     with pytest.raises(ValueError, match="lut3_linear has no gradient"):
-        torch.ops.pyquant.lut3_linear(x.requires_grad_(), lut3, params, n, had_in, had_out)
+        torch.ops.pyquant.lut3_linear(x.requires_grad_(), codes, lut3, params, had_in, had_out)
     with pytest.raises(ValueError, match="mode 'lut3' needs codes in the LUT3 layout"):
         torch.ops.pyquant.cpu_linear(x.detach(), pw.codes, pw.A, pw.b, pw.su, pw.sv, pw.w_scale, None, had_in,
                                      had_out, mode="lut3")
@@ -181,7 +196,7 @@ def test_layers_built_under_lut3_mode_run_lut3_linear_without_gradients(cpu_mode
     state = layer._plan.states["cpu"]
     assert state.lut3 and torch.equal(state.lut_codes, _C.pack_lut3_codes(layer.codes))
     x = torch.randn(3, 256)
-    want = torch.ops.pyquant.lut3_linear(x, state.lut_codes, state.params, 64, layer.had_in, layer.had_out)
+    want = torch.ops.pyquant.lut3_linear(x, layer.codes, state.lut_codes, state.params, layer.had_in, layer.had_out)
     with torch.no_grad():
         assert torch.equal(layer(x), want)
         graphs = []
@@ -265,8 +280,7 @@ def test_real_minilm_layers_and_embeddings_in_lut3_mode(minilm):
             inp = inputs[0]
             flat = inp.reshape(-1, inp.shape[-1]).contiguous()
             with torch.no_grad():
-                y = torch.ops.pyquant.lut3_linear(flat, lut3, params, layer.codes.shape[0], layer.had_in,
-                                                  layer.had_out)
+                y = torch.ops.pyquant.lut3_linear(flat, layer.codes, lut3, params, layer.had_in, layer.had_out)
             if name not in errors:
                 want = F.linear(flat.double(), dequantize(layer.packed).double(), layer.bias.double())
                 errors[name] = rel_err(y, want)

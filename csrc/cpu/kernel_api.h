@@ -197,18 +197,18 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 // Triple-lookup kernels (mode "lut3": qlinear.cpp's lut3_linear, pack.cpp's pack_lut3_codes), for
 // CPUs whose byte multiplies are the bottleneck of int mode (two vpdpbusd per 64 weight-tokens on
 // one port) but that permute 16-bit words from a 64-entry, two-register table in one instruction
-// (AVX-512 VBMI2's vpermi2w, with vpshrdw to cut 6-bit fields): three weights' levels make one
+// (AVX-512 BW's vpermi2w; VBMI2's vpshrdw cuts the 6-bit fields): three weights' levels make one
 // 6-bit index, and per token and triple a table holds all 64 sums  e = sum_w (z_w - 2) * q3_w, so
 // one lookup does 3 multiply-adds for each of 32 rows.
 //  - q3 = lut3_q(q), the int mode's q / 18 rounded to nearest, halves away from zero (|q3| <=
 //    1806; 11.8-bit activations; away from zero, not up: the levels are not centred, so a bias of
 //    a half step on the ties, the same sign on every activation, would add up over K).
-//  - tables, per token and triple t of q3 values (a, b, c): the 64 sums e = sum_w (z_w - 2) * q3_w
-//    less the triple's offset o_t = floor((lo + hi) / 2), lo and hi the least and greatest of them,
-//    so that every entry is within +-8127 (hi - lo <= 9 * 1806) and four add up in int16 before
-//    the kernel widens them. (q / 32 with no offsets let four add up too, but its error reached
-//    2.4e-3 on a random 300 x 1028 layer without the Hadamard transform; q / 16, two at a time,
-//    cost a third more time.)
+//  - tables, per token and triple t: the 64 sums e = sum_w (z_w - 2) * q3_w less the triple's
+//    offset o_t = floor((lo + hi) / 2), lo and hi the least and greatest of them (lut3_offset), so
+//    that every entry is within +-8127 (hi - lo <= 9 * 1806) and four add up in int16 before the
+//    kernel widens them. (q / 32 with no offsets let four add up too, but its error reached 2.4e-3
+//    on a random 300 x 1028 layer without the Hadamard transform; q / 16 with no offsets, two at a
+//    time, was 5-10 % slower on Zen 5.)
 //  - the kernels return the exact integer V = 18 * sum e + 18 * sum o_t + 2 * sum q: the levels'
 //    mean part comes from the 16-bit q, so that the activations' rounding errors enter with the
 //    weights z - 2 (mean -1/2), not z (mean 3/2): the same error in every row of a token, which
@@ -244,18 +244,17 @@ inline int64_t lut3_element(int64_t K4, int64_t s) {
   const int64_t g = s / 256, r = s % 256, P = K4 - 64 * g < 64 ? K4 - 64 * g : 64;
   return 256 * g + 4 * (r % P) + r / P;
 }
-// Where triple j (0-7) of a chunk lies in the record's three words: its bits [0, 6) go to word
-// w0 from bit b0 up; the bits a word could not hold to word w0 + 1 from bit 0.
+// Where triple j (0-7) of a chunk lies in the record's three words: its bits from bit
+// kLut3Bit[j] of word kLut3Word[j] up; the bits that word cannot hold in the next one from bit 0.
+constexpr int kLut3Word[8] = {0, 0, 0, 1, 1, 1, 2, 2}, kLut3Bit[8] = {0, 6, 12, 2, 8, 14, 4, 10};
 inline void lut3_place(int j, uint32_t index, uint16_t* words) {
-  static constexpr int kWord[8] = {0, 0, 0, 1, 1, 1, 2, 2}, kBit[8] = {0, 6, 12, 2, 8, 14, 4, 10};
-  const uint32_t v = index << kBit[j];
-  words[kWord[j]] = static_cast<uint16_t>(words[kWord[j]] | (v & 0xFFFF));
-  if (v >> 16) words[kWord[j] + 1] = static_cast<uint16_t>(words[kWord[j] + 1] | (v >> 16));
+  const uint32_t v = index << kLut3Bit[j];
+  words[kLut3Word[j]] = static_cast<uint16_t>(words[kLut3Word[j]] | (v & 0xFFFF));
+  if (v >> 16) words[kLut3Word[j] + 1] = static_cast<uint16_t>(words[kLut3Word[j] + 1] | (v >> 16));
 }
 inline uint32_t lut3_index(int j, const uint16_t* words) {
-  static constexpr int kWord[8] = {0, 0, 0, 1, 1, 1, 2, 2}, kBit[8] = {0, 6, 12, 2, 8, 14, 4, 10};
-  uint32_t v = words[kWord[j]] >> kBit[j];
-  if (kBit[j] > 10) v |= static_cast<uint32_t>(words[kWord[j] + 1]) << (16 - kBit[j]);
+  uint32_t v = words[kLut3Word[j]] >> kLut3Bit[j];
+  if (kLut3Bit[j] > 10) v |= static_cast<uint32_t>(words[kLut3Word[j] + 1]) << (16 - kLut3Bit[j]);
   return v & 63;
 }
 // One token's tables from its int-mode activations in the plane layout (G * 512 bytes).

@@ -119,14 +119,14 @@ torch::Tensor no_gradient_autograd(const torch::Tensor& x, const torch::Tensor& 
 }
 
 constexpr char kLut3Linear[] = "pyquant::lut3_linear";
-torch::Tensor lut3_no_gradient(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                               int64_t out_features, int64_t had_in, int64_t had_out) {
+torch::Tensor lut3_no_gradient(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& lut3_codes,
+                               const torch::Tensor& params, int64_t had_in, int64_t had_out) {
   TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(x.requires_grad() || params.requires_grad()), kLut3Linear,
                     " has no gradient; a call that needs one takes pyquant::linear");
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow(kLut3Linear, "").typed<decltype(pyquant::lut3_qlinear)>();
   at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(x, codes, params, out_features, had_in, had_out);
+  return op.call(x, codes, lut3_codes, params, had_in, had_out);
 }
 
 }  // namespace
@@ -145,8 +145,10 @@ TORCH_LIBRARY(pyquant, m) {
   // (_C.pack_lut_codes), the activations keep 14 bits and the products come from table lookups.
   m.def("lut_linear(Tensor x, Tensor lut_codes, Tensor params, int had_in, int had_out) -> Tensor");
   // frozen_linear in mode "lut3" (kernel_api.h): lut3_codes are the codes in the LUT3 layout
-  // (_C.pack_lut3_codes), the activations keep 11 bits, one table lookup serves three weights.
-  m.def("lut3_linear(Tensor x, Tensor lut3_codes, Tensor params, int out_features, int had_in, int had_out) -> Tensor");
+  // (_C.pack_lut3_codes), the activations keep ~12 bits (q / 18), one table lookup serves three
+  // weights; past the GEMV's token count the int GEMM multiplies the same 12-bit activations by
+  // `codes` (natural layout), with the same result.
+  m.def("lut3_linear(Tensor x, Tensor codes, Tensor lut3_codes, Tensor params, int had_in, int had_out) -> Tensor");
   m.def(
       "cpu_linear(Tensor x, Tensor codes, Tensor A, Tensor b, Tensor su, Tensor sv, Tensor w_scale, Tensor? bias, "
       "int had_in, int had_out, *, str isa=\"\", str mode=\"\", str algo=\"auto\") -> Tensor");

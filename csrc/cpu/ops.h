@@ -50,10 +50,10 @@ torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes
                           int64_t had_in, int64_t had_out);
 // whether the kernel set in use has its own table-lookup kernels (else lut_qlinear runs the portable ones)
 bool has_lut_kernel();
-// frozen_qlinear in mode "lut3": lut3_codes from pack_lut3_codes (11-bit activations, one lookup per
-// three weights); N = out_features
-torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& lut3_codes, const torch::Tensor& params,
-                           int64_t out_features, int64_t had_in, int64_t had_out);
+// frozen_qlinear in mode "lut3": lut3_codes = pack_lut3_codes(codes) (~12-bit activations, one lookup
+// per three weights; many tokens: the int GEMM on `codes` with the same activations, the same result)
+torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& lut3_codes,
+                           const torch::Tensor& params, int64_t had_in, int64_t had_out);
 // whether the kernel set in use runs its own triple-lookup kernels on this CPU (else the portable ones)
 bool has_lut3_kernel();
 std::tuple<torch::Tensor, torch::Tensor> transform_activations(const torch::Tensor& x, const torch::Tensor& su,

@@ -14,7 +14,7 @@
 // thread count; float mode is deterministic per ISA. Mode "lut" (lut_linear, on codes repacked by
 // pack_lut_codes) is int mode with the activations cut to 14 bits and table-lookup kernels in pass
 // 2, whose tables pass 1 makes (kernel_api.h); exact integers too. Mode "lut3" (lut3_linear, on
-// codes repacked by pack_lut3_codes) likewise, with 11-bit activations and one lookup per three
+// codes repacked by pack_lut3_codes) likewise, with ~12-bit activations and one lookup per three
 // weights.
 #include "ops.h"
 
@@ -45,7 +45,7 @@ using cpu::kGroupElems;
 using cpu::KernelSet;
 // kLut: int mode's activations cut to 14 bits and multiplied by table lookups (kernel_api.h), on
 // codes in the LUT layout: lut_linear's only mode. As the default for the other ops it is int mode.
-// kLut3 likewise: 11-bit activations, triple lookups, codes in the LUT3 layout (lut3_linear).
+// kLut3 likewise: ~12-bit activations, triple lookups, codes in the LUT3 layout (lut3_linear).
 enum class Mode { kInt = 0, kFloat = 1, kLut = 2, kLut3 = 3 };
 
 std::atomic<const KernelSet*> g_isa{nullptr};  // null: automatic (the best this CPU supports)
@@ -156,6 +156,7 @@ struct TokenMath {
 
 struct Layer {
   torch::Tensor codes;
+  torch::Tensor lut3_codes;  // mode lut3: the codes in the LUT3 layout (lut3_linear), else undefined
   const float* su;    // [K] fp32, into the caller's tensor or su_buf
   const float* sv;    // [N]
   const float* bias;  // [N] or nullptr
@@ -245,24 +246,20 @@ Layer layer_from_params(const torch::Tensor& codes, const torch::Tensor& params,
   return L;
 }
 
-// lut3_linear's layer: N from out_features, K from x (the LUT3 layout's shape holds neither exactly).
-Layer layer_from_lut3(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& params,
-                      int64_t out_features, int64_t had_in, int64_t had_out) {
-  TORCH_CHECK_VALUE(out_features > 0, "out_features must be positive, got ", out_features);
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0 && x.size(1) % 4 == 0, "x must be 2-D [M, K] with K % 4 == 0, got ",
-                    x.sizes());
-  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "lut3_codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.device().is_cpu(), "lut3_codes must be on the CPU, got ", codes.device());
-  Layer L;
-  L.N = out_features;
-  L.K4 = x.size(1) / 4;
-  L.K = x.size(1);
-  L.G = (L.K4 + kGroupCodes - 1) / kGroupCodes;
+// lut3_linear's layer: `codes` in the natural layout (for the GEMM, and the shapes), lut3_codes in
+// the LUT3 layout (for the GEMV).
+Layer layer_from_lut3(const torch::Tensor& codes, const torch::Tensor& lut3_codes, const torch::Tensor& params,
+                      int64_t had_in, int64_t had_out) {
+  Layer L = check_codes(codes);
+  TORCH_CHECK_TYPE(lut3_codes.scalar_type() == torch::kUInt8, "lut3_codes must be uint8, got ",
+                   lut3_codes.scalar_type());
+  TORCH_CHECK_VALUE(lut3_codes.device().is_cpu(), "lut3_codes must be on the CPU, got ", lut3_codes.device());
   const int64_t groups = cpu::lut3_groups(L.N), bytes = cpu::lut3_chunks(L.K4) * cpu::kLut3ChunkBytes;
-  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) == groups && codes.size(1) == bytes && codes.is_contiguous(),
-                    "lut3_codes must be contiguous [", groups, ", ", bytes, "] (_C.pack_lut3_codes of codes [",
-                    out_features, ", ", L.K4, "]), got ", codes.sizes());
-  L.codes = codes;
+  TORCH_CHECK_VALUE(lut3_codes.dim() == 2 && lut3_codes.size(0) == groups && lut3_codes.size(1) == bytes &&
+                        lut3_codes.is_contiguous(),
+                    "lut3_codes must be contiguous [", groups, ", ", bytes, "] (_C.pack_lut3_codes of codes [", L.N,
+                    ", ", L.K4, "]), got ", lut3_codes.sizes());
+  L.lut3_codes = lut3_codes;
   set_params(L, params, had_in, had_out);
   return L;
 }
@@ -515,11 +512,33 @@ thread_local Workspace t_workspace;
 
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
+// Mode lut3 past the GEMV's token count: one token's int-mode activations (natural layout, K4
+// chunks) cut in place to lut3's q3 (kernel_api.h), again as hi and lo bytes (|q3| <= 1806: hi in
+// [-7, 7]), for the int GEMM; returns the token's constant, so that kLut3Step * (its dot product) +
+// constant is the lut3 GEMV's V = kLut3Step * sum z * q3 - 2 * kLut3Step * sum q3 + 2 * sum q.
+int64_t lut3_requantize(int8_t* act, int64_t K4) {
+  int64_t sum_q = 0, sum_q3 = 0;
+  for (int64_t j = 0; j < K4; ++j) {
+    int8_t* chunk = act + 8 * j;  // 4 hi bytes, then 4 lo bytes
+    for (int i = 0; i < 4; ++i) {
+      const int q = 256 * chunk[i] + chunk[4 + i], q3 = cpu::lut3_q(q), hi = (q3 + 128) >> 8;
+      sum_q += q;
+      sum_q3 += q3;
+      chunk[i] = static_cast<int8_t>(hi);
+      chunk[4 + i] = static_cast<int8_t>(q3 - 256 * hi);
+    }
+  }
+  return 2 * sum_q - 2 * cpu::kLut3Step * sum_q3;
+}
+
 template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
                   torch::Tensor& y) {
   const int64_t M = x.size(0);
-  const bool lut = mode == Mode::kLut || mode == Mode::kLut3;  // L.codes in the LUT or LUT3 layout
+  // the table-lookup GEMVs (mode lut: L.codes in the LUT layout; lut3: L.lut3_codes), or mode lut3
+  // on the int GEMM (12-bit activations, the same V)
+  const bool lut = mode == Mode::kLut || (mode == Mode::kLut3 && !gemm);
+  const bool lut3_gemm = mode == Mode::kLut3 && gemm;
   const bool int_mode = mode != Mode::kFloat;
   // (a set's own threshold is about its int kernels; float mode runs the GEMV of every set)
   const int64_t serial = mode == Mode::kInt && set.serial_work ? set.serial_work(M) : cpu::kSerialWork;
@@ -535,7 +554,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
                         int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes,
-                        mode == Mode::kLut3 ? cpu::kLut3Rows / cpu::kRowTile : 1);
+                        mode == Mode::kLut3 && !gemm ? cpu::kLut3Rows / cpu::kRowTile : 1);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
@@ -548,6 +567,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const cpu::LutTables lut_tables = mode == Mode::kLut3 ? (own_lut3 ? set : portable).lut3_tables
                                                         : (set.lut_gemv ? set : portable).lut_tables;
   std::vector<double> scale(M), cst(M);
+  std::vector<int64_t> lut3_cst(lut3_gemm ? M : 0);
   // Per worker: the token being transformed (G * 256 floats, zero tail), an output row in fp32
   // (N floats), and in int mode with the GEMM its tile.
   const int64_t xt_bytes = align64(L.G * kGroupElems * 4), row_bytes = align64(L.N * 4);
@@ -571,7 +591,8 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const auto row_of = [&](int64_t w) { return reinterpret_cast<float*>(slots + w * slot + xt_bytes); };
   // (lut modes: the kernel reads the worker's tables, table_stride bytes per token, instead of the
   // activations; multiply() points act at them)
-  const cpu::IntArgs int_args{L.codes.data_ptr<uint8_t>(), L.N, L.K4, L.G, static_cast<const int8_t*>(act),
+  const cpu::IntArgs int_args{(mode == Mode::kLut3 && !gemm ? L.lut3_codes : L.codes).data_ptr<uint8_t>(), L.N, L.K4,
+                              L.G, static_cast<const int8_t*>(act),
                               lut ? table_stride : act_stride(L), M,
                               narrow ? static_cast<int32_t*>(dot) : nullptr,
                               narrow ? nullptr : static_cast<int64_t*>(dot), nullptr, packed};
@@ -588,6 +609,8 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const auto prepare = [&](int64_t m0, int64_t m1, int64_t w) {
     prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
                    xt_of(w));
+    for (int64_t m = m0; lut3_gemm && m < m1; ++m)
+      lut3_cst[m] = lut3_requantize(static_cast<int8_t*>(act) + m * act_stride(L), L.K4);
     if (!packed) return;
     // The operands for the tokens of the kernel call that reads them, whose count picks their
     // layout (the tile kernel's narrow one up to 8 tokens): split by tokens, this thread's range
@@ -615,12 +638,22 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
       }
       kernel(mine, n0, n1);
     };
+    // mode lut3 on the GEMM: its dot products of z and q3 made the lut3 GEMV's V (exact: V fits
+    // the output type as int mode's does, kernel_api.h)
+    const auto lut3_finish = [&](auto* d, int64_t m0, int64_t m1) {
+      for (int64_t m = m0; lut3_gemm && m < m1; ++m)
+        for (int64_t n = 0; n < L.N; ++n)
+          d[m * L.N + n] = static_cast<std::remove_reference_t<decltype(*d)>>(cpu::kLut3Step * d[m * L.N + n] +
+                                                                             lut3_cst[m]);
+    };
     if (narrow) {
       split.run(prepare, multiply, [&](int64_t m0, int64_t m1, int64_t w) {
+        lut3_finish(static_cast<int32_t*>(dot), m0, m1);
         finish_tokens(static_cast<const int32_t*>(dot), L, math, m0, m1, scale.data(), cst.data(), yp, row_of(w));
       });
     } else {
       split.run(prepare, multiply, [&](int64_t m0, int64_t m1, int64_t w) {
+        lut3_finish(static_cast<int64_t*>(dot), m0, m1);
         finish_tokens(static_cast<const int64_t*>(dot), L, math, m0, m1, scale.data(), cst.data(), yp, row_of(w));
       });
     }
@@ -640,7 +673,8 @@ torch::Tensor run_layer(const torch::Tensor& x, const Layer& L, const KernelSet&
   check_input(x, L);
   TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
                     algo, "'");
-  const bool gemm_possible = mode == Mode::kInt && set.int_gemm != nullptr;
+  // (mode lut3 takes the GEMM where int mode would, on the same 12-bit activations: the same V)
+  const bool gemm_possible = (mode == Mode::kInt || mode == Mode::kLut3) && set.int_gemm != nullptr;
   TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and an isa with a GEMM ('",
                     set.name, "' has ", set.int_gemm ? "one" : "none", ")");
   const int64_t gemv_max = cpu::gemv_max_tokens(L.N * L.K4, L.K4);
@@ -683,10 +717,10 @@ torch::Tensor lut_qlinear(const torch::Tensor& x, const torch::Tensor& lut_codes
   return run_layer(x, L, set, Mode::kLut, "auto");
 }
 
-torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& lut3_codes, const torch::Tensor& params,
-                           int64_t out_features, int64_t had_in, int64_t had_out) {
+torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& lut3_codes,
+                           const torch::Tensor& params, int64_t had_in, int64_t had_out) {
   const KernelSet& set = parse_isa("", "isa");
-  const Layer L = layer_from_lut3(x, lut3_codes, params, out_features, had_in, had_out);
+  const Layer L = layer_from_lut3(codes, lut3_codes, params, had_in, had_out);
   return run_layer(x, L, set, Mode::kLut3, "auto");
 }
 

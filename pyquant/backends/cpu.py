@@ -200,7 +200,7 @@ def forward_nograd(x: torch.Tensor, layer, state: State) -> torch.Tensor:
 
 def _lut_call(x: torch.Tensor, layer, state: State) -> torch.Tensor:
     if state.lut3:
-        return torch.ops.pyquant.lut3_linear.default(x, state.lut_codes, state.params, layer.out_features,
+        return torch.ops.pyquant.lut3_linear.default(x, layer._buffers["codes"], state.lut_codes, state.params,
                                                      layer.had_in, layer.had_out)
     return torch.ops.pyquant.lut_linear.default(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
 

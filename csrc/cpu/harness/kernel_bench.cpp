@@ -11,7 +11,9 @@
 // MODE int (the default: the set's GEMV, or past its token count for the shape, kernel_api.h
 // gemv_max_tokens, its GEMM where it has one) or lut: the table-lookup GEMV (kernel_api.h; random
 // bytes are valid codes in the LUT layout too), the set's own or the portable one, on tables made
-// once before the calls;
+// once before the calls; or lut3: the triple-lookup GEMV (random bytes are valid LUT3 codes), the
+// set's own where the CPU has VBMI2, else the portable one, rows split on 128-row groups as the
+// driver splits them;
 // or read: no kernel, a plain read of each call's own rows (the same split, the same cycled layers),
 // which streams faster than the floor's one long read (Zen 5, one thread: ~30 vs ~22 GB/s).
 //
@@ -143,9 +145,10 @@ int main(int argc, char** argv) {
   const int threads = std::atoi(argv[4]);
   const KernelSet* set = argc > 5 ? find_kernel_set(argv[5]) : &best_kernel_set();
   const bool lut = argc > 6 && std::strcmp(argv[6], "lut") == 0;
+  const bool lut3 = argc > 6 && std::strcmp(argv[6], "lut3") == 0;
   const bool plain_read = argc > 6 && std::strcmp(argv[6], "read") == 0;
-  if (argc > 6 && !lut && !plain_read && std::strcmp(argv[6], "int") != 0) {
-    std::fprintf(stderr, "MODE must be int, lut or read, got '%s'\n", argv[6]);
+  if (argc > 6 && !lut && !lut3 && !plain_read && std::strcmp(argv[6], "int") != 0) {
+    std::fprintf(stderr, "MODE must be int, lut, lut3 or read, got '%s'\n", argv[6]);
     return 2;
   }
   if (N <= 0 || K <= 0 || K % 4 || M <= 0 || threads <= 0) {
@@ -156,7 +159,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kernel set '%s' is not in this build or not supported by this CPU\n", argv[5]);
     return 2;
   }
-  const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, bytes = N * K4;
+  const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
+  const int64_t bytes = lut3 ? lut3_groups(N) * lut3_chunks(K4) * kLut3ChunkBytes : N * K4;
   const char* layers_env = std::getenv("PYQUANT_BENCH_LAYERS");
   if (layers_env && std::atoi(layers_env) <= 0) {
     std::fprintf(stderr, "PYQUANT_BENCH_LAYERS must be a positive count of layers, got '%s'\n", layers_env);
@@ -188,11 +192,11 @@ int main(int argc, char** argv) {
   std::vector<int64_t> out64(narrow ? 0 : M * N);
   // past the set's GEMV token count, the GEMM, as the driver runs it (random activation bytes are
   // valid in its natural layout too, which takes the same G * 512 bytes per token)
-  const bool gemm = !lut && !plain_read && set->int_gemm && M > gemv_max_tokens(bytes, K4);
+  const bool gemm = !lut && !lut3 && !plain_read && set->int_gemm && M > gemv_max_tokens(bytes, K4);
   std::vector<uint32_t*> scratch(threads, nullptr);
   for (auto& p : scratch)
     if (gemm) p = static_cast<uint32_t*>(std::aligned_alloc(64, (gemm_scratch_bytes(K4) + 63) / 64 * 64));
-  const int64_t packed_bytes = !lut && set->packed_bytes ? set->packed_bytes(M, G) : 0;
+  const int64_t packed_bytes = !lut && !lut3 && set->packed_bytes ? set->packed_bytes(M, G) : 0;
   uint8_t* packed = packed_bytes ? static_cast<uint8_t*>(std::aligned_alloc(64, (packed_bytes + 63) / 64 * 64)) : nullptr;
   IntArgs base{codes[0], N, K4, G, act.data(), G * 512, M, narrow ? out32.data() : nullptr,
                narrow ? nullptr : out64.data(), nullptr, packed};
@@ -206,8 +210,18 @@ int main(int argc, char** argv) {
     base.act = reinterpret_cast<const int8_t*>(tables.data());
     base.act_stride = K4 * kLutTableBytes;
   }
-  const IntKernel kernel = lut ? lut_set.lut_gemv : gemm ? set->int_gemm : set->int_gemv;
-  const int64_t tiles = (N + kRowTile - 1) / kRowTile, per = (tiles + threads - 1) / threads * kRowTile;
+  const KernelSet& lut3_set = set->lut3_gemv && set->lut3_supported() ? *set : kernel_sets(&n_sets)[0];
+  const int64_t lut3_stride = lut3_table_stride(K4);
+  uint8_t* lut3_tables = lut3 ? static_cast<uint8_t*>(std::aligned_alloc(64, M * lut3_stride)) : nullptr;
+  if (lut3) {
+    for (int64_t m = 0; m < M; ++m) lut3_set.lut3_tables(act.data() + m * G * 512, K4, lut3_tables + m * lut3_stride);
+    base.act = reinterpret_cast<const int8_t*>(lut3_tables);
+    base.act_stride = lut3_stride;
+  }
+  const IntKernel kernel = lut ? lut_set.lut_gemv : lut3 ? lut3_set.lut3_gemv : gemm ? set->int_gemm : set->int_gemv;
+  // (lut3: whole groups of 128 rows per thread)
+  const int64_t align = lut3 ? kLut3Rows / kRowTile : 1, tiles = (N + kRowTile - 1) / kRowTile;
+  const int64_t per = (tiles + threads * align - 1) / (threads * align) * align * kRowTile;
   const int calls = std::max(layers + 200, 2 * layers);
   const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
     IntArgs a = base;
@@ -226,7 +240,7 @@ int main(int argc, char** argv) {
   const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
   const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
   std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
-              lut ? " lut" : plain_read ? " read" : gemm ? " gemm" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
+              lut ? " lut" : lut3 ? (&lut3_set == set ? " lut3" : " lut3 (portable)") : plain_read ? " read" : gemm ? " gemm" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
   std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
               kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
   return 0;

@@ -147,3 +147,36 @@ inline __m512i _mm512_madd_epi16(__m512i a, __m512i b) {
   for (int i = 0; i < 16; ++i) out[i] = int32_t(la.v[2 * i]) * lb.v[2 * i] + int32_t(la.v[2 * i + 1]) * lb.v[2 * i + 1];
   return pyquant_emu::pack<__m512i>(out);
 }
+// (mode lut3's kernel file: VBMI2's vpshrdw and the 16-bit forms SIMDe 0.7.4 lacks)
+inline __m512i _mm512_shrdi_epi16(__m512i a, __m512i b, int imm) {  // lane i: low 16 bits of (b:a) >> imm
+  const auto la = pyquant_emu::Lanes<uint16_t, __m512i>::of(a), lb = pyquant_emu::Lanes<uint16_t, __m512i>::of(b);
+  uint16_t out[32];
+  for (int i = 0; i < 32; ++i) out[i] = static_cast<uint16_t>(((uint32_t(lb.v[i]) << 16) | la.v[i]) >> (imm & 15));
+  return pyquant_emu::pack<__m512i>(out);
+}
+inline __m512i _mm512_mulhi_epu16(__m512i a, __m512i b) {
+  const auto la = pyquant_emu::Lanes<uint16_t, __m512i>::of(a), lb = pyquant_emu::Lanes<uint16_t, __m512i>::of(b);
+  uint16_t out[32];
+  for (int i = 0; i < 32; ++i) out[i] = static_cast<uint16_t>((uint32_t(la.v[i]) * lb.v[i]) >> 16);
+  return pyquant_emu::pack<__m512i>(out);
+}
+inline __m512i _mm512_mask_sub_epi16(__m512i src, __mmask32 k, __m512i a, __m512i b) {
+  const auto ls = pyquant_emu::Lanes<uint16_t, __m512i>::of(src), la = pyquant_emu::Lanes<uint16_t, __m512i>::of(a),
+             lb = pyquant_emu::Lanes<uint16_t, __m512i>::of(b);
+  uint16_t out[32];
+  for (int i = 0; i < 32; ++i) out[i] = (k >> i) & 1 ? static_cast<uint16_t>(la.v[i] - lb.v[i]) : ls.v[i];
+  return pyquant_emu::pack<__m512i>(out);
+}
+inline __mmask32 _mm512_cmplt_epi16_mask(__m512i a, __m512i b) {
+  const auto la = pyquant_emu::Lanes<int16_t, __m512i>::of(a), lb = pyquant_emu::Lanes<int16_t, __m512i>::of(b);
+  __mmask32 k = 0;
+  for (int i = 0; i < 32; ++i) k |= __mmask32(la.v[i] < lb.v[i]) << i;
+  return k;
+}
+inline void _mm512_mask_storeu_epi16(void* p, __mmask32 k, __m512i x) { pyquant_emu::mask_store<int16_t>(p, k, x); }
+inline int64_t _mm512_reduce_add_epi64(__m512i x) {
+  const auto l = pyquant_emu::Lanes<int64_t, __m512i>::of(x);
+  int64_t s = 0;
+  for (auto v : l.v) s += v;
+  return s;
+}
