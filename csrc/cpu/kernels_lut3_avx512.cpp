@@ -33,7 +33,11 @@ constexpr int64_t kTokenBlock = 8;
 // streaming past evict each other from L2. Zen 5, 11008 -> 4096 from memory (lut3_bench.py):
 // 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode
 // 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables per span from
-// L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7).
+// L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7). One token (nothing to share between
+// tokens) goes a group at a time, its codes then one stream in address order: kernel_bench,
+// 4096 x 4096 and 11008 -> 4096 from memory, one thread: 16 groups 1.10 / 1.13x the read probe's
+// floor, 2 groups 1.00 / 1.01, 1 group 0.93 / 0.94 (on two threads the runs' spread was wider than
+// the differences).
 constexpr int64_t kRangeChunks = 16;
 constexpr int64_t kSpanRows = 2048;
 // Codes are prefetched into L2 (prefetcht1) this far ahead in the first token's pass. Zen 5,
@@ -182,8 +186,9 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   alignas(64) int32_t acc[kTokenBlock][kSpanRows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
-    for (int64_t b0 = n0 / 32; b0 < b_end; b0 += kSpanRows / 32) {
-      const int64_t b1 = imin(b_end, b0 + kSpanRows / 32);
+    const int64_t span = mt == 1 ? kLut3Rows : kSpanRows;  // one token: its codes in one stream
+    for (int64_t b0 = n0 / 32; b0 < b_end; b0 += span / 32) {
+      const int64_t b1 = imin(b_end, b0 + span / 32);
       for (int64_t c0 = 0; c0 < C; c0 += kRangeChunks) {
         const int64_t c1 = imin(C, c0 + kRangeChunks);
         for (int64_t b = b0; b < b1;) {
