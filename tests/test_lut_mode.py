@@ -1,4 +1,4 @@
-"""Mode "lut" of the CPU kernels (``pyquant::lut_linear``, csrc/cpu/kernel_api.h's table-lookup
+"""Mode "lut" of the CPU kernels (and, where both table modes must pass them, the checks of mode "lut3") (``pyquant::lut_linear``, csrc/cpu/kernel_api.h's table-lookup
 kernels; the default, "auto", on the avx2 kernel set): activations cut to 14 bits, products from
 table lookups, on codes in the LUT layout.
 
@@ -37,38 +37,57 @@ def lut_args(pw, x, bias=None):
     return (x, _C.pack_lut_codes(pw.codes), cpu_backend.frozen_params(layer), pw.had_in, pw.had_out)
 
 
+# The checks both table modes must pass, "lut" and "lut3" (test_lut3_mode.py: the rest of lut3's).
+MODES = ("lut", "lut3")
+
+
+def table_args(mode, pw, x, bias=None):
+    """The op's arguments in that mode: lut_linear(x, lut_codes, params, had_in, had_out),
+    lut3_linear(x, codes, lut3_codes, params, had_in, had_out)."""
+    if mode == "lut":
+        return lut_args(pw, x, bias)
+    params = cpu_backend.frozen_params(pyquant.QuantLinear.from_packed(pw, bias))
+    return (x, pw.codes, _C.pack_lut3_codes(pw.codes), params, pw.had_in, pw.had_out)
+
+
+def table_linear(mode, *args):
+    with torch.no_grad():
+        return (torch.ops.pyquant.lut_linear if mode == "lut" else torch.ops.pyquant.lut3_linear)(*args)
+
+
 def reference(x, pw, bias=None):
     return F.linear(x.double(), dequantize(pw).double(), None if bias is None else bias.double())
 
 
-# N: whole blocks of 32 rows and a partial one; K: partial groups of 64 code bytes and of the
-# table builder's 16, K above the int32 output limit.
+# N: whole blocks of 32 rows (lut3: groups of 128) and a partial one; K: partial groups of 64
+# code bytes, of the lut table builder's 16 and of lut3's chunks of 24, K above the int32 output
+# limit; tokens past the lut3 GEMV's count (its GEMM).
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n,k,hadamard", [(37, 384, True), (64, 256, False), (130, 100, True), (96, 4096, True),
-                                          (33, 1028, False), (40, 22016, True)])
-def test_lut_linear_is_within_2e_3_of_fp64_and_the_same_bits_on_every_isa(isa, n, k, hadamard):
+                                          (33, 1028, False), (300, 1028, False), (40, 22016, True)])
+def test_table_modes_are_within_2e_3_of_fp64_and_the_same_bits_on_every_isa(isa, mode, n, k, hadamard):
     pw = make_packed(n, k, hadamard=hadamard, seed=n + k)
     bias = torch.randn(n)
-    for m in (1, 2, 5, 29):
+    for m in (1, 2, 5, 9, 29):
         x = torch.randn(m, k)
         outs = {}
         for name in ISAS:
             isa(name)
-            with torch.no_grad():
-                outs[name] = torch.ops.pyquant.lut_linear(*lut_args(pw, x, bias))
+            outs[name] = table_linear(mode, *table_args(mode, pw, x, bias))
         for name, y in outs.items():
             assert torch.equal(y, outs["scalar"]), (name, m)
         err = rel_err(outs["scalar"], reference(x, pw, bias))
         assert err <= TOL, (n, k, m, err)
 
 
-def test_lut_linear_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("mode", MODES)
+def test_table_modes_do_not_depend_on_the_thread_count(mode):
     """Every way a call splits over threads (test_cpu_kernels' split_cases); a split by tokens gives
     each thread an odd count (its last token through the one-token kernel)."""
     cases = split_cases()
-    with torch.no_grad():
-        outs = at_thread_counts(lambda: [
-            torch.ops.pyquant.lut_linear(*lut_args(pw, torch.randn(
-                m, pw.su.shape[0], generator=torch.Generator().manual_seed(m)))) for pw, ms in cases for m in ms])
+    outs = at_thread_counts(lambda: [
+        table_linear(mode, *table_args(mode, pw, torch.randn(m, pw.su.shape[0], generator=torch.Generator().manual_seed(m))))
+        for pw, ms in cases for m in ms])
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
     pw, ms = cases[0]
@@ -76,12 +95,12 @@ def test_lut_linear_results_do_not_depend_on_the_thread_count():
     assert rel_err(outs[0][ms.index(40)], reference(x, pw)) <= TOL
 
 
-def test_lut_linear_takes_bf16_and_fp16_inputs():
+@pytest.mark.parametrize("mode", MODES)
+def test_table_modes_take_bf16_and_fp16_inputs(mode):
     pw = make_packed(48, 512, hadamard=True, seed=3)
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(7, 512).to(dtype)
-        with torch.no_grad():
-            y = torch.ops.pyquant.lut_linear(*lut_args(pw, x))
+        y = table_linear(mode, *table_args(mode, pw, x))
         assert y.dtype == dtype and rel_err(y, reference(x, pw)) < 1e-2  # the output's own rounding: ~4e-3 in bf16
 
 
@@ -108,33 +127,33 @@ def test_lut_linear_opcheck_and_bad_input():
                                      had_out, mode="lut")
 
 
-def test_nan_and_inf_tokens_give_nan_rows_as_in_int_mode():
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_and_inf_tokens_give_nan_rows_as_in_int_mode(mode):
     pw = make_packed(32, 256, hadamard=True, seed=2)
     x = torch.randn(3, 256)
     x[1, 5] = float("nan")
     x[2, 7] = float("inf")
-    with torch.no_grad():
-        y = torch.ops.pyquant.lut_linear(*lut_args(pw, x))
+    y = table_linear(mode, *table_args(mode, pw, x))
     assert torch.isnan(y[1:]).all() and torch.isfinite(y[0]).all()
     assert rel_err(y[:1], reference(x[:1], pw)) <= TOL
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scale", [1e-35, 1e-37, 1e-40, 1e30])
-def test_lut_mode_keeps_its_accuracy_at_extreme_magnitudes(scale):
+def test_table_modes_keep_their_accuracy_at_extreme_magnitudes(mode, scale):
     pw = make_packed(64, 128, hadamard=True, seed=4)
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0)) * scale
-    with torch.no_grad():
-        y = torch.ops.pyquant.lut_linear(*lut_args(pw, x))
+    y = table_linear(mode, *table_args(mode, pw, x))
     assert rel_err(y, reference(x, pw)) <= TOL, scale
 
 
-def test_a_nan_in_the_codebook_gives_nan_in_lut_mode_too():
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nan_in_the_codebook_gives_nan_in_the_table_modes_too(mode):
     pw = make_packed(64, 128, hadamard=True, seed=4)
-    x, lut, params, had_in, had_out = lut_args(pw, torch.randn(3, 128))
-    params = params.clone()
-    params[4 * 2 + 1] = float("nan")  # A[2, 1] (a layer refuses it; the op takes what it is given)
-    with torch.no_grad():
-        assert torch.ops.pyquant.lut_linear(x, lut, params, had_in, had_out).isnan().all()
+    args = list(table_args(mode, pw, torch.randn(3, 128)))
+    args[-3] = args[-3].clone()  # params
+    args[-3][4 * 2 + 1] = float("nan")  # A[2, 1] (a layer refuses it; the op takes what it is given)
+    assert table_linear(mode, *args).isnan().all()
 
 
 def use_a_lut_kernel_set(isa):
