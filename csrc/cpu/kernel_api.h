@@ -235,6 +235,9 @@ constexpr int64_t kLut3Rows = 128;        // rows per group of the layout
 constexpr int64_t kLut3ChunkBytes = 768;  // one chunk of a group: 4 blocks x 3 x 32 uint16
 constexpr int64_t kLut3HeadBytes = 64;
 constexpr int64_t kLut3TableBytes = 1024;  // per chunk: 8 triples x 64 int16
+// The lut3 GEMV with several tokens goes over spans of this many rows one range of K at a time
+// (kernels_lut3_avx512.cpp); the driver gives it at least one span per call where it can.
+constexpr int64_t kLut3SpanRows = 2048;
 inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
 inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
 inline int64_t lut3_table_stride(int64_t K4) { return kLut3HeadBytes + lut3_chunks(K4) * kLut3TableBytes; }

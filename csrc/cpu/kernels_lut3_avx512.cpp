@@ -34,12 +34,12 @@ constexpr int64_t kTokenBlock = 8;
 // 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode
 // 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables per span from
 // L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7). One token (nothing to share between
-// tokens) goes a group at a time, its codes then one stream in address order: kernel_bench,
-// 4096 x 4096 and 11008 -> 4096 from memory, one thread: 16 groups 1.10 / 1.13x the read probe's
-// floor, 2 groups 1.00 / 1.01, 1 group 0.93 / 0.94 (on two threads the runs' spread was wider than
-// the differences).
+// tokens) goes over fewer groups, its codes then nearer one stream in address order: kernel_bench,
+// from memory, one thread, against the read probe's floor: 4096 x 4096 16 groups 1.10x, 2 groups
+// 1.00, 1 group 0.93; but 11008 -> 4096 (459 KB of tables per token) 1 group 1.31, 4 groups 1.07,
+// 16 groups 1.10 (int mode 0.90).
 constexpr int64_t kRangeChunks = 16;
-constexpr int64_t kSpanRows = 2048;
+constexpr int64_t kSpanRows = kLut3SpanRows;
 // Codes are prefetched into L2 (prefetcht1) this far ahead in the first token's pass. Zen 5,
 // 4096 x 4096 from memory, one token, one thread: none 0.384 ms, 2 KB into L1 0.336, 4 KB 0.204,
 // 8 KB 0.183, 16 KB 0.165-0.183, 32 KB 0.171 (int mode 0.21-0.26 in the same runs).
@@ -186,7 +186,10 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   alignas(64) int32_t acc[kTokenBlock][kSpanRows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
-    const int64_t span = mt == 1 ? kLut3Rows : kSpanRows;  // one token: its codes in one stream
+    // One token: as few groups as keep its tables' traffic below the codes' (one group where a
+    // token's tables fit L2 beside the streaming codes, up to K ~ 6000), its codes then near one stream.
+    const int64_t token_groups = a.act_stride >= (256 << 10) ? imin(16, a.act_stride / (128 << 10)) : 1;
+    const int64_t span = mt == 1 ? kLut3Rows * token_groups : kSpanRows;
     for (int64_t b0 = n0 / 32; b0 < b_end; b0 += span / 32) {
       const int64_t b1 = imin(b_end, b0 + span / 32);
       for (int64_t c0 = 0; c0 < C; c0 += kRangeChunks) {

@@ -416,9 +416,10 @@ struct CallSplit {
   // multiply-adds, or below `serial_rows` where the split would be by rows (a kernel set may ask
   // for more: the tile kernel's rows cost little next to its fixed costs per call). `row_align`:
   // every range of rows a kernel call gets starts on a multiple of this many tiles (lut3's
-  // groups of 128 rows share their table loads).
+  // groups of 128 rows share their table loads); `min_grab`: and it has at least this many tiles
+  // where the layer has them (the lut3 GEMV reads all its tokens' tables once per call).
   CallSplit(int64_t M, int64_t N, int64_t work, int64_t serial_rows, int64_t token_block, bool cached,
-            int64_t row_align = 1)
+            int64_t row_align = 1, int64_t min_grab = 1)
       : M(M), N(N), tiles((N + cpu::kRowTile - 1) / cpu::kRowTile), threads(at::get_num_threads()) {
     token_chunk = (M + threads - 1) / threads;
     token_chunk = (token_chunk + token_block - 1) / token_block * token_block;
@@ -437,6 +438,7 @@ struct CallSplit {
     // two calls per thread on a small layer.
     row_grab = std::max({int64_t(1), tiles / (8 * threads),
                          std::min<int64_t>(kMinGrabRows / cpu::kRowTile, (tiles + 2 * threads - 1) / (2 * threads))});
+    row_grab = std::max(row_grab, std::min(min_grab, (tiles + threads - 1) / threads));
     row_grab = (row_grab + row_align - 1) / row_align * row_align;
     row_steal = ((row_grab + 3) / 4 + row_align - 1) / row_align * row_align;
   }
@@ -554,7 +556,9 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
                         int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes,
-                        mode == Mode::kLut3 && !gemm ? cpu::kLut3Rows / cpu::kRowTile : 1);
+                        mode == Mode::kLut3 && !gemm ? cpu::kLut3Rows / cpu::kRowTile : 1,
+                        // (11008 -> 4096 at 32 tokens, 2 threads: 256-row grabs 10.9 ms, int mode 7.9)
+                        mode == Mode::kLut3 && !gemm && M > 1 ? cpu::kLut3SpanRows / cpu::kRowTile : 1);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const TokenMath math{*set.math};
