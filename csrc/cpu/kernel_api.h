@@ -267,6 +267,14 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables);
 // rows [n0, n1), n0 a multiple of 32 (kRowTile), n1 a multiple of 32 or N.
 void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1);
+// Mode lut3 past the GEMV's token count (qlinear.cpp): one token's int-mode activations in the
+// natural layout (`chunks` of 8 bytes, a multiple of 8: its G * 64) cut in place to q3, again as hi and lo bytes
+// (|q3| <= 1806: hi = (q3 + 128) >> 8 in [-7, 7], lo the low byte), for the int GEMM. Returns the
+// token's constant 2 * sum q - 2 * kLut3Step * sum q3, so that kLut3Step * (the GEMM's dot product)
+// + constant is the lut3 GEMV's V.
+using Lut3Requantize = int64_t (*)(int8_t* act, int64_t chunks);
+int64_t lut3_requantize_scalar(int8_t* act, int64_t chunks);
+int64_t lut3_requantize_avx512(int8_t* act, int64_t chunks);
 
 void int_plane_scalar(const IntArgs& a, int64_t n0, int64_t n1);
 void float_plane_scalar(const FloatArgs& a, int64_t n0, int64_t n1);

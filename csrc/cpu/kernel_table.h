@@ -40,6 +40,9 @@ struct KernelSet {
   IntKernel lut3_gemv = nullptr;
   LutTables lut3_tables = nullptr;
   bool (*lut3_supported)() = nullptr;
+  // mode lut3 on this set's GEMM (int_gemm): the activations cut to q3 (kernel_api.h); null: the
+  // portable one
+  Lut3Requantize lut3_requantize = nullptr;
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

@@ -1,6 +1,6 @@
 // Mode "lut3" on AVX-512 with VBMI2 (Ice Lake, Sapphire Rapids, Zen 4 and later): the triple-lookup
 // GEMV of kernel_api.h. Per 32 rows, chunk of 8 triples and token: the chunk's 3 code vectors give
-// the 8 index vectors (5 shifts, 2 vpshrdw; shared by the tokens), each looked up in its triple's
+// the 8 index vectors (5 shifts, 2 vpshrdw, made again for each token), each looked up in its triple's
 // 64-entry table (two registers, vpermi2w), four lookups summed in int16, then widened into even-
 // and odd-row int32 sums (vpdpwssd by 1 in the low or the high word).
 //
@@ -8,9 +8,9 @@
 // port, one 64-byte load per cycle on Zen 5, is what a single block would wait on); ranges of
 // chunks keep codes and tables in cache between groups and tokens (kRangeChunks); tokens go in
 // blocks of kTokenBlock. The first token's pass prefetches the codes ahead (a group's chunks, and
-// the groups, are one stream). A prototype of the loop alone (Zen 5, one thread, codes in L2,
-// 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; a whole
-// layer call from memory gains less (benchmarks/lut3_bench.py).
+// the groups, are one stream). A prototype of the same loop (Zen 5, one thread, codes in L2,
+// 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; whole layer
+// calls from memory gain 1.1-1.35x at 4-32 tokens (benchmarks/lut3_bench.py, suite.py).
 #include <immintrin.h>
 
 #include "kernel_api.h"

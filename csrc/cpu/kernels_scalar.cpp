@@ -131,5 +131,20 @@ void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+int64_t lut3_requantize_scalar(int8_t* act, int64_t chunks) {
+  int64_t sum_q = 0, sum_q3 = 0;
+  for (int64_t j = 0; j < chunks; ++j) {
+    int8_t* chunk = act + 8 * j;  // 4 hi bytes, then 4 lo bytes
+    for (int i = 0; i < 4; ++i) {
+      const int q = 256 * chunk[i] + chunk[4 + i], q3 = lut3_q(q);
+      sum_q += q;
+      sum_q3 += q3;
+      chunk[i] = static_cast<int8_t>((q3 + 128) >> 8);
+      chunk[4 + i] = static_cast<int8_t>(q3 & 255);
+    }
+  }
+  return 2 * sum_q - 2 * kLut3Step * sum_q3;
+}
+
 }  // namespace cpu
 }  // namespace pyquant

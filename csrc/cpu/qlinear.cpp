@@ -514,25 +514,6 @@ thread_local Workspace t_workspace;
 
 inline int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-// Mode lut3 past the GEMV's token count: one token's int-mode activations (natural layout, K4
-// chunks) cut in place to lut3's q3 (kernel_api.h), again as hi and lo bytes (|q3| <= 1806: hi in
-// [-7, 7]), for the int GEMM; returns the token's constant, so that kLut3Step * (its dot product) +
-// constant is the lut3 GEMV's V = kLut3Step * sum z * q3 - 2 * kLut3Step * sum q3 + 2 * sum q.
-int64_t lut3_requantize(int8_t* act, int64_t K4) {
-  int64_t sum_q = 0, sum_q3 = 0;
-  for (int64_t j = 0; j < K4; ++j) {
-    int8_t* chunk = act + 8 * j;  // 4 hi bytes, then 4 lo bytes
-    for (int i = 0; i < 4; ++i) {
-      const int q = 256 * chunk[i] + chunk[4 + i], q3 = cpu::lut3_q(q), hi = (q3 + 128) >> 8;
-      sum_q += q;
-      sum_q3 += q3;
-      chunk[i] = static_cast<int8_t>(hi);
-      chunk[4 + i] = static_cast<int8_t>(q3 - 256 * hi);
-    }
-  }
-  return 2 * sum_q - 2 * cpu::kLut3Step * sum_q3;
-}
-
 template <typename T>
 void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, Mode mode, bool gemm,
                   torch::Tensor& y) {
@@ -572,6 +553,8 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
                                                         : (set.lut_gemv ? set : portable).lut_tables;
   std::vector<double> scale(M), cst(M);
   std::vector<int64_t> lut3_cst(lut3_gemm ? M : 0);
+  const cpu::Lut3Requantize lut3_requantize =
+      set.lut3_requantize ? set.lut3_requantize : cpu::lut3_requantize_scalar;
   // Per worker: the token being transformed (G * 256 floats, zero tail), an output row in fp32
   // (N floats), and in int mode with the GEMM its tile.
   const int64_t xt_bytes = align64(L.G * kGroupElems * 4), row_bytes = align64(L.N * 4);
@@ -614,7 +597,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
     prepare_tokens(xp, L, math, mode, /*plane=*/mode == Mode::kFloat || !gemm, m0, m1, act, scale.data(), cst.data(),
                    xt_of(w));
     for (int64_t m = m0; lut3_gemm && m < m1; ++m)
-      lut3_cst[m] = lut3_requantize(static_cast<int8_t*>(act) + m * act_stride(L), L.K4);
+      lut3_cst[m] = lut3_requantize(static_cast<int8_t*>(act) + m * act_stride(L), L.G * kGroupCodes);
     if (!packed) return;
     // The operands for the tokens of the kernel call that reads them, whose count picks their
     // layout (the tile kernel's narrow one up to 8 tokens): split by tokens, this thread's range

@@ -261,6 +261,29 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
       }
 }
 
+// Mode lut3 on the GEMM: every set's requantizer against the portable one on random int-mode
+// activations (natural layout, |q| <= kQMax, the extremes included): the same bytes and constant.
+void check_lut3_requantize(const KernelSet* sets, int n_sets, std::mt19937& rng) {
+  for (int64_t chunks : {int64_t(64), int64_t(1024), int64_t(5504)}) {
+    std::vector<int8_t> act(8 * chunks);
+    for (int64_t j = 0; j < chunks; ++j)
+      for (int i = 0; i < 4; ++i) {
+        const int pick = static_cast<int>(rng() % 8);
+        act[8 * j + i] = static_cast<int8_t>(pick == 0 ? 127 : pick == 1 ? -127 : static_cast<int>(rng() % 255) - 127);
+        act[8 * j + 4 + i] = static_cast<int8_t>(pick < 2 ? 0 : static_cast<int>(rng() % 256) - 128);
+      }
+    std::vector<int8_t> want = act;
+    const int64_t want_cst = lut3_requantize_scalar(want.data(), chunks);
+    for (int s = 0; s < n_sets; ++s) {
+      if (!sets[s].supported() || !sets[s].lut3_requantize) continue;
+      std::vector<int8_t> mine = act;
+      const int64_t cst = sets[s].lut3_requantize(mine.data(), chunks);
+      CHECK(mine == want && cst == want_cst, "%s lut3 requantizer differs from the portable one: chunks=%lld",
+            sets[s].name, (long long)chunks);
+    }
+  }
+}
+
 void run_case(const Case& c, std::mt19937& rng) {
   const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
   // Inputs from the raw integer stream (mt19937 is specified bit for bit), converted exactly: the
@@ -600,6 +623,7 @@ int main() {
   check_extremes(sets, n_sets);
   check_lut_extremes(sets, n_sets);
   check_lut3_extremes(sets, n_sets);
+  check_lut3_requantize(sets, n_sets, rng);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
     return 1;
