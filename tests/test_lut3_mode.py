@@ -5,7 +5,7 @@ layout.
 The layout, the same bits at any batch (GEMV and GEMM), bad input, the backend's use of it, and the
 real MiniLM's layers and embeddings; what both table modes must pass (accuracy against fp64 on
 random layers, the same bits on every instruction set and thread count, bf16/fp16, NaN, extreme
-magnitudes) is in test_lut_mode.py.
+magnitudes, layers built in the mode running its op eager and compiled) is in test_lut_mode.py.
 """
 import copy
 
@@ -22,15 +22,7 @@ from pyquant.sentences import split_sentences
 
 from conftest import random_packed, rel_err
 from test_cpu_kernels import make_packed
-
-ISAS = _C.supported_isas()
-TOL = 2e-3  # the issue's line for any faster mode, per layer, against fp64
-
-
-@pytest.fixture
-def isa():
-    yield _C.set_isa
-    _C.set_isa("auto")
+from test_lut_mode import ISAS, TOL, isa  # noqa: F401 (isa: the kernel-set fixture)
 
 
 def lut3_args(pw, x, bias=None):
@@ -120,35 +112,6 @@ def test_has_lut3_kernel_follows_the_kernel_set(isa):
 
 needs_lut3_kernel = pytest.mark.skipif(not _C.has_lut3_kernel(), reason="this CPU's kernel set has no triple-lookup "
                                        "kernel of its own (AVX-512 VBMI2): mode lut3 runs int mode here")
-
-
-@needs_lut3_kernel
-def test_layers_built_under_lut3_mode_run_lut3_linear_without_gradients(cpu_mode):
-    cpu_mode("lut3")
-    layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), torch.randn(64))
-    state = layer._plan.states["cpu"]
-    assert state.lut3 and torch.equal(state.lut_codes, _C.pack_lut3_codes(layer.codes))
-    x = torch.randn(3, 256)
-    want = torch.ops.pyquant.lut3_linear(x, layer.codes, state.lut_codes, state.params, layer.had_in, layer.had_out)
-    with torch.no_grad():
-        assert torch.equal(layer(x), want)
-        graphs = []
-        keep = lambda gm, _: (graphs.append(gm), gm)[1]  # noqa: E731
-        assert torch.equal(torch.compile(layer, backend=keep, fullgraph=True)(x), want)
-        torch._dynamo.reset()
-    assert torch.ops.pyquant.lut3_linear.default in {n.target for n in graphs[0].graph.nodes}
-    # a call that needs gradients runs pyquant::linear (int mode) and has them
-    y = layer(x.requires_grad_())
-    y.sum().backward()
-    assert x.grad is not None and rel_err(y.detach(), want) <= TOL
-    # built under int mode: int mode whatever the mode at the call
-    cpu_mode("int")
-    plain = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), layer.bias.detach())
-    assert plain._plan.states["cpu"].lut_codes is None
-    cpu_mode("lut3")
-    with torch.no_grad():
-        assert torch.equal(plain(x.detach()), torch.ops.pyquant.linear(x.detach(), *plain.op_tensors(), plain.had_in,
-                                                                        plain.had_out))
 
 
 @needs_lut3_kernel

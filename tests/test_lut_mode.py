@@ -156,31 +156,36 @@ def test_a_nan_in_the_codebook_gives_nan_in_the_table_modes_too(mode):
     assert table_linear(mode, *args).isnan().all()
 
 
-def use_a_lut_kernel_set(isa):
-    """The CPU's own kernel set where it has table-lookup kernels (all but scalar), else the first
-    that has them, as a user's layers would run; skips where the CPU has none."""
+def use_a_table_kernel_set(isa, mode):
+    """The CPU's own kernel set where it has its own kernels for `mode` ("lut" or "lut3"), else the
+    first that has them; skips where none has."""
+    has = _C.has_lut_kernel if mode == "lut" else _C.has_lut3_kernel
     for name in ("auto", *ISAS):
         isa(name)
-        if _C.has_lut_kernel():
+        if has():
             return
-    pytest.skip("no kernel set with table-lookup kernels on this CPU")
+    pytest.skip(f"no kernel set with its own {mode} kernels on this CPU")
 
 
-def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(cpu_mode, isa):
-    use_a_lut_kernel_set(isa)
-    cpu_mode("lut")
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_built_under_a_table_mode_run_its_op_without_gradients(cpu_mode, isa, mode):
+    use_a_table_kernel_set(isa, mode)
+    cpu_mode(mode)
     layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), torch.randn(64))
     state = layer._plan.states["cpu"]
-    assert state.lut_codes is not None and torch.equal(state.lut_codes, _C.pack_lut_codes(layer.codes))
+    pack, op = ((_C.pack_lut_codes, torch.ops.pyquant.lut_linear) if mode == "lut"
+                else (_C.pack_lut3_codes, torch.ops.pyquant.lut3_linear))
+    assert state.lut3 == (mode == "lut3") and torch.equal(state.lut_codes, pack(layer.codes))
     x = torch.randn(3, 256)
-    want = torch.ops.pyquant.lut_linear(x, state.lut_codes, state.params, layer.had_in, layer.had_out)
+    codes = (layer.codes,) if mode == "lut3" else ()
+    want = op(x, *codes, state.lut_codes, state.params, layer.had_in, layer.had_out)
     with torch.no_grad():
         assert torch.equal(layer(x), want)
         graphs = []
         keep = lambda gm, _: (graphs.append(gm), gm)[1]  # noqa: E731
         assert torch.equal(torch.compile(layer, backend=keep, fullgraph=True)(x), want)
         torch._dynamo.reset()
-    assert torch.ops.pyquant.lut_linear.default in {n.target for n in graphs[0].graph.nodes}
+    assert op.default in {n.target for n in graphs[0].graph.nodes}
     # a call that needs gradients runs pyquant::linear (int mode) and has them
     y = layer(x.requires_grad_())
     y.sum().backward()
@@ -189,7 +194,7 @@ def test_layers_built_under_lut_mode_run_lut_linear_without_gradients(cpu_mode, 
     cpu_mode("int")
     plain = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=5), layer.bias.detach())
     assert plain._plan.states["cpu"].lut_codes is None
-    cpu_mode("lut")
+    cpu_mode(mode)
     with torch.no_grad():
         assert torch.equal(plain(x.detach()), torch.ops.pyquant.linear(x.detach(), *plain.op_tensors(), plain.had_in,
                                                                         plain.had_out))
@@ -203,7 +208,7 @@ def test_an_engines_shared_layers_run_lut_when_it_refreshes_them(cpu_mode, isa):
     from pyquant.io import layer_entry
     from test_tp import TENSORS, load_all, quantized
 
-    use_a_lut_kernel_set(isa)
+    use_a_table_kernel_set(isa, "lut")
     cpu_mode("lut")
     old, new = [[quantized(256, n, seed=s + i) for i, n in enumerate((128, 64))] for s in (40, 50)]
     entries = [layer_entry(m) for m in old]
@@ -239,7 +244,7 @@ def test_an_engines_shared_layers_run_lut_when_it_refreshes_them(cpu_mode, isa):
 def test_refresh_rewrites_only_the_copies_of_the_tensors_it_is_told_changed(cpu_mode, isa):
     """A loader writes one tensor at a time and refreshes after each: the LUT-layout codes are
     repacked only after a write of the codes, the fp32 params only after the others'."""
-    use_a_lut_kernel_set(isa)
+    use_a_table_kernel_set(isa, "lut")
     cpu_mode("lut")
     old, new = random_packed(64, 256, seed=7), random_packed(64, 256, seed=8)
     layer = pyquant.QuantLinear.from_packed(old, share=True, refreshed=True)
@@ -262,7 +267,7 @@ def test_refresh_rewrites_only_the_copies_of_the_tensors_it_is_told_changed(cpu_
 
 
 def test_set_cpu_mode_switches_a_built_model_in_and_out_of_lut_mode(cpu_mode, isa):
-    use_a_lut_kernel_set(isa)
+    use_a_table_kernel_set(isa, "lut")
     cpu_mode("int")
     model = torch.nn.Sequential(pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=9)), torch.nn.ReLU(),
                                 pyquant.QuantLinear.from_packed(random_packed(32, 64, seed=10)))
@@ -290,7 +295,7 @@ def test_eager_calls_see_in_place_changes_of_the_layers_tensors(cpu_mode, isa):
     """The LUT copies are rewritten before an eager call that finds a tensor changed in place (an
     optimizer step, a fill), as int mode reads the tensors as they are; layers made under
     inference_mode, whose tensors have no version counter, still run."""
-    use_a_lut_kernel_set(isa)
+    use_a_table_kernel_set(isa, "lut")
     cpu_mode("lut")
     layer = pyquant.QuantLinear.from_packed(random_packed(64, 256, seed=11), torch.randn(64))
     x = torch.randn(3, 256)
@@ -343,7 +348,7 @@ def test_real_minilm_layers_and_embeddings_in_lut_mode(minilm, cpu_mode, isa):
     the demo's sentences within cosine 0.9995 of int mode's."""
     import copy
 
-    use_a_lut_kernel_set(isa)
+    use_a_table_kernel_set(isa, "lut")
     model, tokenizer = minilm
     _, sentences = split_sentences(0, 32)
     q = pyquant.quantize_model(copy.deepcopy(model), pyquant.RTNConfig(), filter_fn=encoder_filter, progress=False)

@@ -68,26 +68,33 @@ std::vector<uint8_t> lut_layout(const std::vector<uint8_t>& codes, int64_t N, in
   return out;
 }
 
+// A table-lookup GEMV on codes (its layout) and tables (`stride` bytes per token) of a case, in row
+// ranges starting on multiples of kRowTile, as the driver calls it: V (int64, [M, N]).
+std::vector<int64_t> run_lookup(IntKernel kernel, const Case& c, const uint8_t* codes, const uint8_t* tables,
+                                int64_t stride) {
+  const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes;
+  const bool narrow = c.K <= kInt32MaxK;
+  std::vector<int32_t> o32(c.M * c.N, -1);
+  std::vector<int64_t> o64(c.M * c.N, -1);
+  IntArgs a{codes, c.N, K4, G, reinterpret_cast<const int8_t*>(tables), stride, c.M,
+            narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
+  for (int64_t n0 = 0; n0 < c.N; n0 += 2 * kRowTile) kernel(a, n0, std::min(c.N, n0 + 2 * kRowTile));
+  if (narrow)
+    for (size_t i = 0; i < o32.size(); ++i) o64[i] = o32[i];
+  return o64;
+}
+
 // Mode "lut" on the int-mode activations `act` (plane layout): the portable tables and GEMV
 // against the naive 4 * sum z * q14, every set's tables and LUT GEMV against the portable ones.
 // Returns the portable V (int64, [M, N]).
 std::vector<int64_t> check_lut(const KernelSet* sets, int n_sets, const Case& c, const std::vector<uint8_t>& codes,
                                const int8_t* act) {
   const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, stride = K4 * kLutTableBytes;
-  const bool narrow = c.K <= kInt32MaxK;
   const std::vector<uint8_t> lut = lut_layout(codes, c.N, K4);
   std::vector<uint8_t> tables(c.M * stride);
   for (int64_t m = 0; m < c.M; ++m) lut_tables_scalar(act + m * G * 512, K4, tables.data() + m * stride);
   const auto run = [&](IntKernel kernel, const std::vector<uint8_t>& t) {
-    std::vector<int32_t> o32(c.M * c.N, -1);
-    std::vector<int64_t> o64(c.M * c.N, -1);
-    IntArgs a{lut.data(), c.N, K4, G, reinterpret_cast<const int8_t*>(t.data()), stride, c.M,
-              narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
-    // in row ranges starting on multiples of kRowTile, as the driver calls it
-    for (int64_t n0 = 0; n0 < c.N; n0 += 2 * kRowTile) kernel(a, n0, std::min(c.N, n0 + 2 * kRowTile));
-    if (narrow)
-      for (size_t i = 0; i < o32.size(); ++i) o64[i] = o32[i];
-    return o64;
+    return run_lookup(kernel, c, lut.data(), t.data(), stride);
   };
   const std::vector<int64_t> want = run(lut_gemv_scalar, tables);
   for (int64_t m = 0; m < c.M; ++m)
@@ -180,21 +187,12 @@ std::vector<uint16_t> lut3_layout(const std::vector<uint8_t>& codes, int64_t N, 
 std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c, const std::vector<uint8_t>& codes,
                                 const int8_t* act) {
   const int64_t K4 = c.K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, stride = lut3_table_stride(K4);
-  const bool narrow = c.K <= kInt32MaxK;
   const std::vector<uint16_t> lut3 = lut3_layout(codes, c.N, K4);
   Aligned tables(c.M * stride);
   uint8_t* tp = tables.p;
   for (int64_t m = 0; m < c.M; ++m) lut3_tables_scalar(act + m * G * 512, K4, tp + m * stride);
   const auto run = [&](IntKernel kernel, const uint8_t* t) {
-    std::vector<int32_t> o32(c.M * c.N, -1);
-    std::vector<int64_t> o64(c.M * c.N, -1);
-    IntArgs a{reinterpret_cast<const uint8_t*>(lut3.data()), c.N, K4, G, reinterpret_cast<const int8_t*>(t), stride,
-              c.M, narrow ? o32.data() : nullptr, narrow ? nullptr : o64.data(), nullptr};
-    // in row ranges starting on multiples of kRowTile, as the driver calls it
-    for (int64_t n0 = 0; n0 < c.N; n0 += 2 * kRowTile) kernel(a, n0, std::min(c.N, n0 + 2 * kRowTile));
-    if (narrow)
-      for (size_t i = 0; i < o32.size(); ++i) o64[i] = o32[i];
-    return o64;
+    return run_lookup(kernel, c, reinterpret_cast<const uint8_t*>(lut3.data()), t, stride);
   };
   const std::vector<int64_t> want = run(lut3_gemv_scalar, tp);
   for (int64_t m = 0; m < c.M; ++m)
