@@ -187,9 +187,13 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
     // One token: as few groups as keep its tables' traffic below the codes' (one group where a
-    // token's tables fit L2 beside the streaming codes, up to K ~ 6000), its codes then near one stream.
+    // token's tables fit L2 beside the streaming codes, up to K ~ 6000), its codes then near one
+    // stream; so too two or three tokens of such short rows (kernel_bench, 4096 x 4096, one thread:
+    // 2 tokens 338-341 -> 283-285 us, 3 tokens 459-533 -> 391-421; from 4 tokens no better, and at
+    // K = 11008 two tokens were slower: 832-850 -> 903-945).
     const int64_t token_groups = a.act_stride >= (256 << 10) ? imin(16, a.act_stride / (128 << 10)) : 1;
-    const int64_t span = mt == 1 ? kLut3Rows * token_groups : kSpanRows;
+    const bool few = mt == 1 || (mt <= 3 && token_groups == 1);
+    const int64_t span = few ? kLut3Rows * token_groups : kSpanRows;
     for (int64_t b0 = n0 / 32; b0 < b_end; b0 += span / 32) {
       const int64_t b1 = imin(b_end, b0 + span / 32);
       for (int64_t c0 = 0; c0 < C; c0 += kRangeChunks) {
