@@ -14,6 +14,22 @@ namespace cpu {
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// kernel_api.h's lut3_q on 32 int16 lanes (|q| <= kQMax): |q| / 18 rounded, the sign put back
+// (floor((m + 9) / 18) = ((m + 9) * 58255) >> 20, exact for m <= 32512).
+static inline __m512i lut3_q_epi16(__m512i q) {
+  const __m512i m = _mm512_srli_epi16(
+      _mm512_mulhi_epu16(_mm512_add_epi16(_mm512_abs_epi16(q), _mm512_set1_epi16(9)),
+                         _mm512_set1_epi16(static_cast<int16_t>(58255))),
+      4);
+  return _mm512_mask_sub_epi16(m, _mm512_cmplt_epi16_mask(q, _mm512_setzero_si512()), _mm512_setzero_si512(), m);
+}
+
+// The sum of the 16 int32 lanes of v, in int64 (lanes near the int32 limits would overflow it).
+static inline int64_t sum_epi32_i64(__m512i v) {
+  return _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))) +
+         _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+}
+
 // Valid code bytes of group g (the last group of a row may be partial; masked-off bytes load
 // as code 0, level 0, and meet zero-padded activations anyway).
 static inline __mmask64 group_mask(int64_t K4, int64_t g) {

@@ -255,6 +255,24 @@ inline void lut3_place(int j, uint32_t index, uint16_t* words) {
   words[kLut3Word[j]] = static_cast<uint16_t>(words[kLut3Word[j]] | (v & 0xFFFF));
   if (v >> 16) words[kLut3Word[j] + 1] = static_cast<uint16_t>(words[kLut3Word[j] + 1] | (v >> 16));
 }
+// Row n's word 0 of chunk c in an [N, K4] layer's LUT3 layout of C chunks per row (words 1 and 2
+// follow 32 and 64 uint16 later).
+inline int64_t lut3_word(int64_t n, int64_t C, int64_t c) {
+  return ((n / kLut3Rows) * C + c) * (kLut3ChunkBytes / 2) + (n % kLut3Rows) / 32 * 96 + n % 32;
+}
+// The three words of one row's chunk from its code bytes `row`; element[0, 24): the chunk's
+// lut3_element of each s (-1 past K).
+inline void lut3_chunk_words(const uint8_t* row, const int64_t* element, uint16_t* words) {
+  words[0] = words[1] = words[2] = 0;
+  for (int j = 0; j < 8; ++j) {
+    uint32_t index = 0;
+    for (int w = 0; w < 3; ++w) {
+      const int64_t k = element[3 * j + w];
+      if (k >= 0) index |= static_cast<uint32_t>((row[k / 4] >> (6 - 2 * (k % 4))) & 3) << (2 * w);
+    }
+    lut3_place(j, index, words);
+  }
+}
 inline uint32_t lut3_index(int j, const uint16_t* words) {
   uint32_t v = words[kLut3Word[j]] >> kLut3Bit[j];
   if (kLut3Bit[j] > 10) v |= static_cast<uint32_t>(words[kLut3Word[j] + 1]) << (16 - kLut3Bit[j]);

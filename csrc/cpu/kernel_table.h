@@ -43,6 +43,8 @@ struct KernelSet {
   // mode lut3 on this set's GEMM (int_gemm): the activations cut to q3 (kernel_api.h); null: the
   // portable one
   Lut3Requantize lut3_requantize = nullptr;
+  // whether this set runs lut3 kernels of its own on this CPU
+  bool runs_lut3() const { return lut3_gemv && lut3_supported && lut3_supported(); }
 };
 
 // This build's kernel sets, slowest first; the first is the portable one, which runs everywhere.

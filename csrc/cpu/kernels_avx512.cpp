@@ -586,18 +586,14 @@ int64_t lut3_requantize_avx512(int8_t* act, int64_t chunks) {
   const __m512i to16 = _mm512_broadcast_i32x4(_mm_setr_epi8(4, 0, 5, 1, 6, 2, 7, 3, 12, 8, 13, 9, 14, 10, 15, 11));
   const __m512i to8 = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 3, 5, 7, 0, 2, 4, 6, 9, 11, 13, 15, 8, 10, 12, 14));
   const __m512i one = _mm512_set1_epi16(1), bit7 = _mm512_set1_epi16(0x80), low = _mm512_set1_epi16(0xFF);
-  const __m512i nine = _mm512_set1_epi16(9), half = _mm512_set1_epi16(128);
-  const __m512i magic = _mm512_set1_epi16(static_cast<int16_t>(58255));  // ((m + 9) * 58255) >> 20 = (m + 9) / 18
+  const __m512i half = _mm512_set1_epi16(128);
   __m512i sum_q = _mm512_setzero_si512(), sum_q3 = _mm512_setzero_si512();
   for (int64_t j = 0; j < chunks; j += 8) {
     int8_t* p = act + 8 * j;
     // the bytes (lo, hi) as int16 are q + 256 where lo < 0
     const __m512i w = _mm512_shuffle_epi8(_mm512_loadu_si512(p), to16);
     const __m512i q = _mm512_sub_epi16(w, _mm512_slli_epi16(_mm512_and_si512(w, bit7), 1));
-    const __m512i mag =
-        _mm512_srli_epi16(_mm512_mulhi_epu16(_mm512_add_epi16(_mm512_abs_epi16(q), nine), magic), 4);
-    const __m512i q3 = _mm512_mask_sub_epi16(mag, _mm512_cmplt_epi16_mask(q, _mm512_setzero_si512()),
-                                             _mm512_setzero_si512(), mag);
+    const __m512i q3 = lut3_q_epi16(q);
     sum_q = _mm512_add_epi32(sum_q, _mm512_madd_epi16(q, one));
     sum_q3 = _mm512_add_epi32(sum_q3, _mm512_madd_epi16(q3, one));
     // lo = the low byte of q3, hi = (q3 + 128) >> 8
@@ -606,11 +602,7 @@ int64_t lut3_requantize_avx512(int8_t* act, int64_t chunks) {
     _mm512_storeu_si512(p, _mm512_shuffle_epi8(w3, to8));
   }
   // (each int32 lane within 2 * 32512 * chunks / 8: exact up to K = 10^6; the totals in int64)
-  const auto total = [](__m512i v) {
-    return _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))) +
-           _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
-  };
-  return 2 * total(sum_q) - 2 * kLut3Step * total(sum_q3);
+  return 2 * sum_epi32_i64(sum_q) - 2 * kLut3Step * sum_epi32_i64(sum_q3);
 }
 
 }  // namespace cpu

@@ -126,8 +126,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
   // entries (bytes [128 t, 128 t + 128)) then never reach a triple's q3 not yet read (from byte
   // 976 C + 6 t on).
   int16_t* q3 = e + 488 * C;
-  const __m512i one = _mm512_set1_epi16(1), nine = _mm512_set1_epi16(9);
-  const __m512i magic = _mm512_set1_epi16(static_cast<int16_t>(58255));
+  const __m512i one = _mm512_set1_epi16(1);
   __m512i sum = _mm512_setzero_si512();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t P = K4 - 64 * g < 64 ? K4 - 64 * g : 64;
@@ -138,11 +137,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
         const __m512i q = _mm512_add_epi16(
             _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ah))), 8),
             _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ah + 256))));
-        // lut3_q: |q| / 18 rounded (floor((|q| + 9) / 18) = ((|q| + 9) * 58255) >> 20, exact for
-        // |q| <= 32512), the sign put back
-        const __m512i mag = _mm512_srli_epi16(_mm512_mulhi_epu16(_mm512_add_epi16(_mm512_abs_epi16(q), nine), magic), 4);
-        const __m512i v = _mm512_mask_sub_epi16(mag, _mm512_cmplt_epi16_mask(q, _mm512_setzero_si512()),
-                                                _mm512_setzero_si512(), mag);
+        const __m512i v = lut3_q_epi16(q);
         const auto mask = static_cast<__mmask32>(lanes >> (32 * half));
         _mm512_mask_storeu_epi16(q3 + 256 * g + P * i + 32 * half, mask, v);
         sum = _mm512_add_epi32(sum, _mm512_madd_epi16(q, one));  // (padding lanes: q = 0)
@@ -174,10 +169,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     _mm512_storeu_si512(e + 64 * t + 32, h);
   }
   // (each lane's sum is within 2 * 32512 * K / 32: int32 up to K = 10^6; their total is not)
-  *reinterpret_cast<int64_t*>(tables) =
-      kLut3Step * offsets +
-      2 * (_mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum))) +
-           _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(sum, 1))));
+  *reinterpret_cast<int64_t*>(tables) = kLut3Step * offsets + 2 * sum_epi32_i64(sum);
 }
 
 void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {

@@ -115,14 +115,13 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
 void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
   const int64_t C = lut3_chunks(a.K4);
   for (int64_t n = n0; n < n1; ++n) {
-    const auto* group = reinterpret_cast<const uint16_t*>(a.codes) + (n / kLut3Rows) * C * (kLut3ChunkBytes / 2);
+    const auto* codes = reinterpret_cast<const uint16_t*>(a.codes);
     for (int64_t m = 0; m < a.M; ++m) {
       const auto* tables = reinterpret_cast<const uint8_t*>(a.act + m * a.act_stride);
       const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes);
       int64_t acc = 0;
       for (int64_t c = 0; c < C; ++c) {
-        // this row's three words of the chunk's record
-        const uint16_t* rec = group + c * (kLut3ChunkBytes / 2) + (n % kLut3Rows) / 32 * 96 + n % 32;
+        const uint16_t* rec = codes + lut3_word(n, C, c);  // this row's three words of the chunk
         const uint16_t words[3] = {rec[0], rec[32], rec[64]};
         for (int j = 0; j < 8; ++j) acc += e[64 * (8 * c + j) + lut3_index(j, words)];
       }

@@ -85,17 +85,9 @@ torch::Tensor pack_lut3_codes(const torch::Tensor& codes) {
 #pragma omp parallel for
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < chunks; ++c) {
-      uint16_t words[3] = {0, 0, 0};
-      for (int j = 0; j < 8; ++j) {
-        uint32_t index = 0;
-        for (int w = 0; w < 3; ++w) {
-          const int64_t k = element[24 * c + 3 * j + w];
-          if (k >= 0) index |= static_cast<uint32_t>((src[r * k4 + k / 4] >> (6 - 2 * (k % 4))) & 3) << (2 * w);
-        }
-        cpu::lut3_place(j, index, words);
-      }
-      uint16_t* rec = dst + ((r / cpu::kLut3Rows) * chunks + c) * (cpu::kLut3ChunkBytes / 2) +
-                      (r % cpu::kLut3Rows) / 32 * 96 + r % 32;
+      uint16_t words[3];
+      cpu::lut3_chunk_words(src + r * k4, element.data() + 24 * c, words);
+      uint16_t* rec = dst + cpu::lut3_word(r, chunks, c);
       for (int w = 0; w < 3; ++w)
         if (words[w]) rec[32 * w] = words[w];  // (zeros: as made)
     }

@@ -546,7 +546,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   // lut modes: the set's table-lookup kernels, else the portable ones (the same integers)
   int n_sets;
   const cpu::KernelSet& portable = cpu::kernel_sets(&n_sets)[0];
-  const bool own_lut3 = set.lut3_gemv && set.lut3_supported && set.lut3_supported();
+  const bool own_lut3 = set.runs_lut3();
   const cpu::IntKernel lut_gemv = mode == Mode::kLut3 ? (own_lut3 ? set : portable).lut3_gemv
                                                       : (set.lut_gemv ? set : portable).lut_gemv;
   const cpu::LutTables lut_tables = mode == Mode::kLut3 ? (own_lut3 ? set : portable).lut3_tables
@@ -714,8 +714,7 @@ torch::Tensor lut3_qlinear(const torch::Tensor& x, const torch::Tensor& codes, c
 bool has_lut3_kernel() {
   int n;
   const KernelSet& set = parse_isa("", "isa");
-  return set.lut3_gemv != nullptr && set.lut3_supported && set.lut3_supported() &&
-         &set != &cpu::kernel_sets(&n)[0];  // (the portable set's: the reference)
+  return set.runs_lut3() && &set != &cpu::kernel_sets(&n)[0];  // (the portable set's: the reference)
 }
 
 bool has_lut_kernel() {

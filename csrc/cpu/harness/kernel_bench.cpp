@@ -210,7 +210,7 @@ int main(int argc, char** argv) {
     base.act = reinterpret_cast<const int8_t*>(tables.data());
     base.act_stride = K4 * kLutTableBytes;
   }
-  const KernelSet& lut3_set = set->lut3_gemv && set->lut3_supported() ? *set : kernel_sets(&n_sets)[0];
+  const KernelSet& lut3_set = set->runs_lut3() ? *set : kernel_sets(&n_sets)[0];
   const int64_t lut3_stride = lut3_table_stride(K4);
   uint8_t* lut3_tables = lut3 ? static_cast<uint8_t*>(std::aligned_alloc(64, M * lut3_stride)) : nullptr;
   if (lut3) {

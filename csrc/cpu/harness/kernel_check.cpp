@@ -164,19 +164,13 @@ void check_lut_extremes(const KernelSet* sets, int n_sets) {
 std::vector<uint16_t> lut3_layout(const std::vector<uint8_t>& codes, int64_t N, int64_t K4) {
   const int64_t C = lut3_chunks(K4);
   std::vector<uint16_t> out(lut3_groups(N) * C * kLut3ChunkBytes / 2, 0);
+  std::vector<int64_t> element(24 * C);
+  for (int64_t s = 0; s < 24 * C; ++s) element[s] = lut3_element(K4, s);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) {
-      uint16_t words[3] = {0, 0, 0};
-      for (int j = 0; j < 8; ++j) {
-        uint32_t index = 0;
-        for (int w = 0; w < 3; ++w) {
-          const int64_t k = lut3_element(K4, 24 * c + 3 * j + w);
-          if (k >= 0) index |= static_cast<uint32_t>((codes[n * K4 + k / 4] >> (6 - 2 * (k % 4))) & 3) << (2 * w);
-        }
-        lut3_place(j, index, words);
-      }
-      uint16_t* rec = out.data() + ((n / kLut3Rows) * C + c) * (kLut3ChunkBytes / 2) + (n % kLut3Rows) / 32 * 96 + n % 32;
-      for (int w = 0; w < 3; ++w) rec[32 * w] = words[w];
+      uint16_t words[3];
+      lut3_chunk_words(codes.data() + n * K4, element.data() + 24 * c, words);
+      for (int w = 0; w < 3; ++w) out[lut3_word(n, C, c) + 32 * w] = words[w];
     }
   return out;
 }
@@ -208,7 +202,7 @@ std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c
             (long long)c.N, (long long)c.K, (long long)m, (long long)n);
     }
   for (int s = 0; s < n_sets; ++s) {
-    if (!sets[s].supported() || !sets[s].lut3_gemv || !sets[s].lut3_supported || !sets[s].lut3_supported()) continue;
+    if (!sets[s].supported() || !sets[s].runs_lut3()) continue;
     Aligned mine(c.M * stride);
     uint8_t* mp = mine.p;
     for (int64_t m = 0; m < c.M; ++m) sets[s].lut3_tables(act + m * G * 512, K4, mp + m * stride);
@@ -241,7 +235,7 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
         const std::vector<uint16_t> lut3 = lut3_layout(std::vector<uint8_t>(N * K4, code), N, K4);
         const bool narrow = K <= kInt32MaxK;
         for (int s = 0; s < n_sets; ++s) {
-          if (!sets[s].supported() || !sets[s].lut3_gemv || !sets[s].lut3_supported()) continue;
+          if (!sets[s].supported() || !sets[s].runs_lut3()) continue;
           Aligned tables(M * stride);
           for (int64_t m = 0; m < M; ++m)
             sets[s].lut3_tables(reinterpret_cast<int8_t*>(plane.p) + m * G * 512, K4,
