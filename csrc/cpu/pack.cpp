@@ -47,12 +47,21 @@ torch::Tensor unpack_codes(const torch::Tensor& codes) {
   return z;
 }
 
-torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
+namespace {
+
+// A layer's codes [N, K/4] as the table layouts' packers take them: checked, contiguous.
+torch::Tensor checked_codes(const torch::Tensor& codes) {
   TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) > 0 && codes.size(1) > 0,
                     "codes must be non-empty 2-D [N, K/4], got shape ", codes.sizes());
   TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
-  const auto cc = codes.contiguous();
+  return codes.contiguous();
+}
+
+}  // namespace
+
+torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
+  const auto cc = checked_codes(codes);
   const int64_t n = cc.size(0), k4 = cc.size(1);
   // Straight into 2 MB pages, where the CPU backend keeps it: a copy from the heap left the heap
   // holding the freed block, which glibc seldom returns. Zero bytes are not written: a new
@@ -70,11 +79,7 @@ torch::Tensor pack_lut_codes(const torch::Tensor& codes) {
 }
 
 torch::Tensor pack_lut3_codes(const torch::Tensor& codes) {
-  TORCH_CHECK_TYPE(codes.scalar_type() == torch::kUInt8, "codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(0) > 0 && codes.size(1) > 0,
-                    "codes must be non-empty 2-D [N, K/4], got shape ", codes.sizes());
-  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes must be on the CPU, got ", codes.device());
-  const auto cc = codes.contiguous();
+  const auto cc = checked_codes(codes);
   const int64_t n = cc.size(0), k4 = cc.size(1), chunks = cpu::lut3_chunks(k4);
   auto out = zeros_in_huge_pages({cpu::lut3_groups(n), chunks * cpu::kLut3ChunkBytes}, torch::kUInt8);
   const uint8_t* src = cc.data_ptr<uint8_t>();
