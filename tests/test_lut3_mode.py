@@ -30,15 +30,30 @@ def lut3_args(pw, x, bias=None):
     return (x, pw.codes, _C.pack_lut3_codes(pw.codes), cpu_backend.frozen_params(layer), pw.had_in, pw.had_out)
 
 
-def test_the_lut3_layout_holds_every_level_where_kernel_api_says():
+def lut3_word(n, groups, chunks, c):
+    """kernel_api.h lut3_word: row n's word 0 of chunk c (uint16 offset), groups of 128 rows in
+    bands of 4, chunks in ranges of 16, per band and range each group's chunks of the range."""
+    group, lane = divmod(n, 128)
+    band, in_band = divmod(group, 4)
+    band_groups = min(4, groups - 4 * band)
+    rng, c_in = divmod(c, 16)
+    range_chunks = min(16, chunks - 16 * rng)
+    chunk = 4 * band * chunks + 16 * rng * band_groups + in_band * range_chunks + c_in
+    return chunk * 384 + lane // 32 * 96 + lane % 32
+
+
+@pytest.mark.parametrize("n,k", [(150, 100), (700, 424)])
+def test_the_lut3_layout_holds_every_level_where_kernel_api_says(n, k):
     """Row n's triple t of chunk c, read back by the layout's own rule, is the levels of elements
-    s = 24 c + 3 t + w (the plane order of kernel_api.h), zero past K."""
-    n, k = 150, 100  # a partial group of rows, a partial group of codes (K4 = 25), a partial chunk
+    s = 24 c + 3 t + w (the plane order of kernel_api.h), zero past K; rows past N are zero.
+    150 x 100: a partial group of rows, a partial group of codes (K4 = 25), a partial chunk, one
+    band of 2 groups and one range of 5 chunks; 700 x 424: a full band and a partial one (2 of its
+    4 groups), a full range and a partial one (2 of its 16 chunks)."""
     z = torch.randint(0, 4, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     lut3 = _C.pack_lut3_codes(_C.pack_codes(z))
-    chunks = -(-k // 24)
-    assert lut3.shape == (2, chunks * 768)
-    words = lut3.view(torch.int16).view(2, chunks, 4, 3, 32).to(torch.int64) & 0xFFFF
+    chunks, groups = -(-k // 24), -(-n // 128)
+    assert lut3.shape == (groups, chunks * 768)
+    flat = lut3.view(torch.int16).flatten().to(torch.int64) & 0xFFFF
     k4, fields = k // 4, [(0, 0), (0, 6), (0, 12), (1, 2), (1, 8), (1, 14), (2, 4), (2, 10)]
 
     def element(s):  # kernel_api.h lut3_element
@@ -46,17 +61,20 @@ def test_the_lut3_layout_holds_every_level_where_kernel_api_says():
         p_g = min(64, k4 - 64 * g)
         return 256 * g + 4 * (r % p_g) + r // p_g if s < k else None
 
-    for row in (0, 31, 32, 127, 128, 149):
-        w = words[row // 128, :, (row % 128) // 32, :, row % 32]  # [chunks, 3]
+    seen = torch.zeros_like(flat, dtype=torch.bool)
+    for row in range(groups * 128):
         for c in range(chunks):
+            at = lut3_word(row, groups, chunks, c)
+            words = [int(flat[at + 32 * w]) for w in range(3)]
+            seen[[at, at + 32, at + 64]] = True
             for t, (word, bit) in enumerate(fields):
-                v = int(w[c, word]) >> bit
+                v = words[word] >> bit
                 if bit > 10:
-                    v |= int(w[c, word + 1]) << (16 - bit)
+                    v |= words[word + 1] << (16 - bit)
                 for i in range(3):
-                    e = element(24 * c + 3 * t + i)
+                    e = element(24 * c + 3 * t + i) if row < n else None
                     assert (v >> 2 * i) & 3 == (0 if e is None else int(z[row, e])), (row, c, t, i)
-    assert not lut3[1].view(torch.int16).view(chunks, 4, 3, 32)[:, 1:].any()  # rows 160-255: zero
+    assert seen.all()  # every word of the tensor belongs to one row and chunk
 
 
 @pytest.mark.parametrize("n,k", [(300, 4096), (96, 384), (130, 1028)])

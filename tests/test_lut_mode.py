@@ -59,12 +59,14 @@ def reference(x, pw, bias=None):
     return F.linear(x.double(), dequantize(pw).double(), None if bias is None else bias.double())
 
 
-# N: whole blocks of 32 rows (lut3: groups of 128) and a partial one; K: partial groups of 64
-# code bytes, of the lut table builder's 16 and of lut3's chunks of 24, K above the int32 output
-# limit; tokens past the lut3 GEMV's count (its GEMM).
+# N: whole blocks of 32 rows (lut3: groups of 128) and a partial one, lut3's bands of 512 rows
+# whole and partial; K: partial groups of 64 code bytes, of the lut table builder's 16, of lut3's
+# chunks of 24 and ranges of 16 chunks, K above the int32 output limit; tokens past the lut3 GEMV's
+# count (its GEMM).
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n,k,hadamard", [(37, 384, True), (64, 256, False), (130, 100, True), (96, 4096, True),
-                                          (33, 1028, False), (300, 1028, False), (40, 22016, True)])
+                                          (33, 1028, False), (300, 1028, False), (40, 22016, True),
+                                          (700, 424, False)])
 def test_table_modes_are_within_2e_3_of_fp64_and_the_same_bits_on_every_isa(isa, mode, n, k, hadamard):
     pw = make_packed(n, k, hadamard=hadamard, seed=n + k)
     bias = torch.randn(n)

@@ -6,9 +6,9 @@
 //
 // Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load (the load
 // port, one 64-byte load per cycle on Zen 5, is what a single block would wait on); ranges of
-// chunks keep codes and tables in cache between groups and tokens (kRangeChunks); tokens go in
-// blocks of kTokenBlock. The first token's pass prefetches the codes ahead (a group's chunks, and
-// the groups, are one stream). A prototype of the same loop (Zen 5, one thread, codes in L2,
+// chunks keep codes and tables in cache between groups and tokens (the layout's bands and ranges);
+// tokens go in blocks of kTokenBlock. The first token's pass prefetches the codes ahead (a band's
+// ranges, and the bands, are one stream). A prototype of the same loop (Zen 5, one thread, codes in L2,
 // 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; whole layer
 // calls from memory gain 1.1-1.35x at 4-32 tokens (benchmarks/lut3_bench.py, suite.py).
 #include <immintrin.h>
@@ -25,39 +25,40 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
-// The kernel goes over spans of up to kSpanRows rows (16 groups) one range of kRangeChunks chunks
-// at a time, each range over the span's groups and then over the tokens: a group's codes for the
-// range (12 KB) stay in L1 from one token to the next, and the tokens' tables for it (16 KB each)
-// in L2 from one group to the next; partial sums wait in `acc` (64 KB). Without ranges (all of K
-// per group and token) the tables of a long row (459 KB per token at K = 11008) and the codes
-// streaming past evict each other from L2. Zen 5, 11008 -> 4096 from memory (lut3_bench.py):
-// 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none 1.83 (int mode
-// 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables per span from
-// L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7). One token (nothing to share between
-// tokens) goes over fewer groups, its codes then nearer one stream in address order: kernel_bench,
-// from memory, one thread, against the read probe's floor: 4096 x 4096 16 groups 1.10x, 2 groups
-// 1.00, 1 group 0.93; but 11008 -> 4096 (459 KB of tables per token) 1 group 1.31, 4 groups 1.07,
-// 16 groups 1.10 (int mode 0.90).
-constexpr int64_t kRangeChunks = 16;
+// The kernel goes over spans of whole bands (kernel_api.h), up to kSpanRows rows (4 bands), one
+// range of chunks at a time, each range over the span's groups and then over the tokens: a group's
+// codes for the range (12 KB) stay in L1 from one token to the next, and the tokens' tables for
+// it (16 KB each) in L1 or L2 from one group to the next; partial sums wait in `acc` (64 KB).
+// Without ranges (all of K per group and token) the tables of a long row (459 KB per token at
+// K = 11008) and the codes streaming past evict each other from L2. Zen 5, 11008 -> 4096 from
+// memory (lut3_bench.py): 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none
+// 1.83 (int mode 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables
+// per span from L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7).
 constexpr int64_t kSpanRows = kLut3SpanRows;
-// Codes are prefetched into L2 (prefetcht1) this far ahead in the first token's pass. Zen 5,
-// 4096 x 4096 from memory, one token, one thread: none 0.384 ms, 2 KB into L1 0.336, 4 KB 0.204,
-// 8 KB 0.183, 16 KB 0.165-0.183, 32 KB 0.171 (int mode 0.21-0.26 in the same runs).
-constexpr int64_t kPrefetchBytes = 16384;
+// Codes are prefetched into L2 (prefetcht1) in the first token's pass, each line twice: 32 KB and
+// again 16 KB ahead. One prefetch alone leaves a share of the lines to come from memory on demand
+// (as if it were dropped when the core's queue of misses is full); the second asks again, in time.
+// Zen 5, from memory, one token, one thread (kernel_bench, 3 runs each side by side): 4096 x 4096
+// one prefetch 16 KB ahead 173-178 us, 32 + 16 KB 136-144 (a plain read of the same codes 130-140);
+// 11008 -> 4096 484-506 -> 372-416 us; 4096 -> 11008 552 -> 483-493. One prefetch 64 KB ahead
+// 179-202 us, 32 KB 177-184, twice 32 KB ahead as once; into L1 (prefetcht0) 332-341. (Earlier,
+// one prefetch: none 384 us, 4 KB 204, 16 KB 165-183.)
+constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
 
-// R blocks of 32 rows (one group's blocks b0 .. b0 + R - 1), chunks [c0, c1), one token: adds the
-// sums of table entries to acc[0, 32 R) (row order) or stores them there (first).
+// R blocks of 32 rows (blocks of one group, one after another), `chunks` chunks of one range, one
+// token: rec is the first block's record of the first chunk, e that chunk's tables. Adds the sums
+// of table entries to acc[0, 32 R) (row order) or stores them there (first).
 template <int R>
-void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t c0, int64_t c1, bool prefetch, bool first,
-               int32_t* acc) {
+void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefetch, bool first, int32_t* acc) {
   const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
   __m512i ae[R], ao[R], s[R];
   for (int r = 0; r < R; ++r) ae[r] = ao[r] = _mm512_setzero_si512();
-  for (int64_t c = c0; c < c1; ++c) {
+  for (int64_t c = 0; c < chunks; ++c) {
     const uint16_t* p = rec + c * (kLut3ChunkBytes / 2);
     if (prefetch) {
-      const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-      for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+      const char* ahead = reinterpret_cast<const char*>(p);
+      for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + kPrefetchFar + 64 * line, _MM_HINT_T1);
+      for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + kPrefetchNear + 64 * line, _MM_HINT_T1);
     }
     const int16_t* t = e + c * (kLut3TableBytes / 2);
     __m512i w0[R], w1[R], w2[R];
@@ -114,7 +115,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t c0, int64_t c1, bo
   }
 }
 
-using RowsFn = void (*)(const uint16_t*, const int16_t*, int64_t, int64_t, bool, bool, int32_t*);
+using RowsFn = void (*)(const uint16_t*, const int16_t*, int64_t, bool, bool, int32_t*);
 constexpr RowsFn kRows[5] = {nullptr, lut3_rows<1>, lut3_rows<2>, lut3_rows<3>, lut3_rows<4>};
 
 }  // namespace
@@ -178,25 +179,23 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
   alignas(64) int32_t acc[kTokenBlock][kSpanRows];
   for (int64_t m0 = 0; m0 < a.M; m0 += kTokenBlock) {
     const int64_t mt = a.M - m0 < kTokenBlock ? a.M - m0 : kTokenBlock;
-    // One token: as few groups as keep its tables' traffic below the codes' (one group where a
-    // token's tables fit L2 beside the streaming codes, up to K ~ 6000), its codes then near one
-    // stream; so too two or three tokens of such short rows (kernel_bench, 4096 x 4096, one thread:
-    // 2 tokens 338-341 -> 283-285 us, 3 tokens 459-533 -> 391-421; from 4 tokens no better, and at
-    // K = 11008 two tokens were slower: 832-850 -> 903-945).
-    const int64_t token_groups = a.act_stride >= (256 << 10) ? imin(16, a.act_stride / (128 << 10)) : 1;
-    const bool few = mt == 1 || (mt <= 3 && token_groups == 1);
-    const int64_t span = few ? kLut3Rows * token_groups : kSpanRows;
-    for (int64_t b0 = n0 / 32; b0 < b_end; b0 += span / 32) {
-      const int64_t b1 = imin(b_end, b0 + span / 32);
-      for (int64_t c0 = 0; c0 < C; c0 += kRangeChunks) {
-        const int64_t c1 = imin(C, c0 + kRangeChunks);
+    // One token goes a band at a time (its codes then one stream in address order); so do two or
+    // three tokens on rows up to K ~ 6000 (kernel_bench, 4096 x 4096, one thread, group after
+    // group: 2 tokens 338-341 -> 283-285 us, 3 tokens 459-533 -> 391-421; from 4 tokens no
+    // better, and at K = 11008 two tokens were slower: 832-850 -> 903-945).
+    const bool few = mt == 1 || (mt <= 3 && a.act_stride < (256 << 10));
+    const int64_t span = (few ? kLut3BandGroups * kLut3Rows : kSpanRows) / 32;  // in blocks
+    for (int64_t b0 = n0 / 32, b1; b0 < b_end; b0 = b1) {
+      b1 = imin(b_end, (b0 / span + 1) * span);  // (spans of whole bands)
+      for (int64_t c0 = 0; c0 < C; c0 += kLut3RangeChunks) {
+        const int64_t chunks = imin(C - c0, kLut3RangeChunks);
         for (int64_t b = b0; b < b1;) {
           const int64_t R = imin(4 - b % 4, b1 - b);
-          const auto* rec = reinterpret_cast<const uint16_t*>(a.codes) + (b / 4) * C * (kLut3ChunkBytes / 2) + (b % 4) * 96;
+          const uint16_t* rec = reinterpret_cast<const uint16_t*>(a.codes) + lut3_word(32 * b, a.N, C, c0);
           for (int64_t m = 0; m < mt; ++m) {
             const auto* tables = reinterpret_cast<const uint8_t*>(a.act + (m0 + m) * a.act_stride);
-            kRows[R](rec, reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes), c0, c1, m == 0, c0 == 0,
-                     acc[m] + 32 * (b - b0));
+            const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes) + c0 * (kLut3TableBytes / 2);
+            kRows[R](rec, e, chunks, m == 0, c0 == 0, acc[m] + 32 * (b - b0));
           }
           b += R;
         }

@@ -121,7 +121,7 @@ void lut3_gemv_scalar(const IntArgs& a, int64_t n0, int64_t n1) {
       const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes);
       int64_t acc = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const uint16_t* rec = codes + lut3_word(n, C, c);  // this row's three words of the chunk
+        const uint16_t* rec = codes + lut3_word(n, a.N, C, c);  // this row's three words of the chunk
         const uint16_t words[3] = {rec[0], rec[32], rec[64]};
         for (int j = 0; j < 8; ++j) acc += e[64 * (8 * c + j) + lut3_index(j, words)];
       }

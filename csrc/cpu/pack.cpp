@@ -92,7 +92,7 @@ torch::Tensor pack_lut3_codes(const torch::Tensor& codes) {
     for (int64_t c = 0; c < chunks; ++c) {
       uint16_t words[3];
       cpu::lut3_chunk_words(src + r * k4, element.data() + 24 * c, words);
-      uint16_t* rec = dst + cpu::lut3_word(r, chunks, c);
+      uint16_t* rec = dst + cpu::lut3_word(r, n, chunks, c);
       for (int w = 0; w < 3; ++w)
         if (words[w]) rec[32 * w] = words[w];  // (zeros: as made)
     }

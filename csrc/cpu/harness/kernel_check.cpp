@@ -170,7 +170,7 @@ std::vector<uint16_t> lut3_layout(const std::vector<uint8_t>& codes, int64_t N, 
     for (int64_t c = 0; c < C; ++c) {
       uint16_t words[3];
       lut3_chunk_words(codes.data() + n * K4, element.data() + 24 * c, words);
-      for (int w = 0; w < 3; ++w) out[lut3_word(n, C, c) + 32 * w] = words[w];
+      for (int w = 0; w < 3; ++w) out[lut3_word(n, N, C, c) + 32 * w] = words[w];
     }
   return out;
 }
