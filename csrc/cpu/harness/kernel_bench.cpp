@@ -12,8 +12,8 @@
 // gemv_max_tokens, its GEMM where it has one) or lut: the table-lookup GEMV (kernel_api.h; random
 // bytes are valid codes in the LUT layout too), the set's own or the portable one, on tables made
 // once before the calls; or lut3: the triple-lookup GEMV (random bytes are valid LUT3 codes), the
-// set's own where the CPU has VBMI2, else the portable one, rows split on 128-row groups as the
-// driver splits them;
+// set's own where the CPU has VBMI2, else the portable one, rows split on its bands (or groups) as
+// the driver splits them;
 // or read: no kernel, a plain read of each call's own rows (the same split, the same cycled layers),
 // which streams faster than the floor's one long read (Zen 5, one thread: ~30 vs ~22 GB/s).
 //
@@ -219,8 +219,11 @@ int main(int argc, char** argv) {
     base.act_stride = lut3_stride;
   }
   const IntKernel kernel = lut ? lut_set.lut_gemv : lut3 ? lut3_set.lut3_gemv : gemm ? set->int_gemm : set->int_gemv;
-  // (lut3: whole groups of 128 rows per thread)
-  const int64_t align = lut3 ? kLut3Rows / kRowTile : 1, tiles = (N + kRowTile - 1) / kRowTile;
+  // (lut3: whole bands of 4 groups per thread where every thread gets one, else whole groups, as
+  // qlinear.cpp splits them)
+  const int64_t band_rows = kLut3BandGroups * kLut3Rows;
+  const int64_t align = lut3 ? (N >= threads * band_rows ? band_rows : kLut3Rows) / kRowTile : 1,
+                tiles = (N + kRowTile - 1) / kRowTile;
   const int64_t per = (tiles + threads * align - 1) / (threads * align) * align * kRowTile;
   const int calls = std::max(layers + 200, 2 * layers);
   const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
