@@ -79,16 +79,19 @@ def test_the_lut3_layout_holds_every_level_where_kernel_api_says(n, k):
 
 @pytest.mark.parametrize("n,k", [(300, 4096), (96, 384), (130, 1028)])
 def test_lut3_linear_gives_the_same_bits_at_any_batch(isa, n, k):
-    """Past the GEMV's token count (kernel_api.h gemv_max_tokens) mode lut3 runs the int GEMM on its
-    12-bit activations: every token's output equals that of a call on the token alone, on every set."""
+    """Past its GEMV's token count (kernel_api.h lut3_gemv_max_tokens: the tokens' tables over
+    16 MB) mode lut3 runs the int GEMM on its 12-bit activations: every token's output equals that of
+    a call on the token alone, on every set; so does a call of 45 tokens, under the count."""
     pw = make_packed(n, k, hadamard=True, seed=n)
-    x = torch.randn(45, k)
-    for name in ISAS:
-        isa(name)
-        with torch.no_grad():
-            batch = torch.ops.pyquant.lut3_linear(*lut3_args(pw, x))
-            alone = torch.cat([torch.ops.pyquant.lut3_linear(*lut3_args(pw, x[i:i + 1])) for i in range(len(x))])
-        assert torch.equal(batch, alone), name
+    table_bytes = 64 + -(-k // 24) * 1024  # kernel_api.h lut3_table_stride
+    for m in (45, (16 << 20) // table_bytes + 1):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        for name in ISAS:
+            isa(name)
+            with torch.no_grad():
+                batch = torch.ops.pyquant.lut3_linear(*lut3_args(pw, x))
+                alone = torch.cat([torch.ops.pyquant.lut3_linear(*lut3_args(pw, x[i:i + 1])) for i in range(len(x))])
+            assert torch.equal(batch, alone), (name, m)
 
 
 def test_lut3_linear_opcheck_and_bad_input():

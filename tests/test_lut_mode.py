@@ -61,8 +61,8 @@ def reference(x, pw, bias=None):
 
 # N: whole blocks of 32 rows (lut3: groups of 128) and a partial one, lut3's bands of 512 rows
 # whole and partial; K: partial groups of 64 code bytes, of the lut table builder's 16, of lut3's
-# chunks of 24 and ranges of 16 chunks, K above the int32 output limit; tokens past the lut3 GEMV's
-# count (its GEMM).
+# chunks of 24 and ranges of 16 chunks, K above the int32 output limit; tokens past int mode's GEMV
+# count (lut3 past its own, its GEMM: test_lut3_mode).
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n,k,hadamard", [(37, 384, True), (64, 256, False), (130, 100, True), (96, 4096, True),
                                           (33, 1028, False), (300, 1028, False), (40, 22016, True),

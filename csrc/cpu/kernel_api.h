@@ -249,6 +249,18 @@ constexpr int64_t kLut3SpanRows = 2048;
 inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
 inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
 inline int64_t lut3_table_stride(int64_t K4) { return kLut3HeadBytes + lut3_chunks(K4) * kLut3TableBytes; }
+// Mode lut3 runs its GEMV past gemv_max_tokens while a call's tables (every worker makes them for
+// all the call's tokens) stay within kLut3GemvTableBytes, the int GEMM on its 12-bit activations
+// past that: the lookups beat the GEMM there, but a worker's tables for many long rows cost more
+// to make and stream than they save (Zen 5, lut3_bench.py, lut3 x int mode, GEMM -> GEMV: 384 ->
+// 1536 at 32-128 tokens 0.95-0.98 -> 1.06-1.32; 4096 -> 4096 and 11008 -> 4096 at 64-128 tokens,
+// one thread 0.99-1.01 -> 1.13-1.19, two 1.00-1.05; 1536 -> 384 two threads 1.06-1.20, one
+// 0.92-0.99; but 11008 -> 4096 at 128 tokens, 60 MB of tables a worker, two threads 0.46).
+constexpr int64_t kLut3GemvTableBytes = 16 << 20;
+inline int64_t lut3_gemv_max_tokens(int64_t code_bytes, int64_t K4) {
+  const int64_t fit = kLut3GemvTableBytes / lut3_table_stride(K4), most = gemv_max_tokens(code_bytes, K4);
+  return fit > most ? fit : most;
+}
 // Element k of s (see above), or -1 past K.
 inline int64_t lut3_element(int64_t K4, int64_t s) {
   if (s >= 4 * K4) return -1;

@@ -666,11 +666,13 @@ torch::Tensor run_layer(const torch::Tensor& x, const Layer& L, const KernelSet&
   check_input(x, L);
   TORCH_CHECK_VALUE(algo == "auto" || algo == "gemv" || algo == "gemm", "algo must be 'auto', 'gemv' or 'gemm', got '",
                     algo, "'");
-  // (mode lut3 takes the GEMM where int mode would, on the same 12-bit activations: the same V)
+  // (mode lut3 takes the GEMM past its own token count, kernel_api.h lut3_gemv_max_tokens, on the
+  // same 12-bit activations: the same V)
   const bool gemm_possible = (mode == Mode::kInt || mode == Mode::kLut3) && set.int_gemm != nullptr;
   TORCH_CHECK_VALUE(algo != "gemm" || gemm_possible, "algo 'gemm' needs mode 'int' and an isa with a GEMM ('",
                     set.name, "' has ", set.int_gemm ? "one" : "none", ")");
-  const int64_t gemv_max = cpu::gemv_max_tokens(L.N * L.K4, L.K4);
+  const int64_t gemv_max = mode == Mode::kLut3 ? cpu::lut3_gemv_max_tokens(L.N * L.K4, L.K4)
+                                               : cpu::gemv_max_tokens(L.N * L.K4, L.K4);
   const bool gemm = gemm_possible && (algo == "gemm" || (algo == "auto" && x.size(0) > gemv_max));
   // (past the dispatcher: torch::empty took ~0.7 us of a MiniLM layer call's ~1.1 us of set-up,
   // at::empty_cpu ~0.5, most of it the allocation itself)
