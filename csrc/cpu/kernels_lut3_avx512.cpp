@@ -40,7 +40,7 @@ constexpr int64_t kSpanRows = kLut3SpanRows;
 // (as if it were dropped when the core's queue of misses is full); the second asks again, in time.
 // Zen 5, from memory, one token, one thread (kernel_bench, 3 runs each side by side): 4096 x 4096
 // one prefetch 16 KB ahead 173-178 us, 32 + 16 KB 136-144 (a plain read of the same codes 130-140);
-// 11008 -> 4096 484-506 -> 372-416 us; 4096 -> 11008 552 -> 483-493. One prefetch 64 KB ahead
+// 4096 -> 11008 484-506 -> 372-416 us; 11008 -> 4096 552 -> 483-493. One prefetch 64 KB ahead
 // 179-202 us, 32 KB 177-184, twice 32 KB ahead as once; into L1 (prefetcht0) 332-341. (Earlier,
 // one prefetch: none 384 us, 4 KB 204, 16 KB 165-183.)
 constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
