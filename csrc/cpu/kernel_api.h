@@ -30,6 +30,7 @@
 //             against 16 rows (one stream per token instead of two).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -246,6 +247,13 @@ constexpr int64_t kLut3TableBytes = 1024;  // per chunk: 8 triples x 64 int16
 // The lut3 GEMV with several tokens goes over spans of this many rows one range of K at a time
 // (kernels_lut3_avx512.cpp); the driver gives it at least one span per call where it can.
 constexpr int64_t kLut3SpanRows = 2048;
+// The rows a lut3 GEMV call starts on (the driver's calls, kernel_bench's threads): a band where
+// each of `threads` threads still gets one (a band's codes are one stream), else a group: a call
+// on part of a band reads its groups' pieces of each range, and the codes it prefetches ahead are
+// the other groups' (4096 x 4096, one token, 2 threads, calls on 2 groups: 0.82x int mode).
+inline int64_t lut3_call_rows(int64_t N, int64_t threads) {
+  return N >= threads * kLut3BandGroups * kLut3Rows ? kLut3BandGroups * kLut3Rows : kLut3Rows;
+}
 inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
 inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
 inline int64_t lut3_table_stride(int64_t K4) { return kLut3HeadBytes + lut3_chunks(K4) * kLut3TableBytes; }
@@ -279,11 +287,8 @@ inline void lut3_place(int j, uint32_t index, uint16_t* words) {
 // follow 32 and 64 uint16 later).
 inline int64_t lut3_word(int64_t n, int64_t N, int64_t C, int64_t c) {
   const int64_t group = n / kLut3Rows, band = group / kLut3BandGroups, in_band = group % kLut3BandGroups;
-  const int64_t band_groups = lut3_groups(N) - kLut3BandGroups * band < kLut3BandGroups
-                                  ? lut3_groups(N) - kLut3BandGroups * band : kLut3BandGroups;
-  const int64_t range = c / kLut3RangeChunks,
-                range_chunks = C - kLut3RangeChunks * range < kLut3RangeChunks ? C - kLut3RangeChunks * range
-                                                                               : kLut3RangeChunks;
+  const int64_t band_groups = std::min(kLut3BandGroups, lut3_groups(N) - kLut3BandGroups * band);
+  const int64_t range = c / kLut3RangeChunks, range_chunks = std::min(kLut3RangeChunks, C - kLut3RangeChunks * range);
   const int64_t chunk = kLut3BandGroups * band * C + kLut3RangeChunks * range * band_groups +
                         in_band * range_chunks + c % kLut3RangeChunks;
   return chunk * (kLut3ChunkBytes / 2) + (n % kLut3Rows) / 32 * 96 + n % 32;

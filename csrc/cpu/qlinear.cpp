@@ -416,7 +416,7 @@ struct CallSplit {
   // multiply-adds, or below `serial_rows` where the split would be by rows (a kernel set may ask
   // for more: the tile kernel's rows cost little next to its fixed costs per call). `row_align`:
   // every range of rows a kernel call gets starts on a multiple of this many tiles (lut3's
-  // bands of 4 groups of 128 rows, below); `min_grab`: and it has at least this many tiles
+  // bands or groups, kernel_api.h lut3_call_rows); `min_grab`: and it has at least this many tiles
   // where the layer has them (the lut3 GEMV reads all its tokens' tables once per call).
   CallSplit(int64_t M, int64_t N, int64_t work, int64_t serial_rows, int64_t token_block, bool cached,
             int64_t row_align = 1, int64_t min_grab = 1)
@@ -535,15 +535,9 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   // and a thread reading another's from that core's cache took longer than making them (Zen 5,
   // 4096 x 512, one token, 2 threads, lut3: 0.035 -> 0.016 ms, int mode 0.018).
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
-  // The lut3 GEMV's calls start on a band of 128-row groups (kernel_api.h: a band's codes are one
-  // stream) where every thread still gets one, else on a group: a call on part of a band reads
-  // its groups' pieces of each range, and the codes prefetched ahead are the other groups'
-  // (4096 x 4096, one token, 2 threads, calls on 2 groups: 0.82x int mode; suite.py).
-  const int64_t lut3_align = (L.N >= at::get_num_threads() * cpu::kLut3BandGroups * cpu::kLut3Rows
-                                  ? cpu::kLut3BandGroups * cpu::kLut3Rows : cpu::kLut3Rows) / cpu::kRowTile;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,
                         int_mode && L.N * L.K4 <= cpu::kSmallLayerCodeBytes,
-                        mode == Mode::kLut3 && !gemm ? lut3_align : 1,
+                        mode == Mode::kLut3 && !gemm ? cpu::lut3_call_rows(L.N, at::get_num_threads()) / cpu::kRowTile : 1,
                         // (11008 -> 4096 at 32 tokens, 2 threads: 256-row grabs 10.9 ms, int mode 7.9)
                         mode == Mode::kLut3 && !gemm && M > 1 ? cpu::kLut3SpanRows / cpu::kRowTile : 1);
   const T* xp = x.data_ptr<T>();

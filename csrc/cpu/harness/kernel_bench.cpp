@@ -219,11 +219,8 @@ int main(int argc, char** argv) {
     base.act_stride = lut3_stride;
   }
   const IntKernel kernel = lut ? lut_set.lut_gemv : lut3 ? lut3_set.lut3_gemv : gemm ? set->int_gemm : set->int_gemv;
-  // (lut3: whole bands of 4 groups per thread where every thread gets one, else whole groups, as
-  // qlinear.cpp splits them)
-  const int64_t band_rows = kLut3BandGroups * kLut3Rows;
-  const int64_t align = lut3 ? (N >= threads * band_rows ? band_rows : kLut3Rows) / kRowTile : 1,
-                tiles = (N + kRowTile - 1) / kRowTile;
+  // (lut3: whole bands or groups per thread, as qlinear.cpp splits them)
+  const int64_t align = lut3 ? lut3_call_rows(N, threads) / kRowTile : 1, tiles = (N + kRowTile - 1) / kRowTile;
   const int64_t per = (tiles + threads * align - 1) / (threads * align) * align * kRowTile;
   const int calls = std::max(layers + 200, 2 * layers);
   const auto kernel_ticks = run_threads(threads, calls, [&](int call, int t) {
