@@ -1,6 +1,7 @@
-// Shared by the AVX-512 kernel files (kernels_avx512.cpp, kernels_amx.cpp). Include it after the
-// file's `#pragma GCC target(...)`: it is compiled for that target. `static`: every file keeps its
-// own copy, so the linker can never hand an AVX-512 body to code built for another target.
+// Shared by the AVX-512 kernel files (kernels_avx512.cpp, kernels_amx.cpp, kernels_lut3_avx512.cpp).
+// Include it after the file's `#pragma GCC target(...)`: it is compiled for that target. `static`:
+// every file keeps its own copy, so the linker can never hand an AVX-512 body to code built for
+// another target.
 #pragma once
 
 #include <immintrin.h>
@@ -13,6 +14,17 @@ namespace pyquant {
 namespace cpu {
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Makes v a register of its own: gcc otherwise may fold the load that made v into every
+// instruction that uses v (a memory operand each, so that many loads), where the load port is what
+// the loop waits on. (PYQUANT_NO_INLINE_ASM: the harness's emulated build, check_portable.sh)
+static inline void keep_in_register(__m512i& v) {
+#if !defined(PYQUANT_NO_INLINE_ASM)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
 
 // kernel_api.h's lut3_q on 32 int16 lanes (|q| <= kQMax): |q| / 18 rounded, the sign put back
 // (floor((m + 9) / 18) = ((m + 9) * 58255) >> 20, exact for m <= 32512).

@@ -1,8 +1,9 @@
 // Mode "lut3" on AVX-512 with VBMI2 (Ice Lake, Sapphire Rapids, Zen 4 and later): the triple-lookup
 // GEMV of kernel_api.h. Per 32 rows, chunk of 8 triples and token: the chunk's 3 code vectors give
 // the 8 index vectors (5 shifts, 2 vpshrdw, made again for each token), each looked up in its triple's
-// 64-entry table (two registers, vpermi2w), four lookups summed in int16, then widened into even-
-// and odd-row int32 sums (vpdpwssd by 1 in the low or the high word).
+// 64-entry table (two registers, vpermi2w), four lookups summed in int16 (all eight in a narrow
+// chunk, kernel_api.h), then widened into even- and odd-row int32 sums (vpdpwssd by 1 in the low
+// or the high word).
 //
 // Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load (the load
 // port, one 64-byte load per cycle on Zen 5, is what a single block would wait on); ranges of
@@ -12,6 +13,8 @@
 // 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; whole layer
 // calls from memory gain 1.1-1.35x at 4-32 tokens (benchmarks/lut3_bench.py, suite.py).
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "kernel_api.h"
 
@@ -25,6 +28,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
+static_assert(kLut3RangeChunks == 16, "a range's narrow bits are read as two bytes");
 // The kernel goes over spans of whole bands (kernel_api.h), up to kSpanRows rows (4 bands), one
 // range of chunks at a time, each range over the span's groups and then over the tokens: a group's
 // codes for the range (12 KB) stay in L1 from one token to the next, and the tokens' tables for
@@ -46,10 +50,12 @@ constexpr int64_t kSpanRows = kLut3SpanRows;
 constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
 
 // R blocks of 32 rows (blocks of one group, one after another), `chunks` chunks of one range, one
-// token: rec is the first block's record of the first chunk, e that chunk's tables. Adds the sums
-// of table entries to acc[0, 32 R) (row order) or stores them there (first).
+// token: rec is the first block's record of the first chunk, e that chunk's tables, narrow the
+// chunks' narrow bits (bit c for chunk c of the range). Adds the sums of table entries to
+// acc[0, 32 R) (row order) or stores them there (first).
 template <int R>
-void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefetch, bool first, int32_t* acc) {
+void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t chunks, bool prefetch, bool first,
+               int32_t* acc) {
   const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
   __m512i ae[R], ao[R], s[R];
   for (int r = 0; r < R; ++r) ae[r] = ao[r] = _mm512_setzero_si512();
@@ -65,6 +71,11 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefe
     for (int r = 0; r < R; ++r) {
       w0[r] = _mm512_loadu_si512(p + 96 * r);
       w1[r] = _mm512_loadu_si512(p + 96 * r + 32);
+      // (else gcc loads each code vector again into each instruction that cuts an index from it:
+      // Zen 5, one thread, codes in cache, 4096 x 4096, 1 / 2 / 8 tokens 121 / 234 / 870 -> 109 /
+      // 221 / 813 us)
+      keep_in_register(w0[r]);
+      keep_in_register(w1[r]);
     }
     // triples 0-3: word 0, and word 1's low bits
     for (int j = 0; j < 4; ++j) {
@@ -78,10 +89,16 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefe
         s[r] = j == 0 ? v : _mm512_add_epi16(s[r], v);
       }
     }
+    // a narrow chunk's eight lookups add up in int16 (kernel_api.h); another's widen by four
+    if (!(narrow >> c & 1))
+      for (int r = 0; r < R; ++r) {
+        ae[r] = _mm512_dpwssd_epi32(ae[r], s[r], even);
+        ao[r] = _mm512_dpwssd_epi32(ao[r], s[r], odd);
+        s[r] = _mm512_setzero_si512();
+      }
     for (int r = 0; r < R; ++r) {
-      ae[r] = _mm512_dpwssd_epi32(ae[r], s[r], even);
-      ao[r] = _mm512_dpwssd_epi32(ao[r], s[r], odd);
       w2[r] = _mm512_loadu_si512(p + 96 * r + 64);
+      keep_in_register(w2[r]);
     }
     // triples 4-7: word 1's high bits, word 2
     for (int j = 4; j < 8; ++j) {
@@ -91,8 +108,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefe
                               : j == 5 ? _mm512_shrdi_epi16(w1[r], w2[r], 14)
                               : j == 6 ? _mm512_srli_epi16(w2[r], 4)
                                        : _mm512_srli_epi16(w2[r], 10);
-        const __m512i v = _mm512_permutex2var_epi16(tl, index, th);
-        s[r] = j == 4 ? v : _mm512_add_epi16(s[r], v);
+        s[r] = _mm512_add_epi16(s[r], _mm512_permutex2var_epi16(tl, index, th));
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -115,7 +131,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, int64_t chunks, bool prefe
   }
 }
 
-using RowsFn = void (*)(const uint16_t*, const int16_t*, int64_t, bool, bool, int32_t*);
+using RowsFn = void (*)(const uint16_t*, const int16_t*, uint32_t, int64_t, bool, bool, int32_t*);
 constexpr RowsFn kRows[5] = {nullptr, lut3_rows<1>, lut3_rows<2>, lut3_rows<3>, lut3_rows<4>};
 
 }  // namespace
@@ -154,10 +170,18 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     lo[w] = _mm512_load_si512(pattern[w]);
     hi[w] = _mm512_load_si512(pattern[w] + 32);
   }
+  uint8_t* narrow_bits = tables + kLut3HeadBytes + C * kLut3TableBytes;
+  std::memset(narrow_bits, 0, lut3_flag_bytes(C));
+  bool narrow = true;  // the chunk's triples so far
   int64_t offsets = 0;
   for (int64_t t = 0; t < 8 * C; ++t) {
     const int o = lut3_offset(q3 + 3 * t);  // (read before this triple's entries overwrite its q3)
     offsets += o;
+    narrow = narrow && lut3_narrow(q3 + 3 * t);
+    if (t % 8 == 7) {
+      if (narrow) narrow_bits[t / 64] = static_cast<uint8_t>(narrow_bits[t / 64] | 1 << (t / 8 % 8));
+      narrow = true;
+    }
     const __m512i q0 = _mm512_set1_epi16(q3[3 * t]), q1 = _mm512_set1_epi16(q3[3 * t + 1]),
                   q2 = _mm512_set1_epi16(q3[3 * t + 2]), off = _mm512_set1_epi16(static_cast<int16_t>(o));
     const __m512i l = _mm512_sub_epi16(
@@ -195,7 +219,9 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
           for (int64_t m = 0; m < mt; ++m) {
             const auto* tables = reinterpret_cast<const uint8_t*>(a.act + (m0 + m) * a.act_stride);
             const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes) + c0 * (kLut3TableBytes / 2);
-            kRows[R](rec, e, chunks, m == 0, c0 == 0, acc[m] + 32 * (b - b0));
+            const uint8_t* bits = tables + kLut3HeadBytes + C * kLut3TableBytes + c0 / 8;  // (c0: a multiple of 16)
+            const uint32_t narrow = bits[0] | static_cast<uint32_t>(bits[1]) << 8;
+            kRows[R](rec, e, narrow, chunks, m == 0, c0 == 0, acc[m] + 32 * (b - b0));
           }
           b += R;
         }

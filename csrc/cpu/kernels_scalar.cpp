@@ -1,6 +1,8 @@
 // Portable kernels: the path for CPUs without AVX2, and the plain statement of what the SIMD
 // kernels compute (see kernel_api.h). The int kernel returns the same exact integers as the
 // AVX2 and AVX-512 ones; the LUT ones (mode "lut") the same as the AVX2 LUT kernel.
+#include <cstring>
+
 #include "kernel_api.h"
 
 namespace pyquant {
@@ -90,6 +92,9 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
   const int64_t C = lut3_chunks(K4);
   int64_t sum = 0, offsets = 0;
   auto* e = reinterpret_cast<int16_t*>(tables + kLut3HeadBytes);
+  uint8_t* narrow_bits = tables + kLut3HeadBytes + C * kLut3TableBytes;
+  std::memset(narrow_bits, 0, lut3_flag_bytes(C));
+  bool narrow = true;  // the chunk's triples so far
   for (int64_t t = 0; t < 8 * C; ++t) {
     int16_t q3[3];
     for (int w = 0; w < 3; ++w) {
@@ -103,6 +108,11 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
     }
     const int o = lut3_offset(q3);
     offsets += o;
+    narrow = narrow && lut3_narrow(q3);
+    if (t % 8 == 7) {
+      if (narrow) narrow_bits[t / 64] = static_cast<uint8_t>(narrow_bits[t / 64] | 1 << (t / 8 % 8));
+      narrow = true;
+    }
     for (int index = 0; index < 64; ++index) {
       int v = -o;
       for (int w = 0; w < 3; ++w) v += ((index >> (2 * w) & 3) - 2) * q3[w];

@@ -22,6 +22,8 @@ using namespace pyquant::cpu;
 namespace {
 
 int g_failures = 0;
+// chunks of the LUT3 tables made in check_lut3, narrow and not (kernel_api.h): both GEMV paths ran
+int64_t g_lut3_narrow = 0, g_lut3_wide = 0;
 
 #define CHECK(cond, ...)                         \
   do {                                           \
@@ -185,6 +187,12 @@ std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c
   Aligned tables(c.M * stride);
   uint8_t* tp = tables.p;
   for (int64_t m = 0; m < c.M; ++m) lut3_tables_scalar(act + m * G * 512, K4, tp + m * stride);
+  const int64_t C = lut3_chunks(K4);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint8_t* bits = tp + m * stride + kLut3HeadBytes + C * kLut3TableBytes;
+      ++(bits[ch / 8] >> (ch % 8) & 1 ? g_lut3_narrow : g_lut3_wide);
+    }
   const auto run = [&](IntKernel kernel, const uint8_t* t) {
     return run_lookup(kernel, c, reinterpret_cast<const uint8_t*>(lut3.data()), t, stride);
   };
@@ -215,11 +223,12 @@ std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c
 }
 
 // The LUT3 kernels' largest sums: levels all 3 or all 0 against q = +-kQMax everywhere (every
-// table entry +-8127, four of them 32508 in int16), up to K = 131072 (int64 outputs).
+// table entry +-8127, four of them 32508 in int16), up to K = 131072 (int64 outputs); and the
+// narrow chunks' (q3 = +-910: every entry +-4095, eight of them 32760).
 void check_lut3_extremes(const KernelSet* sets, int n_sets) {
   const int64_t N = 130;
   for (int64_t K : {int64_t(1028), kInt32MaxK, int64_t(131072)})
-    for (int q : {int(kQMax), -int(kQMax)})
+    for (int q : {int(kQMax), -int(kQMax), 910 * int(kLut3Step), -910 * int(kLut3Step)})
       for (uint8_t code : {uint8_t(0xFF), uint8_t(0)}) {
         const int64_t K4 = K / 4, G = (K4 + kGroupCodes - 1) / kGroupCodes, M = 2, stride = lut3_table_stride(K4);
         Aligned plane(M * G * 512);
@@ -227,8 +236,8 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
           for (int64_t k = 0; k < K; ++k) {
             const int64_t g = k / kGroupElems, p = (k / 4) % kGroupCodes, i = k % 4;
             int8_t* pl = reinterpret_cast<int8_t*>(plane.p) + m * G * 512 + g * 512;
-            pl[64 * i + p] = static_cast<int8_t>(q / 256);  // (kQMax = 127 * 256: lo = 0)
-            pl[256 + 64 * i + p] = 0;
+            pl[64 * i + p] = static_cast<int8_t>((q + 128) >> 8);  // q = 256 hi + lo, lo in [-128, 128)
+            pl[256 + 64 * i + p] = static_cast<int8_t>(q - 256 * ((q + 128) >> 8));
           }
         const int z = code ? 3 : 0;
         const int64_t want = K * (kLut3Step * (z - 2) * lut3_q(q) + 2 * q);
@@ -240,6 +249,12 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
           for (int64_t m = 0; m < M; ++m)
             sets[s].lut3_tables(reinterpret_cast<int8_t*>(plane.p) + m * G * 512, K4,
                                 tables.p + m * stride);
+          const int64_t C = lut3_chunks(K4);
+          const uint8_t* bits = tables.p + kLut3HeadBytes + C * kLut3TableBytes;
+          int64_t narrow_chunks = 0;
+          for (int64_t ch = 0; ch < C; ++ch) narrow_chunks += bits[ch / 8] >> (ch % 8) & 1;
+          CHECK(narrow_chunks == (q == kQMax || q == -kQMax ? 0 : C), "%s LUT3 tables: %lld of %lld chunks narrow (q=%d)",
+                sets[s].name, (long long)narrow_chunks, (long long)C, q);
           std::vector<int32_t> o32(M * N, -1);
           std::vector<int64_t> o64(M * N, -1);
           IntArgs a{reinterpret_cast<const uint8_t*>(lut3.data()), N, K4, G, reinterpret_cast<const int8_t*>(tables.p),
@@ -615,6 +630,8 @@ int main() {
   check_extremes(sets, n_sets);
   check_lut_extremes(sets, n_sets);
   check_lut3_extremes(sets, n_sets);
+  std::printf("LUT3 chunks: %lld narrow, %lld not\n", (long long)g_lut3_narrow, (long long)g_lut3_wide);
+  CHECK(g_lut3_narrow > 0 && g_lut3_wide > 0, "the random cases made no narrow or no wide LUT3 chunk");
   check_lut3_requantize(sets, n_sets, rng);
   if (g_failures) {
     std::printf("%d check(s) failed\n", g_failures);
