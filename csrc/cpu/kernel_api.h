@@ -237,10 +237,10 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //  - narrow chunks: where each of a chunk's 8 triples has 3 (|q3_0| + |q3_1| + |q3_2|) <= 8190
 //    (lut3_narrow), its entries are within +-4095 and all 8 of its lookups add up in int16
 //    (32760), so that the AVX-512 GEMV widens them once, not twice: the widening (two vpdpwssd per
-//    int16 sum) shares its port with the lookups (Zen 5, one thread, codes in cache, 4096 x 4096,
-//    as if every chunk were narrow: 8 tokens 813 -> 726 us). With the int mode's per-token scale
-//    most chunks are: random normal activations 84 % at K = 384, 96 % at 4096, 98 % at 11008;
-//    heavier tails more.
+//    int16 sum) shares its port with the lookups (Zen 5, one thread, kernel_bench, 4096 x 4096,
+//    codes in cache, 8 tokens: 815 -> 773-786 us). With the int mode's per-token scale most chunks
+//    are narrow: random normal activations 84 % at K = 384, 96 % at 4096, 98 % at 11008; heavier
+//    tails more.
 inline int lut3_q(int q) { return q >= 0 ? (q + 9) / 18 : -((9 - q) / 18); }
 constexpr int64_t kLut3Step = 18;  // V = kLut3Step * (sum of entries) + the token's constant
 // A triple's offset o_t (see above) from its three q3: each weight's least and greatest (z - 2) q

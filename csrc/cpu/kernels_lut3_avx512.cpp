@@ -53,15 +53,19 @@ constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
 // token: rec is the first block's record of the first chunk, e that chunk's tables, narrow the
 // chunks' narrow bits (bit c for chunk c of the range). Adds the sums of table entries to
 // acc[0, 32 R) (row order) or stores them there (first).
-template <int R>
-void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t chunks, bool prefetch, bool first,
-               int32_t* acc) {
+// kStream: the first token's pass, whose codes come from memory: it prefetches them, and it
+// widens every four lookups and lets gcc load the code vectors as it likes. The narrow chunks'
+// branch and the vectors kept in registers speed up the passes that find the codes in cache, but
+// slowed this one (Zen 5, one thread, one token, from memory, 3 runs each: 4096 x 4096 144-166 ->
+// 175-186 us, 4096 -> 11008 379-451 -> 488-541).
+template <int R, bool kStream>
+void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t chunks, bool first, int32_t* acc) {
   const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
   __m512i ae[R], ao[R], s[R];
   for (int r = 0; r < R; ++r) ae[r] = ao[r] = _mm512_setzero_si512();
   for (int64_t c = 0; c < chunks; ++c) {
     const uint16_t* p = rec + c * (kLut3ChunkBytes / 2);
-    if (prefetch) {
+    if (kStream) {
       const char* ahead = reinterpret_cast<const char*>(p);
       for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + kPrefetchFar + 64 * line, _MM_HINT_T1);
       for (int line = 0; line < 3 * R; ++line) _mm_prefetch(ahead + kPrefetchNear + 64 * line, _MM_HINT_T1);
@@ -74,8 +78,10 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
       // (else gcc loads each code vector again into each instruction that cuts an index from it:
       // Zen 5, one thread, codes in cache, 4096 x 4096, 1 / 2 / 8 tokens 121 / 234 / 870 -> 109 /
       // 221 / 813 us)
-      keep_in_register(w0[r]);
-      keep_in_register(w1[r]);
+      if (!kStream) {
+        keep_in_register(w0[r]);
+        keep_in_register(w1[r]);
+      }
     }
     // triples 0-3: word 0, and word 1's low bits
     for (int j = 0; j < 4; ++j) {
@@ -90,7 +96,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
       }
     }
     // a narrow chunk's eight lookups add up in int16 (kernel_api.h); another's widen by four
-    if (!(narrow >> c & 1))
+    if (kStream || !(narrow >> c & 1))
       for (int r = 0; r < R; ++r) {
         ae[r] = _mm512_dpwssd_epi32(ae[r], s[r], even);
         ao[r] = _mm512_dpwssd_epi32(ao[r], s[r], odd);
@@ -98,7 +104,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
       }
     for (int r = 0; r < R; ++r) {
       w2[r] = _mm512_loadu_si512(p + 96 * r + 64);
-      keep_in_register(w2[r]);
+      if (!kStream) keep_in_register(w2[r]);
     }
     // triples 4-7: word 1's high bits, word 2
     for (int j = 4; j < 8; ++j) {
@@ -131,8 +137,9 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
   }
 }
 
-using RowsFn = void (*)(const uint16_t*, const int16_t*, uint32_t, int64_t, bool, bool, int32_t*);
-constexpr RowsFn kRows[5] = {nullptr, lut3_rows<1>, lut3_rows<2>, lut3_rows<3>, lut3_rows<4>};
+using RowsFn = void (*)(const uint16_t*, const int16_t*, uint32_t, int64_t, bool, int32_t*);
+constexpr RowsFn kRows[2][5] = {{nullptr, lut3_rows<1, false>, lut3_rows<2, false>, lut3_rows<3, false>, lut3_rows<4, false>},
+                                {nullptr, lut3_rows<1, true>, lut3_rows<2, true>, lut3_rows<3, true>, lut3_rows<4, true>}};
 
 }  // namespace
 
@@ -221,7 +228,7 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
             const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes) + c0 * (kLut3TableBytes / 2);
             const uint8_t* bits = tables + kLut3HeadBytes + C * kLut3TableBytes + c0 / 8;  // (c0: a multiple of 16)
             const uint32_t narrow = bits[0] | static_cast<uint32_t>(bits[1]) << 8;
-            kRows[R](rec, e, narrow, chunks, m == 0, c0 == 0, acc[m] + 32 * (b - b0));
+            kRows[m == 0][R](rec, e, narrow, chunks, c0 == 0, acc[m] + 32 * (b - b0));
           }
           b += R;
         }
