@@ -79,9 +79,10 @@ def test_the_lut3_layout_holds_every_level_where_kernel_api_says(n, k):
 
 @pytest.mark.parametrize("n,k", [(300, 4096), (96, 384), (130, 1028)])
 def test_lut3_linear_gives_the_same_bits_at_any_batch(isa, n, k):
-    """Past its GEMV's token count (kernel_api.h lut3_gemv_max_tokens: the tokens' tables over
-    16 MB) mode lut3 runs the int GEMM on its 12-bit activations: every token's output equals that of
-    a call on the token alone, on every set; so does a call of 45 tokens, under the count."""
+    """Past its GEMV's token count (kernel_api.h lut3_gemv_max_tokens: on rows of 4096 and longer
+    the tokens' tables over 16 MB, on shorter ones int mode's count) mode lut3 runs the int GEMM on
+    its 12-bit activations: every token's output equals that of a call on the token alone, on every
+    set; so does a call of 45 tokens, under the count at K = 4096 and past it at 384 and 1028."""
     pw = make_packed(n, k, hadamard=True, seed=n)
     chunks = -(-k // 24)
     table_bytes = 64 + chunks * 1024 + -(-chunks // 512) * 64  # kernel_api.h lut3_table_stride

@@ -252,6 +252,18 @@ inline bool lut3_narrow(const int16_t* q3) {
   const int span = 3 * ((q3[0] < 0 ? -q3[0] : q3[0]) + (q3[1] < 0 ? -q3[1] : q3[1]) + (q3[2] < 0 ? -q3[2] : q3[2]));
   return span <= 8190;
 }
+// The narrow bits of a token's tables, as its builder goes over the triples t = 0, 1, ... in order.
+struct Lut3NarrowBits {
+  uint8_t* bits;       // the zeroed lut3_flag_bytes after the entries
+  bool chunk = true;   // the current chunk's triples so far are narrow
+  void add(int64_t t, const int16_t* q3) {
+    chunk = chunk && lut3_narrow(q3);
+    if (t % 8 == 7) {
+      if (chunk) bits[t / 64] = static_cast<uint8_t>(bits[t / 64] | 1 << (t / 8 % 8));
+      chunk = true;
+    }
+  }
+};
 constexpr int64_t kLut3Rows = 128;        // rows per group of the layout
 constexpr int64_t kLut3BandGroups = 4;    // groups per band
 constexpr int64_t kLut3RangeChunks = 16;  // chunks per range
@@ -276,16 +288,21 @@ inline int64_t lut3_table_stride(int64_t K4) {
   const int64_t C = lut3_chunks(K4);
   return kLut3HeadBytes + C * kLut3TableBytes + lut3_flag_bytes(C);
 }
-// Mode lut3 runs its GEMV past gemv_max_tokens while a call's tables (every worker makes them for
-// all the call's tokens) stay within kLut3GemvTableBytes, the int GEMM on its 12-bit activations
-// past that: the lookups beat the GEMM there, but a worker's tables for many long rows cost more
-// to make and stream than they save (Zen 5, lut3_bench.py, lut3 x int mode, GEMM -> GEMV: 384 ->
-// 1536 at 32-128 tokens 0.95-0.98 -> 1.06-1.32; 4096 -> 4096 and 11008 -> 4096 at 64-128 tokens,
-// one thread 0.99-1.01 -> 1.13-1.19, two 1.00-1.05; 1536 -> 384 two threads 1.06-1.20, one
-// 0.92-0.99; but 11008 -> 4096 at 128 tokens, 60 MB of tables a worker, two threads 0.46).
-constexpr int64_t kLut3GemvTableBytes = 16 << 20;
+// Mode lut3 runs its GEMV past gemv_max_tokens on rows of K >= kLut3LongRow while a call's tables
+// (every worker makes them for all the call's tokens) stay within kLut3GemvTableBytes, and the int
+// GEMM on its 12-bit activations past that: there the lookups beat the GEMM, but a worker's tables
+// for many long rows cost more to make and stream than they save (Zen 5, lut3_bench.py, lut3 x int
+// mode, GEMM -> GEMV: 4096 -> 4096 and 11008 -> 4096 at 64-128 tokens, one thread 0.99-1.01 ->
+// 1.13-1.19, two 1.00-1.05; but 11008 -> 4096 at 128 tokens, 60 MB of tables a worker, two threads
+// 0.46). Shorter rows keep int mode's count: there int mode's GEMM is the faster from it (session
+// 28, lut3 GEMV x int GEMM at 16-128 tokens: 384 x 384 0.71-0.89, 1536 -> 384 0.79-1.00, 384 ->
+// 1536 0.88-1.13; MiniLM at 128 tokens, 2 threads, lut3 1.24-1.30x fp32 against int mode's
+// 1.74-1.79x; 4096 x 4096 at 16-64 tokens 1.02-1.47).
+constexpr int64_t kLut3GemvTableBytes = 16 << 20, kLut3LongRow = 4096;
 inline int64_t lut3_gemv_max_tokens(int64_t code_bytes, int64_t K4) {
-  const int64_t fit = kLut3GemvTableBytes / lut3_table_stride(K4), most = gemv_max_tokens(code_bytes, K4);
+  const int64_t most = gemv_max_tokens(code_bytes, K4);
+  if (4 * K4 < kLut3LongRow) return most;
+  const int64_t fit = kLut3GemvTableBytes / lut3_table_stride(K4);
   return fit > most ? fit : most;
 }
 // Element k of s (see above), or -1 past K.

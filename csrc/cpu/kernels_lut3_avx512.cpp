@@ -138,8 +138,9 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
 }
 
 using RowsFn = void (*)(const uint16_t*, const int16_t*, uint32_t, int64_t, bool, int32_t*);
-constexpr RowsFn kRows[2][5] = {{nullptr, lut3_rows<1, false>, lut3_rows<2, false>, lut3_rows<3, false>, lut3_rows<4, false>},
-                                {nullptr, lut3_rows<1, true>, lut3_rows<2, true>, lut3_rows<3, true>, lut3_rows<4, true>}};
+constexpr RowsFn kRows[2][5] = {  // [kStream][R]
+    {nullptr, lut3_rows<1, false>, lut3_rows<2, false>, lut3_rows<3, false>, lut3_rows<4, false>},
+    {nullptr, lut3_rows<1, true>, lut3_rows<2, true>, lut3_rows<3, true>, lut3_rows<4, true>}};
 
 }  // namespace
 
@@ -177,18 +178,13 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     lo[w] = _mm512_load_si512(pattern[w]);
     hi[w] = _mm512_load_si512(pattern[w] + 32);
   }
-  uint8_t* narrow_bits = tables + kLut3HeadBytes + C * kLut3TableBytes;
-  std::memset(narrow_bits, 0, lut3_flag_bytes(C));
-  bool narrow = true;  // the chunk's triples so far
+  Lut3NarrowBits narrow{tables + kLut3HeadBytes + C * kLut3TableBytes};
+  std::memset(narrow.bits, 0, lut3_flag_bytes(C));
   int64_t offsets = 0;
   for (int64_t t = 0; t < 8 * C; ++t) {
     const int o = lut3_offset(q3 + 3 * t);  // (read before this triple's entries overwrite its q3)
     offsets += o;
-    narrow = narrow && lut3_narrow(q3 + 3 * t);
-    if (t % 8 == 7) {
-      if (narrow) narrow_bits[t / 64] = static_cast<uint8_t>(narrow_bits[t / 64] | 1 << (t / 8 % 8));
-      narrow = true;
-    }
+    narrow.add(t, q3 + 3 * t);
     const __m512i q0 = _mm512_set1_epi16(q3[3 * t]), q1 = _mm512_set1_epi16(q3[3 * t + 1]),
                   q2 = _mm512_set1_epi16(q3[3 * t + 2]), off = _mm512_set1_epi16(static_cast<int16_t>(o));
     const __m512i l = _mm512_sub_epi16(

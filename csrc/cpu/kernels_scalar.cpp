@@ -92,9 +92,8 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
   const int64_t C = lut3_chunks(K4);
   int64_t sum = 0, offsets = 0;
   auto* e = reinterpret_cast<int16_t*>(tables + kLut3HeadBytes);
-  uint8_t* narrow_bits = tables + kLut3HeadBytes + C * kLut3TableBytes;
-  std::memset(narrow_bits, 0, lut3_flag_bytes(C));
-  bool narrow = true;  // the chunk's triples so far
+  Lut3NarrowBits narrow{tables + kLut3HeadBytes + C * kLut3TableBytes};
+  std::memset(narrow.bits, 0, lut3_flag_bytes(C));
   for (int64_t t = 0; t < 8 * C; ++t) {
     int16_t q3[3];
     for (int w = 0; w < 3; ++w) {
@@ -108,11 +107,7 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
     }
     const int o = lut3_offset(q3);
     offsets += o;
-    narrow = narrow && lut3_narrow(q3);
-    if (t % 8 == 7) {
-      if (narrow) narrow_bits[t / 64] = static_cast<uint8_t>(narrow_bits[t / 64] | 1 << (t / 8 % 8));
-      narrow = true;
-    }
+    narrow.add(t, q3);
     for (int index = 0; index < 64; ++index) {
       int v = -o;
       for (int w = 0; w < 3; ++w) v += ((index >> (2 * w) & 3) - 2) * q3[w];
