@@ -57,7 +57,8 @@ constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
 // widens every four lookups and lets gcc load the code vectors as it likes. The narrow chunks'
 // branch and the vectors kept in registers speed up the passes that find the codes in cache, but
 // slowed this one (Zen 5, one thread, one token, from memory, 3 runs each: 4096 x 4096 144-166 ->
-// 175-186 us, 4096 -> 11008 379-451 -> 488-541).
+// 175-186 us, 4096 -> 11008 379-451 -> 488-541; the narrow branch alone 4096 x 4096 152-154 ->
+// 158-172 us, 11008 -> 4096 404-457 -> 441-523).
 template <int R, bool kStream>
 void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t chunks, bool first, int32_t* acc) {
   const __m512i even = _mm512_set1_epi32(1), odd = _mm512_set1_epi32(1 << 16);
