@@ -233,14 +233,14 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //    [ceil(N / 128), C * 768] uint8.
 //  - table layout, per token: kLut3HeadBytes (int64 18 * sum o_t + 2 * sum q first), then per
 //    chunk and triple its 64 int16 entries, e[index], then the chunks' narrow bits (bit c % 8 of
-//    byte c / 8, zero past C; lut3_flag_bytes).
+//    byte c / 8, zero past C; lut3_narrow_bytes).
 //  - narrow chunks: where each of a chunk's 8 triples has 3 (|q3_0| + |q3_1| + |q3_2|) <= 8190
 //    (lut3_narrow), its entries are within +-4095 and all 8 of its lookups add up in int16
 //    (32760), so that the AVX-512 GEMV widens them once, not twice: the widening (two vpdpwssd per
 //    int16 sum) shares its port with the lookups (Zen 5, one thread, kernel_bench, 4096 x 4096,
-//    codes in cache, 8 tokens: 815 -> 773-786 us). With the int mode's per-token scale most chunks
-//    are narrow: random normal activations 84 % at K = 384, 96 % at 4096, 98 % at 11008; heavier
-//    tails more.
+//    codes in cache, 8 tokens, code vectors in registers both ways: 813-815 -> 773-786 us). With
+//    the int mode's per-token scale most chunks are narrow: random normal activations 84 % at
+//    K = 384, 96 % at 4096, 98 % at 11008; heavier tails more.
 inline int lut3_q(int q) { return q >= 0 ? (q + 9) / 18 : -((9 - q) / 18); }
 constexpr int64_t kLut3Step = 18;  // V = kLut3Step * (sum of entries) + the token's constant
 // A triple's offset o_t (see above) from its three q3: each weight's least and greatest (z - 2) q
@@ -254,8 +254,8 @@ inline bool lut3_narrow(const int16_t* q3) {
 }
 // The narrow bits of a token's tables, as its builder goes over the triples t = 0, 1, ... in order.
 struct Lut3NarrowBits {
-  uint8_t* bits;       // the zeroed lut3_flag_bytes after the entries
-  bool chunk = true;   // the current chunk's triples so far are narrow
+  uint8_t* bits;      // the zeroed lut3_narrow_bytes after the entries
+  bool chunk = true;  // the current chunk's triples so far are narrow
   void add(int64_t t, const int16_t* q3) {
     chunk = chunk && lut3_narrow(q3);
     if (t % 8 == 7) {
@@ -283,10 +283,10 @@ inline int64_t lut3_call_rows(int64_t N, int64_t threads) {
 inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
 inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
 // the narrow bits' bytes after a token's entries (whole 64-byte lines: the tables stay aligned)
-inline int64_t lut3_flag_bytes(int64_t C) { return (C + 511) / 512 * 64; }
+inline int64_t lut3_narrow_bytes(int64_t C) { return (C + 511) / 512 * 64; }
 inline int64_t lut3_table_stride(int64_t K4) {
   const int64_t C = lut3_chunks(K4);
-  return kLut3HeadBytes + C * kLut3TableBytes + lut3_flag_bytes(C);
+  return kLut3HeadBytes + C * kLut3TableBytes + lut3_narrow_bytes(C);
 }
 // Mode lut3 runs its GEMV past gemv_max_tokens on rows of K >= kLut3LongRow while a call's tables
 // (every worker makes them for all the call's tokens) stay within kLut3GemvTableBytes, and the int

@@ -180,7 +180,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     hi[w] = _mm512_load_si512(pattern[w] + 32);
   }
   Lut3NarrowBits narrow{tables + kLut3HeadBytes + C * kLut3TableBytes};
-  std::memset(narrow.bits, 0, lut3_flag_bytes(C));
+  std::memset(narrow.bits, 0, lut3_narrow_bytes(C));
   int64_t offsets = 0;
   for (int64_t t = 0; t < 8 * C; ++t) {
     const int o = lut3_offset(q3 + 3 * t);  // (read before this triple's entries overwrite its q3)

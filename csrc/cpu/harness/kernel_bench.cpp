@@ -201,8 +201,8 @@ int main(int argc, char** argv) {
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);
   std::vector<int64_t> out64(narrow ? 0 : M * N);
-  // past the set's GEMV token count, the GEMM, as the driver runs it (random activation bytes are
-  // valid in its natural layout too, which takes the same G * 512 bytes per token)
+  // past the set's GEMV token count, the GEMM, as the driver runs it (the same activation bytes
+  // read in its natural layout, which takes the same G * 512 bytes per token: any bytes are valid)
   const bool gemm = !lut && !lut3 && !plain_read && set->int_gemm && M > gemv_max_tokens(bytes, K4);
   std::vector<uint32_t*> scratch(threads, nullptr);
   for (auto& p : scratch)
