@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace pyquant {
@@ -40,6 +41,12 @@ namespace cpu {
 constexpr int64_t kGroupCodes = 64;              // code bytes per group
 constexpr int64_t kGroupElems = 4 * kGroupCodes; // activations per group
 constexpr int32_t kQMax = 127 * 256;             // int mode: |q| <= kQMax keeps hi in [-127, 127]
+// q = 256 hi + lo, lo in [-128, 127]: the two int8 planes of a 16-bit activation
+inline void split_q(int32_t q, int8_t* hi, int8_t* lo) {
+  const int32_t h = (q + 128) >> 8;  // floor((q + 128) / 256)
+  *hi = static_cast<int8_t>(h);
+  *lo = static_cast<int8_t>(q - h * 256);
+}
 // int32 lane accumulators are folded into int64 at least every kBlockGroups groups:
 // per lane 6096 per group (4 planes x 4 products x 3 x 127), times 256 for hi, times 16 lanes
 // at the horizontal sum: 32 groups -> 8.0e8 < 2^31.
@@ -249,8 +256,7 @@ inline int lut3_offset(const int16_t* q3) { return -(q3[0] + q3[1] + q3[2]) >> 1
 // Whether a triple's entries are within +-4095 (see "narrow chunks" above): they span
 // hi - lo = 3 (|q3_0| + |q3_1| + |q3_2|), and the offset centres them.
 inline bool lut3_narrow(const int16_t* q3) {
-  const int span = 3 * ((q3[0] < 0 ? -q3[0] : q3[0]) + (q3[1] < 0 ? -q3[1] : q3[1]) + (q3[2] < 0 ? -q3[2] : q3[2]));
-  return span <= 8190;
+  return 3 * (std::abs(q3[0]) + std::abs(q3[1]) + std::abs(q3[2])) <= 8190;
 }
 // The narrow bits of a token's tables, as its builder goes over the triples t = 0, 1, ... in order.
 struct Lut3NarrowBits {
@@ -284,6 +290,10 @@ inline int64_t lut3_chunks(int64_t K4) { return (4 * K4 + 23) / 24; }
 inline int64_t lut3_groups(int64_t N) { return (N + kLut3Rows - 1) / kLut3Rows; }
 // the narrow bits' bytes after a token's entries (whole 64-byte lines: the tables stay aligned)
 inline int64_t lut3_narrow_bytes(int64_t C) { return (C + 511) / 512 * 64; }
+inline uint8_t* lut3_narrow_bits(uint8_t* tables, int64_t C) { return tables + kLut3HeadBytes + C * kLut3TableBytes; }
+inline const uint8_t* lut3_narrow_bits(const uint8_t* tables, int64_t C) {
+  return tables + kLut3HeadBytes + C * kLut3TableBytes;
+}
 inline int64_t lut3_table_stride(int64_t K4) {
   const int64_t C = lut3_chunks(K4);
   return kLut3HeadBytes + C * kLut3TableBytes + lut3_narrow_bytes(C);

@@ -179,7 +179,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
     lo[w] = _mm512_load_si512(pattern[w]);
     hi[w] = _mm512_load_si512(pattern[w] + 32);
   }
-  Lut3NarrowBits narrow{tables + kLut3HeadBytes + C * kLut3TableBytes};
+  Lut3NarrowBits narrow{lut3_narrow_bits(tables, C)};
   std::memset(narrow.bits, 0, lut3_narrow_bytes(C));
   int64_t offsets = 0;
   for (int64_t t = 0; t < 8 * C; ++t) {
@@ -223,7 +223,7 @@ void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {
           for (int64_t m = 0; m < mt; ++m) {
             const auto* tables = reinterpret_cast<const uint8_t*>(a.act + (m0 + m) * a.act_stride);
             const auto* e = reinterpret_cast<const int16_t*>(tables + kLut3HeadBytes) + c0 * (kLut3TableBytes / 2);
-            const uint8_t* bits = tables + kLut3HeadBytes + C * kLut3TableBytes + c0 / 8;  // (c0: a multiple of 16)
+            const uint8_t* bits = lut3_narrow_bits(tables, C) + c0 / 8;  // (c0: a multiple of 16)
             const uint32_t narrow = bits[0] | static_cast<uint32_t>(bits[1]) << 8;
             kRows[m == 0][R](rec, e, narrow, chunks, c0 == 0, acc[m] + 32 * (b - b0));
           }

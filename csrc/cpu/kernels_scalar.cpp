@@ -92,7 +92,7 @@ void lut3_tables_scalar(const int8_t* act, int64_t K4, uint8_t* tables) {
   const int64_t C = lut3_chunks(K4);
   int64_t sum = 0, offsets = 0;
   auto* e = reinterpret_cast<int16_t*>(tables + kLut3HeadBytes);
-  Lut3NarrowBits narrow{tables + kLut3HeadBytes + C * kLut3TableBytes};
+  Lut3NarrowBits narrow{lut3_narrow_bits(tables, C)};
   std::memset(narrow.bits, 0, lut3_narrow_bytes(C));
   for (int64_t t = 0; t < 8 * C; ++t) {
     int16_t q3[3];

@@ -33,9 +33,7 @@ inline void split(float v, float inv, int8_t* hi, int8_t* lo) {
   // and subtracting 1.5 * 2^23 leaves no fraction bits. Exact IEEE arithmetic, and unlike
   // std::nearbyint not a libm call per element on baseline x86-64 (no SSE4.1 round).
   const int32_t q = static_cast<int32_t>((t + 0x1.8p23f) - 0x1.8p23f);
-  const int32_t h = (q + 128) >> 8;                           // floor((q + 128) / 256)
-  *hi = static_cast<int8_t>(h);
-  *lo = static_cast<int8_t>(q - h * 256);
+  split_q(q, hi, lo);
 }
 
 // Butterflies of one radix-2 stage: (a, b) -> (a + b, a - b) for elements len apart.

@@ -195,8 +195,7 @@ int main(int argc, char** argv) {
     for (int64_t g = 0; g < G; ++g)
       for (int64_t e = 0; e < 256; ++e) {
         const int q = static_cast<int>(std::lround(std::clamp(normal(rng), -double(kQMax), double(kQMax))));
-        act[m * G * 512 + g * 512 + e] = static_cast<int8_t>((q + 128) >> 8);  // q = 256 hi + lo
-        act[m * G * 512 + g * 512 + 256 + e] = static_cast<int8_t>(q - 256 * ((q + 128) >> 8));
+        split_q(q, &act[m * G * 512 + g * 512 + e], &act[m * G * 512 + g * 512 + 256 + e]);
       }
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);

@@ -177,6 +177,15 @@ std::vector<uint16_t> lut3_layout(const std::vector<uint8_t>& codes, int64_t N, 
   return out;
 }
 
+// How many of a token's LUT3 chunks its tables mark narrow (kernel_api.h).
+int64_t narrow_chunks(const uint8_t* tables, int64_t K4) {
+  const int64_t C = lut3_chunks(K4);
+  const uint8_t* bits = lut3_narrow_bits(tables, C);
+  int64_t n = 0;
+  for (int64_t ch = 0; ch < C; ++ch) n += bits[ch / 8] >> (ch % 8) & 1;
+  return n;
+}
+
 // Mode "lut3" on the int-mode activations `act` (plane layout): the portable tables and GEMV
 // against the naive 18 * sum (z - 2) * q3 + 2 * sum q, every set with its own lut3 kernel (tables
 // and GEMV) against the portable ones. Returns the portable V (int64, [M, N]).
@@ -187,12 +196,11 @@ std::vector<int64_t> check_lut3(const KernelSet* sets, int n_sets, const Case& c
   Aligned tables(c.M * stride);
   uint8_t* tp = tables.p;
   for (int64_t m = 0; m < c.M; ++m) lut3_tables_scalar(act + m * G * 512, K4, tp + m * stride);
-  const int64_t C = lut3_chunks(K4);
-  for (int64_t m = 0; m < c.M; ++m)
-    for (int64_t ch = 0; ch < C; ++ch) {
-      const uint8_t* bits = tp + m * stride + kLut3HeadBytes + C * kLut3TableBytes;
-      ++(bits[ch / 8] >> (ch % 8) & 1 ? g_lut3_narrow : g_lut3_wide);
-    }
+  for (int64_t m = 0; m < c.M; ++m) {
+    const int64_t narrow = narrow_chunks(tp + m * stride, K4);
+    g_lut3_narrow += narrow;
+    g_lut3_wide += lut3_chunks(K4) - narrow;
+  }
   const auto run = [&](IntKernel kernel, const uint8_t* t) {
     return run_lookup(kernel, c, reinterpret_cast<const uint8_t*>(lut3.data()), t, stride);
   };
@@ -236,8 +244,7 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
           for (int64_t k = 0; k < K; ++k) {
             const int64_t g = k / kGroupElems, p = (k / 4) % kGroupCodes, i = k % 4;
             int8_t* pl = reinterpret_cast<int8_t*>(plane.p) + m * G * 512 + g * 512;
-            pl[64 * i + p] = static_cast<int8_t>((q + 128) >> 8);  // q = 256 hi + lo, lo in [-128, 128)
-            pl[256 + 64 * i + p] = static_cast<int8_t>(q - 256 * ((q + 128) >> 8));
+            split_q(q, &pl[64 * i + p], &pl[256 + 64 * i + p]);
           }
         const int z = code ? 3 : 0;
         const int64_t want = K * (kLut3Step * (z - 2) * lut3_q(q) + 2 * q);
@@ -249,12 +256,9 @@ void check_lut3_extremes(const KernelSet* sets, int n_sets) {
           for (int64_t m = 0; m < M; ++m)
             sets[s].lut3_tables(reinterpret_cast<int8_t*>(plane.p) + m * G * 512, K4,
                                 tables.p + m * stride);
-          const int64_t C = lut3_chunks(K4);
-          const uint8_t* bits = tables.p + kLut3HeadBytes + C * kLut3TableBytes;
-          int64_t narrow_chunks = 0;
-          for (int64_t ch = 0; ch < C; ++ch) narrow_chunks += bits[ch / 8] >> (ch % 8) & 1;
-          CHECK(narrow_chunks == (q == kQMax || q == -kQMax ? 0 : C), "%s LUT3 tables: %lld of %lld chunks narrow (q=%d)",
-                sets[s].name, (long long)narrow_chunks, (long long)C, q);
+          const int64_t C = lut3_chunks(K4), marked = narrow_chunks(tables.p, K4);
+          CHECK(marked == (q == kQMax || q == -kQMax ? 0 : C), "%s LUT3 tables: %lld of %lld chunks narrow (q=%d)",
+                sets[s].name, (long long)marked, (long long)C, q);
           std::vector<int32_t> o32(M * N, -1);
           std::vector<int64_t> o64(M * N, -1);
           IntArgs a{reinterpret_cast<const uint8_t*>(lut3.data()), N, K4, G, reinterpret_cast<const int8_t*>(tables.p),
