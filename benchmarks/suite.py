@@ -119,12 +119,34 @@ def measure_read_bandwidth(nbytes: int = 512 << 20, reps: int = 7) -> float:
     return nbytes / best
 
 
+def cpu_core(vendor: str | None, family: int | None, flags: set) -> str | None:
+    """The AMD core a CPUID family means, where the family tells it: the model name a VM shows
+    ("AMD EPYC") does not, and sessions 24-28 took this machine for a Zen 4 until its family (25,
+    Zen 3 / Zen 4; Zen 4 is 26) and 32 KB L1d said otherwise. None elsewhere."""
+    if vendor != "AuthenticAMD" or family is None:
+        return None
+    if family == 25:
+        return "Zen 4" if "avx512f" in flags else "Zen 3"
+    return {23: "Zen / Zen 2", 26: "Zen 4"}.get(family)
+
+
+def _cache_size(index: int) -> str | None:
+    path = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size")
+    return path.read_text().strip() if path.exists() else None
+
+
 def machine_info() -> dict:
     flags = set((_cpuinfo_field("flags") or "").split())
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model\t")  # (not "model name")
+    family = int(family) if family and family.isdigit() else None
+    vendor = _cpuinfo_field("vendor_id")
     l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     meminfo = Path("/proc/meminfo").read_text().splitlines()[0] if Path("/proc/meminfo").exists() else ""
     return {
         "cpu": _cpuinfo_field("model name") or platform.processor(),
+        "cpu_id": f"family {family} model {model}" if family is not None else None,
+        "cpu_core": cpu_core(vendor, family, flags),
+        "l1d": _cache_size(0), "l2": _cache_size(2),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "l3": l3.read_text().strip() if l3.exists() else None,
@@ -370,11 +392,19 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
+def cpu_id_text(mi: dict) -> str:
+    """" (family 25 model 17: Zen 4)", or "" for a report from before session 29 or a CPU without it."""
+    if not mi.get("cpu_id"):
+        return ""
+    return f" ({mi['cpu_id']}" + (f": {mi['cpu_core']})" if mi.get("cpu_core") else ")")
+
+
 def markdown(report: dict) -> str:
     mi = report["machine"]
     lines = [
         f"# pyquant CPU benchmark ({report['kind']}, {report['date']})", "",
-        f"- CPU: {mi['cpu']} — {mi['logical_cpus']} logical CPUs, {mi['torch_threads']} torch threads, "
+        f"- CPU: {mi['cpu']}{cpu_id_text(mi)} — {mi['logical_cpus']} logical CPUs, {mi['torch_threads']} torch "
+        f"threads, " + (f"L1d {mi['l1d']} / L2 {mi['l2']} per core, " if mi.get("l1d") else "") +
         f"L3 {mi['l3']}, memory {mi['memory']}",
         f"- ISA flags: {', '.join(mi['isa_flags'])}; pyquant kernels: {mi['pyquant_isa']} ({mi['pyquant_mode']} mode); "
         f"torch {mi['torch']} ({mi['torch_cpu_capability']})",

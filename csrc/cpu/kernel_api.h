@@ -95,7 +95,7 @@ constexpr int64_t kRowTile = 32;
 constexpr int64_t kSerialWork = int64_t(1) << 21;
 // Up to this many tokens the AVX-512 path runs the GEMV (token pairs over L1-resident row
 // sub-tiles), above it the cache-blocked GEMM, whose per-tile unpacking only pays off for more
-// tokens (4096 x 4096 on Zen 5, 2 threads: GEMV faster up to 32 tokens, GEMM from 64).
+// tokens (4096 x 4096 on Zen 4, 2 threads: GEMV faster up to 32 tokens, GEMM from 64).
 constexpr int64_t kGemvMaxTokens = 32;
 // A layer whose codes fit in cache (at most this many bytes) reads them from there, and a thread
 // of a call split by tokens (qlinear.cpp CallSplit) unpacks all of its tiles for its share of the
@@ -105,7 +105,7 @@ constexpr int64_t kSmallLayerCodeBytes = int64_t(1) << 20;
 // GEMM, where a set has one; both give the same bits). Short rows are what the GEMV does worst:
 // each (row, token) ends in a horizontal sum, which at K = 384 costs about a third of its
 // multiplies even summed 16 rows at a time, while the GEMM's lanes are rows and need none; long
-// rows are where the GEMM's unpacking costs most. Measured on Zen 5 (cpu_linear with algo "gemv"
+// rows are where the GEMM's unpacking costs most. Measured on Zen 4 (cpu_linear with algo "gemv"
 // against "gemm", 16 layers cycled, 1 and 2 threads), the GEMM is faster from
 //  - 5-6 tokens at K = 384 (384 x 384 at 8 tokens: 26 -> 21 us on one thread; the layer in cache
 //    it wins from 3, but in a model the GEMM unpacks codes that other layers pushed out to L3);
@@ -161,7 +161,7 @@ inline int lut_q14(int q) { return (q + 1 + ((q >> 2) & 1)) >> 2; }
 constexpr int64_t kLutRows = 32;
 constexpr int64_t kLutTableBytes = 32;
 // The lut GEMVs read a block's codes as one stream and prefetch it into L2 (prefetcht1) this many
-// bytes ahead, once per 64-byte line: kernel_bench on Zen 5, one token, 4096 x 11008, one thread:
+// bytes ahead, once per 64-byte line: kernel_bench on Zen 4, one token, 4096 x 11008, one thread:
 // AVX2 1.01-1.24 -> 0.45-0.47 ms, AVX-512 0.96 -> 0.64; AVX2 on two threads 0.52-0.64 -> 0.33-0.35
 // (4 KB ahead: 0.58-0.70 and 0.35-0.38; into L1, prefetches wait for its few miss buffers).
 constexpr int64_t kLutPrefetchBytes = 8192;
@@ -216,7 +216,7 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //    that every entry is within +-8127 (hi - lo <= 9 * 1806) and four add up in int16 before the
 //    kernel widens them. (q / 32 with no offsets let four add up too, but its error reached 2.4e-3
 //    on a random 300 x 1028 layer without the Hadamard transform; q / 16 with no offsets, two at a
-//    time, was 5-10 % slower on Zen 5.)
+//    time, was 5-10 % slower on Zen 4.)
 //  - the kernels return the exact integer V = 18 * sum e + 18 * sum o_t + 2 * sum q: the levels'
 //    mean part comes from the 16-bit q, so that the activations' rounding errors enter with the
 //    weights z - 2 (mean -1/2), not z (mean 3/2): the same error in every row of a token, which
@@ -235,7 +235,7 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //    range, each group's chunks of the range one after another, then the next group's. The GEMV
 //    goes over a band a range at a time, each range over the band's groups, so that a range's
 //    tables (16 KB a token) serve 4 groups from L1 and the band is still one stream of codes in
-//    address order (Zen 5, one thread, from memory, against group after group: 11008 -> 4096 at
+//    address order (Zen 4, one thread, from memory, against group after group: 11008 -> 4096 at
 //    one token 426-446 -> 380-400 us, 4 tokens 1.39-1.46 -> 1.28-1.31 ms). Tensor:
 //    [ceil(N / 128), C * 768] uint8.
 //  - table layout, per token: kLut3HeadBytes (int64 18 * sum o_t + 2 * sum q first), then per
@@ -244,7 +244,7 @@ void lut_gemv_neon(const IntArgs& a, int64_t n0, int64_t n1);
 //  - narrow chunks: where each of a chunk's 8 triples has 3 (|q3_0| + |q3_1| + |q3_2|) <= 8190
 //    (lut3_narrow), its entries are within +-4095 and all 8 of its lookups add up in int16
 //    (32760), so that the AVX-512 GEMV widens them once, not twice: the widening (two vpdpwssd per
-//    int16 sum) shares its port with the lookups (Zen 5, one thread, kernel_bench, 4096 x 4096,
+//    int16 sum) shares its port with the lookups (Zen 4, one thread, kernel_bench, 4096 x 4096,
 //    codes in cache, 8 tokens, code vectors in registers both ways: 813-815 -> 773-786 us). With
 //    the int mode's per-token scale most chunks are narrow: random normal activations 84 % at
 //    K = 384, 96 % at 4096, 98 % at 11008; heavier tails more.
@@ -301,7 +301,7 @@ inline int64_t lut3_table_stride(int64_t K4) {
 // Mode lut3 runs its GEMV past gemv_max_tokens on rows of K >= kLut3LongRow while a call's tables
 // (every worker makes them for all the call's tokens) stay within kLut3GemvTableBytes, and the int
 // GEMM on its 12-bit activations past that: there the lookups beat the GEMM, but a worker's tables
-// for many long rows cost more to make and stream than they save (Zen 5, lut3_bench.py, lut3 x int
+// for many long rows cost more to make and stream than they save (Zen 4, lut3_bench.py, lut3 x int
 // mode, GEMM -> GEMV: 4096 -> 4096 and 11008 -> 4096 at 64-128 tokens, one thread 0.99-1.01 ->
 // 1.13-1.19, two 1.00-1.05; but 11008 -> 4096 at 128 tokens, 60 MB of tables a worker, two threads
 // 0.46). Shorter rows keep int mode's count: there int mode's GEMM is the faster from it (session

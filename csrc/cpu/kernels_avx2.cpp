@@ -46,7 +46,7 @@ constexpr int kWidenHalves = 8;
 
 // Codes are prefetched into L2 this many bytes ahead of each row's loads (prefetcht1, once per
 // 64-byte line), as in the other GEMVs: the hardware prefetchers alone left the loop waiting on
-// memory (kernel_bench, Zen 5, one token, one thread: 4096 x 11008 1.90-2.06 -> 0.95-1.13 ms,
+// memory (kernel_bench, Zen 4, one token, one thread: 4096 x 11008 1.90-2.06 -> 0.95-1.13 ms,
 // 11008 x 4096 1.71-1.73 -> 0.98-0.99; 2 KB ahead gained a fifth as much on the latter, 8 KB no more).
 constexpr int64_t kIntPrefetchBytes = 4096;
 

@@ -8,7 +8,7 @@
 // tokens go 2 at a time (one at a time past K = 9216, kPairActBytes), codes are prefetched into
 // L2 ahead, and the 16 int32 lanes are summed once per 32 groups (up to K = 2048 once per row,
 // 16 rows in one transposing reduction). At one token it takes 0.9-1.1x the time a plain read of
-// the same codes takes on two Zen 5 threads, 1.3-1.4x on one (kernel_bench mode read).
+// the same codes takes on two Zen 4 threads, 1.3-1.4x on one (kernel_bench mode read).
 //
 // GEMM (int mode, more tokens, natural layout): a tile of 32 rows is unpacked for all of K into
 // dwords holding the 4 levels of one code (lanes = rows) and reused by a block of tokens: each
@@ -206,7 +206,7 @@ void rows16_tokens(const IntArgs& a, int64_t n, int64_t m0, int64_t pf) {
 // rows read together interleave in one page and it fetches less ahead (4096 x 4096 from memory,
 // 2 threads, one token: 0.22 -> 0.18 ms). Each stream prefetches one block (2d rows) ahead, so
 // every line is requested once, into L2 (prefetcht1): prefetches into L1 wait for its few miss
-// buffers, and on Zen 5 they left the loop waiting on memory almost as long as it computed
+// buffers, and on Zen 4 they left the loop waiting on memory almost as long as it computed
 // (kernel_bench, 4096 x 4096, one token: 300 -> 185 us on one thread, 172 -> 119 us on two, where
 // a plain read of the same rows takes 125; a prefetch distance of 4 blocks gained nothing).
 template <int T>
@@ -227,7 +227,7 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 constexpr int64_t kGemvSubTile = 16;
 // Tokens go in pairs while both tokens' activations fit in 3/4 of a 48 KB L1 (K up to 9216);
 // past that they and the codes evict each other, and each token goes alone over the sub-tile,
-// the second reading its codes from L2 (Zen 5, one thread, 11008 x 4096: 2 tokens 1.95 -> 1.17-1.44
+// the second reading its codes from L2 (Zen 4, one thread, 11008 x 4096: 2 tokens 1.95 -> 1.17-1.44
 // ms, 4 tokens 3.0 -> 2.2-2.5; at 8192 x 8192, 32 KB for the pair, alone was 5-25 % slower).
 constexpr int64_t kPairActBytes = 36 << 10;
 

@@ -6,10 +6,10 @@
 // or the high word).
 //
 // Blocking: up to 4 blocks of 32 rows (one group of the layout) share each table load (the load
-// port, one 64-byte load per cycle on Zen 5, is what a single block would wait on); ranges of
+// port, one 64-byte load per cycle on Zen 4, is what a single block would wait on); ranges of
 // chunks keep codes and tables in cache between groups and tokens (the layout's bands and ranges);
 // tokens go in blocks of kTokenBlock. The first token's pass prefetches the codes ahead (a band's
-// ranges, and the bands, are one stream). A prototype of the same loop (Zen 5, one thread, codes in L2,
+// ranges, and the bands, are one stream). A prototype of the same loop (Zen 4, one thread, codes in L2,
 // 1024 x 3072) ran 173 G multiply-adds/s at one token and 165 at 2-8, the int GEMV ~92; whole layer
 // calls from memory gain 1.1-1.35x at 4-32 tokens (benchmarks/lut3_bench.py, suite.py).
 #include <immintrin.h>
@@ -34,7 +34,7 @@ static_assert(kLut3RangeChunks == 16, "a range's narrow bits are read as two byt
 // codes for the range (12 KB) stay in L1 from one token to the next, and the tokens' tables for
 // it (16 KB each) in L1 or L2 from one group to the next; partial sums wait in `acc` (64 KB).
 // Without ranges (all of K per group and token) the tables of a long row (459 KB per token at
-// K = 11008) and the codes streaming past evict each other from L2. Zen 5, 11008 -> 4096 from
+// K = 11008) and the codes streaming past evict each other from L2. Zen 4, 11008 -> 4096 from
 // memory (lut3_bench.py): 4 tokens, 1 thread: ranges of 16 chunks 1.57 ms, 32 1.57, 64 1.61, none
 // 1.83 (int mode 2.02-2.11); at 32 tokens, 2 threads, spans of 2 groups re-read 8 tokens' tables
 // per span from L3 (11.5 ms, int mode 7.7), of 16 groups 8.1 (int 7.7).
@@ -42,7 +42,7 @@ constexpr int64_t kSpanRows = kLut3SpanRows;
 // Codes are prefetched into L2 (prefetcht1) in the first token's pass, each line twice: 32 KB and
 // again 16 KB ahead. One prefetch alone leaves a share of the lines to come from memory on demand
 // (as if it were dropped when the core's queue of misses is full); the second asks again, in time.
-// Zen 5, from memory, one token, one thread (kernel_bench, 3 runs each side by side): 4096 x 4096
+// Zen 4, from memory, one token, one thread (kernel_bench, 3 runs each side by side): 4096 x 4096
 // one prefetch 16 KB ahead 173-178 us, 32 + 16 KB 136-144 (a plain read of the same codes 130-140);
 // 4096 -> 11008 484-506 -> 372-416 us; 11008 -> 4096 552 -> 483-493. One prefetch 64 KB ahead
 // 179-202 us, 32 KB 177-184, twice 32 KB ahead as once; into L1 (prefetcht0) 332-341. (Earlier,
@@ -56,7 +56,7 @@ constexpr int64_t kPrefetchFar = 32768, kPrefetchNear = 16384;
 // kStream: the first token's pass, whose codes come from memory: it prefetches them, and it
 // widens every four lookups and lets gcc load the code vectors as it likes. The narrow chunks'
 // branch and the vectors kept in registers speed up the passes that find the codes in cache, but
-// slowed this one (Zen 5, one thread, one token, from memory, 3 runs each: 4096 x 4096 144-166 ->
+// slowed this one (Zen 4, one thread, one token, from memory, 3 runs each: 4096 x 4096 144-166 ->
 // 175-186 us, 4096 -> 11008 379-451 -> 488-541; the narrow branch alone 4096 x 4096 152-154 ->
 // 158-172 us, 11008 -> 4096 404-457 -> 441-523).
 template <int R, bool kStream>
@@ -77,7 +77,7 @@ void lut3_rows(const uint16_t* rec, const int16_t* e, uint32_t narrow, int64_t c
       w0[r] = _mm512_loadu_si512(p + 96 * r);
       w1[r] = _mm512_loadu_si512(p + 96 * r + 32);
       // (else gcc loads each code vector again into each instruction that cuts an index from it:
-      // Zen 5, one thread, codes in cache, 4096 x 4096, 1 / 2 / 8 tokens 121 / 234 / 870 -> 109 /
+      // Zen 4, one thread, codes in cache, 4096 x 4096, 1 / 2 / 8 tokens 121 / 234 / 870 -> 109 /
       // 221 / 813 us)
       if (!kStream) {
         keep_in_register(w0[r]);

@@ -532,7 +532,7 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
   const int64_t token_block = packed_bytes ? cpu::kPackTokenBlock : 1;
   // The lut modes' tables (per token, table_stride bytes) are made by every worker for itself, at
   // its first kernel call, from the activations: they are 4 (lut) to 21 (lut3) times their size,
-  // and a thread reading another's from that core's cache took longer than making them (Zen 5,
+  // and a thread reading another's from that core's cache took longer than making them (Zen 4,
   // 4096 x 512, one token, 2 threads, lut3: 0.035 -> 0.016 ms, int mode 0.018).
   const int64_t table_stride = mode == Mode::kLut3 ? cpu::lut3_table_stride(L.K4) : L.K4 * cpu::kLutTableBytes;
   const CallSplit split(M, L.N, L.N * L.K * M, serial, token_block,

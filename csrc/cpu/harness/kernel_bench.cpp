@@ -15,7 +15,7 @@
 // set's own where the CPU has VBMI2, else the portable one, rows split on its bands (or groups) as
 // the driver splits them;
 // or read: no kernel, a plain read of each call's own rows (the same split, the same cycled layers),
-// which streams faster than the floor's one long read (Zen 5, one thread: ~30 vs ~22 GB/s).
+// which streams faster than the floor's one long read (Zen 4, one thread: ~30 vs ~22 GB/s).
 //
 // Each call multiplies the next of enough distinct random layers (at least 16, and 1.5 GB in all)
 // that their codes come from memory, not from a last-level cache of hundreds of MB (the
