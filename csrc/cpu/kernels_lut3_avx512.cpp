@@ -170,35 +170,55 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
       }
   }
   for (int64_t s = K; s < 24 * C; ++s) q3[s] = 0;
-  // z_w(index) - 2 for the indices of the low (0-31) and high (32-63) halves of a table
-  alignas(64) int16_t pattern[3][64];
-  for (int index = 0; index < 64; ++index)
-    for (int w = 0; w < 3; ++w) pattern[w][index] = static_cast<int16_t>((index >> (2 * w) & 3) - 2);
-  __m512i lo[3], hi[3];
-  for (int w = 0; w < 3; ++w) {
-    lo[w] = _mm512_load_si512(pattern[w]);
-    hi[w] = _mm512_load_si512(pattern[w] + 32);
+  // A chunk at a time: its 24 q3 read before its entries overwrite them (they end at byte 1024 (c + 1),
+  // the next chunk's q3 start at 976 C + 48 (c + 1)); lane j of t0, t1, t2 holds triple j's q3.
+  // A table's low half (indices 0-31, z_2 = 0 or 1) is (z_0 - 2) q3_0 + (z_1 - 2) q3_1 - 2 q3_2 - o
+  // plus q3_2 in lanes 16-31 (z_2 = 1), its high half (z_2 = 2 or 3) the low one plus 2 q3_2: two
+  // multiplies per triple, not six, and no scalar work (Zen 4, one thread, one token, kernel_bench
+  // with PYQUANT_BENCH_LUT3_TABLES=only: K = 4096 4.8-6.4 -> 3.3-3.8 us, K = 11008 17-23 -> 9.6-10.1;
+  // 8 tokens at K = 4096 39-40 -> 28-31).
+  alignas(64) int16_t pattern[2][32];
+  for (int index = 0; index < 32; ++index)
+    for (int w = 0; w < 2; ++w) pattern[w][index] = static_cast<int16_t>((index >> (2 * w) & 3) - 2);
+  const __m512i z0 = _mm512_load_si512(pattern[0]), z1 = _mm512_load_si512(pattern[1]);
+  constexpr __mmask32 kZ2Odd = 0xFFFF0000u;
+  const __m512i first = _mm512_cvtepi8_epi16(_mm256_setr_epi8(0, 3, 6, 9, 12, 15, 18, 21, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
+  const __m512i narrow_limit = _mm512_set1_epi16(8190);
+  uint8_t* narrow = lut3_narrow_bits(tables, C);
+  std::memset(narrow, 0, lut3_narrow_bytes(C));
+  __m256i offsets = _mm256_setzero_si256();  // (int32: |o| <= 2709, 8 lanes, C chunks)
+  for (int64_t c = 0; c < C; ++c) {
+    // (lanes 24-31: the next chunk's q3, or for the last one the zeroed narrow bits after the
+    // entries: within the tables either way, and unused)
+    const __m512i q = _mm512_loadu_si512(q3 + 24 * c);
+    const __m512i t0 = _mm512_permutexvar_epi16(first, q), t1 = _mm512_permutexvar_epi16(_mm512_add_epi16(first, one), q),
+                  t2 = _mm512_permutexvar_epi16(_mm512_add_epi16(first, _mm512_add_epi16(one, one)), q);
+    // lut3_offset and lut3_narrow of the 8 triples
+    const __m512i o = _mm512_srai_epi16(_mm512_sub_epi16(_mm512_setzero_si512(),
+                                                         _mm512_add_epi16(_mm512_add_epi16(t0, t1), t2)), 1);
+    offsets = _mm256_add_epi32(offsets, _mm256_cvtepi16_epi32(_mm512_castsi512_si128(o)));
+    const __m512i span = _mm512_add_epi16(_mm512_add_epi16(_mm512_abs_epi16(t0), _mm512_abs_epi16(t1)), _mm512_abs_epi16(t2));
+    if ((_mm512_cmple_epi16_mask(_mm512_add_epi16(span, _mm512_add_epi16(span, span)), narrow_limit) & 0xFF) == 0xFF)
+      narrow[c / 8] = static_cast<uint8_t>(narrow[c / 8] | 1 << (c % 8));
+    const __m512i base = _mm512_sub_epi16(_mm512_sub_epi16(_mm512_setzero_si512(), _mm512_add_epi16(t2, t2)), o);
+    int16_t* out = e + 512 * c;
+    __m512i j_lanes = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j, j_lanes = _mm512_add_epi16(j_lanes, one)) {
+      const __m512i q2 = _mm512_permutexvar_epi16(j_lanes, t2);
+      const __m512i lo = _mm512_add_epi16(
+          _mm512_add_epi16(_mm512_mullo_epi16(z0, _mm512_permutexvar_epi16(j_lanes, t0)),
+                           _mm512_mullo_epi16(z1, _mm512_permutexvar_epi16(j_lanes, t1))),
+          _mm512_permutexvar_epi16(j_lanes, base));
+      const __m512i l = _mm512_mask_add_epi16(lo, kZ2Odd, lo, q2);
+      _mm512_storeu_si512(out + 64 * j, l);
+      _mm512_storeu_si512(out + 64 * j + 32, _mm512_add_epi16(l, _mm512_add_epi16(q2, q2)));
+    }
   }
-  Lut3NarrowBits narrow{lut3_narrow_bits(tables, C)};
-  std::memset(narrow.bits, 0, lut3_narrow_bytes(C));
-  int64_t offsets = 0;
-  for (int64_t t = 0; t < 8 * C; ++t) {
-    const int o = lut3_offset(q3 + 3 * t);  // (read before this triple's entries overwrite its q3)
-    offsets += o;
-    narrow.add(t, q3 + 3 * t);
-    const __m512i q0 = _mm512_set1_epi16(q3[3 * t]), q1 = _mm512_set1_epi16(q3[3 * t + 1]),
-                  q2 = _mm512_set1_epi16(q3[3 * t + 2]), off = _mm512_set1_epi16(static_cast<int16_t>(o));
-    const __m512i l = _mm512_sub_epi16(
-        _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(lo[0], q0), _mm512_mullo_epi16(lo[1], q1)),
-                         _mm512_mullo_epi16(lo[2], q2)), off);
-    const __m512i h = _mm512_sub_epi16(
-        _mm512_add_epi16(_mm512_add_epi16(_mm512_mullo_epi16(hi[0], q0), _mm512_mullo_epi16(hi[1], q1)),
-                         _mm512_mullo_epi16(hi[2], q2)), off);
-    _mm512_storeu_si512(e + 64 * t, l);
-    _mm512_storeu_si512(e + 64 * t + 32, h);
-  }
+  __m512i offsets512 = _mm512_cvtepi32_epi64(offsets);
+  const int64_t offsets_sum = _mm512_reduce_add_epi64(offsets512);
   // (each lane's sum is within 2 * 32512 * K / 32: int32 up to K = 10^6; their total is not)
-  *reinterpret_cast<int64_t*>(tables) = kLut3Step * offsets + 2 * sum_epi32_i64(sum);
+  *reinterpret_cast<int64_t*>(tables) = kLut3Step * offsets_sum + 2 * sum_epi32_i64(sum);
 }
 
 void lut3_gemv_avx512(const IntArgs& a, int64_t n0, int64_t n1) {

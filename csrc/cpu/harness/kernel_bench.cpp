@@ -24,7 +24,9 @@
 // in 2 MB pages, as the extension keeps large layers' codes. Threads split the rows in halves (in
 // row tiles) and spin between calls; every figure is a median over calls. The read probe streams
 // a 512 MB buffer in 2 MB pages on the same threads, two streams per thread like the GEMV, and
-// gives the floor: the layer's code bytes at that bandwidth.
+// gives the floor: the layer's code bytes at that bandwidth. Mode lut3 reads its tables made once
+// before the calls, or as PYQUANT_BENCH_LUT3_TABLES says: "call", each thread makes its own per
+// call, as the driver does; "only", that making alone is timed (no kernel).
 #include <immintrin.h>
 #include <sys/mman.h>
 #include <x86intrin.h>
@@ -39,6 +41,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -228,6 +231,18 @@ int main(int argc, char** argv) {
     base.act = reinterpret_cast<const int8_t*>(lut3_tables);
     base.act_stride = lut3_stride;
   }
+  // PYQUANT_BENCH_LUT3_TABLES: "once" (the default) makes the tables once, before the calls: the
+  // kernel alone; "call" has each thread make all of its call's tables first, in its own buffer,
+  // as the driver does (qlinear.cpp); "only" times that making alone, no kernel.
+  const char* tables_env = std::getenv("PYQUANT_BENCH_LUT3_TABLES");
+  const std::string tables_mode = tables_env ? tables_env : "once";
+  if (tables_mode != "once" && tables_mode != "call" && tables_mode != "only") {
+    std::fprintf(stderr, "PYQUANT_BENCH_LUT3_TABLES must be once, call or only\n");
+    return 2;
+  }
+  std::vector<uint8_t*> own_tables(threads, nullptr);
+  for (int t = 0; lut3 && tables_mode != "once" && t < threads; ++t)
+    own_tables[t] = static_cast<uint8_t*>(std::aligned_alloc(64, M * lut3_stride));
   const IntKernel kernel = lut ? lut_set.lut_gemv : lut3 ? lut3_set.lut3_gemv : gemm ? set->int_gemm : set->int_gemv;
   // (lut3: whole bands or groups per thread, as qlinear.cpp splits them)
   const int64_t align = lut3 ? lut3_call_rows(N, threads) / kRowTile : 1, tiles = (N + kRowTile - 1) / kRowTile;
@@ -238,8 +253,13 @@ int main(int argc, char** argv) {
     a.codes = codes[call % layers];
     a.scratch = scratch[t];
     const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
+    if (lut3 && own_tables[t]) {  // this thread's own tables, made as the driver makes them
+      for (int64_t m = 0; m < M; ++m)
+        lut3_set.lut3_tables(act.data() + m * G * 512, K4, own_tables[t] + m * lut3_stride);
+      a.act = reinterpret_cast<const int8_t*>(own_tables[t]);
+    }
     if (n0 < n1 && plain_read) read_range(a.codes + n0 * K4, (n1 - n0) * K4);
-    else if (n0 < n1) kernel(a, n0, n1);
+    else if (n0 < n1 && tables_mode != "only") kernel(a, n0, n1);
   });
   const size_t probe = size_t(512) << 20;
   uint8_t* buf = huge_alloc(probe);
@@ -249,8 +269,9 @@ int main(int argc, char** argv) {
   });
   const double hz = tsc_hz(), kernel_s = median(kernel_ticks, layers) / hz, read_s = median(read_ticks, 1) / hz;
   const double gbs = probe / read_s / 1e9, floor_s = bytes / (gbs * 1e9);
-  std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)\n", set->name,
-              lut ? " lut" : lut3 ? (&lut3_set == set ? " lut3" : " lut3 (portable)") : plain_read ? " read" : gemm ? " gemm" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6);
+  std::printf("%s%s  %ld x %ld (in x out), %ld tokens, %d threads, %d layers cycled (%.2f MB each)%s\n", set->name,
+              lut ? " lut" : lut3 ? (&lut3_set == set ? " lut3" : " lut3 (portable)") : plain_read ? " read" : gemm ? " gemm" : "", long(K), long(N), long(M), threads, layers, bytes / 1e6,
+              lut3 ? (", tables " + tables_mode).c_str() : "");
   std::printf("kernel %.1f us (%.1f GB/s of codes)  read %.1f GB/s -> floor %.1f us  kernel / floor %.2f\n",
               kernel_s * 1e6, bytes / kernel_s / 1e9, gbs, floor_s * 1e6, kernel_s / floor_s);
   return 0;
