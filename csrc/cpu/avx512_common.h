@@ -13,8 +13,6 @@
 namespace pyquant {
 namespace cpu {
 
-static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // Makes v a register of its own: gcc otherwise may fold the load that made v into every
 // instruction that uses v (a memory operand each, so that many loads), where the load port is what
 // the loop waits on. (PYQUANT_NO_INLINE_ASM: the harness's emulated build, check_portable.sh)

@@ -38,6 +38,9 @@
 namespace pyquant {
 namespace cpu {
 
+// The smaller of two sizes (std::min needs both of one type; the kernels mix int64_t, int and constants).
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
 constexpr int64_t kGroupCodes = 64;              // code bytes per group
 constexpr int64_t kGroupElems = 4 * kGroupCodes; // activations per group
 constexpr int32_t kQMax = 127 * 256;             // int mode: |q| <= kQMax keeps hi in [-127, 127]

@@ -18,8 +18,6 @@ namespace pyquant {
 namespace cpu {
 namespace {
 
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // The 32 code bytes of a row from `src` when only `valid` (1..32) of them are the row's: a partial
 // last group. AVX2 has no masked byte load, so the load reads the bytes after them (the next row's)
 // and zeroes them, unless that would read past the codes tensor (its last row): those are copied.

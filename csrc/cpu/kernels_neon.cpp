@@ -16,8 +16,6 @@ namespace {
 
 constexpr int kRows = 4;  // rows per block: each group of activations is loaded once for 4 rows
 
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // The four 2-bit fields of 16 code bytes as int8 levels 0..3 (z0 in the two high bits).
 inline void levels(uint8x16_t c, int8x16_t z[4]) {
   const uint8x16_t three = vdupq_n_u8(3);
