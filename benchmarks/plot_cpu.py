@@ -44,7 +44,8 @@ def plot(report_path: Path) -> Path:
     axes[0].set_ylabel("speed-up (> 1: pyquant faster)")
     axes[1].legend(title="in x out", fontsize=8)
     machine = report["machine"]
-    fig.suptitle(f"{machine.get('cpu', 'CPU')}, {machine.get('torch_threads', '?')} threads, {report['date'][:10]}",
+    core = f" ({machine['cpu_core']})" if machine.get("cpu_core") else ""  # (reports from session 29 on)
+    fig.suptitle(f"{machine.get('cpu', 'CPU')}{core}, {machine.get('torch_threads', '?')} threads, {report['date'][:10]}",
                  fontsize=9)
     fig.tight_layout()
     out = report_path.with_suffix(".png")
