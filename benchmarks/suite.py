@@ -121,13 +121,13 @@ def measure_read_bandwidth(nbytes: int = 512 << 20, reps: int = 7) -> float:
 
 def cpu_core(vendor: str | None, family: int | None, flags: set) -> str | None:
     """The AMD core a CPUID family means, where the family tells it: the model name a VM shows
-    ("AMD EPYC") does not, and sessions 24-28 took this machine for a Zen 4 until its family (25,
-    Zen 3 / Zen 4; Zen 4 is 26) and 32 KB L1d said otherwise. None elsewhere."""
+    ("AMD EPYC") does not, and sessions 2-28 took this machine for a Zen 5 until its family (25:
+    Zen 3 and Zen 4; Zen 5 is 26) and 32 KB L1d said otherwise. None elsewhere."""
     if vendor != "AuthenticAMD" or family is None:
         return None
     if family == 25:
         return "Zen 4" if "avx512f" in flags else "Zen 3"
-    return {23: "Zen / Zen 2", 26: "Zen 4"}.get(family)
+    return {23: "Zen / Zen 2", 26: "Zen 5"}.get(family)
 
 
 def _cache_size(index: int) -> str | None:

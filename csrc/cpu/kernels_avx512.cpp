@@ -225,8 +225,9 @@ void int_plane_rows(const IntArgs& a, int64_t n0, int64_t n1, int64_t m0) {
 // the passes (blocks of 3 or 4 tokens over 2 rows were measured 2x slower once the codes stream
 // from memory: the activations of 4 tokens, 32 KB at K = 4096, crowd the codes out of L1).
 constexpr int64_t kGemvSubTile = 16;
-// Tokens go in pairs while both tokens' activations fit in 3/4 of a 48 KB L1 (K up to 9216);
-// past that they and the codes evict each other, and each token goes alone over the sub-tile,
+// Tokens go in pairs while both tokens' activations take at most 36 KB (K up to 9216; set as 3/4
+// of a 48 KB L1 when this machine was taken for a Zen 5, but measured on it: its Zen 4 L1 holds
+// 32 KB); past that they and the codes evict each other, and each token goes alone over the sub-tile,
 // the second reading its codes from L2 (Zen 4, one thread, 11008 x 4096: 2 tokens 1.95 -> 1.17-1.44
 // ms, 4 tokens 3.0 -> 2.2-2.5; at 8192 x 8192, 32 KB for the pair, alone was 5-25 % slower).
 constexpr int64_t kPairActBytes = 36 << 10;
