@@ -258,8 +258,9 @@ constexpr int64_t kLut3Step = 18;  // V = kLut3Step * (sum of entries) + the tok
 inline int lut3_offset(const int16_t* q3) { return -(q3[0] + q3[1] + q3[2]) >> 1; }
 // Whether a triple's entries are within +-4095 (see "narrow chunks" above): they span
 // hi - lo = 3 (|q3_0| + |q3_1| + |q3_2|), and the offset centres them.
+constexpr int kLut3NarrowSpan = 8190;
 inline bool lut3_narrow(const int16_t* q3) {
-  return 3 * (std::abs(q3[0]) + std::abs(q3[1]) + std::abs(q3[2])) <= 8190;
+  return 3 * (std::abs(q3[0]) + std::abs(q3[1]) + std::abs(q3[2])) <= kLut3NarrowSpan;
 }
 // The narrow bits of a token's tables, as its builder goes over the triples t = 0, 1, ... in order.
 struct Lut3NarrowBits {

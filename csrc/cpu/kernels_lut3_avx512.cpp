@@ -184,7 +184,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
   constexpr __mmask32 kZ2Odd = 0xFFFF0000u;
   const __m512i first = _mm512_cvtepi8_epi16(_mm256_setr_epi8(0, 3, 6, 9, 12, 15, 18, 21, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
-  const __m512i narrow_limit = _mm512_set1_epi16(8190);
+  const __m512i narrow_limit = _mm512_set1_epi16(kLut3NarrowSpan);  // (lut3_narrow's rule, 8 triples at once)
   uint8_t* narrow = lut3_narrow_bits(tables, C);
   std::memset(narrow, 0, lut3_narrow_bytes(C));
   __m256i offsets = _mm256_setzero_si256();  // (int32: |o| <= 2709, 8 lanes, C chunks)
@@ -215,8 +215,7 @@ void lut3_tables_avx512(const int8_t* act, int64_t K4, uint8_t* tables) {
       _mm512_storeu_si512(out + 64 * j + 32, _mm512_add_epi16(l, _mm512_add_epi16(q2, q2)));
     }
   }
-  __m512i offsets512 = _mm512_cvtepi32_epi64(offsets);
-  const int64_t offsets_sum = _mm512_reduce_add_epi64(offsets512);
+  const int64_t offsets_sum = _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(offsets));
   // (each lane's sum is within 2 * 32512 * K / 32: int32 up to K = 10^6; their total is not)
   *reinterpret_cast<int64_t*>(tables) = kLut3Step * offsets_sum + 2 * sum_epi32_i64(sum);
 }

@@ -240,6 +240,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "PYQUANT_BENCH_LUT3_TABLES must be once, call or only\n");
     return 2;
   }
+  const bool tables_only = tables_mode == "only";
   std::vector<uint8_t*> own_tables(threads, nullptr);
   for (int t = 0; lut3 && tables_mode != "once" && t < threads; ++t)
     own_tables[t] = static_cast<uint8_t*>(std::aligned_alloc(64, M * lut3_stride));
@@ -259,7 +260,7 @@ int main(int argc, char** argv) {
       a.act = reinterpret_cast<const int8_t*>(own_tables[t]);
     }
     if (n0 < n1 && plain_read) read_range(a.codes + n0 * K4, (n1 - n0) * K4);
-    else if (n0 < n1 && tables_mode != "only") kernel(a, n0, n1);
+    else if (n0 < n1 && !tables_only) kernel(a, n0, n1);
   });
   const size_t probe = size_t(512) << 20;
   uint8_t* buf = huge_alloc(probe);
