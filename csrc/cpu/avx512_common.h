@@ -24,6 +24,32 @@ static inline void keep_in_register(__m512i& v) {
 #endif
 }
 
+// acc += u8 z x s8 a, acc += a x b (int16 pairs) and acc += x (int16 lanes), in place. GCC 12
+// gives the intrinsics' results registers of their own and copies them back into the loop-carried
+// accumulators (one or two moves per instruction). (PYQUANT_NO_INLINE_ASM: the harness's emulated
+// build, check_portable.sh)
+static inline void dpbusd_in_place(__m512i& acc, __m512i z, __m512i a) {
+#if defined(PYQUANT_NO_INLINE_ASM)
+  acc = _mm512_dpbusd_epi32(acc, z, a);
+#else
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(z), "v"(a));
+#endif
+}
+static inline void add_epi16_in_place(__m512i& acc, __m512i x) {
+#if defined(PYQUANT_NO_INLINE_ASM)
+  acc = _mm512_add_epi16(acc, x);
+#else
+  asm("vpaddw %1, %0, %0" : "+v"(acc) : "v"(x));
+#endif
+}
+static inline void dpwssd_in_place(__m512i& acc, __m512i a, __m512i b) {
+#if defined(PYQUANT_NO_INLINE_ASM)
+  acc = _mm512_dpwssd_epi32(acc, a, b);
+#else
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+#endif
+}
+
 // kernel_api.h's lut3_q on 32 int16 lanes (|q| <= kQMax): |q| / 18 rounded, the sign put back
 // (floor((m + 9) / 18) = ((m + 9) * 58255) >> 20, exact for m <= 32512).
 static inline __m512i lut3_q_epi16(__m512i q) {

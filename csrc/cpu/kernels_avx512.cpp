@@ -46,24 +46,6 @@ inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-// acc += u8 z x s8 a and acc += x (int16 lanes), in place. GCC 12 gives the intrinsics' results
-// registers of their own and copies them back into the loop-carried accumulators (one or two
-// moves per instruction). (PYQUANT_NO_INLINE_ASM: the harness's emulated build, check_portable.sh)
-inline void dpbusd_in_place(__m512i& acc, __m512i z, __m512i a) {
-#if defined(PYQUANT_NO_INLINE_ASM)
-  acc = _mm512_dpbusd_epi32(acc, z, a);
-#else
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(z), "v"(a));
-#endif
-}
-inline void add_epi16_in_place(__m512i& acc, __m512i x) {
-#if defined(PYQUANT_NO_INLINE_ASM)
-  acc = _mm512_add_epi16(acc, x);
-#else
-  asm("vpaddw %1, %0, %0" : "+v"(acc) : "v"(x));
-#endif
-}
-
 // The levels of a code byte c (level 0 in its top two bits) are multiplied where they sit, each
 // scaled by a power of two that a shift divides out of the sums exactly:
 //  - kClasses = 4 (one token): level i is c & (0xC0 >> 2i), times 4^(3-i); one instruction per
