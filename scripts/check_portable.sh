@@ -2,7 +2,7 @@
 # The portable build (issue 15), without torch and without an AArch64 machine:
 #  1. the standalone kernel harness (csrc/cpu/harness/kernel_check.cpp), native: every kernel set
 #     of this build that the CPU runs against the portable kernels (on x86-64 the kernel timing
-#     tool, csrc/cpu/harness/kernel_bench.cpp, is built too);
+#     tools, csrc/cpu/harness/kernel_bench.cpp and lut3_ab.cpp, are built too);
 #  2. on x86-64, the AVX-512 kernel files on any CPU: built against SIMDe's portable intrinsics
 #     (csrc/cpu/harness/avx512_emulation/immintrin.h) with their target pragmas and inline asm
 #     taken out, and run in the harness as the `avx512` set (its lut3 kernel too), with and without
@@ -31,11 +31,18 @@ echo "== native ($(uname -m))"
 # shellcheck disable=SC2046
 g++ $flags $common $(arch_files "$(uname -m)") -o "$work/native" 2> "$work/native.log" || { cat "$work/native.log"; exit 1; }
 "$work/native" | tee "$work/native.out"
-if [ "$(uname -m)" = x86_64 ]; then  # the kernel timing tool: built so that it keeps up with the kernels, not run
+if [ "$(uname -m)" = x86_64 ]; then  # the kernel timing tools: built so that they keep up with the kernels, not run
   # shellcheck disable=SC2046
   g++ $flags "$SRC/harness/kernel_bench.cpp" $library $(arch_files x86_64) -lpthread -o "$work/bench" 2> "$work/bench.log" ||
     { cat "$work/bench.log"; exit 1; }
   echo "kernel_bench builds"
+  # the lut3 A/B harness, with the build's own lut3 file as its variant
+  # shellcheck disable=SC2046
+  g++ $flags -c "$SRC/kernels_lut3_avx512.cpp" -Dlut3_gemv_avx512=lut3_gemv_variant -Dlut3_tables_avx512=lut3_tables_variant \
+    -o "$work/variant.o" 2> "$work/ab.log" &&
+    g++ $flags "$SRC/harness/lut3_ab.cpp" $library $(arch_files x86_64) "$work/variant.o" -o "$work/lut3_ab" 2>> "$work/ab.log" ||
+    { cat "$work/ab.log"; exit 1; }
+  echo "lut3_ab builds"
 fi
 
 apt_install() {  # apt-get install "$@" under CI=true; returns 1 elsewhere
