@@ -45,6 +45,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_inputs.h"
 #include "kernel_api.h"
 #include "kernel_table.h"
 
@@ -189,17 +190,7 @@ int main(int argc, char** argv) {
       std::memcpy(codes[l] + i, &r, std::min<int64_t>(4, bytes - i));
     }
   }
-  // Activations as the int-mode transform makes them from normal inputs (each token scaled to its
-  // largest, ~4 standard deviations at these K): mode lut3's narrow chunks (kernel_api.h) are then
-  // as common as in use; uniform random bytes would make almost every chunk wide.
-  std::vector<int8_t> act(M * G * 512);
-  std::normal_distribution<double> normal(0.0, kQMax / 4.0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t e = 0; e < 256; ++e) {
-        const int q = static_cast<int>(std::lround(std::clamp(normal(rng), -double(kQMax), double(kQMax))));
-        split_q(q, &act[m * G * 512 + g * 512 + e], &act[m * G * 512 + g * 512 + 256 + e]);
-      }
+  const std::vector<int8_t> act = normal_activations(M, G, rng);
   const bool narrow = K <= kInt32MaxK;
   std::vector<int32_t> out32(narrow ? M * N : 0);
   std::vector<int64_t> out64(narrow ? 0 : M * N);

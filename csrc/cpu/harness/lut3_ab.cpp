@@ -21,12 +21,12 @@
 #include <x86intrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
+#include "bench_inputs.h"
 #include "kernel_api.h"
 
 namespace pyquant {
@@ -57,16 +57,7 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::vector<uint8_t> codes(lut3_groups(N) * C * kLut3ChunkBytes);  // (random bytes are valid codes)
   for (auto& c : codes) c = static_cast<uint8_t>(rng());
-  // activations as kernel_bench makes them (normal, scaled to the token's largest): narrow chunks
-  // as common as in use
-  std::vector<int8_t> act(M * G * 512);
-  std::normal_distribution<double> normal(0.0, kQMax / 4.0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t e = 0; e < 256; ++e) {
-        const int q = static_cast<int>(std::lround(std::clamp(normal(rng), -double(kQMax), double(kQMax))));
-        split_q(q, &act[m * G * 512 + g * 512 + e], &act[m * G * 512 + g * 512 + 256 + e]);
-      }
+  const std::vector<int8_t> act = normal_activations(M, G, rng);
   const int64_t stride = lut3_table_stride(K4);
   std::vector<uint8_t> tables(M * stride + 64);
   uint8_t* t = tables.data() + (64 - reinterpret_cast<uintptr_t>(tables.data()) % 64) % 64;  // (aligned)
