@@ -626,10 +626,9 @@ void qlinear_impl(const torch::Tensor& x, const Layer& L, const KernelSet& set, 
       kernel(mine, n0, n1);
     };
     // mode lut3 on the GEMM: its dot products of z and q3 made the lut3 GEMV's V (exact: V fits
-    // the output type as int mode's does, kernel_api.h)
-    // (in the unsigned type of the output's width: V fits it, so the wrapping products give its
-    // bits, and the loop vectorizes, where int64 products took ~6 % of a MiniLM layer's calls at
-    // 128 tokens)
+    // the output type as int mode's does, kernel_api.h), computed in the unsigned type of that
+    // width, whose wrapping products give the same bits and vectorize (int64 products took ~6 % of
+    // a MiniLM layer's calls at 128 tokens)
     const auto lut3_finish = [&](auto* d, int64_t m0, int64_t m1) {
       using U = std::make_unsigned_t<std::remove_reference_t<decltype(*d)>>;
       for (int64_t m = m0; lut3_gemm && m < m1; ++m) {

@@ -59,8 +59,7 @@ int main(int argc, char** argv) {
   for (auto& c : codes) c = static_cast<uint8_t>(rng());
   const std::vector<int8_t> act = normal_activations(M, G, rng);
   const int64_t stride = lut3_table_stride(K4);
-  std::vector<uint8_t> tables(M * stride + 64);
-  uint8_t* t = tables.data() + (64 - reinterpret_cast<uintptr_t>(tables.data()) % 64) % 64;  // (aligned)
+  auto* t = static_cast<uint8_t*>(std::aligned_alloc(64, M * stride));  // (stride: whole 64-byte lines)
   for (int64_t m = 0; m < M; ++m) lut3_tables_avx512(act.data() + m * G * 512, K4, t + m * stride);
   std::vector<int32_t> out_a(M * N), out_b(M * N);
   IntArgs a{codes.data(), N, K4, G, reinterpret_cast<const int8_t*>(t), stride, M, out_a.data(), nullptr, nullptr, nullptr};
