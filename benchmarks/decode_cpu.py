@@ -31,9 +31,10 @@ Columns (each in its own subprocess, so that its peak resident memory is its own
 - ``pyquant compiled``: the 2-bit model (2-bit ``lm_head``) with transformers' static cache and
   ``torch.compile`` of its forward (``generate(cache_implementation="static", compile_config=...)``,
   fullgraph, inductor); a compile that fails or takes over ``--compile-timeout`` s is reported;
-- ``pyquant ... CPU mode lut``: the 2-bit-``lm_head`` columns again with the layers loaded in CPU
-  mode "lut" (``pyquant.kernels.set_cpu_mode("lut")``: the table-lookup kernels, 14-bit
-  activations); n/a where the CPU's kernel set has none (``_C.has_lut_kernel()``).
+- ``pyquant ... CPU mode lut`` / ``lut3``: the 2-bit-``lm_head`` columns again with the layers loaded in
+  CPU mode "lut" (``pyquant.kernels.set_cpu_mode("lut")``: the table-lookup kernels, 14-bit
+  activations) or "lut3" (triple lookups, 12-bit activations); n/a where the CPU's kernel set has
+  none of its own (``_C.has_lut_kernel()``, ``_C.has_lut3_kernel()``).
 
 Decode tokens/s = batch * (N - 1) / time from the first to the last generated token (the prefill
 is not counted; llama-bench ``-p 0`` has none either), after a warm-up ``generate``. After timing,
@@ -92,6 +93,8 @@ COLUMNS = {
     "pyquant_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode int",
     "pyquant_lut": "pyquant 2-bit eager, lm_head 2-bit, CPU mode lut",
     "pyquant_lut_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode lut",
+    "pyquant_lut3": "pyquant 2-bit eager, lm_head 2-bit, CPU mode lut3",
+    "pyquant_lut3_compiled": "pyquant 2-bit compiled, lm_head 2-bit, CPU mode lut3",
 }
 GGUF_TYPES = {"llama_bf16": "BF16", "llama_q4_0": "Q4_0", "llama_q2_k": "Q2_K"}
 
@@ -411,10 +414,12 @@ def col_python(args) -> dict:
     else:
         import pyquant
 
-        if "_lut" in name and not pyquant.ops._C.has_lut_kernel():
-            return {**res, "error": f"no table-lookup kernels in kernel set '{pyquant.ops._C.get_isa()}'"}
-        # the mode of the layers loaded from here on (the default, "auto", is lut on some CPUs)
-        pyquant.kernels.set_cpu_mode("lut" if "_lut" in name else "int")
+        mode = "lut3" if "_lut3" in name else "lut" if "_lut" in name else "int"
+        has = {"lut": pyquant.ops._C.has_lut_kernel, "lut3": pyquant.ops._C.has_lut3_kernel}.get(mode)
+        if has is not None and not has():
+            return {**res, "error": f"no {mode} kernels of its own in kernel set '{pyquant.ops._C.get_isa()}'"}
+        # the mode of the layers loaded from here on (the default, "auto", is lut or lut3 on some CPUs)
+        pyquant.kernels.set_cpu_mode(mode)
         model = load_pyquant(args, head_2bit=name != "pyquant")
         res["bits_per_weight"] = pyquant.bits_per_weight(model)
     res["model_rss_mb"] = proc_status_mb("VmRSS")

@@ -82,14 +82,17 @@ CPU_MODES = ("auto", "int", "float", "lut", "lut3")
 def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
     """Sets the CPU kernels' mode and returns the previous setting (``PYQUANT_CPU_MODE`` sets it at
     import): ``"auto"``, the default: ``"lut"`` where the CPU's kernel set has a lut kernel measured
-    faster than its int kernels (``avx2``), else ``"int"``; ``"int"`` (activations in 16-bit fixed
-    point, relative error ~5e-5, the same bits on every kernel set); ``"float"`` (fp32 activations,
-    slower); ``"lut"`` (14-bit activations, products from table lookups: ~2e-4, 1.5-2.6x int mode
-    on AVX2 CPUs; int mode where ``ops._C.has_lut_kernel()`` is false); ``"lut3"`` (12-bit
-    activations, one table lookup per three weights: ~2-7e-4, on AVX-512 VBMI2 CPUs, where the int
-    kernels' byte multiplies are the bottleneck; int mode where ``ops._C.has_lut3_kernel()`` is
-    false). ``ops._C.get_mode()`` says which one runs. Int and float apply from the next call. Lut
-    and lut3 apply to layers built from then on, which keep their codes in a second layout too;
+    faster than its int kernels (``avx2``); ``"lut3"`` for a layer of 1 MB of codes or more (a
+    4096 x 1024 one; they stream from memory) on the ``avx512`` set where it runs its own lut3 kernel (AVX-512 VBMI2; 1.0-1.6x
+    int mode there at 1-32 tokens); else ``"int"``. ``"int"``: activations in 16-bit fixed point,
+    relative error ~5e-5, the same bits on every kernel set; ``"float"``: fp32 activations, slower;
+    ``"lut"``: 14-bit activations, products from table lookups (~2e-4; 1.5-2.6x int mode on AVX2
+    CPUs; int mode where ``ops._C.has_lut_kernel()`` is false); ``"lut3"``: 12-bit activations, one
+    table lookup per three weights (~2-7e-4; on AVX-512 VBMI2 CPUs, where the int kernels' byte
+    multiplies are the bottleneck; int mode where ``ops._C.has_lut3_kernel()`` is false).
+    ``ops._C.get_mode()`` says which one runs, ``ops._C.layer_mode(out_features, in_features // 4)``
+    which one a layer of that shape is built in. Int and float apply from the next call. Lut and
+    lut3 apply to layers built from then on, which keep their codes in a second layout too;
     ``model``: its ``QuantLinear`` layers are rebuilt now (into that mode, or out of it, dropping
     those copies)."""
     if not isinstance(mode, str) or mode not in CPU_MODES:

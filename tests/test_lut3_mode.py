@@ -137,6 +137,32 @@ needs_lut3_kernel = pytest.mark.skipif(not _C.has_lut3_kernel(), reason="this CP
                                        "kernel of its own (AVX-512 VBMI2): mode lut3 runs int mode here")
 
 
+def test_auto_builds_layers_that_stream_from_memory_in_lut3(isa, cpu_mode):
+    """Mode "auto" builds a layer of 1 MB of codes or more (they stream from memory) in lut3 on the
+    avx512 set where it runs its own lut3 kernel, and every other layer, set or mode as before: a
+    smaller layer, the other sets, and an explicit "int"."""
+    cpu_mode("auto")
+    big, small = random_packed(1024, 4096, seed=12), random_packed(1020, 4096, seed=13)  # 1024 / 1020 KB of codes
+    x = torch.randn(3, 4096)
+    for name in ISAS:
+        isa(name)
+        picks_lut3 = name == "avx512" and _C.has_lut3_kernel()
+        assert _C.layer_mode(1024, 1024) == ("lut3" if picks_lut3 else _C.get_mode()), name
+        assert _C.layer_mode(1020, 1024) == _C.get_mode(), name
+        layers = [pyquant.QuantLinear.from_packed(pw) for pw in (big, small)]
+        with torch.no_grad():
+            for layer, lut3 in zip(layers, (picks_lut3, False)):
+                y = layer(x)  # (builds the layer's state)
+                assert layer._plan.states["cpu"].lut3 == lut3, name
+                if lut3:
+                    assert torch.equal(y, torch.ops.pyquant.lut3_linear(*lut3_args(layer.packed, x)))
+        cpu_mode("int")
+        assert _C.layer_mode(1024, 1024) == "int"
+        cpu_mode("auto")
+    with pytest.raises(ValueError, match="out_features and k4 must be >= 0"):
+        _C.layer_mode(-1, 4)
+
+
 @needs_lut3_kernel
 def test_set_cpu_mode_switches_a_built_model_in_and_out_of_lut3_mode(cpu_mode):
     cpu_mode("int")

@@ -58,7 +58,7 @@ const KernelSet kSets[] = {
     // (the AVX-512 sets build their LUT tables with the AVX2 builder: every such CPU has AVX2)
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math, nullptr,
      nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512, has_avx512_vbmi2,
-     lut3_requantize_avx512},
+     lut3_requantize_avx512, /*lut3_by_default=*/true},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
      amx_packed_bytes, amx_pack_tokens, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512,
      has_avx512_vbmi2},

@@ -210,9 +210,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &pyquant::supported_isas, "the ISAs this CPU runs, slowest first");
   m.def("set_mode", &pyquant::set_mode,
         "default mode for calls with mode='': 'auto' (the initial one: 'lut' where the kernel set's lut kernel "
-        "is the faster, else 'int'), 'int', 'float', 'lut' or 'lut3' (int for the ops on natural-layout codes; "
+        "is the faster, else 'int'; for layers built under it, layer_mode()), 'int', 'float', 'lut' or 'lut3' (int for the ops on natural-layout codes; "
         "layers built under it run lut_linear where has_lut_kernel(), lut3_linear where has_lut3_kernel())",
         py::arg("name"));
+  m.def("layer_mode", &pyquant::layer_mode,
+        "the mode a layer of out_features x 4 k4 weights is built in: get_mode(), except under 'auto' where the "
+        "kernel set prefers lut3 for layers of 1 MB of codes or more and runs its own lut3 kernel",
+        py::arg("out_features"), py::arg("k4"));
   m.def("get_mode", &pyquant::get_mode,
         "the default mode: what it runs ('auto' resolved for the current kernel set), or with resolve=False the "
         "setting itself",

@@ -772,6 +772,15 @@ void set_mode(const std::string& name) {
                : name == "lut3" ? static_cast<int>(Mode::kLut3)
                                 : static_cast<int>(parse_mode(name)));
 }
+std::string layer_mode(int64_t out_features, int64_t k4) {
+  TORCH_CHECK_VALUE(out_features >= 0 && k4 >= 0, "out_features and k4 must be >= 0, got ", out_features, " and ",
+                    k4);
+  const KernelSet& set = parse_isa("", "isa");
+  if (g_mode.load() == kAutoMode && set.lut3_by_default && has_lut3_kernel() &&
+      out_features * k4 >= cpu::kSmallLayerCodeBytes)
+    return "lut3";
+  return get_mode(true);
+}
 std::string get_mode(bool resolve) {
   int mode = g_mode.load();
   if (mode == kAutoMode) {

@@ -35,15 +35,16 @@ whose version counter moved since its copy was made (an optimizer step, a fill) 
 rewritten first (:func:`refresh`). Elsewhere, and for layers built under another mode, ``"lut"``
 runs the int mode.
 
-Mode ``"lut3"`` (``PYQUANT_CPU_MODE=lut3`` or ``set_cpu_mode("lut3", model)``; never picked by
-"auto") works the same way with the LUT3 layout (``_C.pack_lut3_codes``) and
+Mode ``"lut3"`` (``PYQUANT_CPU_MODE=lut3`` or ``set_cpu_mode("lut3", model)``; "auto" picks it
+for a layer of 1 MB of codes or more on the ``avx512`` kernel set where it runs
+its own lut3 kernel, ``_C.layer_mode``) works the same way with the LUT3 layout (``_C.pack_lut3_codes``) and
 ``pyquant::lut3_linear``, where the kernel set runs its own triple-lookup kernel
 (``_C.has_lut3_kernel()``: AVX-512 with VBMI2, Ice Lake and Zen 4 on): 12-bit activations (relative
 error ~2-7e-4), one ``vpermi2w`` lookup per three weights and 32 rows. Elsewhere it runs int mode.
 
 Environment overrides, read when this module is imported:
 ``PYQUANT_CPU_ISA=scalar|avx2|avx512|amx|neon`` forces an instruction set (for tests and comparisons),
-``PYQUANT_CPU_MODE=int`` the exact 16-bit mode above where "auto" would pick lut,
+``PYQUANT_CPU_MODE=int`` the exact 16-bit mode above where "auto" would pick lut or lut3,
 ``PYQUANT_CPU_MODE=float`` keeps the activations in fp32 instead (slower, for comparison),
 ``PYQUANT_CPU_MODE=lut`` or ``lut3`` the modes above, ``auto`` the default.
 """
@@ -103,9 +104,10 @@ def _pack(codes: torch.Tensor, lut3: bool) -> torch.Tensor:
     return _C.pack_lut3_codes(codes) if lut3 else _C.pack_lut_codes(codes)
 
 
-def _lut_mode() -> str | None:
-    """"lut" or "lut3" where the mode is one of them and the kernel set has its own kernel for it."""
-    mode = _C.get_mode()
+def _lut_mode(codes: torch.Tensor) -> str | None:
+    """"lut" or "lut3" where the mode of a layer with these codes is one of them (``_C.layer_mode``:
+    "auto" picks lut3 for large layers on some CPUs) and the kernel set has its own kernel for it."""
+    mode = _C.layer_mode(codes.shape[0], codes.shape[1])
     if mode == "lut" and _C.has_lut_kernel():
         return mode
     if mode == "lut3" and _C.has_lut3_kernel():
@@ -126,7 +128,7 @@ def build(layer) -> State:
     (``from_packed(share=True, refreshed=True)``: vLLM's weight loader, ``pyquant.tp.Shard.load``,
     has :func:`refresh` rewrite them after every later write)."""
     codes = layer._buffers.get("codes")
-    mode = _lut_mode() if codes is not None else None
+    mode = _lut_mode(codes) if codes is not None else None
     lut, lut3 = mode is not None, mode == "lut3"
     if layer._shares_tensors:  # the engine's codes stay where they are
         if not (lut and layer._engine_refreshes and codes.device.type == "cpu"):
