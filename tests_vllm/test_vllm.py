@@ -61,18 +61,22 @@ def test_greedy_tokens_match_pyquants_generate(checkpoints, name, eager):
     assert got == want
 
 
+@pytest.mark.parametrize("lut", ["lut", "lut3"])
 @pytest.mark.parametrize("name", ["llama-rtn", "llama-rtn-head"])
-def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints, name):
-    """CPU mode "lut" (where a kernel set has table-lookup kernels): vLLM's layers, which share its
-    tensors, keep LUT copies (refreshed by the weight loader) and run lut_linear in vLLM's
-    compiled graph, the 2-bit lm_head too: the tokens of pyquant's own generate in the same mode."""
+def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints, name, lut):
+    """CPU modes "lut" and "lut3" (where a kernel set has such kernels of its own; "auto" picks lut3
+    for large layers on AVX-512 VBMI2 CPUs): vLLM's layers, which share its tensors, keep copies of
+    the codes in the mode's layout (refreshed by the weight loader) and run lut_linear /
+    lut3_linear in vLLM's compiled graph, the 2-bit lm_head too: the tokens of pyquant's own
+    generate in the same mode."""
     from pyquant.ops import _C
 
+    has_kernel = _C.has_lut3_kernel if lut == "lut3" else _C.has_lut_kernel
     mode = _C.get_mode(resolve=False)
     try:
-        if not any(_C.set_isa(isa) or _C.has_lut_kernel() for isa in _C.supported_isas()):
-            pytest.skip("no kernel set with table-lookup kernels on this CPU")
-        _C.set_mode("lut")
+        if not any(_C.set_isa(isa) or has_kernel() for isa in _C.supported_isas()):
+            pytest.skip(f"no kernel set with {lut} kernels of its own on this CPU")
+        _C.set_mode(lut)
         path = checkpoints[name]
         want = pyquant_greedy(path, PROMPTS, NEW_TOKENS)
         llm = vllm.LLM(model=str(path), enforce_eager=False, **ENGINE)
@@ -80,7 +84,8 @@ def test_lut_mode_gives_the_tokens_of_pyquants_generate_in_lut_mode(checkpoints,
         layer = model.model.layers[0]
         fused_layers = [layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
         for fused in fused_layers + ([model.lm_head] if name.endswith("head") else []):
-            assert all(m._plan.states["cpu"].lut_codes is not None for m in fused.pyquant_layers)
+            assert all(m._plan.states["cpu"].lut_codes is not None and m._plan.states["cpu"].lut3 == (lut == "lut3")
+                       for m in fused.pyquant_layers)
         got = greedy(llm, PROMPTS, NEW_TOKENS)
         close(llm)
     finally:
