@@ -83,8 +83,8 @@ def set_cpu_mode(mode: str, model: torch.nn.Module | None = None) -> str:
     """Sets the CPU kernels' mode and returns the previous setting (``PYQUANT_CPU_MODE`` sets it at
     import): ``"auto"``, the default: ``"lut"`` where the CPU's kernel set has a lut kernel measured
     faster than its int kernels (``avx2``); ``"lut3"`` for a layer of 1 MB of codes or more
-    (4096 x 1024 weights; such codes stream from memory) on the ``avx512`` set where it runs its
-    own lut3 kernel (AVX-512 VBMI2; 1.0-1.6x int mode there at 1-32 tokens); else ``"int"``.
+    (4096 x 1024 weights; such codes stream from memory) on the ``avx512`` set of an AMD CPU
+    with AVX-512 VBMI2 (Zen 4 on; 1.0-1.6x int mode there at 1-32 tokens); else ``"int"``.
     ``"int"``: activations in 16-bit fixed point, relative error ~5e-5, the same bits on every
     kernel set; ``"float"``: fp32 activations, slower;
     ``"lut"``: 14-bit activations, products from table lookups (~2e-4; 1.5-2.6x int mode on AVX2

@@ -43,12 +43,12 @@ struct KernelSet {
   // mode lut3 on this set's GEMM (int_gemm): the activations cut to q3 (kernel_api.h); null: the
   // portable one
   Lut3Requantize lut3_requantize = nullptr;
-  // Whether mode "auto" is "lut3" on this set for a layer of kSmallLayerCodeBytes (1 MB) of codes
-  // or more, where runs_lut3(): on such layers lut3 was 1.0-1.6x the int kernels at 1-32 tokens
-  // and 0.97-1.03x at 128 (the same GEMM), while on MiniLM's, a tenth of that, it was 0.93-1.46x
-  // (Zen 4, README "Mode lut3"). The amx set keeps int: lut3 has not run on an
-  // Intel CPU, whose AMX tiles take the int GEMV from 3 tokens on.
-  bool lut3_by_default = false;
+  // Whether mode "auto" is "lut3" on this CPU for a layer of kSmallLayerCodeBytes (1 MB) of codes
+  // or more, where runs_lut3() (null: never): on such layers lut3 was 1.0-1.6x the int kernels at
+  // 1-32 tokens and 0.97-1.03x at 128 (the same GEMM), while on MiniLM's, a tenth of that, it was
+  // 0.93-1.46x (Zen 4, README "Mode lut3"). Intel CPUs keep int (kernel_table.cpp), as does the amx
+  // set, whose tiles take the int GEMV from 3 tokens on.
+  bool (*lut3_by_default)() = nullptr;
   // whether this set runs lut3 kernels of its own on this CPU
   bool runs_lut3() const { return lut3_gemv && lut3_supported && lut3_supported(); }
 };

@@ -215,7 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
   m.def("layer_mode", &pyquant::layer_mode,
         "the mode a layer of out_features x 4 k4 weights is built in: get_mode(), except under 'auto' where the "
-        "kernel set prefers lut3 for layers of 1 MB of codes or more and runs its own lut3 kernel",
+        "kernel set prefers lut3 for layers of 1 MB of codes or more on this CPU (avx512 on AMD with VBMI2)",
         py::arg("out_features"), py::arg("k4"));
   m.def("get_mode", &pyquant::get_mode,
         "the default mode: what it runs ('auto' resolved for the current kernel set), or with resolve=False the "

@@ -65,7 +65,8 @@ std::vector<std::string> supported_isas();
 void set_mode(const std::string& name);
 std::string get_mode(bool resolve);
 // The mode a layer of out_features x 4 k4 weights is built in: get_mode(true), except under "auto"
-// on a kernel set with lut3_by_default that runs its own lut3 kernel, where a layer whose codes
+// on a kernel set whose lut3_by_default() holds on this CPU and that runs its own lut3 kernel (the
+// avx512 set on AMD CPUs with VBMI2), where a layer whose codes
 // are kSmallLayerCodeBytes (1 MB) or more is built in "lut3".
 std::string layer_mode(int64_t out_features, int64_t k4);
 

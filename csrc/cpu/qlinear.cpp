@@ -776,7 +776,7 @@ std::string layer_mode(int64_t out_features, int64_t k4) {
   TORCH_CHECK_VALUE(out_features >= 0 && k4 >= 0, "out_features and k4 must be >= 0, got ", out_features, " and ",
                     k4);
   const KernelSet& set = parse_isa("", "isa");
-  if (g_mode.load() == kAutoMode && set.lut3_by_default && has_lut3_kernel() &&
+  if (g_mode.load() == kAutoMode && set.lut3_by_default && set.lut3_by_default() && has_lut3_kernel() &&
       out_features * k4 >= cpu::kSmallLayerCodeBytes)
     return "lut3";
   return get_mode(true);

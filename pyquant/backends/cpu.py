@@ -36,8 +36,8 @@ rewritten first (:func:`refresh`). Elsewhere, and for layers built under another
 runs the int mode.
 
 Mode ``"lut3"`` (``PYQUANT_CPU_MODE=lut3`` or ``set_cpu_mode("lut3", model)``; "auto" picks it
-for a layer of 1 MB of codes or more on the ``avx512`` kernel set where it runs its own lut3
-kernel, ``_C.layer_mode``) works the same way with the LUT3 layout (``_C.pack_lut3_codes``) and
+for a layer of 1 MB of codes or more on the ``avx512`` kernel set of an AMD CPU with VBMI2,
+``_C.layer_mode``) works the same way with the LUT3 layout (``_C.pack_lut3_codes``) and
 ``pyquant::lut3_linear``, where the kernel set runs its own triple-lookup kernel
 (``_C.has_lut3_kernel()``: AVX-512 with VBMI2, Ice Lake and Zen 4 on): 12-bit activations (relative
 error ~2-7e-4), one ``vpermi2w`` lookup per three weights and 32 rows. Elsewhere it runs int mode.
