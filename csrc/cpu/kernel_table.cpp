@@ -29,12 +29,13 @@ bool has_avx512_vbmi2() {
   __builtin_cpu_init();
   return has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi2");
 }
-// lut3 is the default (KernelSet::lut3_by_default) only where it was measured faster: on AMD
-// (Zen 4). No Intel CPU with VBMI2 has run it; llvm-mca 14's icelake-server model puts its loop at
-// 38.8 products per cycle against the int GEMV's 17.9 (gcc 12's code), so it may pay there too.
-bool amd_with_vbmi2() {
+// lut3 is the default (KernelSet::lut3_by_default, where the set runs its own lut3 kernel) only
+// where it was measured faster: on AMD (Zen 4). No Intel CPU with VBMI2 has run it; llvm-mca 14's
+// icelake-server model puts its loop at 38.8 products per cycle against the int GEMV's 17.9 (gcc
+// 12's code), so it may pay there too.
+bool is_amd() {
   __builtin_cpu_init();
-  return has_avx512_vbmi2() && __builtin_cpu_is("amd");
+  return __builtin_cpu_is("amd");
 }
 // AMX also needs the kernel's consent: Linux enables the 8 KB tile state per process, on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and kills a process that uses the tiles
@@ -65,7 +66,7 @@ const KernelSet kSets[] = {
     // (the AVX-512 sets build their LUT tables with the AVX2 builder: every such CPU has AVX2)
     {"avx512", has_avx512_vnni, int_plane_avx512, int_gemm_avx512, float_plane_avx512, &kAvx512Math, nullptr,
      nullptr, nullptr, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512, has_avx512_vbmi2,
-     lut3_requantize_avx512, /*lut3_by_default=*/amd_with_vbmi2},
+     lut3_requantize_avx512, /*lut3_by_default=*/is_amd},
     {"amx", has_amx, int_plane_amx, nullptr, float_plane_avx512, &kAvx512Math, amx_serial_work,
      amx_packed_bytes, amx_pack_tokens, lut_gemv_avx512, lut_tables_avx2, false, lut3_gemv_avx512, lut3_tables_avx512,
      has_avx512_vbmi2},
